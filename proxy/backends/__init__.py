@@ -1,0 +1,1 @@
+"""Model backends: one small interface (``infer``, ``aclose``), concurrency by wrappers."""

@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+
+from proxy.config import load_config
+from proxy.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mirrorgate.yaml"
+
+
+def _minimal() -> dict:
+    return {"models": {"champion": {"name": "c", "kind": "http", "url": "http://x"}}}
+
+
+def test_example_config_validates():
+    config = load_config(EXAMPLE, env={})
+    assert config.models.champion.kind in {"onnx", "torch", "http"}
+    assert Path(config.models.champion.path or "").is_absolute() or config.models.champion.url
+
+
+def test_unknown_key_names_its_path():
+    data = _minimal()
+    data["mirror"] = {"mode": "shadow", "sampel_rate": 0.5}
+    with pytest.raises(ConfigError) as err:
+        load_config(data=data, env={})
+    assert "mirror.sampel_rate: unknown key" in err.value.message
+
+
+def test_bad_value_names_its_path():
+    data = _minimal()
+    data["mirror"] = {"canary_weight": 1.5}
+    with pytest.raises(ConfigError) as err:
+        load_config(data=data, env={})
+    assert "mirror.canary_weight" in err.value.message
+
+
+def test_backend_needs_its_source():
+    with pytest.raises(ConfigError) as err:
+        load_config(data={"models": {"champion": {"name": "c", "kind": "onnx"}}}, env={})
+    assert "models.champion" in err.value.message and "path" in err.value.message
+
+
+def test_env_overrides_nested_fields_with_yaml_scalars():
+    env = {
+        "MIRRORGATE_SERVER__PORT": "9123",
+        "MIRRORGATE_MIRROR__MODE": "canary",
+        "MIRRORGATE_SERVER__CONTROL_TOKEN": "s3cret",
+        "MIRRORGATE_CONFIG": "ignored: no double underscore",
+    }
+    config = load_config(data=_minimal(), env=env)
+    assert config.server.port == 9123
+    assert config.mirror.mode == "canary"
+    assert config.server.control_token is not None
+    assert config.server.control_token.get_secret_value() == "s3cret"
+
+
+def test_env_override_of_unknown_key_is_an_error():
+    with pytest.raises(ConfigError) as err:
+        load_config(data=_minimal(), env={"MIRRORGATE_SERVER__PROT": "1"})
+    assert "server.prot: unknown key" in err.value.message
+
+
+def test_digest_excludes_secrets_and_tracks_changes():
+    a = load_config(data=_minimal(), env={"MIRRORGATE_SERVER__CONTROL_TOKEN": "a"})
+    b = load_config(data=_minimal(), env={"MIRRORGATE_SERVER__CONTROL_TOKEN": "b"})
+    c = load_config(data=_minimal(), env={"MIRRORGATE_SERVER__PORT": "1"})
+    assert a.digest() == b.digest() != c.digest()
