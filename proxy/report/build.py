@@ -38,7 +38,7 @@ def fmt_num(value: Any, digits: int = 4) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        if value != 0 and abs(value) < 10 ** -(digits):
+        if value != 0 and abs(value) < 10**-(digits):
             return f"{value:.2e}"
         return f"{value:.{digits}g}"
     return str(value)
@@ -131,8 +131,7 @@ def _signoffs(doc: Mapping[str, Any], digest: str) -> str:
         mark = (
             '<span class="match">✓ matches this report</span>'
             if chk.matches
-            else '<span class="mismatch">✗ MISMATCH: the report changed after this '
-            "sign-off</span>"
+            else '<span class="mismatch">✗ MISMATCH: the report changed after this sign-off</span>'
         )
         rows.append(
             [
@@ -151,8 +150,9 @@ def _signoffs(doc: Mapping[str, Any], digest: str) -> str:
         f"<code>mirrorgate signoff --rollout {_e(rid)} --reviewer NAME --decision "
         f"approve|reject</code>."
     )
-    table = _table(["reviewer", "decision", "time", "note", "signed digest", "check"], rows,
-                   "signoffs")
+    table = _table(
+        ["reviewer", "decision", "time", "note", "signed digest", "check"], rows, "signoffs"
+    )
     return _section("signoffs", "Sign-offs", table, note)
 
 
@@ -160,33 +160,54 @@ def _gates(doc: Mapping[str, Any]) -> str:
     gates = sorted(doc["gates"], key=lambda g: STATUS_ORDER[g["status"]])
     rows = [
         [
-            _e(g["name"]) + ("" if g.get("blocking", True) else ' <span class="tag">advisory</span>'),
+            _e(g["name"])
+            + ("" if g.get("blocking", True) else ' <span class="tag">advisory</span>'),
             _e(g["slice"]),
             _status(g["status"]),
             _e(fmt_num(g["statistic"])),
             _e(fmt_num(g["threshold"])),
-            _e(fmt_num(g["n"])) + (f' <span class="muted">/ min {_e(fmt_num(g["min_n"]))}</span>'
-                                   if g.get("min_n") is not None else ""),
+            _e(fmt_num(g["n"]))
+            + (
+                f' <span class="muted">/ min {_e(fmt_num(g["min_n"]))}</span>'
+                if g.get("min_n") is not None
+                else ""
+            ),
             _e(fmt_num(g["confidence"])),
             f'<span class="method">{_e(g["method"])}</span>',
             _e(g["reason"]),
         ]
         for g in gates
     ]
-    headers = ["gate", "slice", "status", "statistic", "threshold", "n", "confidence",
-               "method", "reason"]
-    return _section("gates", "Gates", _table(headers, rows, "gates"),
-                    "Every gate's evidence; failing gates first.")
+    headers = [
+        "gate",
+        "slice",
+        "status",
+        "statistic",
+        "threshold",
+        "n",
+        "confidence",
+        "method",
+        "reason",
+    ]
+    return _section(
+        "gates",
+        "Gates",
+        _table(headers, rows, "gates"),
+        "Every gate's evidence; failing gates first.",
+    )
 
 
 def _series(doc: Mapping[str, Any]) -> str:
     charts = []
     for s in doc["metric_series"]:
-        points = [svg.BandPoint(p["n"], p["estimate"], p["lower"], p["upper"])
-                  for p in sorted(s["points"], key=lambda p: p["n"])]
+        points = [
+            svg.BandPoint(p["n"], p["estimate"], p["lower"], p["upper"])
+            for p in sorted(s["points"], key=lambda p: p["n"])
+        ]
         title = f"{s['gate']} · {s['slice']} ({fmt_num(s['confidence'])} confidence)"
+        chart = svg.band_chart(points, title=title, threshold=s["threshold"], y_label=s["metric"])
         charts.append(
-            f'<figure>{svg.band_chart(points, title=title, threshold=s["threshold"], y_label=s["metric"])}'
+            f"<figure>{chart}"
             f"<figcaption>{_e(s['metric'])}: running estimate (line) inside its "
             f"confidence band; dashed red: decision threshold.</figcaption></figure>"
         )
@@ -213,21 +234,36 @@ def _slices(doc: Mapping[str, Any]) -> str:
                 _status(r["status"]),
             ]
         )
-        intervals.append(svg.Interval(label, r["difference"], r["lower"], r["upper"],
-                                      r["status"]))
+        intervals.append(svg.Interval(label, r["difference"], r["lower"], r["upper"], r["status"]))
     metric = t["metric"]
-    headers = ["slice", "pairs", "labels", f"champion {metric}", f"candidate {metric}",
-               "difference", "confidence interval", "status"]
+    headers = [
+        "slice",
+        "pairs",
+        "labels",
+        f"champion {metric}",
+        f"candidate {metric}",
+        "difference",
+        "confidence interval",
+        "status",
+    ]
     chart = svg.interval_chart(
         intervals,
-        title=f"{metric}: candidate − champion per slice",
+        title=f"{metric}: candidate - champion per slice",
         threshold=None if margin is None else -margin,
         x_label=f"difference in {metric}",
     )
-    note = (f"Non-inferiority margin {fmt_num(margin)}: a slice fails when its interval "
-            f"lies below −margin." if margin is not None else "")
-    return _section("slices", "Per-slice table",
-                    _table(headers, rows, "slices") + f"<figure>{chart}</figure>", _e(note))
+    note = (
+        f"Non-inferiority margin {fmt_num(margin)}: a slice fails when its interval "
+        f"lies below -margin."
+        if margin is not None
+        else ""
+    )
+    return _section(
+        "slices",
+        "Per-slice table",
+        _table(headers, rows, "slices") + f"<figure>{chart}</figure>",
+        _e(note),
+    )
 
 
 def _drift(doc: Mapping[str, Any]) -> str:
@@ -252,12 +288,30 @@ def _drift(doc: Mapping[str, Any]) -> str:
         bars.append(svg.Bar(d["feature"], d["psi"], d["status"]))
     thresholds = {d["psi_threshold"] for d in doc["drift"]}
     common = thresholds.pop() if len(thresholds) == 1 else None
-    chart = svg.bar_chart(bars, title="Population stability index per feature",
-                          threshold=common, x_label="PSI") if bars else ""
-    headers = ["feature", "kind", "method", "statistic", "p-value", "e-value", "PSI",
-               "PSI threshold", "n ref / cur", "status", "reason"]
-    note = ("Drift needs significance and an effect size (PSI) over its threshold. Input "
-            "drift is a warning (both models see it); output divergence fails the candidate.")
+    chart = (
+        svg.bar_chart(
+            bars, title="Population stability index per feature", threshold=common, x_label="PSI"
+        )
+        if bars
+        else ""
+    )
+    headers = [
+        "feature",
+        "kind",
+        "method",
+        "statistic",
+        "p-value",
+        "e-value",
+        "PSI",
+        "PSI threshold",
+        "n ref / cur",
+        "status",
+        "reason",
+    ]
+    note = (
+        "Drift needs significance and an effect size (PSI) over its threshold. Input "
+        "drift is a warning (both models see it); output divergence fails the candidate."
+    )
     body = _table(headers, rows, "drift") + (f"<figure>{chart}</figure>" if chart else "")
     return _section("drift", "Drift per feature", body, _e(note))
 
@@ -270,8 +324,11 @@ def _latency(doc: Mapping[str, Any]) -> str:
         for role in ("champion", "candidate")
         if "histogram" in lat[role]
     ]
-    chart = (svg.histogram_chart(hists, title="Latency distribution", x_label=f"latency ({unit})")
-             if hists else "")
+    chart = (
+        svg.histogram_chart(hists, title="Latency distribution", x_label=f"latency ({unit})")
+        if hists
+        else ""
+    )
     qs: dict[float, dict[str, float]] = {}
     for role in ("champion", "candidate"):
         for q in lat[role].get("quantiles", []):
@@ -281,10 +338,12 @@ def _latency(doc: Mapping[str, Any]) -> str:
         ch, ca = qs[q].get("champion"), qs[q].get("candidate")
         ratio = ca / ch if ch and ca is not None else None
         rows.append([_e(f"p{q * 100:g}"), _e(fmt_num(ch)), _e(fmt_num(ca)), _e(fmt_num(ratio, 3))])
-    counts = (f"champion n={fmt_num(lat['champion']['n'])}, "
-              f"candidate n={fmt_num(lat['candidate']['n'])}")
-    table = _table(["quantile", f"champion ({unit})", f"candidate ({unit})", "ratio"], rows,
-                   "latency")
+    counts = (
+        f"champion n={fmt_num(lat['champion']['n'])}, candidate n={fmt_num(lat['candidate']['n'])}"
+    )
+    table = _table(
+        ["quantile", f"champion ({unit})", f"candidate ({unit})", "ratio"], rows, "latency"
+    )
     body = (f"<figure>{chart}</figure>" if chart else "") + table
     return _section("latency", "Latency of both models", body, _e(counts))
 
@@ -315,19 +374,32 @@ def _pinned(doc: Mapping[str, Any]) -> str:
         ]
         for c in p["harvested"]
     ]
-    headers = ["case", "time", "rule", "state", "slices", "label", "champion output",
-               "candidate output", "seen"]
-    note = (f"{fmt_num(p['harvested_total'])} cases harvested in this rollout "
-            f"({len(p['harvested'])} listed); pinned set size {fmt_num(p['pinned_total'])}.")
-    return _section("pinned", "Pinned failures", head + _table(headers, rows, "pinned"),
-                    _e(note))
+    headers = [
+        "case",
+        "time",
+        "rule",
+        "state",
+        "slices",
+        "label",
+        "champion output",
+        "candidate output",
+        "seen",
+    ]
+    note = (
+        f"{fmt_num(p['harvested_total'])} cases harvested in this rollout "
+        f"({len(p['harvested'])} listed); pinned set size {fmt_num(p['pinned_total'])}."
+    )
+    return _section("pinned", "Pinned failures", head + _table(headers, rows, "pinned"), _e(note))
 
 
 def _timeline(doc: Mapping[str, Any]) -> str:
     rows = []
     for t in sorted(doc["timeline"], key=lambda t: t["ts"]):
-        stage = (f"{t['stage_from'] or '—'} → {t['stage_to'] or '—'}"
-                 if t["stage_from"] or t["stage_to"] else "")
+        stage = (
+            f"{t['stage_from'] or '—'} → {t['stage_to'] or '—'}"
+            if t["stage_from"] or t["stage_to"]
+            else ""
+        )
         event = t["event"] + (f": {t['action']}" if t.get("action") else "")
         rows.append(
             [
@@ -340,8 +412,12 @@ def _timeline(doc: Mapping[str, Any]) -> str:
             ]
         )
     table = _table(["time", "event", "who", "stage", "verdict", "reason"], rows, "timeline")
-    return _section("timeline", "Decision timeline", table,
-                    "Engine decisions and operator actions, oldest first.")
+    return _section(
+        "timeline",
+        "Decision timeline",
+        table,
+        "Engine decisions and operator actions, oldest first.",
+    )
 
 
 def _repro(doc: Mapping[str, Any], digest: str) -> str:
@@ -349,15 +425,25 @@ def _repro(doc: Mapping[str, Any], digest: str) -> str:
     for role in ("champion", "candidate"):
         m = doc["models"][role]
         extra = ", ".join(f"{k}={v}" for k, v in sorted((m.get("extra") or {}).items()))
-        rows.append([_e(role), _e(m["name"]), _e(m["kind"]), f"<code>{_e(m['digest'])}</code>",
-                     _e(m["device"]), _e(extra) or "—"])
+        rows.append(
+            [
+                _e(role),
+                _e(m["name"]),
+                _e(m["kind"]),
+                f"<code>{_e(m['digest'])}</code>",
+                _e(m["device"]),
+                _e(extra) or "—",
+            ]
+        )
     models = _table(["role", "name", "kind", "digest", "device", "extra"], rows, "models")
-    versions = _table(["library", "version"],
-                      [[_e(k), _e(v if v is not None else "absent")]
-                       for k, v in sorted(doc["versions"].items())], "versions")
+    versions = _table(
+        ["library", "version"],
+        [[_e(k), _e(v if v is not None else "absent")] for k, v in sorted(doc["versions"].items())],
+        "versions",
+    )
     cfg = doc["config"]
     meta = (
-        f'<p>Config digest <code>{_e(cfg["digest"])}</code>'
+        f"<p>Config digest <code>{_e(cfg['digest'])}</code>"
         f"{' from ' + _e(cfg['source']) if cfg.get('source') else ''}. "
         f"Report schema version {_e(doc['schema_version'])}; report digest "
         f"<code>{_e(digest)}</code>.</p>"
@@ -390,13 +476,14 @@ h2 { font-size: 17px; margin: 28px 0 8px; padding-bottom: 4px; border-bottom: 1p
 .kv .k { font-size: 11px; text-transform: uppercase; color: #57606a; letter-spacing: 0.05em; }
 .kv .v { font-variant-numeric: tabular-nums; overflow-wrap: anywhere; }
 table { border-collapse: collapse; width: 100%; font-size: 13px; margin: 6px 0 10px; }
-th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid #eaeef2; vertical-align: top; }
+th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid #eaeef2;
+  vertical-align: top; }
 th { background: #f6f8fa; font-weight: 600; white-space: nowrap; }
 td { font-variant-numeric: tabular-nums; overflow-wrap: break-word; }
 table.versions, table.models, table.latency { width: auto; min-width: 420px; }
 td.none, p.none { color: #57606a; font-style: italic; }
-.status { display: inline-block; white-space: nowrap; padding: 1px 7px; border-radius: 10px; font-size: 11px;
-  font-weight: 700; color: #fff; }
+.status { display: inline-block; white-space: nowrap; padding: 1px 7px; border-radius: 10px;
+  font-size: 11px; font-weight: 700; color: #fff; }
 .status-pass { background: #1a7f37; }
 .status-inconclusive { background: #9a6700; }
 .status-fail { background: #cf222e; }

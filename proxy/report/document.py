@@ -9,6 +9,7 @@ the digest it approved, so the digest must not change when the sign-off is added
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -87,7 +88,7 @@ def _semantic_problems(doc: Mapping[str, Any]) -> list[str]:
         where = f"$.latency.{role}.histogram"
         if len(edges) != len(counts) + 1:
             out.append(f"{where}: {len(edges)} edges for {len(counts)} counts (need counts + 1)")
-        if any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+        if any(b <= a for a, b in itertools.pairwise(edges)):
             out.append(f"{where}.edges: not strictly increasing")
     for i, series in enumerate(doc["metric_series"]):
         for j, p in enumerate(series["points"]):
@@ -103,8 +104,9 @@ def _semantic_problems(doc: Mapping[str, Any]) -> list[str]:
 def canonical_json(doc: Mapping[str, Any]) -> bytes:
     """UTF-8 JSON with sorted keys and fixed separators: equal documents, equal bytes."""
     try:
-        text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False)
+        text = json.dumps(
+            doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
     except (TypeError, ValueError) as exc:
         raise BadRequest(f"report document is not plain JSON: {exc}") from exc
     return text.encode("utf-8")

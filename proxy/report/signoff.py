@@ -80,8 +80,9 @@ def check_all(doc: Mapping[str, Any]) -> list[SignoffCheck]:
     """Every sign-off recorded in the document, checked against the document itself."""
     current = report_digest(doc)
     return [
-        SignoffCheck(signoff=SignOff.from_dict(raw, where=f"$.signoffs[{i}]"),
-                     current_digest=current)
+        SignoffCheck(
+            signoff=SignOff.from_dict(raw, where=f"$.signoffs[{i}]"), current_digest=current
+        )
         for i, raw in enumerate(doc.get("signoffs") or [])
     ]
 

@@ -217,8 +217,15 @@ def band_chart(
     )
     _hline(parts, xs, ys(0.0), "zero", MUTED, "0", at_end=False)
     if threshold is not None:
-        _hline(parts, xs, ys(threshold), "threshold", THRESHOLD, f"threshold {threshold:g}",
-               at_end=True)
+        _hline(
+            parts,
+            xs,
+            ys(threshold),
+            "threshold",
+            THRESHOLD,
+            f"threshold {threshold:g}",
+            at_end=True,
+        )
     line = " ".join(f"{_n(xs(p.n))},{_n(ys(p.estimate))}" for p in points)
     parts.append(
         f'<polyline class="estimate" points="{line}" fill="none" stroke="{ESTIMATE}" '
@@ -351,7 +358,11 @@ class Bar:
 
 
 def bar_chart(
-    bars: Sequence[Bar], *, title: str, threshold: float | None, x_label: str,
+    bars: Sequence[Bar],
+    *,
+    title: str,
+    threshold: float | None,
+    x_label: str,
     row_height: int = 24,
 ) -> str:
     """Horizontal bars (e.g. PSI per feature) coloured by status, with the threshold."""
