@@ -224,7 +224,7 @@ def _build(out: Path) -> dict[str, Any]:
     x, y = _load_digits()
     n = len(y)
     perm = np.random.default_rng(SPLIT_SEED).permutation(n)
-    n_train = int(round(n * TRAIN_FRACTION))
+    n_train = round(n * TRAIN_FRACTION)
     train, held = np.sort(perm[:n_train]), np.sort(perm[n_train:])
 
     # Training captures: one platform per image, drawn from the production mix.
@@ -252,7 +252,7 @@ def _build(out: Path) -> dict[str, Any]:
     no_mobile = train_platform != PLATFORMS.index("mobile")
     specs = {
         assets.CHAMPION: (
-            "softmax regression (L2 %g) on the production mix" % CHAMPION_L2,
+            f"softmax regression (L2 {CHAMPION_L2:g}) on the production mix",
             lambda: fit_softmax_regression(x_train, y_train, CHAMPION_L2),
             int(train.size),
         ),

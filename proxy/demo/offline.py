@@ -7,6 +7,7 @@ never on the proxy's event loop (the proxy runs models through its own backends)
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ def file_sha256(path: str | Path) -> str:
 class OfflineModel:
     """One ONNX classifier: ``features`` FP32 [n, 64] -> ``probabilities`` FP32 [n, 10]."""
 
-    def __init__(self, path: str | Path, *, threads: int = 1) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, threads: int = 1) -> None:
         self.path = Path(path)
         options = ort.SessionOptions()
         # One thread: deterministic, and polite on a shared 2-core machine.
