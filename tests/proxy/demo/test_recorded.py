@@ -140,3 +140,18 @@ def test_a_failed_write_leaves_no_file(tmp_path: Path, pool: assets.DemoPool) ->
             out, traffic, assets.model_path(assets.CHAMPION), failing, labels_path=labels
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_write_script_rejects_a_missing_folder(tmp_path: Path) -> None:
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[3] / "scripts" / "write_demo_pairs.py"
+    spec = importlib.util.spec_from_file_location("write_demo_pairs", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    missing = tmp_path / "nope" / "pairs.jsonl"
+    assert module.main(["--candidate", "good", "--out", str(missing)]) == 2
+    same = tmp_path / "pairs.jsonl"
+    assert module.main(["--candidate", "good", "--out", str(same), "--labels", str(same)]) == 2
+    assert list(tmp_path.iterdir()) == []
