@@ -123,3 +123,16 @@ def test_manifest_records_the_data_set_licence(manifest: dict[str, Any]) -> None
 def test_unknown_model_name_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown demo model"):
         assets.model_path("champion2")
+
+
+def test_good_candidate_loses_no_class_on_any_platform(
+    pool: assets.DemoPool, correct: dict[str, np.ndarray]
+) -> None:
+    """Per-class recall, platform by platform: never more than 3 points below the champion
+    (a class on one platform is ~72 images: 3 points is two images)."""
+    champ, cand = correct[assets.CHAMPION], correct[assets.CANDIDATE_GOOD]
+    for platform in PLATFORMS:
+        rows = pool.rows_of(platform)
+        for digit in range(assets.N_CLASSES):
+            sel = rows[pool.labels[rows] == digit]
+            assert cand[sel].mean() - champ[sel].mean() >= -0.03, (platform, digit)
