@@ -18,9 +18,9 @@ Isolation of bad requests, in two layers:
    whose outputs do not have one row per input row (a model that mixes rows) switches
    batching off for the backend, with a warning: such a model cannot be batched.
 
-Requests larger than ``max_batch_size`` rows, and requests without a common batch axis,
-go straight to the runtime. Each call into the runtime made here is observed, by rows, in
-``mirrorgate_batcher_batch_size{model}``.
+Requests larger than ``max_batch_size`` rows (Triton refuses them; here they run alone)
+and requests without a common batch axis go straight to the runtime. Each call into the
+runtime made here is observed, by rows, in ``mirrorgate_batcher_batch_size{model}``.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ class BatchingBackend:
         rows = _rows(inputs) if self._enabled and inputs else None
         if rows is None:
             return await self._inner.infer(inputs, outputs)
-        if rows >= self._max_rows:
+        if rows > self._max_rows:
             self._count(rows)
             return await self._inner.infer(inputs, outputs)
         loop = asyncio.get_running_loop()

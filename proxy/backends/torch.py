@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import importlib
+import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from proxy.backends import torch_io
-from proxy.backends.base import ModelIdentity, ModelMetadata, TensorSpec
+from proxy.backends.base import ModelIdentity, ModelMetadata
 from proxy.backends.files import require_file, sha256_file
 from proxy.backends.threads import InferenceThreads
 from proxy.backends.torch_io import TorchIO
@@ -163,7 +164,11 @@ def _load(torch: ModuleType, settings: BackendSettings, device: str) -> _Loaded:
             torch_io.check_arity(io, len(program.graph_signature.user_inputs), where)
             call = program.module()
         else:
-            script = torch.jit.load(str(path), map_location=device)
+            with warnings.catch_warnings():
+                # torch deprecates TorchScript in favour of torch.export; serving existing
+                # TorchScript files is this format's whole point, so don't nag per load.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                script = torch.jit.load(str(path), map_location=device)
             script.eval()
             io = sidecar or torch_io.from_script_schema(script)
             torch_io.check_arity(io, len(script.forward.schema.arguments) - 1, where)
@@ -358,6 +363,3 @@ class TorchBackend:
 
     async def aclose(self) -> None:
         await self._threads.aclose()
-
-
-__all__ = ["TensorSpec", "TorchBackend", "import_torch"]

@@ -70,6 +70,14 @@ def _exact_cast(array: np.ndarray, want: np.dtype[np.generic]) -> np.ndarray | N
         return array.astype(want)
     with np.errstate(all="ignore"):
         cast = array.astype(want)
+        if want.kind == "f":
+            # An overflow to inf cannot be trusted to read back wrong: float -> int of
+            # inf is undefined (on x86 it gives INT64_MIN, which "round-trips").
+            overflow = ~np.isfinite(cast) & (
+                np.isfinite(array) if src.kind == "f" else np.ones(array.shape, bool)
+            )
+            if overflow.any():
+                return None
         back = cast.astype(src)
     if np.array_equal(back, array, equal_nan=src.kind == "f"):
         return cast
@@ -86,7 +94,10 @@ def coerce_input(model: str, name: str, array: np.ndarray, spec: TensorSpec) -> 
         raise BadRequest(f"model {model!r}: input {name!r} is {spec.datatype}, got BYTES")
     if array.dtype.newbyteorder("=") == want:
         return array if array.dtype.isnative else array.astype(want)
-    if np.can_cast(array.dtype, want, casting="safe"):
+    # numpy calls INT64 -> FP64 "safe" although 2**53 + 1 does not survive it: for
+    # integers into floats only the values can tell.
+    lossless = not (array.dtype.kind in "iu" and want.kind == "f")
+    if lossless and np.can_cast(array.dtype, want, casting="safe"):
         return array.astype(want)
     cast = _exact_cast(array, want)
     if cast is None:

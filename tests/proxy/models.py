@@ -9,6 +9,7 @@ torch is imported only by the torch builders (it is an optional extra).
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,7 +245,9 @@ def build_torchscript_classifier(
 
     weights = classifier_weights(n_features, n_classes, seed)
     module = TorchClassifier(weights.weight, weights.bias).eval()
-    torch.jit.save(torch.jit.script(module), str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated
+        torch.jit.save(torch.jit.script(module), str(path))
     if declare_io:
         write_torch_io(path, classifier_io(n_features, n_classes))
     return weights
@@ -286,3 +289,18 @@ def build_torch_state_dict(
     weights = classifier_weights(n_features, n_classes, seed)
     torch.save(TorchClassifier(weights.weight, weights.bias).state_dict(), str(path))
     return weights
+
+
+def build_torchscript_identity(
+    path: str | Path, datatype: str, shape: tuple[int, ...] = (-1, 3)
+) -> None:
+    """TorchScript ``x`` -> ``y`` unchanged, declared as V2 ``datatype`` (not BYTES)."""
+    import torch
+
+    from tests.proxy.torch_models import Identity
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(Identity()), str(path))
+    spec = {"datatype": datatype, "shape": list(shape)}
+    write_torch_io(path, {"inputs": [{"name": "x", **spec}], "outputs": [{"name": "y", **spec}]})
