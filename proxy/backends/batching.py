@@ -99,7 +99,9 @@ def _rows(inputs: dict[str, np.ndarray]) -> int | None:
 
 
 def _key(inputs: dict[str, np.ndarray], outputs: list[str] | None) -> Hashable:
-    tensors = tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(inputs.items()))
+    """Requests may share a stacked call only if their keys are equal."""
+    items = inputs.items() if len(inputs) == 1 else sorted(inputs.items())
+    tensors = tuple([(n, a.dtype, a.shape[1:]) for n, a in items])
     return tensors, None if outputs is None else tuple(outputs)
 
 
@@ -170,7 +172,13 @@ class BatchingBackend:
         queue = self._queues.setdefault(_key(inputs, outputs), _Queue())
         queue.items.append(request)
         queue.rows += rows
-        self._schedule()
+        # Rescheduling per request is the batcher's hot path: skip it when nothing can
+        # change (every slot busy: a finishing batch reschedules; or a timer is armed for
+        # an older request and this queue is not full yet).
+        if self._running < self._slots and (
+            queue.rows >= self._max_rows or self._timer is None or self._delay_s <= 0
+        ):
+            self._schedule()
         return await request.future
 
     # -- scheduling (all on the event loop, no locks needed) --
