@@ -205,17 +205,23 @@ class OnnxBackend:
         self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None
     ) -> dict[str, np.ndarray]:
         model = self._metadata.name
-        prepared = prepare_inputs(model, inputs, self._metadata.inputs)
-        feed = {n: _to_runtime(a, self._specs[n], model) for n, a in prepared.items()}
         names = select_outputs(model, outputs, self._metadata.outputs)
         try:
-            results = await self._threads.run(self._session.run, names, feed)
+            return await self._threads.run(self._run, inputs, names)
         except MirrorgateError:
             raise
         except InvalidArgument as exc:  # shapes/dtypes the request got wrong
             raise BadRequest(f"model {model!r} rejected the request: {exc}") from exc
         except Exception as exc:
             raise BackendError(f"model {model!r} failed: {exc}") from exc
+
+    def _run(self, inputs: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        """On a worker thread: checks and conversions are O(size), so they stay off the
+        loop too (BYTES tensors are converted element by element)."""
+        model = self._metadata.name
+        prepared = prepare_inputs(model, inputs, self._metadata.inputs)
+        feed = {n: _to_runtime(a, self._specs[n], model) for n, a in prepared.items()}
+        results = self._session.run(names, feed)
         return {name: _from_runtime(r) for name, r in zip(names, results, strict=True)}
 
     async def aclose(self) -> None:

@@ -292,13 +292,11 @@ class TorchBackend:
     ) -> dict[str, np.ndarray]:
         model = self._metadata.name
         io = self._io
-        prepared = prepare_inputs(model, inputs, io.inputs, check_shapes=io.check_shapes)
         wanted: Sequence[str] | None = outputs
         if io.outputs_known:
             wanted = select_outputs(model, outputs, io.outputs)
-        arrays = [prepared[s.name] for s in io.inputs]
         try:
-            result = await self._threads.run(self._run, arrays)
+            result = await self._threads.run(self._run, inputs)
         except MirrorgateError:
             raise
         except Exception as exc:
@@ -313,13 +311,18 @@ class TorchBackend:
             )
         return {n: named[n] for n in dict.fromkeys(wanted)}
 
-    def _run(self, arrays: list[np.ndarray]) -> Any:
-        """On a worker thread: numpy in, torch model, numpy out (same nesting)."""
+    def _run(self, inputs: dict[str, np.ndarray]) -> Any:
+        """On a worker thread: checks, numpy in, torch model, numpy out (same nesting)."""
         torch = self._torch
+        io = self._io
+        prepared = prepare_inputs(
+            self._metadata.name, inputs, io.inputs, check_shapes=io.check_shapes
+        )
         tensors = []
-        for array in arrays:
-            if not (array.flags.writeable and array.flags.c_contiguous):
-                array = np.array(array, order="C")  # torch wants its own writable memory
+        for spec in io.inputs:
+            # A private copy: torch shares numpy memory, and a model that works in place
+            # must not change the request that the other model of the pair also reads.
+            array = np.array(prepared[spec.name], order="C", copy=True)
             tensors.append(torch.from_numpy(array).to(self._device))
         with torch.inference_mode():
             result = self._call(*tensors)

@@ -91,3 +91,15 @@ def make_not_a_module() -> object:
 
 def make_failing() -> nn.Module:
     raise RuntimeError("factory exploded on purpose")
+
+
+class InPlace(nn.Module):
+    """Adds one to its input in place: must not reach the caller's array."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.add_(1.0)
+        return x * 1.0
+
+
+def make_in_place() -> nn.Module:
+    return InPlace()

@@ -110,6 +110,7 @@ async def test_cuda_without_a_cuda_provider_falls_back_and_says_so(
         assert backend.identity.device == "cpu"
         assert backend.provider == CPU
         assert backend.identity.extra["requested_device"] == "cuda"
+        assert backend._session.get_session_options().intra_op_num_threads == 1
         assert "running on CPU" in caplog.text
         x = weights.sample(3)
         out = await backend.infer({"x": x})

@@ -247,6 +247,17 @@ async def test_declared_outputs_must_match_what_the_model_returns(tmp_path: Path
         await backend.aclose()
 
 
+async def test_a_model_working_in_place_leaves_the_request_alone() -> None:
+    backend = await _create(factory="tests.proxy.torch_models:make_in_place")
+    try:
+        x = np.zeros((2, 3), np.float32)
+        out = await backend.infer({"x": x})
+        np.testing.assert_array_equal(out["output__0"], np.ones((2, 3), np.float32))
+        np.testing.assert_array_equal(x, np.zeros((2, 3), np.float32))
+    finally:
+        await backend.aclose()
+
+
 async def test_without_torch_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     # Real torch is installed here; hiding it from the import system is the only way to
     # exercise the path a torch-less install takes.
