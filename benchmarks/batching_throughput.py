@@ -1,0 +1,204 @@
+"""In-process throughput: micro-batching vs the raw runtime at the same batch size.
+
+Side by side, in one process, on one ONNX MLP (built here), interleaved over rounds so
+that the shared machine's noise hits every scenario alike; each figure is the median
+over rounds:
+
+  raw-b1        onnxruntime ``session.run`` on 1 row, called back to back (no asyncio)
+  raw-bB        onnxruntime ``session.run`` on B rows from ``slots`` threads: the compute
+                floor that batched serving can at best reach
+  backend-b1    OnnxBackend, C concurrent clients sending 1-row requests, no batching
+  batched-bB    BatchingBackend(OnnxBackend), the same C clients, max_batch_size B
+
+Run from the repository root:
+    python benchmarks/batching_throughput.py [--batch-size 32 --concurrency 64 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from proxy.backends.batching import BatchingBackend  # noqa: E402
+from proxy.backends.onnx import OnnxBackend  # noqa: E402
+from proxy.config import BackendSettings, BatchingSettings  # noqa: E402
+from tests.proxy.models import build_onnx_mlp, mlp_oracle  # noqa: E402
+
+
+def raw_rate(session: Any, x: np.ndarray, seconds: float, callers: int) -> float:
+    """Rows per second of ``session.run`` on ``x`` from ``callers`` threads, back to back."""
+    stop = time.perf_counter() + seconds
+    counts = [0] * callers
+
+    def loop(i: int) -> None:
+        while time.perf_counter() < stop:
+            session.run(None, {"x": x})
+            counts[i] += 1
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(callers) as pool:
+        list(pool.map(loop, range(callers)))
+    return sum(counts) * x.shape[0] / (time.perf_counter() - start)
+
+
+async def served_rate(
+    backend: Any, pool: np.ndarray, seconds: float, concurrency: int
+) -> tuple[float, list[float]]:
+    """Rows/s and per-request latencies (ms) of ``concurrency`` closed-loop clients."""
+    loop = asyncio.get_running_loop()
+    stop = loop.time() + seconds
+    latencies: list[float] = []
+    rows = 0
+
+    async def client(i: int) -> None:
+        nonlocal rows
+        j = i
+        while loop.time() < stop:
+            x = pool[j % len(pool)][None, :]
+            t0 = time.perf_counter()
+            await backend.infer({"x": x})
+            latencies.append((time.perf_counter() - t0) * 1000.0)
+            rows += 1
+            j += concurrency
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    return rows / (time.perf_counter() - start), latencies
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="mirrorgate-bench-"))
+    path = tmp / "mlp.onnx"
+    params = build_onnx_mlp(path, args.features, args.hidden, args.classes, seed=0)
+    settings = BackendSettings(name="mlp", kind="onnx", path=str(path), threads=args.threads)
+    plain = await OnnxBackend.create(settings)
+    batched = BatchingBackend(
+        await OnnxBackend.create(settings),
+        BatchingSettings(max_batch_size=args.batch_size, max_batch_delay_ms=args.delay_ms),
+        CollectorRegistry(),
+        max_concurrent_batches=args.slots,
+    )
+    rng = np.random.default_rng(1)
+    pool = rng.normal(size=(4096, args.features)).astype(np.float32)
+    xb = pool[: args.batch_size]
+
+    # The batched path must compute what the model computes.
+    outs = await asyncio.gather(*(batched.infer({"x": pool[i : i + 1]}) for i in range(64)))
+    got = np.concatenate([o["probs"] for o in outs])
+    max_err = float(np.abs(got - mlp_oracle(params, pool[:64])).max())
+    assert max_err < 1e-4, f"batched outputs disagree with numpy: {max_err}"
+
+    session = plain._session  # the raw runtime, called directly for the floors
+    session.run(None, {"x": xb})  # warm-up
+    await served_rate(plain, pool, 0.3, args.concurrency)
+    await served_rate(batched, pool, 0.3, args.concurrency)
+
+    results: dict[str, list[float]] = {k: [] for k in ("raw-b1", "raw-bB", "backend-b1")}
+    results["batched-bB"] = []
+    lat: dict[str, list[float]] = {"backend-b1": [], "batched-bB": []}
+    calls0, rows0 = batched.calls, batched.rows
+    for _ in range(args.rounds):
+        results["raw-b1"].append(
+            await asyncio.to_thread(raw_rate, session, pool[:1], args.seconds, 1)
+        )
+        results["raw-bB"].append(
+            await asyncio.to_thread(raw_rate, session, xb, args.seconds, args.slots)
+        )
+        rate, lats = await served_rate(plain, pool, args.seconds, args.concurrency)
+        results["backend-b1"].append(rate)
+        lat["backend-b1"] += lats
+        rate, lats = await served_rate(batched, pool, args.seconds, args.concurrency)
+        results["batched-bB"].append(rate)
+        lat["batched-bB"] += lats
+    mean_batch = (batched.rows - rows0) / max(1, batched.calls - calls0)
+    await plain.aclose()
+    await batched.aclose()
+    medians = {k: statistics.median(v) for k, v in results.items()}
+    return {
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "threads_active": threading.active_count(),
+        "rows_per_s": medians,
+        "rows_per_s_rounds": results,
+        "latency_ms": {
+            k: {"p50": pct(v, 50), "p99": pct(v, 99), "n": len(v)} for k, v in lat.items()
+        },
+        "mean_batch_rows": mean_batch,
+        "batched_vs_floor": medians["batched-bB"] / medians["raw-bB"],
+        "batched_vs_unbatched": medians["batched-bB"] / medians["backend-b1"],
+        "max_abs_err_vs_numpy": max_err,
+    }
+
+
+def render(r: dict[str, Any]) -> str:
+    c = r["config"]
+    b = c["batch_size"]
+    rows = [
+        ("raw runtime, batch 1, 1 caller", "raw-b1", "-"),
+        (f"raw runtime, batch {b}, {c['slots']} callers (floor)", "raw-bB", "-"),
+        (f"OnnxBackend, no batching, {c['concurrency']} clients", "backend-b1", "backend-b1"),
+        (f"BatchingBackend max {b}, {c['concurrency']} clients", "batched-bB", "batched-bB"),
+    ]
+    out = [
+        f"MLP {c['features']}-{c['hidden']}-{c['classes']}, onnxruntime threads="
+        f"{c['threads']}, delay {c['delay_ms']} ms, {c['rounds']} rounds x {c['seconds']} s",
+        "",
+        "| scenario | rows/s (median) | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, key, lkey in rows:
+        p50 = p99 = "-"
+        if lkey != "-":
+            p50 = f"{r['latency_ms'][lkey]['p50']:.2f}"
+            p99 = f"{r['latency_ms'][lkey]['p99']:.2f}"
+        out.append(f"| {label} | {r['rows_per_s'][key]:,.0f} | {p50} | {p99} |")
+    out += [
+        "",
+        f"mean rows per batched runtime call: {r['mean_batch_rows']:.1f}",
+        f"batched / floor: {r['batched_vs_floor']:.0%}; "
+        f"batched / unbatched: {r['batched_vs_unbatched']:.1f}x; "
+        f"max |batched - numpy|: {r['max_abs_err_vs_numpy']:.1e}",
+    ]
+    return "\n".join(out)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--delay-ms", type=float, default=2.0)
+    p.add_argument("--slots", type=int, default=2, help="max_concurrent_batches")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    p.add_argument("--features", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--seconds", type=float, default=2.0, help="per scenario per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args()
+    result = asyncio.run(main_async(args))
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

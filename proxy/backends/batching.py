@@ -1,0 +1,310 @@
+"""Dynamic micro-batching for in-process backends (Triton's dynamic batcher, in asyncio).
+
+Concurrent ``infer`` calls whose tensors agree on everything but the batch axis (same
+input names, dtypes, non-batch dimensions and requested outputs) wait in one queue. A
+queue is run as one stacked call when it holds ``max_batch_size`` rows or when its oldest
+request has waited ``max_batch_delay_ms``, and the outputs are split back by row. At most
+``max_concurrent_batches`` stacked calls run at once; while they are busy, new requests
+keep queueing, so batches grow with load (with ``max_batch_delay_ms: 0`` a lone request
+runs at once, and only requests arriving behind a busy model are stacked).
+
+Isolation of bad requests, in two layers:
+
+1. Requests that differ in shape or dtype never share a queue, so a malformed request is
+   stacked only with requests malformed the same way.
+2. Faults that depend on values (a number that cannot be cast exactly, an index out of
+   range) are found by the runtime only after stacking: when a stacked call fails, each
+   member is re-run on its own, so only the faulty one gets the error. A stacked result
+   whose outputs do not have one row per input row (a model that mixes rows) switches
+   batching off for the backend, with a warning: such a model cannot be batched.
+
+Requests larger than ``max_batch_size`` rows (Triton refuses them; here they run alone)
+and requests without a common batch axis go straight to the runtime. Each call into the
+runtime made here is observed, by rows, in ``mirrorgate_batcher_batch_size{model}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import weakref
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Histogram
+
+from proxy.backends.base import Backend, ModelIdentity, ModelMetadata
+from proxy.config import BatchingSettings
+from proxy.errors import BackendError, NotReady
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE_METRIC = "mirrorgate_batcher_batch_size"
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+# Like Triton's default of two CPU instances: one stacked call computes while the next fills.
+DEFAULT_CONCURRENT_BATCHES = 2
+
+_histograms: weakref.WeakKeyDictionary[CollectorRegistry, Histogram] = weakref.WeakKeyDictionary()
+
+
+def batch_size_histogram(registry: CollectorRegistry) -> Histogram:
+    """The registry's one batch-size histogram (champion and candidate share it by label)."""
+    existing = _histograms.get(registry)
+    if existing is None:
+        # Someone else (the app's metrics module) may have registered it already.
+        found = getattr(registry, "_names_to_collectors", {}).get(BATCH_SIZE_METRIC)
+        if isinstance(found, Histogram):
+            existing = found
+        else:
+            existing = Histogram(
+                BATCH_SIZE_METRIC,
+                "Rows per call into an in-process model runtime made by the micro-batcher.",
+                ["model"],
+                buckets=BATCH_SIZE_BUCKETS,
+                registry=registry,
+            )
+        _histograms[registry] = existing
+    return existing
+
+
+@dataclass(slots=True)
+class _Request:
+    inputs: dict[str, np.ndarray]
+    outputs: list[str] | None
+    rows: int
+    enqueued: float
+    future: asyncio.Future[dict[str, np.ndarray]]
+
+
+@dataclass(slots=True)
+class _Queue:
+    items: deque[_Request] = field(default_factory=deque)
+    rows: int = 0
+
+    def oldest(self) -> float:
+        return self.items[0].enqueued
+
+
+def _rows(inputs: dict[str, np.ndarray]) -> int | None:
+    """The common batch-axis length of all inputs, or None if there is none."""
+    counts = {a.shape[0] if a.ndim else None for a in inputs.values()}
+    if len(counts) != 1:
+        return None
+    (rows,) = counts
+    return rows if rows else None
+
+
+def _key(inputs: dict[str, np.ndarray], outputs: list[str] | None) -> Hashable:
+    """Requests may share a stacked call only if their keys are equal."""
+    items = inputs.items() if len(inputs) == 1 else sorted(inputs.items())
+    tensors = tuple([(n, a.dtype, a.shape[1:]) for n, a in items])
+    return tensors, None if outputs is None else tuple(outputs)
+
+
+class BatchingBackend:
+    """Wraps an in-process backend; same interface, concurrent calls stacked on axis 0."""
+
+    def __init__(
+        self,
+        inner: Backend,
+        settings: BatchingSettings,
+        registry: CollectorRegistry | None = None,
+        *,
+        max_concurrent_batches: int = DEFAULT_CONCURRENT_BATCHES,
+    ) -> None:
+        if max_concurrent_batches < 1:
+            raise ValueError("max_concurrent_batches must be >= 1")
+        self._inner = inner
+        self._max_rows = settings.max_batch_size
+        self._delay_s = settings.max_batch_delay_ms / 1000.0
+        self._slots = max_concurrent_batches
+        self._model = inner.metadata.name
+        # A declared fixed leading dimension (e.g. [1, 4]) means the model cannot batch.
+        self._enabled = self._max_rows > 1 and all(
+            s.shape and s.shape[0] == -1 for s in inner.metadata.inputs
+        )
+        if self._max_rows > 1 and not self._enabled:
+            log.warning("model %s declares a fixed batch dimension; not batching", self._model)
+        metric = batch_size_histogram(registry if registry is not None else CollectorRegistry())
+        self._observe = metric.labels(model=self._model).observe
+        self._queues: dict[Hashable, _Queue] = {}
+        self._running = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._draining = False
+        self.calls = 0  # calls into the inner runtime made from the queues
+        self.rows = 0  # rows in those calls
+
+    @property
+    def inner(self) -> Backend:
+        return self._inner
+
+    @property
+    def metadata(self) -> ModelMetadata:
+        return self._inner.metadata
+
+    @property
+    def identity(self) -> ModelIdentity:
+        inner = self._inner.identity
+        extra = {**inner.extra, "max_batch_size": str(self._max_rows)}
+        extra["max_batch_delay_ms"] = str(self._delay_s * 1000.0)
+        return dataclasses.replace(inner, extra=extra)
+
+    async def infer(
+        self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        if self._closed:
+            raise NotReady(f"model {self._model!r} is shut down")
+        inputs = {n: np.asarray(a) for n, a in inputs.items()}
+        rows = _rows(inputs) if self._enabled and inputs else None
+        if rows is None:
+            return await self._inner.infer(inputs, outputs)
+        if rows > self._max_rows:
+            self._count(rows)
+            return await self._inner.infer(inputs, outputs)
+        loop = asyncio.get_running_loop()
+        request = _Request(inputs, outputs, rows, loop.time(), loop.create_future())
+        queue = self._queues.setdefault(_key(inputs, outputs), _Queue())
+        queue.items.append(request)
+        queue.rows += rows
+        # Rescheduling per request is the batcher's hot path: skip it when nothing can
+        # change (every slot busy: a finishing batch reschedules; or a timer is armed for
+        # an older request and this queue is not full yet).
+        if self._running < self._slots and (
+            queue.rows >= self._max_rows or self._timer is None or self._delay_s <= 0
+        ):
+            self._schedule()
+        return await request.future
+
+    # -- scheduling (all on the event loop, no locks needed) --
+
+    def _schedule(self) -> None:
+        """Start every due batch a free slot allows; arm one timer for the next due one."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._running < self._slots and self._queues:
+            key = self._due(now)
+            if key is None:
+                break
+            batch = self._take(key)
+            if batch:
+                self._running += 1
+                task = loop.create_task(self._run(batch))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        if self._running < self._slots and self._queues:
+            deadline = min(q.oldest() for q in self._queues.values()) + self._delay_s
+            self._timer = loop.call_at(deadline, self._schedule)
+
+    def _due(self, now: float) -> Hashable | None:
+        """A queue that must run now: full ones first, then the longest-waiting due one."""
+        oldest_key, oldest = None, float("inf")
+        for key, queue in self._queues.items():
+            if queue.rows >= self._max_rows:
+                return key
+            if queue.oldest() < oldest:
+                oldest_key, oldest = key, queue.oldest()
+        if self._draining or oldest + self._delay_s <= now:
+            return oldest_key
+        return None
+
+    def _take(self, key: Hashable) -> list[_Request]:
+        queue = self._queues[key]
+        batch: list[_Request] = []
+        rows = 0
+        while queue.items:
+            head = queue.items[0]
+            if head.future.done():  # caller gave up (cancelled) while queued
+                queue.items.popleft()
+                queue.rows -= head.rows
+                continue
+            if batch and rows + head.rows > self._max_rows:
+                break
+            queue.items.popleft()
+            queue.rows -= head.rows
+            batch.append(head)
+            rows += head.rows
+        if not queue.items:
+            del self._queues[key]
+        return batch
+
+    # -- running --
+
+    def _count(self, rows: int) -> None:
+        self.calls += 1
+        self.rows += rows
+        self._observe(rows)
+
+    async def _run(self, batch: list[_Request]) -> None:
+        try:
+            if len(batch) == 1 or not self._enabled:
+                await asyncio.gather(*(self._run_alone(r) for r in batch))
+                return
+            try:
+                results = await self._run_stacked(batch)
+            except Exception as exc:
+                log.debug("stacked call of %d failed (%s); running alone", len(batch), exc)
+                await asyncio.gather(*(self._run_alone(r) for r in batch))
+                return
+            for request, result in zip(batch, results, strict=True):
+                if not request.future.done():
+                    request.future.set_result(result)
+        finally:
+            self._running -= 1
+            if self._queues:
+                self._schedule()
+
+    async def _run_stacked(self, batch: list[_Request]) -> list[dict[str, np.ndarray]]:
+        names = list(batch[0].inputs)
+        stacked = {n: np.concatenate([r.inputs[n] for r in batch], axis=0) for n in names}
+        total = sum(r.rows for r in batch)
+        self._count(total)
+        out = await self._inner.infer(stacked, batch[0].outputs)
+        bad = [n for n, a in out.items() if a.ndim == 0 or a.shape[0] != total]
+        if bad:
+            self._enabled = False
+            log.warning(
+                "model %s: output(s) %s lack one row per input row; batching switched off",
+                self._model,
+                bad,
+            )
+            raise BackendError(f"model {self._model!r} cannot be batched")
+        offsets = np.cumsum([r.rows for r in batch])[:-1]
+        parts = {n: np.split(a, offsets, axis=0) for n, a in out.items()}
+        return [{n: parts[n][i] for n in out} for i in range(len(batch))]
+
+    async def _run_alone(self, request: _Request) -> None:
+        if request.future.done():
+            return
+        self._count(request.rows)
+        try:
+            result = await self._inner.infer(request.inputs, request.outputs)
+        except Exception as exc:
+            if not request.future.done():
+                request.future.set_exception(exc)
+            return
+        if not request.future.done():
+            request.future.set_result(result)
+
+    async def aclose(self) -> None:
+        """Refuse new calls, run everything queued now, wait for it, close the runtime."""
+        if self._closed:
+            return
+        self._closed = True
+        self._draining = True
+        while self._queues or self._tasks:
+            if self._queues:
+                self._schedule()
+            if self._tasks:
+                await asyncio.wait(set(self._tasks))
+        if self._timer is not None:
+            self._timer.cancel()
+        await self._inner.aclose()
