@@ -48,6 +48,11 @@ case "$ort_kind" in cpu | gpu) ;; *)
   ;;
 esac
 
+if [ "$torch_kind" = cpu ] && [ -z "${TORCH_INDEX_URL:-}" ]; then
+  echo "install.sh: MIRRORGATE_TORCH=cpu needs TORCH_INDEX_URL" >&2
+  exit 2
+fi
+
 "$python" -m venv "$prefix"
 pip=("$prefix/bin/python" -m pip --disable-pip-version-check)
 
@@ -56,10 +61,6 @@ pip=("$prefix/bin/python" -m pip --disable-pip-version-check)
 extras=""
 case "$torch_kind" in
   cpu)
-    if [ -z "${TORCH_INDEX_URL:-}" ]; then
-      echo "install.sh: MIRRORGATE_TORCH=cpu needs TORCH_INDEX_URL" >&2
-      exit 2
-    fi
     "${pip[@]}" install --index-url "$TORCH_INDEX_URL" "torch==$torch_version"
     extras="[torch]"
     ;;
