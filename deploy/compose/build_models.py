@@ -62,7 +62,9 @@ def build_model(weights: list[list[float]], bias: list[float]) -> bytes:
         initializer=[w, b],
     )
     # opset 13 and IR 7: loadable by every Triton/onnxruntime release of the last years
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="mirrorgate")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="mirrorgate"
+    )
     model.ir_version = 7
     onnx.checker.check_model(model)
     return model.SerializeToString()

@@ -64,39 +64,70 @@ def sample_registry() -> CollectorRegistry:
     """Every agreed metric with a few realistic samples."""
     registry = CollectorRegistry()
     requests = Counter(
-        "mirrorgate_proxy_requests", "Requests answered, by backend role and HTTP status.", ("role", "code"),
+        "mirrorgate_proxy_requests",
+        "Requests answered, by backend role and HTTP status.",
+        ("role", "code"),
         registry=registry,
     )
     duration = Histogram(
-        "mirrorgate_proxy_request_duration_seconds", "Backend call latency by role.", ("role",),
+        "mirrorgate_proxy_request_duration_seconds",
+        "Backend call latency by role.",
+        ("role",),
         registry=registry,
     )
     dropped = Counter(
-        "mirrorgate_shadow_dropped", "Shadow requests dropped instead of mirrored.", ("reason",), registry=registry
+        "mirrorgate_shadow_dropped",
+        "Shadow requests dropped instead of mirrored.",
+        ("reason",),
+        registry=registry,
     )
     failures = Counter(
-        "mirrorgate_shadow_failures", "Shadow requests that failed at the candidate.", ("reason",), registry=registry
+        "mirrorgate_shadow_failures",
+        "Shadow requests that failed at the candidate.",
+        ("reason",),
+        registry=registry,
     )
-    in_flight = Gauge("mirrorgate_shadow_in_flight", "Shadow requests in flight.", registry=registry)
+    in_flight = Gauge(
+        "mirrorgate_shadow_in_flight", "Shadow requests in flight.", registry=registry
+    )
     queue = Gauge("mirrorgate_shadow_queue_depth", "Shadow requests waiting.", registry=registry)
     batch = Histogram(
-        "mirrorgate_batcher_batch_size", "Rows per micro-batch.", ("model",),
-        buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry,
+        "mirrorgate_batcher_batch_size",
+        "Rows per micro-batch.",
+        ("model",),
+        buckets=(1, 2, 4, 8, 16, 32, 64),
+        registry=registry,
     )
     written = Counter("mirrorgate_recorder_written", "Pair records written.", registry=registry)
     rec_dropped = Counter(
         "mirrorgate_recorder_dropped", "Pair records dropped.", ("reason",), registry=registry
     )
-    buffer = Gauge("mirrorgate_recorder_buffer_depth", "Pair records waiting to be written.", registry=registry)
+    buffer = Gauge(
+        "mirrorgate_recorder_buffer_depth", "Pair records waiting to be written.", registry=registry
+    )
     status = Gauge(
-        "mirrorgate_gate_status", "Gate status: 0 pass, 1 inconclusive, 2 fail.", ("gate", "slice"),
+        "mirrorgate_gate_status",
+        "Gate status: 0 pass, 1 inconclusive, 2 fail.",
+        ("gate", "slice"),
         registry=registry,
     )
-    statistic = Gauge("mirrorgate_gate_statistic", "Gate statistic.", ("gate", "slice"), registry=registry)
-    threshold = Gauge("mirrorgate_gate_threshold", "Gate threshold.", ("gate", "slice"), registry=registry)
-    verdict = Gauge("mirrorgate_rollout_verdict", "1 on the current verdict.", ("verdict",), registry=registry)
-    stage = Gauge("mirrorgate_rollout_stage", "1 on the current stage.", ("stage",), registry=registry)
-    weight = Gauge("mirrorgate_rollout_canary_weight", "Share of live traffic the candidate serves.", registry=registry)
+    statistic = Gauge(
+        "mirrorgate_gate_statistic", "Gate statistic.", ("gate", "slice"), registry=registry
+    )
+    threshold = Gauge(
+        "mirrorgate_gate_threshold", "Gate threshold.", ("gate", "slice"), registry=registry
+    )
+    verdict = Gauge(
+        "mirrorgate_rollout_verdict", "1 on the current verdict.", ("verdict",), registry=registry
+    )
+    stage = Gauge(
+        "mirrorgate_rollout_stage", "1 on the current stage.", ("stage",), registry=registry
+    )
+    weight = Gauge(
+        "mirrorgate_rollout_canary_weight",
+        "Share of live traffic the candidate serves.",
+        registry=registry,
+    )
 
     for role, seconds in (("champion", 0.004), ("candidate", 0.006)):
         requests.labels(role=role, code="200").inc(100)

@@ -60,7 +60,9 @@ def _copy(image: ImageRoot, ins: Instruction, workdir: str) -> None:
     for source in sources:
         src = REPO / source
         if src.is_dir():
-            shutil.copytree(src, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(
+                src, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
+            )
         elif dest.endswith("/") or len(sources) > 1:
             target.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, target / src.name)
@@ -132,8 +134,14 @@ def _replay_stage(image: ImageRoot, name: str, build_args: dict[str, str], log: 
                 _run(image, ins, workdir, {**args, **env}, log)
 
 
-def _run(image: ImageRoot, ins: Instruction, workdir: str, variables: dict[str, str], log: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MIRRORGATE_", "PIP_", "VIRTUAL_ENV"))}
+def _run(
+    image: ImageRoot, ins: Instruction, workdir: str, variables: dict[str, str], log: Path
+) -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MIRRORGATE_", "PIP_", "VIRTUAL_ENV"))
+    }
     env.update({k: image.map(v) for k, v in variables.items()})
     # Docker's layer cache stands in for pip's cache here: without it each run downloads
     # every wheel again.

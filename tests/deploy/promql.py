@@ -15,8 +15,22 @@ from pathlib import Path
 import yaml
 
 KEYWORDS = frozenset(
-    {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset",
-     "inf", "nan", "atan2"}
+    {
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "and",
+        "or",
+        "unless",
+        "offset",
+        "inf",
+        "nan",
+        "atan2",
+    }
 )
 _TEMPLATE = re.compile(r"\{\{[^}]*\}\}")  # Flagger/Go templates: {{ namespace }}
 _GRAFANA_VAR = re.compile(r"\$\{[^}]*\}|\$\w+")  # $job, ${job}, $__rate_interval
@@ -39,7 +53,11 @@ def substitute_templates(query: str, replacement: str = "x") -> str:
     """Grafana variables and Go templates replaced by a literal, so promtool can parse."""
     query = re.sub(r"\{\{\s*interval\s*\}\}", "1m", query)  # Flagger's analysis interval
     query = _TEMPLATE.sub(replacement, query)
-    query = query.replace("$__rate_interval", "5m").replace("$__interval", "1m").replace("$__range", "1h")
+    query = (
+        query.replace("$__rate_interval", "5m")
+        .replace("$__interval", "1m")
+        .replace("$__range", "1h")
+    )
     return _GRAFANA_VAR.sub(replacement, query)
 
 
@@ -69,11 +87,14 @@ def names(query: str) -> QueryNames:
 def promtool_syntax_errors(promtool: str, queries: dict[str, str], folder: Path) -> str:
     """Run every query through ``promtool check rules``; returns its output on failure."""
     rules = [
-        {"record": f"check:query_{i}:syntax", "expr": substitute_templates(q)} for i, q in enumerate(queries.values())
+        {"record": f"check:query_{i}:syntax", "expr": substitute_templates(q)}
+        for i, q in enumerate(queries.values())
     ]
     path = folder / "queries.rules.yaml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "queries", "rules": rules}]}))
-    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False
+    )
     if result.returncode == 0:
         return ""
     return f"{list(queries)}\n{result.stdout}{result.stderr}"

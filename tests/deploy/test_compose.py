@@ -56,7 +56,9 @@ def _mirrorgate_config(compose: dict[str, Any]) -> MirrorgateConfig:
 
 
 def test_services(compose: dict[str, Any]) -> None:
-    assert {"mirrorgate", "postgres", "prometheus", "champion", "candidate"} <= set(compose["services"])
+    assert {"mirrorgate", "postgres", "prometheus", "champion", "candidate"} <= set(
+        compose["services"]
+    )
 
 
 def test_every_mounted_file_exists(compose: dict[str, Any]) -> None:
@@ -83,7 +85,10 @@ def test_mirrorgate_builds_from_this_dockerfile(compose: dict[str, Any]) -> None
     stage_names = {s.name for s in dockerfile.stages}
     assert build["target"] in stage_names
     declared = {
-        ins.value.partition("=")[0] for stage in dockerfile.stages for ins in stage.instructions if ins.keyword == "ARG"
+        ins.value.partition("=")[0]
+        for stage in dockerfile.stages
+        for ins in stage.instructions
+        if ins.keyword == "ARG"
     }
     assert set(build.get("args", {})) <= declared
 
@@ -107,7 +112,11 @@ def test_database_url_matches_the_postgres_service(compose: dict[str, Any]) -> N
     url = make_url(config.storage.url)
     env = _service(compose, "postgres")["environment"]
     assert url.drivername == "postgresql+psycopg"
-    assert (url.username, url.password, url.database) == (env["POSTGRES_USER"], env["POSTGRES_PASSWORD"], env["POSTGRES_DB"])
+    assert (url.username, url.password, url.database) == (
+        env["POSTGRES_USER"],
+        env["POSTGRES_PASSWORD"],
+        env["POSTGRES_DB"],
+    )
     assert url.host == "postgres" and url.port == 5432
     depends = _service(compose, "mirrorgate")["depends_on"]
     assert depends["postgres"]["condition"] == "service_healthy"
@@ -121,7 +130,9 @@ def test_stop_grace_period_covers_the_drain(compose: dict[str, Any]) -> None:
     assert int(m.group(1)) > config.server.shutdown_timeout_s
 
 
-def test_prometheus_config_passes_promtool_and_scrapes_mirrorgate(compose: dict[str, Any], promtool: str) -> None:
+def test_prometheus_config_passes_promtool_and_scrapes_mirrorgate(
+    compose: dict[str, Any], promtool: str
+) -> None:
     mounts = _mounts(_service(compose, "prometheus"))
     config_path = DEPLOY / mounts["/etc/prometheus/prometheus.yml"]
     result = run_tool([promtool, "check", "config", str(config_path)])
@@ -130,7 +141,9 @@ def test_prometheus_config_passes_promtool_and_scrapes_mirrorgate(compose: dict[
     # the rule file is mounted beside the config, where the relative name points
     for rule_file in prom["rule_files"]:
         assert f"/etc/prometheus/{rule_file}" in mounts
-    targets = [t for job in prom["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
+    targets = [
+        t for job in prom["scrape_configs"] for c in job["static_configs"] for t in c["targets"]
+    ]
     port = _mirrorgate_config(compose).server.port
     assert f"mirrorgate:{port}" in targets
 
@@ -138,22 +151,30 @@ def test_prometheus_config_passes_promtool_and_scrapes_mirrorgate(compose: dict[
 def test_grafana_provisions_the_dashboard(compose: dict[str, Any]) -> None:
     mounts = _mounts(_service(compose, "grafana"))
     provisioning = DEPLOY / mounts["/etc/grafana/provisioning"]
-    providers = yaml.safe_load((provisioning / "dashboards" / "mirrorgate.yaml").read_text())["providers"]
+    providers = yaml.safe_load((provisioning / "dashboards" / "mirrorgate.yaml").read_text())[
+        "providers"
+    ]
     folder = providers[0]["options"]["path"]
     dashboards = [target for target in mounts if target.startswith(folder + "/")]
     assert dashboards and (DEPLOY / mounts[dashboards[0]]).name == "mirrorgate-dashboard.json"
-    sources = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())["datasources"]
+    sources = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())[
+        "datasources"
+    ]
     assert urllib.parse.urlsplit(sources[0]["url"]).hostname == "prometheus"
 
 
 def test_model_repositories_are_what_build_models_writes(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("build_models", DEPLOY / "compose" / "build_models.py")
+    spec = importlib.util.spec_from_file_location(
+        "build_models", DEPLOY / "compose" / "build_models.py"
+    )
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     for path in module.write(tmp_path):
         committed = MODELS / path.relative_to(tmp_path)
-        assert committed.read_bytes() == path.read_bytes(), f"{committed} is stale: run build_models.py"
+        assert committed.read_bytes() == path.read_bytes(), (
+            f"{committed} is stale: run build_models.py"
+        )
 
 
 def _pbtxt_io(text: str) -> dict[str, tuple[str, list[int]]]:
@@ -169,7 +190,9 @@ def test_triton_configs_match_the_onnx_models() -> None:
         config = (folder / "config.pbtxt").read_text()
         assert re.search(r'name:\s*"classifier"', config)
         io = _pbtxt_io(config)
-        session = ort.InferenceSession(str(folder / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            str(folder / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+        )
         (inp,) = session.get_inputs()
         (out,) = session.get_outputs()
         # max_batch_size > 0: Triton's dims leave out the (dynamic) batch dimension

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import http.server
+import importlib.util
 import os
 import re
 import subprocess
@@ -66,7 +67,9 @@ def test_runtime_starts_mirrorgate_serve_on_the_baked_config(dockerfile: Dockerf
     assert cfg.env["PATH"].split(":")[0] == "/opt/mirrorgate/bin"
     assert cfg.stopsignal == "SIGTERM"
     baked = [
-        c.copy_parts() for c in dockerfile.stage("runtime-base").all("COPY") if c.copy_parts()[0] is None
+        c.copy_parts()
+        for c in dockerfile.stage("runtime-base").all("COPY")
+        if c.copy_parts()[0] is None
     ]
     sources = {dest: srcs for _, srcs, dest in baked}
     assert sources[IMAGE_CONFIG_PATH] == ["deploy/docker/mirrorgate.yaml"]
@@ -80,29 +83,31 @@ def test_healthcheck_probes_readiness_on_the_configured_port(dockerfile: Dockerf
     cfg = dockerfile.config("runtime")
     assert cfg.healthcheck == ["python", "/usr/local/lib/mirrorgate/healthcheck.py"]
     copies = {
-        dest: srcs for _, srcs, dest in (c.copy_parts() for c in dockerfile.stage("runtime-base").all("COPY"))
+        dest: srcs
+        for _, srcs, dest in (c.copy_parts() for c in dockerfile.stage("runtime-base").all("COPY"))
     }
     assert copies["/usr/local/lib/mirrorgate/healthcheck.py"] == ["deploy/docker/healthcheck.py"]
     for option in ("interval", "timeout", "start-period", "retries"):
         assert option in cfg.healthcheck_options
 
-    sys.path.insert(0, str(HEALTHCHECK.parent))
-    try:
-        import healthcheck  # type: ignore[import-not-found]
-    finally:
-        sys.path.pop(0)
+    spec = importlib.util.spec_from_file_location("healthcheck", HEALTHCHECK)
+    assert spec and spec.loader
+    healthcheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(healthcheck)
     port = load_config(REPO / "deploy" / "docker" / "mirrorgate.yaml", env={}).server.port
     assert healthcheck.ready_url({}) == f"http://127.0.0.1:{port}/v2/health/ready"
-    assert healthcheck.ready_url({"MIRRORGATE_SERVER__PORT": "9001"}).endswith(":9001/v2/health/ready")
+    assert healthcheck.ready_url({"MIRRORGATE_SERVER__PORT": "9001"}).endswith(
+        ":9001/v2/health/ready"
+    )
 
 
 def test_build_stages_only_run_install_sh(dockerfile: Dockerfile) -> None:
     """test_image_recipe replays the install.sh RUN; any other RUN there would go untested."""
     for name in ("source", "build-cpu", "build-cuda"):
         for run in dockerfile.stage(name).all("RUN"):
-            assert re.fullmatch(r"(\w+=\S+ )*deploy/docker/install\.sh /src /opt/mirrorgate", run.value), (
-                f"stage {name}, line {run.line}: {run.value}"
-            )
+            assert re.fullmatch(
+                r"(\w+=\S+ )*deploy/docker/install\.sh /src /opt/mirrorgate", run.value
+            ), f"stage {name}, line {run.line}: {run.value}"
 
 
 def _run_env(dockerfile: Dockerfile, stage: str) -> dict[str, str]:
@@ -133,7 +138,9 @@ def test_cuda_library_path_matches_the_python_of_the_base_image(dockerfile: Dock
     m = re.match(r"python:(\d+\.\d+)", base)
     assert m, base
     paths = dockerfile.config("cuda").env["LD_LIBRARY_PATH"].split(":")
-    assert paths and all(p.startswith(f"/opt/mirrorgate/lib/python{m.group(1)}/site-packages/nvidia/") for p in paths)
+    assert paths and all(
+        p.startswith(f"/opt/mirrorgate/lib/python{m.group(1)}/site-packages/nvidia/") for p in paths
+    )
     assert any(p.endswith("/cudnn/lib") for p in paths)
     assert dockerfile.external_base("build-cuda") == base
 
@@ -156,7 +163,9 @@ def _pattern_matches(pattern: str, path: str) -> bool:
     if pattern.startswith("**/"):
         tail = pattern[3:]
         return any(fnmatch.fnmatchcase(p, tail) for p in parts)
-    return any(fnmatch.fnmatchcase(p, pattern) and p.count("/") == pattern.count("/") for p in prefixes)
+    return any(
+        fnmatch.fnmatchcase(p, pattern) and p.count("/") == pattern.count("/") for p in prefixes
+    )
 
 
 def _in_context(path: str, rules: list[tuple[bool, str]]) -> bool:
@@ -192,7 +201,12 @@ def test_dockerignore_keeps_every_copy_source_and_drops_the_rest(dockerfile: Doc
         assert files, source
         for file in files:
             assert _in_context(file, rules), f"{file} (COPY {source}) is excluded by .dockerignore"
-    for outside in (".venv/bin/python", "tests/deploy/test_dockerfile.py", ".git/HEAD", "mirrorgate.sqlite"):
+    for outside in (
+        ".venv/bin/python",
+        "tests/deploy/test_dockerfile.py",
+        ".git/HEAD",
+        "mirrorgate.sqlite",
+    ):
         assert not _in_context(outside, rules), outside
     assert not _in_context("proxy/__pycache__/cli.cpython-311.pyc", rules)
 
@@ -201,7 +215,11 @@ def test_install_script_rejects_bad_input_before_touching_anything(tmp_path: Pat
     prefix = tmp_path / "venv"
     env = {**os.environ, "MIRRORGATE_TORCH": "rocm"}
     result = subprocess.run(
-        ["bash", str(INSTALL), str(REPO), str(prefix)], env=env, capture_output=True, text=True, check=False
+        ["bash", str(INSTALL), str(REPO), str(prefix)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 2
     assert "MIRRORGATE_TORCH must be none, cpu or cuda" in result.stderr
@@ -209,13 +227,20 @@ def test_install_script_rejects_bad_input_before_touching_anything(tmp_path: Pat
     result = subprocess.run(["bash", str(INSTALL)], capture_output=True, text=True, check=False)
     assert result.returncode == 2 and "usage" in result.stderr
     result = subprocess.run(
-        ["bash", str(INSTALL), str(tmp_path), str(prefix)], capture_output=True, text=True, check=False
+        ["bash", str(INSTALL), str(tmp_path), str(prefix)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 2 and "no pyproject.toml" in result.stderr
     env = {**os.environ, "MIRRORGATE_TORCH": "cpu"}
     env.pop("TORCH_INDEX_URL", None)
     result = subprocess.run(
-        ["bash", str(INSTALL), str(REPO), str(prefix)], env=env, capture_output=True, text=True, check=False
+        ["bash", str(INSTALL), str(REPO), str(prefix)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 2 and "needs TORCH_INDEX_URL" in result.stderr
     assert not prefix.exists()
@@ -248,11 +273,17 @@ def ready_server() -> Iterator[tuple[http.server.HTTPServer, type[_Handler]]]:
 def _healthcheck(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MIRRORGATE_")}
     return subprocess.run(
-        [sys.executable, str(HEALTHCHECK)], env={**clean, **env}, capture_output=True, text=True, timeout=30
+        [sys.executable, str(HEALTHCHECK)],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
 
-def test_healthcheck_exit_codes_follow_readiness(ready_server: tuple[http.server.HTTPServer, type[_Handler]]) -> None:
+def test_healthcheck_exit_codes_follow_readiness(
+    ready_server: tuple[http.server.HTTPServer, type[_Handler]],
+) -> None:
     server, handler = ready_server
     port = str(server.server_address[1])
     assert _healthcheck({"MIRRORGATE_SERVER__PORT": port}).returncode == 0

@@ -50,7 +50,11 @@ def test_dashboard_identity_and_layout(dashboard: dict[str, Any]) -> None:
     for panel in panels:
         pos = panel["gridPos"]
         assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24, panel["title"]
-        area = {(x, y) for x in range(pos["x"], pos["x"] + pos["w"]) for y in range(pos["y"], pos["y"] + pos["h"])}
+        area = {
+            (x, y)
+            for x in range(pos["x"], pos["x"] + pos["w"])
+            for y in range(pos["y"], pos["y"] + pos["h"])
+        }
         assert not area & cells, f"{panel['title']} overlaps another panel"
         cells |= area
         if panel["type"] != "row":
@@ -69,7 +73,9 @@ def test_every_query_reads_only_agreed_metrics_and_labels(dashboard: dict[str, A
                 assert value in LABEL_VALUES[label], (title, label, value)
 
 
-def test_every_query_is_valid_promql(dashboard: dict[str, Any], promtool: str, tmp_path: Path) -> None:
+def test_every_query_is_valid_promql(
+    dashboard: dict[str, Any], promtool: str, tmp_path: Path
+) -> None:
     assert promtool_syntax_errors(promtool, _queries(dashboard), tmp_path) == ""
 
 
@@ -104,7 +110,9 @@ def test_dashboard_shows_what_the_deployment_guide_says_to_watch(dashboard: dict
     latency = reading("mirrorgate_proxy_request_duration_seconds_bucket")
     assert any("role" in names(t["expr"]).labels for p in latency for t in p["targets"])
     # each gate's statistic against its threshold, in one panel repeated per gate
-    gates = [p for p in reading("mirrorgate_gate_statistic") if p in reading("mirrorgate_gate_threshold")]
+    gates = [
+        p for p in reading("mirrorgate_gate_statistic") if p in reading("mirrorgate_gate_threshold")
+    ]
     assert gates and gates[0].get("repeat") == "gate"
     # the verdict over time
     verdict = reading("mirrorgate_rollout_verdict")

@@ -30,7 +30,8 @@ from typing import Any
 import pytest
 
 from proxy.config import load_config
-from tests.deploy.helpers import run_tool
+from tests.deploy.controllers import VERDICTS, run_template, run_webhook, webhooks
+from tests.deploy.helpers import require_tool, run_tool
 from tests.deploy.image_replay import BASE_PATH, ImageRoot, build
 from tests.deploy.v2_upstream import PROBS, running_upstream
 
@@ -95,7 +96,9 @@ def test_image_venv_is_a_regular_install_without_torch(image: ImageRoot) -> None
         "print(pathlib.Path(proxy.__file__).resolve());"
         "print(u.find_spec('torch') is None, u.find_spec('onnxruntime') is not None)"
     )
-    out = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=True, cwd="/")
+    out = subprocess.run(
+        [str(python), "-c", probe], capture_output=True, text=True, check=True, cwd="/"
+    )
     location, flags = out.stdout.splitlines()
     # not an editable install pointing back into the source tree
     assert location.startswith(str(image.path("/opt/mirrorgate/lib")))
@@ -135,7 +138,9 @@ def server(image: ImageRoot, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         assert resolved and resolved.startswith(str(image.root)), argv[0]
         argv[0] = resolved
         with log.open("wb") as out:
-            proc = subprocess.Popen(argv, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                argv, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
         srv = Server(proc, f"http://127.0.0.1:{port}", env, log, image, baked.server.model_name)
         try:
             deadline = time.monotonic() + READY_WAIT_S
@@ -149,7 +154,9 @@ def server(image: ImageRoot, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                 if status == 200:
                     break
                 if time.monotonic() > deadline:
-                    pytest.fail(f"not ready after {READY_WAIT_S}s (last status {status}):\n{srv.log_tail()}")
+                    pytest.fail(
+                        f"not ready after {READY_WAIT_S}s (last status {status}):\n{srv.log_tail()}"
+                    )
                 time.sleep(0.5)
             yield srv
         finally:
@@ -171,14 +178,18 @@ def test_image_healthcheck_passes_against_the_running_server(server: Server) -> 
     cfg = server.image.dockerfile.config("runtime")
     assert cfg.healthcheck is not None
     argv = [server.image.map(a) for a in cfg.healthcheck]
-    result = subprocess.run(argv, env=server.env, capture_output=True, text=True, timeout=30, check=False)
+    result = subprocess.run(
+        argv, env=server.env, capture_output=True, text=True, timeout=30, check=False
+    )
     assert result.returncode == 0, result.stderr
 
 
 def test_inference_through_the_image_answers_with_the_champion(server: Server) -> None:
     body = {
         "id": "recipe-1",
-        "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 4], "data": [0.1, 0.2, 0.3, 0.4]}],
+        "inputs": [
+            {"name": "INPUT0", "datatype": "FP32", "shape": [1, 4], "data": [0.1, 0.2, 0.3, 0.4]}
+        ],
     }
     status, response = server.post_json(f"/v2/models/{server.model_name}/infer", body)
     assert status == 200, response
@@ -195,6 +206,26 @@ def test_live_metrics_pass_promtool(server: Server, promtool: str) -> None:
     assert b"mirrorgate_proxy_requests_total" in text
 
 
+def test_control_api_answers_argo_rollouts_and_flagger(server: Server) -> None:
+    """deploy/argo-rollouts and deploy/flagger read the real verdict endpoints."""
+    require_tool("curl")
+    status, body = server.get("/v1/rollout/verdict", {"Authorization": f"Bearer {TOKEN}"})
+    assert status == 200, body
+    verdict = json.loads(body)["verdict"]
+    assert verdict in VERDICTS
+    expected = {"promote": "Successful", "abort": "Failed", "continue": "Inconclusive"}[verdict]
+    assert run_template("mirrorgate-verdict", server.base_url, TOKEN) == [expected]
+    assert run_template("mirrorgate-verdict", server.base_url, "wrong-token") == ["Error"]
+    # the stage steps need GET /v1/rollout's "stage" (Inconclusive or Successful, never Error)
+    stage_phase = run_template(
+        "mirrorgate-stage", server.base_url, TOKEN, {"stages-after": "'promote'"}
+    )
+    assert stage_phase in (["Inconclusive"], ["Successful"])
+    hook = run_webhook(webhooks()["rollout"], server.base_url, TOKEN)
+    assert (hook.returncode == 0) == (verdict != "abort"), hook.stderr
+    assert hook.stdout.strip() == verdict
+
+
 def test_sigterm_drains_and_exits_cleanly(server: Server) -> None:
     """Last in this module: the orchestrator's stop signal ends the server with status 0."""
     server.proc.send_signal(signal.SIGTERM)
@@ -209,7 +240,9 @@ def test_sigterm_drains_and_exits_cleanly(server: Server) -> None:
 def test_pip_check_is_clean(image: ImageRoot) -> None:
     python = image.path("/opt/mirrorgate/bin/python")
     result = subprocess.run(
-        [str(python), "-m", "pip", "check"], capture_output=True, text=True, env={**os.environ, "PIP_NO_INDEX": "1"}
+        [str(python), "-m", "pip", "check"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PIP_NO_INDEX": "1"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
-

@@ -12,6 +12,7 @@ fails the test, so a new manifest cannot slip through unchecked.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,10 @@ FOLDERS = (DEPLOY / "kubernetes", DEPLOY / "argo-rollouts", DEPLOY / "flagger")
 K8S = DEPLOY / "kubernetes"
 
 
-def _objects() -> list[tuple[Path, dict[str, Any]]]:
-    return [item for folder in FOLDERS for item in manifests(folder)]
+@functools.cache
+def _objects() -> tuple[tuple[Path, dict[str, Any]], ...]:
+    # parsed once; tests that change a manifest work on a deep copy
+    return tuple(item for folder in FOLDERS for item in manifests(folder))
 
 
 def _id(item: tuple[Path, dict[str, Any]]) -> str:
@@ -71,7 +74,10 @@ def validate(doc: dict[str, Any]) -> None:
                     "apiVersion": "apps/v1",
                     "kind": "Deployment",
                     "metadata": doc["metadata"],
-                    "spec": {"selector": doc["spec"]["selector"], "template": doc["spec"]["template"]},
+                    "spec": {
+                        "selector": doc["spec"]["selector"],
+                        "template": doc["spec"]["template"],
+                    },
                 }
             )
         return
@@ -91,7 +97,15 @@ def test_manifest_is_valid(item: tuple[Path, dict[str, Any]]) -> None:
 
 def test_every_folder_has_manifests() -> None:
     kinds = {doc["kind"] for _, doc in _objects()}
-    expected = {"Deployment", "Service", "ConfigMap", "Secret", "StatefulSet", "ServiceMonitor", "Rollout"}
+    expected = {
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "Secret",
+        "StatefulSet",
+        "ServiceMonitor",
+        "Rollout",
+    }
     expected |= {"AnalysisTemplate", "Canary", "MetricTemplate", "PrometheusRule", "ServiceAccount"}
     assert expected <= kinds
 
@@ -99,11 +113,19 @@ def test_every_folder_has_manifests() -> None:
 @pytest.mark.parametrize(
     ("kind", "break_it"),
     [
-        ("Deployment", lambda d: d["spec"]["template"]["spec"]["containers"][0].update(ports=[{"containerPort": "x"}])),
+        (
+            "Deployment",
+            lambda d: d["spec"]["template"]["spec"]["containers"][0].update(
+                ports=[{"containerPort": "x"}]
+            ),
+        ),
         ("Deployment", lambda d: d["spec"]["template"]["spec"].update(terminationGracePeriod=30)),
         ("Rollout", lambda d: d["spec"]["strategy"]["canary"]["steps"].append({"setWeight": 150})),
         ("Rollout", lambda d: d["spec"]["template"]["spec"]["containers"][0].update(image=7)),
-        ("AnalysisTemplate", lambda d: d["spec"]["metrics"][0]["provider"]["web"].update(jsonPath="verdict")),
+        (
+            "AnalysisTemplate",
+            lambda d: d["spec"]["metrics"][0]["provider"]["web"].update(jsonPath="verdict"),
+        ),
         ("Canary", lambda d: d["spec"]["analysis"]["webhooks"][0].update(type="before-rollout")),
         ("ServiceMonitor", lambda d: d["spec"]["endpoints"][0].update(interval="often")),
     ],
@@ -119,7 +141,9 @@ def test_validation_rejects_broken_manifests(kind: str, break_it: Any) -> None:
 def test_kustomization_lists_every_manifest() -> None:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     listed = set(kustomization["resources"])
-    present = {p.relative_to(K8S).as_posix() for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml"}
+    present = {
+        p.relative_to(K8S).as_posix() for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml"
+    }
     assert listed == present
     image_names = {i["name"] for i in kustomization["images"]}
     for _, doc in manifests(K8S):
@@ -155,7 +179,10 @@ def test_deployment_runs_the_image_command_on_the_mounted_config() -> None:
     assert container["args"] == image_cfg.cmd
     config_path = image_cfg.cmd[image_cfg.cmd.index("--config") + 1]
     mounts = {m["name"]: m for m in container["volumeMounts"]}
-    volumes = {v["name"]: v for v in _find("Deployment", "mirrorgate", K8S)["spec"]["template"]["spec"]["volumes"]}
+    volumes = {
+        v["name"]: v
+        for v in _find("Deployment", "mirrorgate", K8S)["spec"]["template"]["spec"]["volumes"]
+    }
     config_mount = next(m for m in mounts.values() if config_path.startswith(m["mountPath"] + "/"))
     assert config_mount["readOnly"] is True
     config_map = volumes[config_mount["name"]]["configMap"]["name"]
@@ -214,7 +241,11 @@ def test_database_url_matches_the_example_postgres() -> None:
     url = make_url(_find("Secret", "mirrorgate-secrets")["stringData"]["database-url"])
     pg = _find("Secret", "mirrorgate-postgres")["stringData"]
     assert url.drivername == "postgresql+psycopg"
-    assert (url.username, url.password, url.database) == (pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"])
+    assert (url.username, url.password, url.database) == (
+        pg["POSTGRES_USER"],
+        pg["POSTGRES_PASSWORD"],
+        pg["POSTGRES_DB"],
+    )
     service = _find("Service", "postgres")
     assert url.host == service["metadata"]["name"]
     assert url.port == service["spec"]["ports"][0]["port"]
@@ -232,7 +263,9 @@ def test_service_and_servicemonitor_reach_the_pods() -> None:
     for port in service["spec"]["ports"]:
         assert port["targetPort"] in port_names
     monitor = _find("ServiceMonitor", "mirrorgate")
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
     service_ports = {p["name"] for p in service["spec"]["ports"]}
     for endpoint in monitor["spec"]["endpoints"]:
         assert endpoint["port"] in service_ports

@@ -58,7 +58,9 @@ def test_every_alert_has_a_unit_test() -> None:
         ("MirrorgateGateNearLimit", "< 0.1", "< 0.01"),
     ],
 )
-def test_unit_tests_catch_a_broken_alert(promtool: str, tmp_path: Path, alert: str, old: str, new: str) -> None:
+def test_unit_tests_catch_a_broken_alert(
+    promtool: str, tmp_path: Path, alert: str, old: str, new: str
+) -> None:
     """The unit tests are not vacuous: a changed alert threshold makes them fail."""
     data = yaml.safe_load(RULES.read_text())
     for group in data["groups"]:
@@ -76,7 +78,8 @@ def test_unit_tests_catch_a_broken_alert(promtool: str, tmp_path: Path, alert: s
 def test_operator_prometheusrule_matches_the_rules_file() -> None:
     target = regen_prometheusrule.TARGET
     assert target.read_text() == regen_prometheusrule.render(), (
-        "deploy/kubernetes/prometheusrule.yaml is stale: python -m tests.deploy.regen_prometheusrule"
+        "deploy/kubernetes/prometheusrule.yaml is stale: "
+        "python -m tests.deploy.regen_prometheusrule"
     )
 
 
@@ -115,7 +118,9 @@ def test_sample_exposition_has_every_agreed_metric_with_its_type_and_labels() ->
     families = {f.name: f for f in text_string_to_metric_families(text)}
     for agreed in AGREED:
         # the parser names counters without their _total suffix
-        family_name = agreed.name.removesuffix("_total") if agreed.kind == "counter" else agreed.name
+        family_name = (
+            agreed.name.removesuffix("_total") if agreed.kind == "counter" else agreed.name
+        )
         family = families[family_name]
         assert family.type == agreed.kind, agreed.name
         sample_labels = {k for s in family.samples for k in s.labels} - {"le"}
@@ -124,7 +129,11 @@ def test_sample_exposition_has_every_agreed_metric_with_its_type_and_labels() ->
 
 def test_promtool_check_metrics_rejects_a_bad_exposition(promtool: str) -> None:
     """The exposition check is not vacuous: a counter without _total is reported."""
-    bad = "# HELP mirrorgate_requests Requests.\n# TYPE mirrorgate_requests counter\nmirrorgate_requests 1\n"
+    bad = (
+        "# HELP mirrorgate_requests Requests.\n"
+        "# TYPE mirrorgate_requests counter\n"
+        "mirrorgate_requests 1\n"
+    )
     result = run_tool([promtool, "check", "metrics"], input=bad)
     assert result.returncode != 0
     assert "_total" in result.stdout + result.stderr

@@ -15,13 +15,7 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
-import re
-import subprocess
-import sys
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,22 +23,32 @@ from typing import Any
 import pytest
 
 from tests.deploy.agreed_metrics import LABEL_VALUES, LABELS, SERIES_NAMES
-from tests.deploy.helpers import DEPLOY, manifests, require_tool
+from tests.deploy.controllers import (
+    CANARY,
+    METRIC_TEMPLATES,
+    PLAN,
+    ROLLOUT,
+    TEMPLATES,
+    VERDICTS,
+    docs,
+    webhooks,
+)
+from tests.deploy.controllers import run_template as _run
+from tests.deploy.controllers import run_webhook as _hook
+from tests.deploy.helpers import require_tool
 from tests.deploy.promql import names, promtool_syntax_errors
 
 TOKEN = "controller-test-token"
-PLAN = ["shadow", "canary-5%", "canary-25%", "promote"]
-VERDICTS = ("continue", "promote", "abort")
 
 
-def _docs(folder: str, kind: str) -> dict[str, dict[str, Any]]:
-    return {d["metadata"]["name"]: d for _, d in manifests(DEPLOY / folder) if d["kind"] == kind}
+def _run_template(
+    name: str, url: str, args: dict[str, str] | None = None, token: str = TOKEN
+) -> list[str]:
+    return _run(name, url, token, args)
 
 
-TEMPLATES = _docs("argo-rollouts", "AnalysisTemplate")
-ROLLOUT = _docs("argo-rollouts", "Rollout")["classifier"]
-CANARY = _docs("flagger", "Canary")["classifier"]
-METRIC_TEMPLATES = _docs("flagger", "MetricTemplate")
+def _run_webhook(hook: dict[str, Any], url: str, token: str = TOKEN) -> Any:
+    return _hook(hook, url, token)
 
 
 class ControlAPI:
@@ -95,54 +99,6 @@ def control_api() -> Iterator[tuple[str, ControlAPI]]:
 # ---- Argo Rollouts ---------------------------------------------------------------------
 
 
-def _condition(expression: str, result: Any) -> bool:
-    """Evaluate an Argo condition; the forms used here read the same in Python."""
-    assert re.fullmatch(r"[\w\s\"'=!<>\[\],%.-]+", expression), f"unsupported expression: {expression}"
-    value = eval(expression, {"__builtins__": {}}, {"result": result, "true": True, "false": False})
-    assert isinstance(value, bool)
-    return value
-
-
-def _phase(metric: dict[str, Any], result: Any) -> str:
-    success = _condition(metric["successCondition"], result)
-    failure = _condition(metric["failureCondition"], result)
-    assert not (success and failure), (metric["name"], result)
-    return "Successful" if success else "Failed" if failure else "Inconclusive"
-
-
-def _resolve(template: dict[str, Any], args: dict[str, str]) -> dict[str, Any]:
-    """Argo substitutes {{args.NAME}} in the metric's JSON when it creates the run."""
-    declared = {a["name"]: a.get("value") for a in template["spec"].get("args", [])}
-    values = {**{k: v for k, v in declared.items() if v is not None}, **args}
-    missing = set(declared) - set(values)
-    assert not missing, f"{template['metadata']['name']}: no value for {missing}"
-    text = json.dumps(template["spec"]["metrics"])
-    text = re.sub(r"\{\{\s*args\.([\w-]+)\s*\}\}", lambda m: values[m.group(1)].replace('"', '\\"'), text)
-    metrics: dict[str, Any] = {"metrics": json.loads(text)}
-    return metrics
-
-
-def _measure(metric: dict[str, Any]) -> str:
-    web = metric["provider"]["web"]
-    headers = {h["key"]: h["value"] for h in web.get("headers", [])}
-    request = urllib.request.Request(web["url"], headers=headers, method=web.get("method", "GET"))
-    try:
-        with urllib.request.urlopen(request, timeout=web.get("timeoutSeconds", 10)) as response:
-            body = json.loads(response.read())
-    except urllib.error.HTTPError:
-        return "Error"
-    path = re.fullmatch(r"\{\$\.([\w.]+)\}", web["jsonPath"])
-    assert path, web["jsonPath"]
-    for key in path.group(1).split("."):
-        body = body[key]
-    return _phase(metric, body)
-
-
-def _run_template(name: str, url: str, args: dict[str, str] | None = None, token: str = TOKEN) -> list[str]:
-    resolved = _resolve(TEMPLATES[name], {"mirrorgate-url": url, "control-token": token, **(args or {})})
-    return [_measure(m) for m in resolved["metrics"]]
-
-
 def test_verdict_template_maps_promote_abort_continue(control_api: tuple[str, ControlAPI]) -> None:
     url, api = control_api
     expected = {"promote": "Successful", "abort": "Failed", "continue": "Inconclusive"}
@@ -176,11 +132,16 @@ def test_templates_send_the_control_token(control_api: tuple[str, ControlAPI]) -
     for template in TEMPLATES.values():
         token_arg = next(a for a in template["spec"]["args"] if a["name"] == "control-token")
         # the same Secret key mirrorgate reads its token from
-        assert token_arg["valueFrom"]["secretKeyRef"] == {"name": "mirrorgate-secrets", "key": "control-token"}
+        assert token_arg["valueFrom"]["secretKeyRef"] == {
+            "name": "mirrorgate-secrets",
+            "key": "control-token",
+        }
 
 
 def _analysis_steps() -> list[dict[str, Any]]:
-    return [s["analysis"] for s in ROLLOUT["spec"]["strategy"]["canary"]["steps"] if "analysis" in s]
+    return [
+        s["analysis"] for s in ROLLOUT["spec"]["strategy"]["canary"]["steps"] if "analysis" in s
+    ]
 
 
 def test_rollout_steps_follow_the_mirrorgate_plan(control_api: tuple[str, ControlAPI]) -> None:
@@ -207,7 +168,7 @@ def test_rollout_references_existing_templates_and_services() -> None:
     for step in _analysis_steps():
         for ref in step["templates"]:
             assert ref["templateName"] in TEMPLATES
-    services = _docs("argo-rollouts", "Service")
+    services = docs("argo-rollouts", "Service")
     canary = ROLLOUT["spec"]["strategy"]["canary"]
     assert {canary["stableService"], canary["canaryService"]} <= set(services)
     pod_labels = ROLLOUT["spec"]["template"]["metadata"]["labels"]
@@ -218,30 +179,14 @@ def test_rollout_references_existing_templates_and_services() -> None:
 # ---- Flagger ---------------------------------------------------------------------------
 
 
-def _webhooks() -> dict[str, dict[str, Any]]:
-    return {h["type"]: h for h in CANARY["spec"]["analysis"]["webhooks"]}
-
-
-def _run_webhook(hook: dict[str, Any], url: str, token: str = TOKEN) -> subprocess.CompletedProcess[str]:
-    """Run the webhook's command the way the loadtester's bash task does."""
-    assert hook["metadata"]["type"] == "bash"
-    command = hook["metadata"]["cmd"].replace("http://mirrorgate:8080", url)
-    assert url in command
-    env = {
-        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-        "MIRRORGATE_SERVER__CONTROL_TOKEN": token,
-    }
-    return subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=60)
-
-
 def test_flagger_webhooks_cover_the_rollout() -> None:
-    hooks = _webhooks()
+    hooks = webhooks()
     assert set(hooks) == {"pre-rollout", "rollout", "confirm-promotion"}
     suite = hooks["pre-rollout"]["metadata"]["cmd"]
     assert "mirrorgate export pinned" in suite and "mirrorgate suite run" in suite
     env_names = {
         e["name"]
-        for d in _docs("flagger", "Deployment").values()
+        for d in docs("flagger", "Deployment").values()
         if d["metadata"]["name"] == "mirrorgate-loadtester"
         for e in d["spec"]["template"]["spec"]["containers"][0]["env"]
     }
@@ -255,7 +200,7 @@ def test_flagger_rollout_webhook_fails_only_on_abort(control_api: tuple[str, Con
     url, api = control_api
     for verdict in VERDICTS:
         api.verdict = verdict
-        result = _run_webhook(_webhooks()["rollout"], url)
+        result = _run_webhook(webhooks()["rollout"], url)
         assert (result.returncode != 0) == (verdict == "abort"), (verdict, result.stderr)
         assert result.stdout.strip() == verdict
 
@@ -265,15 +210,17 @@ def test_flagger_confirm_promotion_waits_for_promote(control_api: tuple[str, Con
     url, api = control_api
     for verdict in VERDICTS:
         api.verdict = verdict
-        result = _run_webhook(_webhooks()["confirm-promotion"], url)
+        result = _run_webhook(webhooks()["confirm-promotion"], url)
         assert (result.returncode == 0) == (verdict == "promote"), (verdict, result.stderr)
 
 
-def test_flagger_webhooks_fail_closed_without_the_token(control_api: tuple[str, ControlAPI]) -> None:
+def test_flagger_webhooks_fail_closed_without_the_token(
+    control_api: tuple[str, ControlAPI],
+) -> None:
     require_tool("curl")
     url, api = control_api
     api.verdict = "promote"
-    for hook in (_webhooks()["rollout"], _webhooks()["confirm-promotion"]):
+    for hook in (webhooks()["rollout"], webhooks()["confirm-promotion"]):
         assert _run_webhook(hook, url, token="wrong").returncode != 0
 
 

@@ -38,13 +38,21 @@ async def _ok(request: web.Request) -> web.Response:
 
 
 async def _server(request: web.Request) -> web.Response:
-    return web.json_response({"name": "v2-upstream", "version": "1", "extensions": ["binary_tensor_data"]})
+    return web.json_response(
+        {"name": "v2-upstream", "version": "1", "extensions": ["binary_tensor_data"]}
+    )
 
 
 async def _metadata(request: web.Request) -> web.Response:
     name = _model(request)
     return web.json_response(
-        {"name": name, "versions": ["1"], "platform": "test", "inputs": [INPUT], "outputs": [OUTPUT]}
+        {
+            "name": name,
+            "versions": ["1"],
+            "platform": "test",
+            "inputs": [INPUT],
+            "outputs": [OUTPUT],
+        }
     )
 
 
@@ -116,9 +124,7 @@ def running_upstream() -> Iterator[str]:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        server = site._server
-        assert server is not None and server.sockets
-        port.append(server.sockets[0].getsockname()[1])
+        port.append(int(runner.addresses[0][1]))
         started.set()
 
     def serve() -> None:
