@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the external programs the tests need when this machine lacks them:
-# PostgreSQL (the tests start their own throwaway cluster) and, for the report's
-# browser check, Debian's chromium. Idempotent; needs root on a fresh machine.
+# PostgreSQL (the tests start their own throwaway cluster), for the report's browser
+# check Debian's chromium, and for the deployment tests promtool (Debian's prometheus
+# package: `promtool check rules|metrics|config`, `promtool test rules`). Idempotent;
+# needs root on a fresh machine.
 set -euo pipefail
 need=()
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
@@ -9,6 +11,9 @@ if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb 
 fi
 if ! command -v chromium >/dev/null 2>&1; then
   need+=(chromium)
+fi
+if ! command -v promtool >/dev/null 2>&1; then
+  need+=(prometheus)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "ensure_services: installing ${need[*]} from Debian's packages"
