@@ -634,18 +634,19 @@ class Store:
         digest). The first occurrence's evidence is kept: a case never changes except
         by triage."""
         record = case.record
+        inputs = case.inputs if case.inputs is not None else record.inputs
         digest = record.inputs_digest
         if not digest:
-            if not case.inputs:
+            if not inputs:
                 raise InvalidError("a harvested case needs an inputs digest or its inputs")
-            digest = inputs_digest(case.inputs)
+            digest = inputs_digest(inputs)
         ts = time.time() if now is None else now
         values = {
             "task": case.task,
             "inputs_digest": digest,
             "status": "candidate",
             "rule": case.rule,
-            "inputs": encode_inputs(case.inputs) if case.inputs else None,
+            "inputs": encode_inputs(inputs) if inputs else None,
             "champion_output": encode_output(record.champion.output),
             "candidate_output": encode_output(record.candidate.output),
             "champion_error": record.champion.error,
@@ -772,6 +773,7 @@ class Store:
             ).scalar()
             if row is None:
                 raise NotFoundError(f"no pinned case {case_id}")
+            previous = row.status  # read before the update refreshes the row
             expected = clean_label(expected_label)
             tolerance = score_tolerance
             if to_status == "pinned":
@@ -800,7 +802,7 @@ class Store:
                     pinned_id=case_id,
                     actor=actor,
                     reason=reason,
-                    from_status=row.status,
+                    from_status=previous,
                     to_status=to_status,
                     expected_label=expected,
                     score_tolerance=tolerance,
@@ -816,7 +818,7 @@ class Store:
         stmt = (
             select(PinnedTriageRow)
             .where(PinnedTriageRow.pinned_id == case_id)
-            .order_by(PinnedTriageRow.ts, PinnedTriageRow.id)
+            .order_by(PinnedTriageRow.id)
         )
         rows = self._run("read triage history", lambda c: list(c.execute(stmt).scalars()))
         return [
