@@ -4,8 +4,9 @@ Outputs (one row's vector or scalar) are a tiny header plus the raw little-endia
 an exact round trip at 8 bytes a float, where a JSON list costs ~20 and rounds. Inputs
 are compressed npy: standard ``.npy`` records back to back, deflated at level 1 (most
 of zlib's gain on tensors at a fraction of its default cost; a zip/npz container
-costs several times the encoding itself per pair). BYTES tensors (object arrays of
-``bytes``) are stored without pickle, as a lengths array plus their concatenated bytes.
+costs several times the encoding itself per pair); small payloads skip the deflate.
+BYTES tensors (object arrays of ``bytes``) are stored without pickle, as a lengths
+array plus their concatenated bytes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import numpy as np
 _OUT_ARRAY = 1
 _OUT_JSON = 2
 _BYTES_SUFFIX = "\x00bytes"  # marks a BYTES tensor in the names record
-_INPUTS_V1 = b"\x01"
+_INPUTS_ZLIB = b"\x01"
+_INPUTS_RAW = b"\x02"
+COMPRESS_MIN_BYTES = 4096
 
 
 def encode_output(value: np.ndarray | None) -> bytes | None:
@@ -85,9 +88,11 @@ def _npy(arr: np.ndarray) -> bytes:
 def encode_inputs(inputs: Mapping[str, np.ndarray]) -> bytes:
     """Tensors by name -> compressed npy bytes (no pickle).
 
-    Layout: one version byte, then zlib (level 1) of back-to-back standard ``.npy``
-    records: first the names (a unicode array), then each tensor; a BYTES tensor is two
-    records, its int64 lengths (of the tensor's shape) and its concatenated bytes.
+    Layout: one format byte, then back-to-back standard ``.npy`` records — first the
+    names (a unicode array), then each tensor; a BYTES tensor is two records, its int64
+    lengths (of the tensor's shape) and its concatenated bytes. Format 1: the records
+    deflated (zlib level 1); format 2: as they are, for payloads under
+    ``COMPRESS_MIN_BYTES``, where zlib's fixed cost (~40 us a call) buys a few percent.
     """
     names: list[str] = []
     parts: list[bytes] = []
@@ -103,13 +108,19 @@ def encode_inputs(inputs: Mapping[str, np.ndarray]) -> bytes:
             names.append(name)
             parts.append(_npy(arr))
     head = _npy(np.array(names, dtype=str)) if names else _npy(np.array([], dtype="<U1"))
-    return _INPUTS_V1 + zlib.compress(head + b"".join(parts), 1)
+    body = head + b"".join(parts)
+    if len(body) < COMPRESS_MIN_BYTES:
+        return _INPUTS_RAW + body
+    return _INPUTS_ZLIB + zlib.compress(body, 1)
 
 
 def decode_inputs(blob: bytes) -> dict[str, np.ndarray]:
-    if not blob or blob[:1] != _INPUTS_V1:
+    if blob[:1] == _INPUTS_ZLIB:
+        fh = io.BytesIO(zlib.decompress(blob[1:]))
+    elif blob[:1] == _INPUTS_RAW:
+        fh = io.BytesIO(memoryview(blob)[1:])
+    else:
         raise ValueError("unknown inputs encoding")
-    fh = io.BytesIO(zlib.decompress(blob[1:]))
     names = np.lib.format.read_array(fh, allow_pickle=False)
     out: dict[str, np.ndarray] = {}
     for raw_name in names.tolist():

@@ -12,7 +12,6 @@ their pair land later.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -20,7 +19,7 @@ from sqlalchemy import Connection, bindparam, func, select, update
 
 from gates.records import PairRecord
 from storage.entities import LabelEntry
-from storage.rows import clean_label, dumps, insert_sql, row_to_record, select_records
+from storage.rows import bulk_insert, clean_label, dumps, row_to_record, select_records
 from storage.schema import LabelRow, PairRow
 
 OPEN = ("pending", "orphaned")
@@ -34,11 +33,6 @@ def chunks(items: Sequence[str], size: int = CHUNK) -> Iterable[Sequence[str]]:
 
 
 LABEL_COLUMNS = ("request_id", "label", "ts", "received_at", "status", "joined_at", "source")
-
-
-@functools.lru_cache(maxsize=8)
-def _label_sql(dialect: str) -> str:
-    return insert_sql("labels", LABEL_COLUMNS, frozenset({"label"}), dialect)
 
 
 def label_params(entry: LabelEntry) -> tuple[Any, ...]:
@@ -55,8 +49,7 @@ def label_params(entry: LabelEntry) -> tuple[Any, ...]:
 
 
 def insert_label_params(conn: Connection, params: Sequence[tuple[Any, ...]]) -> None:
-    if params:
-        conn.exec_driver_sql(_label_sql(conn.dialect.name), list(params))
+    bulk_insert(conn, "labels", LABEL_COLUMNS, frozenset({"label"}), params)
 
 
 def insert_labels(conn: Connection, entries: Sequence[LabelEntry]) -> None:
@@ -107,6 +100,13 @@ def join_pending(
             ):
                 joined.append(row_to_record(row))
     return joined
+
+
+def any_pending(conn: Connection) -> bool:
+    """Cheap check before a join: normally labels come after their pairs, so most
+    batches of pairs have nothing to join (one indexed probe instead of an IN list)."""
+    stmt = select(LabelRow.id).where(LabelRow.status == "pending").limit(1)
+    return conn.execute(stmt).first() is not None
 
 
 def open_ids_with_pairs(conn: Connection, limit: int = 10_000) -> list[str]:

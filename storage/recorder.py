@@ -524,7 +524,7 @@ class SqlRecorder:
                     .values(inputs=bindparam("blob")),
                     batch.captures,
                 )
-            if not batch.ids:
+            if not batch.ids or not (batch.labels or label_join.any_pending(conn)):
                 return []
             return label_join.join_pending(conn, batch.ids, now=self.clock(), want_records=want)
 

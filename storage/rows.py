@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from sqlalchemy import Connection, Row, Select, select
+from sqlalchemy.exc import DBAPIError
 
 from gates.records import Label, ModelResult, PairRecord
 from storage.codec import (
@@ -74,15 +75,49 @@ def insert_sql(
     return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(marks)})"
 
 
-@functools.lru_cache(maxsize=8)
-def _pair_sql(dialect: str) -> str:
-    return insert_sql("pairs", PAIR_COLUMNS, JSON_COLUMNS, dialect)
+@functools.lru_cache(maxsize=16)
+def _insert_sql_cached(
+    table: str, columns: tuple[str, ...], json_columns: frozenset[str], dialect: str
+) -> str:
+    return insert_sql(table, columns, json_columns, dialect)
 
 
 def insert_pairs(conn: Connection, params: Sequence[tuple[Any, ...]]) -> None:
-    """Bulk insert of ``record_to_params`` tuples (one executemany)."""
-    if params:
-        conn.exec_driver_sql(_pair_sql(conn.dialect.name), list(params))
+    """Bulk insert of ``record_to_params`` tuples: COPY on PostgreSQL, one executemany
+    on SQLite."""
+    bulk_insert(conn, "pairs", PAIR_COLUMNS, JSON_COLUMNS, params)
+
+
+def bulk_insert(
+    conn: Connection,
+    table: str,
+    columns: Sequence[str],
+    json_columns: frozenset[str],
+    params: Sequence[tuple[Any, ...]],
+) -> None:
+    """Insert rows of driver-level values (JSON already text) inside ``conn``'s
+    transaction. PostgreSQL gets COPY: a per-row INSERT, even pipelined, costs several
+    times more client CPU than the row's encoding."""
+    if not params:
+        return
+    if conn.dialect.name == "postgresql":
+        raw: Any = conn.connection.dbapi_connection  # a psycopg 3 connection
+        sql = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
+        dbapi = conn.dialect.loaded_dbapi
+        try:
+            with raw.cursor() as cur, cur.copy(sql) as copy:
+                for row in params:
+                    copy.write_row(row)
+        except dbapi.Error as exc:
+            # Outside SQLAlchemy's execute: wrap the driver's error as it would
+            # (IntegrityError, OperationalError...) and drop a dead connection.
+            if conn.dialect.is_disconnect(exc, raw, None):
+                conn.invalidate(exc)
+            raise DBAPIError.instance(sql, None, exc, dbapi.Error) from exc
+        return
+    conn.exec_driver_sql(
+        _insert_sql_cached(table, tuple(columns), json_columns, "sqlite"), list(params)
+    )
 
 
 def dumps(value: Any) -> str | None:
@@ -92,6 +127,26 @@ def dumps(value: Any) -> str | None:
     if not value and isinstance(value, dict):
         return "{}"
     return _ENCODER.encode(value)
+
+
+def _slices_json(slices: dict[str, str]) -> str:
+    try:
+        return _slices_json_of(tuple(slices.items()))
+    except TypeError:  # an unhashable value: encode it without the memo
+        return _ENCODER.encode({str(k): str(v) for k, v in slices.items()})
+
+
+@functools.lru_cache(maxsize=4096)
+def _slices_json_of(items: tuple[tuple[str, str], ...]) -> str:
+    # Slices repeat (a few platforms, countries...): their JSON is memoized.
+    return _ENCODER.encode({str(k): str(v) for k, v in items})
+
+
+def _features_json(features: dict[str, Any]) -> str:
+    try:
+        return _ENCODER.encode(features)
+    except ValueError:  # NaN or infinity somewhere: store those features as missing
+        return _ENCODER.encode(_finite_features(features))
 
 
 def record_to_params(record: PairRecord, rollout_id: str, *, store_inputs: bool) -> tuple[Any, ...]:
@@ -107,8 +162,8 @@ def record_to_params(record: PairRecord, rollout_id: str, *, store_inputs: bool)
         rollout_id,
         record.id,
         float(record.ts),
-        dumps({str(k): str(v) for k, v in slices.items()} if slices else {}),
-        dumps(_finite_features(record.features) if record.features else {}),
+        _slices_json(slices) if slices else "{}",
+        _features_json(record.features) if record.features else "{}",
         digest,
         blob,
         encode_output(champion.output),

@@ -112,7 +112,8 @@ class PairRow(Base):
         Index(None, "request_id", "rollout_id"),
         # Time-range reads of a rollout, and the age purge (per rollout).
         Index(None, "rollout_id", "ts"),
-        Index(None, "inputs_digest"),
+        # No index on inputs_digest: random 64-hex keys cost more per insert than the
+        # rest of the row; digest lookups go to pinned_failures (unique per task).
     )
 
 

@@ -4,7 +4,14 @@ import zlib
 import numpy as np
 import pytest
 
-from storage.codec import decode_inputs, decode_output, encode_inputs, encode_output, inputs_digest
+from storage.codec import (
+    COMPRESS_MIN_BYTES,
+    decode_inputs,
+    decode_output,
+    encode_inputs,
+    encode_output,
+    inputs_digest,
+)
 
 
 @pytest.mark.parametrize(
@@ -56,13 +63,24 @@ def test_inputs_round_trip_all_kinds():
 
 
 def test_inputs_are_compressed_npy_records():
-    x = np.zeros((1, 1024), dtype=np.float32)
+    x = np.zeros((1, 4096), dtype=np.float32)
     blob = encode_inputs({"x": x})
     assert len(blob) < x.nbytes / 10  # zeros deflate to almost nothing
-    # After the version byte: zlib of standard .npy records (names, then the tensor).
+    # After the format byte: zlib of standard .npy records (names, then the tensor).
+    assert blob[:1] == b"\x01"
     fh = io.BytesIO(zlib.decompress(blob[1:]))
     assert np.load(fh).tolist() == ["x"]
     np.testing.assert_array_equal(np.load(fh), x)
+
+
+def test_small_inputs_skip_the_deflate():
+    x = np.arange(16, dtype=np.float32)
+    blob = encode_inputs({"x": x})
+    assert blob[:1] == b"\x02" and len(blob) < COMPRESS_MIN_BYTES
+    fh = io.BytesIO(blob[1:])
+    assert np.load(fh).tolist() == ["x"]
+    np.testing.assert_array_equal(np.load(fh), x)
+    np.testing.assert_array_equal(decode_inputs(blob)["x"], x)
 
 
 def test_decode_rejects_unknown_encodings():

@@ -114,3 +114,19 @@ def test_console_script_from_another_directory(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "current" in done.stdout
+
+
+def test_downgrade_to_base_and_back(empty_url):
+    from alembic import command
+
+    from storage.migrate import alembic_config
+
+    db = Database(empty_url)
+    try:
+        upgrade(db)
+        with db.engine.begin() as conn:
+            command.downgrade(alembic_config(conn), "base")
+        assert set(inspect(db.engine).get_table_names()) <= {"alembic_version"}
+        assert upgrade(db).state == "current"
+    finally:
+        db.dispose()

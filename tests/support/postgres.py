@@ -1,10 +1,10 @@
 """A throwaway PostgreSQL cluster for tests and benchmarks: initdb + pg_ctl in a temp dir.
 
-Binaries come from PATH or /usr/lib/postgresql/<version>/bin (Debian's layout; the
-newest version wins). PostgreSQL refuses to run as root, so as root the cluster runs
-as the ``postgres`` user (created as a system user when missing). The server listens
-on 127.0.0.1 only, on a free port, with trust authentication; its socket lives in the
-cluster's own folder.
+Binaries come from ``MIRRORGATE_PG_BIN``, PATH or /usr/lib/postgresql/<version>/bin
+(Debian's layout; the newest version wins). PostgreSQL refuses to run as root, so as
+root the cluster runs as the ``postgres`` user (created as a system user when missing).
+The server listens on 127.0.0.1 only, on a free port, with trust authentication; its
+socket lives in the cluster's own folder.
 
     with PostgresServer() as pg:
         url = pg.create_database("t1")   # postgresql+psycopg://postgres@127.0.0.1:PORT/t1
@@ -34,6 +34,10 @@ class PostgresUnavailable(RuntimeError):
 
 
 def find_bin_dir() -> Path | None:
+    """``MIRRORGATE_PG_BIN`` (a folder holding pg_ctl) wins; then PATH; then Debian's."""
+    override = os.environ.get("MIRRORGATE_PG_BIN")
+    if override is not None:
+        return Path(override) if (Path(override) / "pg_ctl").exists() else None
     found = shutil.which("pg_ctl")
     if found:
         return Path(found).resolve().parent
