@@ -139,6 +139,7 @@ class SqlRecorder:
         self._closed = False
         self._deadline = float("inf")
         self._thread: threading.Thread | None = None
+        self._maintenance: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inflight = 0
         self._accepted = 0
@@ -244,15 +245,15 @@ class SqlRecorder:
             log.exception("recorder: submit_label failed")
             return self._drop_label("error")
 
-    def mark_failure(self, record_id: str, rollout_id: str | None = None) -> bool:
-        """Capture ``failures``: store the held inputs of this pair (a harvest rule
-        decided it failed). False when its inputs are no longer held."""
+    def mark_failure(self, record_id: str) -> bool:
+        """Capture ``failures``: store the held inputs of the pair with this id (a
+        harvest rule decided it failed). False when its inputs are no longer held."""
         if self.cache is None or self._closed:
             return False
         inputs = self.cache.take(record_id)
         if inputs is None:
             return False
-        self._enqueue((_CAPTURE, rollout_id or self.rollout_id, (record_id, inputs), True))
+        self._enqueue((_CAPTURE, "", (record_id, inputs), True))
         return True
 
     def inputs_for(self, record_id: str) -> dict[str, np.ndarray] | None:
@@ -269,6 +270,10 @@ class SqlRecorder:
         await asyncio.to_thread(self._check_rollout)
         self._thread = threading.Thread(target=self._run, name="mirrorgate-recorder", daemon=True)
         self._thread.start()
+        self._maintenance = threading.Thread(
+            target=self._run_maintenance, name="mirrorgate-recorder-maintenance", daemon=True
+        )
+        self._maintenance.start()
 
     async def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until everything accepted so far is written or dropped; True if so."""
@@ -288,6 +293,8 @@ class SqlRecorder:
             self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+            if self._maintenance is not None:
+                await asyncio.to_thread(self._maintenance.join)
         else:
             await asyncio.to_thread(self._drain_unstarted)
 
@@ -370,18 +377,15 @@ class SqlRecorder:
     # -- internals: the writer thread ---------------------------------------------------
 
     def _run(self) -> None:
-        maintenance_every = self.settings.purge_interval_s
-        next_maintenance = time.monotonic() + maintenance_every
         while True:
             try:
                 if not self._queue:
                     if self._closing.is_set():
                         return
-                    wait = min(self._interval, max(0.0, next_maintenance - time.monotonic()))
-                    self._wake.wait(wait)
+                    self._wake.wait(self._interval)
                     self._wake.clear()
                 elif len(self._queue) < self._batch_size and not self._closing.is_set():
-                    # Flush by time: a partial batch waits at most one interval.
+                    # Flush by time: a partial batch waits about one interval.
                     self._wake.wait(self._interval)
                     self._wake.clear()
                 items = self._take()
@@ -389,12 +393,18 @@ class SqlRecorder:
                     self._process(items)
                 if self._closing.is_set() and time.monotonic() >= self._deadline:
                     self._abandon_queue()
-                if time.monotonic() >= next_maintenance and not self._closing.is_set():
-                    self._maintain()
-                    next_maintenance = time.monotonic() + maintenance_every
             except Exception:  # a bug must not kill the writer: log, keep serving
                 log.exception("recorder: writer loop error")
                 time.sleep(self._interval)
+
+    def _run_maintenance(self) -> None:
+        # Its own thread: a long purge must not hold up the writer (on SQLite the
+        # chunked deletes interleave with the writer's transactions).
+        while not self._closing.wait(self.settings.purge_interval_s):
+            try:
+                self._maintain()
+            except Exception:
+                log.exception("recorder: maintenance error")
 
     def _take(self) -> list[_Item]:
         items: list[_Item] = []
@@ -457,7 +467,7 @@ class SqlRecorder:
                 except Exception as exc:
                     log.warning("recorder: cannot encode inputs of %r: %s", record_id, exc)
                     continue
-                batch.captures.append({"r": rollout_id, "q": record_id, "blob": blob})
+                batch.captures.append({"q": record_id, "blob": blob})
         return batch
 
     def _write_batch(self, batch: _Batch) -> None:
@@ -517,7 +527,6 @@ class SqlRecorder:
                 conn.execute(
                     update(PAIRS)
                     .where(
-                        PAIRS.c.rollout_id == bindparam("r"),
                         PAIRS.c.request_id == bindparam("q"),
                         PAIRS.c.inputs.is_(None),
                     )
@@ -535,7 +544,7 @@ class SqlRecorder:
                     inputs = self.cache.take(record.id)
                     if inputs is not None:
                         # Written by a later batch (the pair is already in the database).
-                        self._enqueue((_CAPTURE, self.rollout_id, (record.id, inputs), True))
+                        self._enqueue((_CAPTURE, "", (record.id, inputs), True))
         callback = self.on_label_joined
         if callback is None:
             return
@@ -550,15 +559,15 @@ class SqlRecorder:
 
     def _maintain(self) -> None:
         s = self.settings
+        want = self.on_label_joined is not None or self.cache is not None
         try:
+            joined: list[PairRecord] = []
             with self.db.engine.begin() as conn:
                 ids = label_join.open_ids_with_pairs(conn)
                 if ids:
-                    joined = label_join.join_pending(
-                        conn, ids, now=self.clock(), want_records=self.on_label_joined is not None
-                    )
-                    if joined:
-                        self._after_join(joined)
+                    joined = label_join.join_pending(conn, ids, now=self.clock(), want_records=want)
+            if joined:  # after the commit, as for the writer's own joins
+                self._after_join(joined)
             purge(
                 self.db,
                 retention_days=s.retention_days,
