@@ -19,8 +19,8 @@ GateStatus = Literal["pass", "inconclusive", "fail"]
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
-    """A model's identity as a rollout records it (the fields of the proxy's
-    ``ModelIdentity``: pass ``ModelInfo(**dataclasses.asdict(identity))`` minus extra)."""
+    """A model's identity as a rollout records it: the fields of the proxy's
+    ``ModelIdentity`` (``ModelInfo.of(backend.identity)``)."""
 
     name: str
     kind: str
@@ -29,6 +29,16 @@ class ModelInfo:
 
     def to_dict(self) -> dict[str, str]:
         return {"name": self.name, "kind": self.kind, "digest": self.digest, "device": self.device}
+
+    @classmethod
+    def of(cls, identity: Any) -> ModelInfo:
+        """From anything with name, kind, digest (and device): the proxy's ModelIdentity."""
+        return cls(
+            name=str(identity.name),
+            kind=str(identity.kind),
+            digest=str(identity.digest),
+            device=str(getattr(identity, "device", "cpu")),
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ModelInfo | None:

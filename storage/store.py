@@ -9,6 +9,7 @@ loop. Database failures surface as :class:`StorageError`; unknown rows as
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -145,6 +146,55 @@ class Store:
 
         result: Rollout = self._run("create rollout", go)
         return result
+
+    def open_rollout(
+        self,
+        champion: ModelInfo,
+        candidate: ModelInfo | None,
+        *,
+        config_digest: str = "",
+        task: str = "",
+        stage: str = "shadow",
+        now: float | None = None,
+    ) -> Rollout:
+        """The active rollout of exactly these models and config, else a new one.
+
+        What a server calls at start: a restart, or a second replica sharing the
+        database, continues the same rollout instead of splitting its evidence. The id
+        is derived from the identities (``r-<hash>``, ``-2``, ``-3``... once earlier
+        ones ended), so replicas starting together agree on it.
+        """
+        basis = "|".join(
+            [
+                champion.digest,
+                champion.name,
+                candidate.digest if candidate else "",
+                candidate.name if candidate else "",
+                config_digest,
+                task,
+            ]
+        )
+        base = "r-" + hashlib.sha256(basis.encode()).hexdigest()[:12]
+        for n in range(1, 10_000):
+            rid = base if n == 1 else f"{base}-{n}"
+            try:
+                existing = self.get_rollout(rid)
+            except NotFoundError:
+                try:
+                    return self.create_rollout(
+                        champion,
+                        candidate,
+                        rollout_id=rid,
+                        config_digest=config_digest,
+                        task=task,
+                        stage=stage,
+                        now=now,
+                    )
+                except (InvalidError, StorageError):
+                    existing = self.get_rollout(rid)  # another replica created it first
+            if existing.status == "active":
+                return existing
+        raise StorageError(f"too many ended rollouts with id {base}")
 
     @staticmethod
     def _get_rollout(conn: Session, rollout_id: str) -> Rollout:

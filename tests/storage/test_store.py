@@ -229,3 +229,22 @@ def test_gate_snapshots_upsert_per_replica_window(store, rollout):
         ("replica-a", 60.0, {"n": 3}),
     ]
     assert len(store.gate_snapshots(rollout.id, since=60.0)) == 1
+
+
+def test_open_rollout_continues_the_active_one(store):
+    first = store.open_rollout(CHAMPION, CANDIDATE, config_digest="cfg", task="t")
+    again = store.open_rollout(CHAMPION, CANDIDATE, config_digest="cfg", task="t")
+    assert again.id == first.id
+    other = store.open_rollout(CHAMPION, CANDIDATE, config_digest="cfg-2", task="t")
+    assert other.id != first.id
+    store.update_rollout(first.id, status="aborted")
+    fresh = store.open_rollout(CHAMPION, CANDIDATE, config_digest="cfg", task="t")
+    assert fresh.id == first.id + "-2" and fresh.status == "active"
+
+
+def test_model_info_of_an_identity():
+    from proxy.backends.base import ModelIdentity
+    from storage.entities import ModelInfo
+
+    identity = ModelIdentity(name="m", kind="onnx", digest="sha256:x", device="cuda")
+    assert ModelInfo.of(identity) == ModelInfo("m", "onnx", "sha256:x", "cuda")
