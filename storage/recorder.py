@@ -62,6 +62,7 @@ TRANSIENT = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout)
 DROP_REASONS = ("buffer_full", "closed", "shutdown", "rejected", "encode", "error")
 
 _PAIR, _LABEL, _CAPTURE = 0, 1, 2
+_YIELD_EVERY = 32
 _Item = tuple[int, str, Any, bool]  # (kind, rollout id, payload, store inputs)
 
 
@@ -441,7 +442,11 @@ class SqlRecorder:
 
     def _prepare(self, items: Sequence[_Item], *, encode: bool = True) -> _Batch:
         batch = _Batch()
-        for kind, rollout_id, payload, store_inputs in items:
+        for n, (kind, rollout_id, payload, store_inputs) in enumerate(items, 1):
+            if n % _YIELD_EVERY == 0:
+                # Encoding is pure Python under the GIL: let the event loop in often, so
+                # the live path waits microseconds, not a whole switch interval (5 ms).
+                time.sleep(0)
             if kind == _PAIR:
                 if not encode:
                     batch.pairs.append((None, payload.id))
