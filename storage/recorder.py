@@ -48,9 +48,9 @@ from gates.records import Label, PairRecord
 from storage import labels as label_join
 from storage.capture import CaptureCache, FailureRule, default_failure_rule
 from storage.codec import encode_inputs
-from storage.db import Database
+from storage.db import Database, is_memory_sqlite
 from storage.entities import LabelEntry
-from storage.errors import NotFoundError
+from storage.errors import InvalidError, NotFoundError
 from storage.retention import purge
 from storage.rows import REQUEST_ID, insert_pairs, record_to_params
 from storage.schema import PAIRS, RolloutRow
@@ -119,6 +119,10 @@ class SqlRecorder:
         on_label_joined: Callable[[list[PairRecord]], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if is_memory_sqlite(db.url):
+            # One shared connection cannot carry the writer's and the maintenance
+            # thread's transactions at once.
+            raise InvalidError("the recorder needs a database file or server, not :memory:")
         self.db = db
         self.rollout_id = rollout_id  # records submitted from now on go to this rollout
         self.settings = settings

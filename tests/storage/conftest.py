@@ -21,10 +21,11 @@ import pytest
 from sqlalchemy import text
 
 from storage.db import Database
-from storage.entities import ModelInfo, Rollout
+from storage.entities import Rollout
 from storage.migrate import upgrade
 from storage.schema import Base
 from storage.store import Store
+from tests.storage.factories import CANDIDATE, CHAMPION
 from tests.support.postgres import PostgresServer, PostgresUnavailable
 
 REQUIRE = os.environ.get("MIRRORGATE_REQUIRE_SERVICES") == "1"
@@ -116,10 +117,6 @@ def db(db_url: str) -> Iterator[Database]:
 @pytest.fixture
 def store(db: Database) -> Store:
     return Store(db)
-
-
-CHAMPION = ModelInfo(name="champion", kind="onnx", digest="sha256:aaa", device="cpu")
-CANDIDATE = ModelInfo(name="candidate", kind="torch", digest="sha256:bbb", device="cpu")
 
 
 @pytest.fixture

@@ -9,6 +9,10 @@ from collections.abc import Callable
 import numpy as np
 
 from gates.records import ModelResult, PairRecord
+from storage.entities import ModelInfo
+
+CHAMPION = ModelInfo(name="champion", kind="onnx", digest="sha256:aaa", device="cpu")
+CANDIDATE = ModelInfo(name="candidate", kind="torch", digest="sha256:bbb", device="cpu")
 
 
 def make_record(

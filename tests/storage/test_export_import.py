@@ -71,7 +71,7 @@ def every_kind_of_record() -> list[PairRecord]:
 def test_export_import_round_trips_every_field(db_url, empty_url, tmp_path, capsys):
     source = Database(db_url)
     store = Store(source)
-    from tests.storage.conftest import CANDIDATE, CHAMPION
+    from tests.storage.factories import CANDIDATE, CHAMPION
 
     store.create_rollout(CHAMPION, CANDIDATE, rollout_id="r-src")
     originals = every_kind_of_record()
@@ -126,7 +126,7 @@ def test_export_errors_are_exit_2(db_url, tmp_path, capsys):
     assert "no rollout 'nope'" in capsys.readouterr().err
     assert not out.exists()
     db = Database(db_url)
-    from tests.storage.conftest import CHAMPION
+    from tests.storage.factories import CHAMPION
 
     Store(db).create_rollout(CHAMPION, rollout_id="r-x")
     db.dispose()
@@ -140,7 +140,7 @@ def test_export_errors_are_exit_2(db_url, tmp_path, capsys):
 def test_import_labels_joins_them(db_url, tmp_path, capsys):
     db = Database(db_url)
     store = Store(db)
-    from tests.storage.conftest import CHAMPION
+    from tests.storage.factories import CHAMPION
 
     store.create_rollout(CHAMPION, rollout_id="r-l")
     store.write_pairs("r-l", every_kind_of_record()[:2])

@@ -220,7 +220,7 @@ async def test_start_checks_the_rollout(db):
 
 
 async def test_records_follow_the_current_rollout(db, store, rollout):
-    from tests.storage.conftest import CANDIDATE, CHAMPION
+    from tests.storage.factories import CANDIDATE, CHAMPION
 
     second = store.create_rollout(CHAMPION, CANDIDATE, rollout_id="r-second")
     rec = SqlRecorder(db, rollout.id, settings(str(db.url)))
@@ -231,3 +231,12 @@ async def test_records_follow_the_current_rollout(db, store, rollout):
     await rec.aclose()
     assert [r.id for r in store.iter_pairs(rollout.id)] == ["req-0"]
     assert [r.id for r in store.iter_pairs(second.id)] == ["req-1"]
+
+
+def test_recorder_refuses_an_in_memory_database():
+    from storage.errors import InvalidError
+
+    memory = Database("sqlite://")
+    with pytest.raises(InvalidError, match="memory"):
+        SqlRecorder(memory, "r", StorageSettings(url="sqlite://"))
+    memory.dispose()

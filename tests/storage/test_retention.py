@@ -6,8 +6,7 @@ from prometheus_client import CollectorRegistry
 
 from storage.entities import Decision, GateEvaluation, GateSnapshot, HarvestedCase, LabelEntry
 from storage.recorder import SqlRecorder
-from tests.storage.conftest import CANDIDATE, CHAMPION
-from tests.storage.factories import eventually, make_record
+from tests.storage.factories import CANDIDATE, CHAMPION, eventually, make_record
 from tests.storage.test_recorder import settings
 
 DAY = 86_400.0

@@ -14,8 +14,7 @@ from storage.entities import (
     SignOff,
 )
 from storage.errors import InvalidError, NotFoundError
-from tests.storage.conftest import CANDIDATE, CHAMPION
-from tests.storage.factories import make_record
+from tests.storage.factories import CANDIDATE, CHAMPION, make_record
 
 
 def test_rollout_lifecycle(store, rollout):
