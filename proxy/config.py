@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 
 from gates.settings import GatesSettings, RolloutSettings
 from proxy.errors import ConfigError
+from storage.settings import StorageSettings
 
 ENV_PREFIX = "MIRRORGATE_"
 
@@ -106,18 +107,6 @@ class FeaturesSettings(_Strict):
 class OutputSettings(_Strict):
     task: Literal["classification", "regression", "embedding"] = "classification"
     output: str | None = Field(None, description="output tensor the gates read; default first")
-
-
-class StorageSettings(_Strict):
-    url: str = "sqlite:///mirrorgate.sqlite"
-    capture: Literal["all", "failures", "never"] = "failures"
-    batch_size: int = Field(500, ge=1)
-    flush_interval_ms: float = Field(200.0, gt=0)
-    buffer_size: int = Field(100_000, ge=1)
-    retention_days: float | None = Field(None, gt=0)
-    retention_rows: int | None = Field(None, ge=1)
-    purge_interval_s: float = Field(600.0, gt=0)
-    label_window_s: float = Field(86_400.0, gt=0, description="how long labels wait for pairs")
 
 
 class MirrorgateConfig(_Strict):

@@ -1,0 +1,109 @@
+"""Opening a database: SQLite by file path (WAL) or PostgreSQL by URL, one code path.
+
+``Database`` owns the SQLAlchemy engine. SQLite gets WAL (readers never block the
+recorder's writer), ``synchronous=NORMAL`` (durable across process crashes; a power
+cut may lose the last transactions, the usual trade for a WAL log), foreign keys and a
+busy timeout. PostgreSQL gets pre-ping, so connections killed by a server restart are
+replaced instead of failing the next write.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.pool import StaticPool
+
+from storage.errors import StorageError
+
+_PG_SCHEMES = {"postgresql", "postgres", "postgresql+psycopg"}
+
+
+def normalize_url(url: str) -> URL:
+    """Parse a storage URL; ``postgresql://`` and ``postgres://`` mean psycopg 3."""
+    raw = url.strip()
+    if raw.startswith("postgres://"):
+        raw = "postgresql://" + raw[len("postgres://") :]
+    try:
+        parsed = make_url(raw)
+    except ArgumentError as exc:
+        raise StorageError(f"storage.url {url!r} is not a database URL") from exc
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername not in _PG_SCHEMES and parsed.get_backend_name() != "sqlite":
+        raise StorageError(
+            f"storage.url {url!r}: only sqlite:///PATH and postgresql+psycopg://... are supported"
+        )
+    return parsed
+
+
+def is_memory_sqlite(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+
+class Database:
+    """An engine plus what the rest of ``storage`` needs to know about its dialect."""
+
+    def __init__(self, url: str, *, busy_timeout_ms: int = 5000, echo: bool = False) -> None:
+        self.url = normalize_url(url)
+        self.engine = _make_engine(self.url, busy_timeout_ms=busy_timeout_ms, echo=echo)
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self.engine.dialect.name
+
+    @property
+    def display_url(self) -> str:
+        """The URL with its password masked, for logs and messages."""
+        return self.url.render_as_string(hide_password=True)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def __repr__(self) -> str:
+        return f"Database({self.display_url!r})"
+
+
+def _make_engine(url: URL, *, busy_timeout_ms: int, echo: bool) -> Engine:
+    kwargs: dict[str, Any] = {"echo": echo}
+    if url.get_backend_name() == "sqlite":
+        memory = is_memory_sqlite(url)
+        kwargs["connect_args"] = {"check_same_thread": False}
+        if memory:
+            # One shared connection: every thread must see the same in-memory database.
+            kwargs["poolclass"] = StaticPool
+        elif url.database:
+            folder = os.path.dirname(os.path.abspath(url.database))
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                raise StorageError(f"cannot create the folder of {url.database}: {exc}") from exc
+        engine = create_engine(url, **kwargs)
+        _sqlite_pragmas(engine, wal=not memory, busy_timeout_ms=busy_timeout_ms)
+        return engine
+    connect_args: dict[str, Any] = {}
+    if "connect_timeout" not in url.query:
+        connect_args["connect_timeout"] = 5
+    return create_engine(
+        url, pool_pre_ping=True, connect_args=connect_args, pool_size=5, max_overflow=5, **kwargs
+    )
+
+
+def _sqlite_pragmas(engine: Engine, *, wal: bool, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        try:
+            if wal:
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            cur.execute("PRAGMA temp_store=MEMORY")
+            cur.execute("PRAGMA cache_size=-32000")
+        finally:
+            cur.close()

@@ -1,0 +1,140 @@
+"""Paired-record and label files (JSON Lines, DESIGN.md): read, validate, write.
+
+``read_pairs(path)`` yields ``PairRecord``s, ``read_labels(path)`` yields
+``(id, label, ts or None)``; both raise ``ValueError("<path>:<line>: <what>")`` on the
+first bad line. Blank lines are skipped. ``-`` means stdin/stdout; a ``.gz`` name is
+gzip. ``write_pairs`` writes to a temporary file beside the target and renames it at
+the end, so a failed export never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from gates.records import Label, PairRecord
+
+PathLike = str | os.PathLike[str]
+
+
+def _open_text(path: PathLike) -> IO[str]:
+    if str(path) == "-":
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8")
+    try:
+        if str(path).endswith(".gz"):
+            return gzip.open(path, "rt", encoding="utf-8")
+        return open(path, encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot open: {exc.strerror or exc}") from exc
+
+
+def _json_lines(path: PathLike) -> Iterator[tuple[int, Any]]:
+    fh = _open_text(path)
+    try:
+        lineno = 0
+        while True:
+            try:
+                line = fh.readline()
+            except (OSError, UnicodeDecodeError, EOFError) as exc:
+                raise ValueError(f"{path}:{lineno + 1}: cannot read: {exc}") from exc
+            if not line:
+                return
+            lineno += 1
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from exc
+    finally:
+        if str(path) != "-":
+            fh.close()
+
+
+def read_pairs(path: PathLike) -> Iterator[PairRecord]:
+    """Yield the records of a paired-record file, validating each line."""
+    for lineno, data in _json_lines(path):
+        try:
+            yield PairRecord.from_dict(data, where="record")
+        except ValueError as exc:
+            raise ValueError(f"{path}:{lineno}: {exc}") from exc
+
+
+def read_labels(path: PathLike) -> Iterator[tuple[str, Label, float | None]]:
+    """Yield ``(id, label, ts)`` from a label file: ``{"id": ..., "label": ..., "ts": ...}``
+    per line (``ts`` optional)."""
+    for lineno, data in _json_lines(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a JSON object")
+        rid = data.get("id")
+        if not isinstance(rid, str | int) or isinstance(rid, bool) or rid == "":
+            raise ValueError(f"{where}: id: expected a non-empty string")
+        if data.get("label") is None:
+            raise ValueError(f"{where}: label: missing")
+        label = data["label"]
+        if not _valid_label(label):
+            raise ValueError(f"{where}: label: expected a number, a string or a list of numbers")
+        ts = data.get("ts")
+        if ts is not None and (
+            not isinstance(ts, int | float) or isinstance(ts, bool) or not math.isfinite(ts)
+        ):
+            raise ValueError(f"{where}: ts: expected a finite number")
+        yield str(rid), label, None if ts is None else float(ts)
+
+
+def _valid_label(label: Any) -> bool:
+    if isinstance(label, bool):
+        return False
+    if isinstance(label, int | float | str):
+        return True
+    return isinstance(label, list) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in label
+    )
+
+
+def write_pairs(path: PathLike, records: Iterable[PairRecord]) -> int:
+    """Write records as JSON Lines (atomically for a file); returns how many."""
+    if str(path) == "-":
+        n = _write(sys.stdout, records)
+        sys.stdout.flush()
+        return n
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot write: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            if target.name.endswith(".gz"):
+                with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+                    with io.TextIOWrapper(gz, encoding="utf-8") as text:
+                        n = _write(text, records)
+            else:
+                with io.TextIOWrapper(raw, encoding="utf-8") as text:
+                    n = _write(text, records)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return n
+
+
+def _write(fh: IO[str], records: Iterable[PairRecord]) -> int:
+    n = 0
+    for record in records:
+        fh.write(json.dumps(record.to_dict(), separators=(", ", ": ")))
+        fh.write("\n")
+        n += 1
+    return n
