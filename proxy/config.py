@@ -80,6 +80,9 @@ class MirrorSettings(_Strict):
     sample_rate: float = Field(1.0, ge=0.0, le=1.0, description="share of requests mirrored")
     max_in_flight: int = Field(64, ge=1)
     queue_size: int = Field(1024, ge=0)
+    max_queue_bytes: int = Field(
+        256 * 1024 * 1024, ge=0, description="input bytes held by queued mirror work"
+    )
     timeout_ms: float = Field(2000.0, gt=0)
 
 
