@@ -95,7 +95,7 @@ class ProxyState:
 
 
 STATE = web.AppKey("mirrorgate_state", ProxyState)
-REQUEST_ID = "mirrorgate_request_id"  # per-request key (aiohttp Request is a mapping)
+REQUEST_ID = web.RequestKey("mirrorgate_request_id", str)
 
 
 # --------------------------------------------------------------------------- errors

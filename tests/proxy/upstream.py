@@ -21,6 +21,9 @@ or as a process (benchmarks, compose, another language's tests)::
     curl -X POST localhost:8001/_fault -d '{"mode": "error", "status": 500}'
     curl localhost:8001/_stats
 
+Besides the softmax model, every server serves ``echo`` (outputs = its inputs, any
+datatype), for datatype round trips through the proxy.
+
 Fault modes (``Fault.mode``), applied to a ``rate`` share of calls (seeded):
 
 =============  ============================================================================
@@ -59,6 +62,10 @@ from proxy.codec import (
     error_body,
     parse_infer_request,
 )
+
+# Every server also serves model "echo": outputs = inputs, same names, any datatype (it
+# declares no inputs/outputs in its metadata). For datatype round trips through a proxy.
+ECHO = "echo"
 
 MODES = (
     "normal",
@@ -152,11 +159,14 @@ class Upstream:
     seed: int = 0
     stats: Stats = field(default_factory=Stats)
     events: deque[tuple[str, str]] = field(default_factory=lambda: deque(maxlen=100_000))
+    # When True, metadata requests also wait for release(): a model that loads slowly.
+    hold_metadata: bool = False
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
         self._release = asyncio.Event()
         self._closing = asyncio.Event()
+        self._changed = asyncio.Condition()
 
     # ------------------------------------------------------------------ control
 
@@ -164,6 +174,17 @@ class Upstream:
         self.fault = mode if isinstance(mode, Fault) else Fault(mode, **kwargs)
         if self.fault.mode == "hold":
             self._release = asyncio.Event()
+
+    async def wait_for(self, started: int = 0, finished: int = 0) -> None:
+        """Wait (event-driven) until at least this many calls started / finished."""
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: self.stats.started >= started and self.stats.finished >= finished
+            )
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
 
     def release(self) -> None:
         """Let every held call (and later ones, until the next ``set_fault``) answer."""
@@ -194,13 +215,24 @@ class Upstream:
         return web.json_response({"ready": True})
 
     def _check_model(self, request: web.Request) -> web.Response | None:
-        if request.match_info["model"] != self.model.name:
+        if request.match_info["model"] not in (self.model.name, ECHO):
             return web.Response(
                 status=404, body=error_body(f"unknown model {request.match_info['model']!r}")
             )
         return None
 
     async def _metadata(self, request: web.Request) -> web.Response:
+        if self.hold_metadata:
+            await self._release.wait()
+        if request.match_info["model"] == ECHO:
+            meta = {
+                "name": ECHO,
+                "versions": ["1"],
+                "platform": "echo",
+                "inputs": [],
+                "outputs": [],
+            }
+            return web.json_response(meta)
         return self._check_model(request) or web.json_response(self.model.metadata())
 
     async def _set_fault(self, request: web.Request) -> web.Response:
@@ -224,6 +256,8 @@ class Upstream:
         body = await request.read()
         try:
             parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
+            if request.match_info["model"] == ECHO:
+                return self._echo(parsed)
             x = parsed.inputs[self.model.input_name]
         except Exception as exc:
             message = getattr(exc, "message", None) or f"missing input {exc}"
@@ -232,11 +266,20 @@ class Upstream:
         self.stats.started += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
         self.events.append(("start", rid))
+        await self._notify()
         try:
             return await self._answer(request, parsed, x)
         finally:
             self.stats.finished += 1
             self.events.append(("finish", rid))
+            await self._notify()
+
+    def _echo(self, parsed: Any) -> web.Response:
+        payload, header_length = encode_infer_response(
+            parsed.inputs, model_name=ECHO, request_id=parsed.id, request=parsed
+        )
+        headers = {} if header_length is None else {HEADER_LENGTH: str(header_length)}
+        return web.Response(body=payload, headers=headers)
 
     async def _answer(self, request: web.Request, parsed: Any, x: np.ndarray) -> web.StreamResponse:
         fault = self.fault
@@ -270,9 +313,12 @@ class Upstream:
             request=parsed,
         )
         if mode == "garbage":
-            doc = json.loads(payload[:header_length] if header_length else payload)
+            cut = header_length if header_length is not None else len(payload)
+            doc = json.loads(payload[:cut])
             doc["outputs"][0]["shape"] = [7, 7, 7]  # disagrees with the data sent
-            payload, header_length = json.dumps(doc).encode(), None
+            head = json.dumps(doc).encode()
+            payload = head + payload[cut:]
+            header_length = len(head) if header_length is not None else None
         headers = {"Content-Type": "application/json"}
         if header_length is not None:
             headers[HEADER_LENGTH] = str(header_length)
