@@ -25,10 +25,10 @@ any of it: it only appends to a deque or starts a task.
 Each finished pair becomes one :class:`PairRecord` per row of the request, handed to
 every sink (``submit`` never blocks). A failed call becomes that side's ``error``: a
 reason token (``timeout``, ``backend_error``, ``bad_request``, ``missing_output``,
-``non_finite_output``, ``non_numeric_output``, ``exception``), then ``": "`` and the
-message. Failures of mirrored calls and of the candidate on the live path are counted in
-``mirrorgate_shadow_failures_total{reason}``. A champion failure on the live path is the
-client's 5xx and records no pair.
+``non_finite_output``, ``non_numeric_output``, ``shape_mismatch``, ``exception``), then
+``": "`` and the message. Failures of mirrored calls and of the candidate on the live
+path are counted in ``mirrorgate_shadow_failures_total{reason}``. A champion failure on
+the live path is the client's 5xx and records no pair.
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ class _Job:
 def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, BackendTimeout | TimeoutError):
         return "timeout"
-    if isinstance(exc, BadRequest):
+    if isinstance(exc, BadRequest) or (isinstance(exc, MirrorgateError) and exc.status == 400):
+        # The model rejected inputs the live path accepted: an interface incompatibility.
         return "bad_request"
     if isinstance(exc, BackendError):
         return "backend_error"
@@ -133,18 +134,12 @@ def _nbytes(inputs: Mapping[str, np.ndarray]) -> int:
     return total
 
 
-def batch_rows(inputs: Mapping[str, np.ndarray], outputs: Sequence[np.ndarray]) -> int | None:
-    """Rows B when every input and output shares a leading axis B; None: unbatched."""
+def input_rows(inputs: Mapping[str, np.ndarray]) -> int | None:
+    """The common leading-axis length of every input, or None when there is none."""
     firsts = {a.shape[0] if a.ndim else None for a in inputs.values()}
     if len(firsts) != 1:
         return None
-    rows = firsts.pop()
-    if rows is None:
-        return None
-    for out in outputs:
-        if out.ndim == 0 or out.shape[0] != rows:
-            return None
-    return rows
+    return firsts.pop()
 
 
 class MirrorDispatcher:
@@ -465,13 +460,23 @@ class MirrorDispatcher:
         return outcome.outputs.get(name)
 
     def _row_result(
-        self, role: Role, outcome: CallOutcome, gated: np.ndarray | None, row: int | None
+        self,
+        role: Role,
+        outcome: CallOutcome,
+        gated: np.ndarray | None,
+        row: int | None,
+        rows: int | None,
     ) -> ModelResult:
         latency_ms = outcome.latency_s * 1000.0
         if outcome.error is not None:
             return ModelResult(None, latency_ms, outcome.error)
         if gated is None:
             return ModelResult(None, latency_ms, f"missing_output: {self.gated_output(role)!r}")
+        if rows is not None and (gated.ndim == 0 or gated.shape[0] != rows):
+            got = gated.shape[0] if gated.ndim else 0
+            return ModelResult(
+                None, latency_ms, f"shape_mismatch: output has {got} rows for {rows} input rows"
+            )
         value = gated if row is None else gated[row]
         try:
             number = np.asarray(value, dtype=np.float64)
@@ -484,13 +489,36 @@ class MirrorDispatcher:
             number = number.reshape(())
         return ModelResult(number, latency_ms, None)
 
+    def _rows(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        champion: np.ndarray | None,
+        candidate: np.ndarray | None,
+    ) -> int | None:
+        """Rows of a batched request, or None for a model without a batch axis.
+
+        Batched when the inputs share a leading axis B and the reference output (the
+        champion's, else the candidate's) has B rows too; with no output at all, when
+        the champion's metadata declares a dynamic leading dimension.
+        """
+        rows = input_rows(inputs)
+        if rows is None:
+            return None
+        reference = champion if champion is not None else candidate
+        if reference is not None:
+            return rows if reference.ndim and reference.shape[0] == rows else None
+        specs = self.champion.metadata.inputs
+        if specs and all(s.shape and s.shape[0] == -1 for s in specs):
+            return rows
+        return None
+
     def build_records(
         self, job: _Job, champion: CallOutcome, candidate: CallOutcome
     ) -> list[PairRecord]:
         """One PairRecord per row (ids ``<id>#<row>``; a single row keeps the id)."""
         ch_out = self._gated_array("champion", champion)
         ca_out = self._gated_array("candidate", candidate)
-        rows = batch_rows(job.inputs, [a for a in (ch_out, ca_out) if a is not None])
+        rows = self._rows(job.inputs, ch_out, ca_out)
         indices: list[int | None] = [None] if rows is None else list(range(rows))
         records: list[PairRecord] = []
         for row in indices:
@@ -506,8 +534,8 @@ class MirrorDispatcher:
                 PairRecord(
                     id=rid,
                     ts=job.ts,
-                    champion=self._row_result("champion", champion, ch_out, row),
-                    candidate=self._row_result("candidate", candidate, ca_out, row),
+                    champion=self._row_result("champion", champion, ch_out, row, rows),
+                    candidate=self._row_result("candidate", candidate, ca_out, row, rows),
                     slices=slices,
                     features=dict(features),
                     inputs_digest=inputs_digest(job.inputs, row),
@@ -527,6 +555,7 @@ class MirrorDispatcher:
                 "missing_output",
                 "non_finite_output",
                 "non_numeric_output",
+                "shape_mismatch",
             ):
                 self.metrics.shadow_failures.labels(reason=error.split(":", 1)[0]).inc()
                 return

@@ -11,13 +11,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tritonclient.http as triton
+import tritonclient.http.aio as triton_aio
 
-pytest.importorskip("geventhttpclient", reason="tritonclient[http] is not installed")
-import tritonclient.http as triton  # noqa: E402
-import tritonclient.http.aio as triton_aio  # noqa: E402
-
-from proxy.codec import DATATYPES  # noqa: E402
-from tests.proxy.conftest import N_FEATURES, make_config  # noqa: E402
+from proxy.codec import DATATYPES
+from tests.proxy.conftest import N_FEATURES, make_config
 
 
 def _url(proxy: Any) -> str:
@@ -39,7 +37,9 @@ def _sync_infer(url: str, x: np.ndarray, binary: bool, request_id: str) -> dict[
         inp.set_data_from_numpy(x, binary_data=binary)
         outputs = None
         if not binary:
-            outputs = [triton.InferRequestedOutput(n, binary_data=False) for n in ("probs", "label")]
+            outputs = [
+                triton.InferRequestedOutput(n, binary_data=False) for n in ("probs", "label")
+            ]
         result = client.infer("classifier", [inp], outputs=outputs, request_id=request_id)
         return {
             "meta": meta,
