@@ -71,6 +71,12 @@ class ServerSettings(_Strict):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     control_token: SecretStr | None = None
     shutdown_timeout_s: float = Field(10.0, ge=0)
+    drain_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="after SIGTERM, keep serving with readiness 503 this long (or until a "
+        "second signal) so load balancers stop routing before the listener closes",
+    )
 
 
 class MirrorSettings(_Strict):

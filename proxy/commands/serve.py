@@ -1,16 +1,19 @@
 """``mirrorgate serve --config FILE [--host H] [--port P] [--pairs-out FILE]``.
 
-Runs the proxy until SIGTERM/SIGINT, then stops gracefully: readiness turns 503, the
-listening socket closes (no new connections), in-flight live requests finish (bounded by
-``server.shutdown_timeout_s``), mirrored work drains or is cut and counted (same bound),
-backends close and sinks flush. Prints ``mirrorgate: listening on http://HOST:PORT`` on
-stdout once the socket is bound (``--port 0`` picks a free port).
+Runs the proxy until SIGTERM/SIGINT, then stops gracefully: readiness turns 503 (and,
+with ``server.drain_delay_s`` > 0, the proxy keeps serving that long or until a second
+signal, so a load balancer stops routing first), the listening socket closes (no new
+connections), in-flight live requests finish (bounded by ``server.shutdown_timeout_s``),
+mirrored work drains or is cut and counted (same bound), backends close, sinks flush.
+Prints ``mirrorgate: listening on http://HOST:PORT`` on stdout once the socket is bound
+(``--port 0`` picks a free port).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -112,8 +115,19 @@ async def serve(
                     raise error
                 raise MirrorgateError(f"model load failed: {error!r}") from error
             await stopper
-        log.info("signal received: draining (timeout %.1f s)", config.server.shutdown_timeout_s)
         state.draining = True
+        delay = config.server.drain_delay_s
+        if delay > 0:
+            # Readiness is 503 now; keep serving while load balancers notice, until the
+            # delay ends or a second signal says "now".
+            log.info("signal received: readiness 503, serving for up to %.1f s more", delay)
+            stop.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+        log.info(
+            "stopping: no new connections; draining (timeout %.1f s)",
+            config.server.shutdown_timeout_s,
+        )
     finally:
         await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT):
