@@ -120,6 +120,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else None
+        state = request.app.get(STATE)
+        if exc.status == 413 and state is not None:
+            limit = state.config.server.max_body_bytes
+            message = f"request body too large: the limit is {limit} bytes (server.max_body_bytes)"
         response = _error_response(exc.status, message or exc.reason, request)
         allow = exc.headers.get("Allow")
         if allow:

@@ -181,7 +181,12 @@ def _bad_requests() -> list[tuple[str, dict[str, Any], int, str]]:
             400,
             "runs past the body",
         ),
-        ("body too large", {"data": b"{" + b" " * (2 * 1024 * 1024)}, 413, "body size"),
+        (
+            "body too large",
+            {"data": b"{" + b" " * (2 * 1024 * 1024)},
+            413,
+            "the limit is 1048576 bytes (server.max_body_bytes)",
+        ),
     ]
 
 
