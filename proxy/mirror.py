@@ -47,6 +47,7 @@ from typing import Literal
 import numpy as np
 
 from gates.records import ModelResult, PairRecord
+from proxy import context
 from proxy.backends.base import Backend
 from proxy.config import MirrorgateConfig
 from proxy.digest import inputs_digest
@@ -254,10 +255,12 @@ class MirrorDispatcher:
         inputs: dict[str, np.ndarray],
         outputs: list[str] | None,
         timeout_s: float,
+        request_id: str,
     ) -> dict[str, np.ndarray]:
         """One model call with its deadline; records the per-role call metrics."""
         backend = self.champion if role == "champion" else self.candidate
         assert backend is not None
+        context.request_id.set(request_id)
         start = time.perf_counter()
         try:
             async with asyncio.timeout(timeout_s):
@@ -298,6 +301,7 @@ class MirrorDispatcher:
                     inputs,
                     self._wanted(outputs, "candidate"),
                     self._timeouts["candidate"],
+                    request_id,
                 )
             except asyncio.CancelledError:
                 raise
@@ -313,6 +317,7 @@ class MirrorDispatcher:
                     inputs,
                     self._wanted(outputs, "champion"),
                     self._timeouts["champion"],
+                    request_id,
                 )
                 both = CallOutcome(champ, time.perf_counter() - start)
                 self._record_now(request_id, ts, inputs, slices, stage, both, failed)
@@ -322,7 +327,11 @@ class MirrorDispatcher:
             return LiveResult(out, "candidate")
         start = time.perf_counter()
         out = await self._call(
-            "champion", inputs, self._wanted(outputs, "champion"), self._timeouts["champion"]
+            "champion",
+            inputs,
+            self._wanted(outputs, "champion"),
+            self._timeouts["champion"],
+            request_id,
         )
         if self.candidate is not None:
             live = CallOutcome(out, time.perf_counter() - start)
@@ -431,6 +440,7 @@ class MirrorDispatcher:
                 job.inputs,
                 None if self.gated_output(role) is None else [str(self.gated_output(role))],
                 min(self._shadow_timeout, self._timeouts[role]),
+                job.request_id,
             )
         except asyncio.CancelledError:
             raise

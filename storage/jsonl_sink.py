@@ -37,6 +37,7 @@ class JsonlSink:
         self._buffer: deque[PairRecord] = deque()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
         self.written = 0
         self.dropped = 0
 
@@ -50,11 +51,15 @@ class JsonlSink:
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.touch()
+        self._stop = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_interval_s)
+        # Stopped by an event, not cancelled: a cancel could land while a batch is being
+        # written in the worker thread and let the final flush interleave with it.
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.flush_interval_s)
             try:
                 await self.flush()
             except OSError:
@@ -77,8 +82,7 @@ class JsonlSink:
 
     async def aclose(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._stop.set()
+            await self._task
             self._task = None
         await self.flush()

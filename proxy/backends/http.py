@@ -22,6 +22,7 @@ from urllib.parse import quote
 import aiohttp
 import numpy as np
 
+from proxy import context
 from proxy.backends.base import ModelIdentity, ModelMetadata
 from proxy.codec import (
     HEADER_LENGTH,
@@ -133,8 +134,11 @@ class HttpBackend:
     async def infer(
         self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None
     ) -> dict[str, np.ndarray]:
-        body, header_length = encode_infer_request(inputs, outputs=outputs)
+        rid = context.request_id.get()
+        body, header_length = encode_infer_request(inputs, outputs=outputs, request_id=rid)
         headers = {"Content-Type": "application/octet-stream"}
+        if rid is not None:
+            headers["X-Request-Id"] = rid
         if header_length is not None:
             headers[HEADER_LENGTH] = str(header_length)
         try:

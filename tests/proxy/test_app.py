@@ -87,6 +87,9 @@ async def test_json_infer_matches_champion_and_records_a_pair(pair: Any) -> None
     np.testing.assert_allclose(record.champion.output, champion.model.predict(x)["probs"][0])
     np.testing.assert_allclose(record.candidate.output, candidate.model.predict(x)["probs"][0])
     assert record.champion.error is None and record.candidate.error is None
+    # The request id travels to both upstreams (their logs correlate with the pair).
+    assert ("start", "req-1") in champion.upstream.events
+    assert ("start", "req-1") in candidate.upstream.events
 
 
 async def test_binary_inputs_and_outputs(pair: Any) -> None:
