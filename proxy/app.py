@@ -71,6 +71,7 @@ class ProxyState:
     draining: bool = False
     loading: asyncio.Task[None] | None = None
     load_error: str | None = None
+    # Room for what the control plane wires in (rollout engine, stores) without new keys.
     extras: dict[str, object] = field(default_factory=dict)
 
     def require_mirror(self) -> MirrorDispatcher:
