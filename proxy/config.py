@@ -72,6 +72,12 @@ class ServerSettings(_Strict):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     control_token: SecretStr | None = None
     shutdown_timeout_s: float = Field(10.0, ge=0)
+    drain_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="after SIGTERM, keep serving with readiness 503 this long (or until a "
+        "second signal) so load balancers stop routing before the listener closes",
+    )
 
 
 class MirrorSettings(_Strict):
@@ -81,6 +87,9 @@ class MirrorSettings(_Strict):
     sample_rate: float = Field(1.0, ge=0.0, le=1.0, description="share of requests mirrored")
     max_in_flight: int = Field(64, ge=1)
     queue_size: int = Field(1024, ge=0)
+    max_queue_bytes: int = Field(
+        256 * 1024 * 1024, ge=0, description="input bytes held by queued mirror work"
+    )
     timeout_ms: float = Field(2000.0, gt=0)
 
 

@@ -1,0 +1,136 @@
+"""``mirrorgate serve --config FILE [--host H] [--port P] [--pairs-out FILE]``.
+
+Runs the proxy until SIGTERM/SIGINT, then stops gracefully: readiness turns 503 (and,
+with ``server.drain_delay_s`` > 0, the proxy keeps serving that long or until a second
+signal, so a load balancer stops routing first), the listening socket closes (no new
+connections), in-flight live requests finish (bounded by ``server.shutdown_timeout_s``),
+mirrored work drains or is cut and counted (same bound), backends close, sinks flush.
+Prints ``mirrorgate: listening on http://HOST:PORT`` on stdout once the socket is bound
+(``--port 0`` picks a free port).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from proxy.app import STATE, create_app
+from proxy.config import MirrorgateConfig, load_config
+from proxy.errors import ConfigError, MirrorgateError
+from storage.sink import PairSink
+
+log = logging.getLogger("mirrorgate.serve")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the proxy",
+        description="Serve the champion, mirror to the candidate, record pairs.",
+    )
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("MIRRORGATE_CONFIG"),
+        help="YAML config file (default: $MIRRORGATE_CONFIG)",
+    )
+    parser.add_argument("--host", help="override server.host")
+    parser.add_argument("--port", type=int, help="override server.port (0: any free port)")
+    parser.add_argument(
+        "--pairs-out",
+        metavar="FILE",
+        help="also append every pair to FILE as JSON Lines (the paired-record format)",
+    )
+    parser.set_defaults(func=run)
+
+
+def build_sinks(config: MirrorgateConfig, args: argparse.Namespace) -> list[PairSink]:
+    """The pair sinks of a served proxy: where the storage recorder gets wired in."""
+    sinks: list[PairSink] = []
+    if getattr(args, "pairs_out", None):
+        from storage.jsonl_sink import JsonlSink
+
+        sinks.append(JsonlSink(args.pairs_out, buffer_size=config.storage.buffer_size))
+    return sinks
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.config:
+        raise ConfigError("serve needs --config FILE (or MIRRORGATE_CONFIG)")
+    config = load_config(args.config)
+    server = config.server.model_copy(
+        update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    )
+    config = config.model_copy(update={"server": server})
+    return asyncio.run(serve(config, sinks=build_sinks(config, args)))
+
+
+async def serve(
+    config: MirrorgateConfig,
+    *,
+    sinks: Sequence[PairSink] = (),
+    announce: Callable[[str], None] = lambda line: print(line, flush=True),
+) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code. Raises on a failed start."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    app = create_app(config, sinks=sinks)
+    state = app[STATE]
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        shutdown_timeout=config.server.shutdown_timeout_s,
+        access_log=None,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.server.host, config.server.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}"
+            ) from exc
+        host, port = runner.addresses[0][:2]
+        announce(f"mirrorgate: listening on http://{host}:{port}")
+        stopper = loop.create_task(stop.wait())
+        waiting: set[asyncio.Future[Any]] = {stopper}
+        if state.loading is not None:
+            waiting.add(state.loading)
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if state.loading is not None and state.loading in done:
+            error = state.loading.exception()
+            if error is not None:
+                stopper.cancel()
+                if isinstance(error, MirrorgateError):
+                    raise error
+                raise MirrorgateError(f"model load failed: {error!r}") from error
+            await stopper
+        state.draining = True
+        delay = config.server.drain_delay_s
+        if delay > 0:
+            # Readiness is 503 now; keep serving while load balancers notice, until the
+            # delay ends or a second signal says "now".
+            log.info("signal received: readiness 503, serving for up to %.1f s more", delay)
+            stop.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+        log.info(
+            "stopping: no new connections; draining (timeout %.1f s)",
+            config.server.shutdown_timeout_s,
+        )
+    finally:
+        await runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")
+    return 0

@@ -1,0 +1,12 @@
+"""Per-call context that travels beside the Backend interface without widening it.
+
+The mirror sets ``request_id`` around every model call (live and mirrored); backends
+that can carry it further do so (``HttpBackend`` sends it as the V2 ``id`` and
+``X-Request-Id``, so upstream logs correlate with the pair's id).
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+
+request_id: ContextVar[str | None] = ContextVar("mirrorgate_request_id", default=None)

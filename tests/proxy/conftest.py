@@ -1,0 +1,94 @@
+"""Fixtures for the proxy tests: real V2 upstream servers and a proxy in front of them."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry
+
+from proxy.app import STATE, create_app, wait_loaded
+from proxy.config import MirrorgateConfig, load_config
+from storage.sink import MemorySink
+from tests.proxy.upstream import Upstream, UpstreamModel
+
+N_FEATURES = 4
+N_CLASSES = 3
+
+
+class RunningUpstream:
+    def __init__(self, upstream: Upstream, url: str) -> None:
+        self.upstream = upstream
+        self.url = url
+        self.model = upstream.model
+
+
+@pytest.fixture
+def start_upstream(aiohttp_server: Any) -> Callable[..., Awaitable[RunningUpstream]]:
+    """``await start_upstream(seed=1)``: a real V2 server on a free loopback port."""
+
+    async def start(seed: int = 0, **fault: Any) -> RunningUpstream:
+        upstream = Upstream(UpstreamModel(N_FEATURES, N_CLASSES, seed), seed=seed)
+        if fault:
+            upstream.set_fault(**fault)
+        server = await aiohttp_server(upstream.app())
+        return RunningUpstream(upstream, str(server.make_url("")).rstrip("/"))
+
+    return start
+
+
+def make_config(
+    champion_url: str, candidate_url: str | None = None, **sections: Any
+) -> MirrorgateConfig:
+    """A config whose models are http backends on the given upstreams."""
+    models: dict[str, Any] = {
+        "champion": {"name": "champion", "kind": "http", "url": champion_url, "model": "model"}
+    }
+    if candidate_url is not None:
+        models["candidate"] = {
+            "name": "candidate",
+            "kind": "http",
+            "url": candidate_url,
+            "model": "model",
+        }
+    data: dict[str, Any] = {"server": {"model_name": "classifier"}, "models": models}
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            for sub, subvalue in value.items():
+                if isinstance(subvalue, dict) and isinstance(data[key].get(sub), dict):
+                    data[key][sub] = {**data[key][sub], **subvalue}
+                else:
+                    data[key][sub] = subvalue
+        else:
+            data[key] = value
+    return load_config(data=data, env={})
+
+
+class Proxy:
+    """A running proxy app and what tests look at."""
+
+    def __init__(self, client: TestClient, sink: MemorySink, registry: CollectorRegistry):
+        self.client = client
+        self.sink = sink
+        self.registry = registry
+        self.state = client.app[STATE] if client.app is not None else None
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+def start_proxy(aiohttp_client: Any) -> Callable[..., Awaitable[Proxy]]:
+    """``await start_proxy(config)``: the proxy app with a MemorySink, models loaded."""
+
+    async def start(config: MirrorgateConfig, **kwargs: Any) -> Proxy:
+        sink = kwargs.pop("sink", None) or MemorySink()
+        registry = CollectorRegistry()
+        app = create_app(config, sinks=[sink], registry=registry, **kwargs)
+        client = await aiohttp_client(app)
+        await wait_loaded(app)
+        return Proxy(client, sink, registry)
+
+    return start
