@@ -38,10 +38,13 @@ from proxy.codec import (
     parse_infer_request,
     validate_request,
 )
+from gates.engine import Evaluation
 from proxy.config import BackendSettings, MirrorgateConfig
 from proxy.errors import BadRequest, MirrorgateError, NotFound, NotReady
 from proxy.metrics import ProxyMetrics
 from proxy.mirror import MirrorDispatcher
+from proxy.persistence import Persistence
+from proxy.rollout import RolloutService
 from proxy.slicing import Slicer
 from storage.sink import PairSink
 
@@ -72,6 +75,9 @@ class ProxyState:
     loading: asyncio.Task[None] | None = None
     load_error: str | None = None
     # Room for what the control plane wires in (rollout engine, stores) without new keys.
+    rollout: RolloutService | None = None
+    persistence: Persistence | None = None
+    use_storage: bool = False
     extras: dict[str, object] = field(default_factory=dict)
 
     def require_mirror(self) -> MirrorDispatcher:
@@ -298,6 +304,11 @@ async def _load(state: ProxyState) -> None:
         if state.candidate is None and config.models.candidate is not None:
             state.candidate = await _build_backend(config.models.candidate, state.registry)
             created.append(state.candidate)
+        if state.persistence is not None:
+            recorder = await state.persistence.attach(state.champion, state.candidate)
+            state.sinks.append(recorder)
+            if state.rollout is not None:
+                state.rollout.store = state.persistence
         _activate(state)
     except BaseException as exc:
         for backend in created:
@@ -312,6 +323,9 @@ async def _load(state: ProxyState) -> None:
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
+    if state.use_storage:
+        # Before anything serves: a schema the code cannot use stops the start here.
+        state.persistence = await Persistence.open(state.config, state.registry)
     for sink in state.sinks:
         await sink.start()
     needs_load = state.champion is None or (
@@ -320,7 +334,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if needs_load:
         state.loading = asyncio.get_running_loop().create_task(_load(state))
     else:
-        _activate(state)
+        if state.use_storage:
+            state.loading = asyncio.get_running_loop().create_task(_load(state))
+        else:
+            _activate(state)
     try:
         yield
     finally:
@@ -348,6 +365,11 @@ async def _shutdown(state: ProxyState) -> None:
             await sink.aclose()
         except Exception:
             log.exception("closing pair sink %r failed", sink)
+    if state.persistence is not None:
+        try:
+            await state.persistence.aclose()
+        except Exception:
+            log.exception("closing the database failed")
 
 
 async def _on_shutdown(app: web.Application) -> None:
@@ -371,13 +393,9 @@ def add_data_plane_routes(app: web.Application) -> None:
 
 
 def setup_control_plane(app: web.Application) -> None:
-    """The spot for the control plane (``/v1/...``), added with the rollout engine.
+    from proxy.control import add_control_routes
 
-    Handlers reach the state through ``app[STATE]`` (``mirror.set_canary_weight``,
-    ``mirror.set_stage``, ``metrics.set_gate/set_verdict``, ``sinks``) and guard
-    themselves with ``proxy.auth.bearer_auth(config.server.control_token)``.
-    """
-    return None
+    add_control_routes(app)
 
 
 def create_app(
@@ -387,8 +405,15 @@ def create_app(
     candidate: Backend | None = None,
     sinks: Sequence[PairSink] = (),
     registry: CollectorRegistry | None = None,
+    storage: bool = False,
+    gates: bool = True,
 ) -> web.Application:
-    """Build the proxy. Backends not injected are built from ``config.models``."""
+    """Build the proxy. Backends not injected are built from ``config.models``.
+
+    ``storage``: record pairs, labels, evaluations and decisions in ``config.storage``
+    (``serve`` and ``demo`` turn it on; tests inject sinks instead). ``gates``: run the
+    rollout engine on the pairs when a candidate is configured or injected.
+    """
     registry = registry if registry is not None else CollectorRegistry()
     app = web.Application(
         client_max_size=config.server.max_body_bytes, middlewares=[error_middleware]
@@ -401,12 +426,26 @@ def create_app(
         sinks=list(sinks),
         champion=champion,
         candidate=candidate,
+        use_storage=storage,
     )
+    state = app[STATE]
+    if gates and (candidate is not None or config.models.candidate is not None):
+        state.rollout = RolloutService(
+            config, metrics=state.metrics, apply=functools.partial(_apply_evaluation, state)
+        )
+        state.sinks.append(state.rollout)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_on_shutdown)
     add_data_plane_routes(app)
     setup_control_plane(app)
     return app
+
+
+def _apply_evaluation(state: ProxyState, evaluation: Evaluation) -> None:
+    """The rollout plan owns routing: each evaluation sets the stage's canary weight."""
+    if state.mirror is not None:
+        state.mirror.set_canary_weight(evaluation.canary_weight)
+        state.mirror.set_stage(evaluation.stage)
 
 
 async def wait_loaded(app: web.Application) -> None:

@@ -15,6 +15,8 @@ path, so they count under ``role="champion"``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Inference latencies: sub-millisecond loopback calls up to multi-second timeouts.
@@ -125,6 +127,26 @@ class ProxyMetrics:
         self.gate_status.labels(gate=gate, slice=slice_).set(GATE_STATUS_VALUES[status])
         self.gate_statistic.labels(gate=gate, slice=slice_).set(statistic)
         self.gate_threshold.labels(gate=gate, slice=slice_).set(threshold)
+
+    def set_samples(self, samples: Iterable[tuple[str, dict[str, str], float]]) -> None:
+        """Set gate and rollout gauges from ``(metric name, labels, value)`` triples.
+
+        The engine's ``Evaluation.metric_samples()`` produces them, so the gauges always
+        mirror exactly what the decision was made on.
+        """
+        gauges = {
+            "mirrorgate_gate_status": self.gate_status,
+            "mirrorgate_gate_statistic": self.gate_statistic,
+            "mirrorgate_gate_threshold": self.gate_threshold,
+            "mirrorgate_rollout_verdict": self.rollout_verdict,
+            "mirrorgate_rollout_stage": self.rollout_stage,
+            "mirrorgate_rollout_canary_weight": self.rollout_canary_weight,
+        }
+        for name, labels, value in samples:
+            gauge = gauges.get(name)
+            if gauge is None:
+                continue
+            (gauge.labels(**labels) if labels else gauge).set(value)
 
     def set_verdict(self, verdict: str) -> None:
         for name in ("continue", "promote", "abort"):

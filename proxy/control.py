@@ -1,0 +1,165 @@
+"""The control plane (``/v1/...``): labels in, rollout state out, operator overrides.
+
+Every route needs ``Authorization: Bearer <server.control_token>`` (compared in constant
+time); with no token configured the control plane answers 401 — a proxy that can promote
+a model never does so for an anonymous caller. Errors leave through the app's one error
+middleware as ``{"error": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, cast
+
+from aiohttp import web
+
+from gates.engine import ManualAction
+from gates.join import LabelEvent
+from proxy.app import STATE, ProxyState
+from proxy.auth import check_bearer
+from proxy.errors import BadRequest, NotReady
+from proxy.rollout import RolloutService
+
+MAX_LABELS_PER_REQUEST = 10_000
+MAX_ID_LEN = 256
+MANUAL_ACTIONS = ("promote", "abort", "pause", "resume")
+
+
+def _state(request: web.Request) -> ProxyState:
+    state = request.app[STATE]
+    check_bearer(request, state.config.server.control_token)
+    return state
+
+
+def _rollout(state: ProxyState) -> RolloutService:
+    if state.rollout is None:
+        raise NotReady("no rollout: this proxy has no candidate configured")
+    return state.rollout
+
+
+async def _json(request: web.Request) -> Any:
+    body = await request.read()
+    if not body:
+        raise BadRequest("empty body: expected JSON")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from exc
+
+
+def parse_labels(body: Any) -> list[LabelEvent]:
+    """``{"id", "label", "ts"?}`` or a list of them; every fault names its index."""
+    items = body if isinstance(body, list) else [body]
+    if not items:
+        raise BadRequest("no labels given")
+    if len(items) > MAX_LABELS_PER_REQUEST:
+        raise BadRequest(f"at most {MAX_LABELS_PER_REQUEST} labels per request")
+    events = []
+    for i, item in enumerate(items):
+        where = f"labels[{i}]" if isinstance(body, list) else "label"
+        if not isinstance(item, dict):
+            raise BadRequest(f"{where}: expected an object with 'id' and 'label'")
+        unknown = set(item) - {"id", "label", "ts"}
+        if unknown:
+            raise BadRequest(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        rid = item.get("id")
+        if not isinstance(rid, str) or not rid or len(rid) > MAX_ID_LEN:
+            raise BadRequest(f"{where}.id: expected a non-empty string of <= {MAX_ID_LEN} chars")
+        if "label" not in item or item["label"] is None:
+            raise BadRequest(f"{where}.label: missing")
+        label = item["label"]
+        if not _valid_label(label):
+            raise BadRequest(
+                f"{where}.label: expected a class (int or string), a finite number, "
+                "or a list of finite numbers"
+            )
+        ts = item.get("ts")
+        if ts is not None and (
+            not isinstance(ts, int | float) or isinstance(ts, bool) or not math.isfinite(ts)
+        ):
+            raise BadRequest(f"{where}.ts: expected a finite number (epoch seconds)")
+        events.append(LabelEvent(id=rid, label=label, ts=None if ts is None else float(ts)))
+    return events
+
+
+def _valid_label(label: Any) -> bool:
+    if isinstance(label, bool):
+        return False
+    if isinstance(label, int | str):
+        return True
+    if isinstance(label, float):
+        return math.isfinite(label)
+    if isinstance(label, list) and label:
+        return all(
+            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+            for x in label
+        )
+    return False
+
+
+async def feedback(request: web.Request) -> web.Response:
+    state = _state(request)
+    events = parse_labels(await _json(request))
+    stored = True
+    if state.persistence is not None and state.persistence.recorder is not None:
+        recorder = state.persistence.recorder
+        stored = all(recorder.submit_label(e.id, e.label, e.ts) for e in events)
+    if state.rollout is not None:
+        state.rollout.submit_labels(events)
+    if not stored:
+        # The gates have them; the database buffer was full. Retrying is safe: a later
+        # label for the same id replaces the earlier one.
+        raise NotReady("labels reached the gates but the recorder buffer is full: retry")
+    return web.json_response({"accepted": len(events)}, status=202)
+
+
+async def rollout_status(request: web.Request) -> web.Response:
+    state = _state(request)
+    service = _rollout(state)
+    body = service.status()
+    if state.persistence is not None and state.persistence.rollout is not None:
+        body["rollout_id"] = state.persistence.rollout.id
+    if state.champion is not None:
+        body["champion"] = _identity(state.champion.identity)
+    if state.candidate is not None:
+        body["candidate"] = _identity(state.candidate.identity)
+    return web.json_response(body)
+
+
+async def rollout_verdict(request: web.Request) -> web.Response:
+    state = _state(request)
+    return web.json_response(_rollout(state).current().verdict_dict())
+
+
+async def rollout_action(request: web.Request) -> web.Response:
+    state = _state(request)
+    action = request.match_info["action"]
+    if action not in MANUAL_ACTIONS:
+        raise web.HTTPNotFound(text=f"unknown action {action!r}; one of {MANUAL_ACTIONS}")
+    body = await _json(request) if request.can_read_body else {}
+    if not isinstance(body, dict):
+        raise BadRequest("expected a JSON object {'who': ..., 'why': ...}")
+    who, why = body.get("who"), body.get("why")
+    if not isinstance(who, str) or not who.strip():
+        raise BadRequest("'who' is required: the operator taking this action")
+    if not isinstance(why, str) or not why.strip():
+        raise BadRequest("'why' is required: the reason, recorded with the decision")
+    evaluation = await _rollout(state).manual(cast(ManualAction, action), who, why)
+    return web.json_response(evaluation.verdict_dict())
+
+
+def _identity(identity: Any) -> dict[str, str]:
+    return {
+        "name": identity.name,
+        "kind": identity.kind,
+        "digest": identity.digest,
+        "device": identity.device,
+    }
+
+
+def add_control_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/feedback", feedback)
+    app.router.add_get("/v1/rollout", rollout_status)
+    app.router.add_get("/v1/rollout/verdict", rollout_verdict)
+    app.router.add_post("/v1/rollout/{action}", rollout_action)

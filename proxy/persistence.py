@@ -1,0 +1,136 @@
+"""The served proxy's storage: database, rollout row, recorder — and the evidence writes.
+
+Opened at start-up (schema checked or upgraded before the socket serves, so a proxy on an
+outdated schema refuses to start with the reason), attached once the models are loaded
+(their file digests identify the rollout), closed last on shutdown (the recorder flushes).
+The evidence writes are blocking Store calls; the rollout service runs them in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
+
+from gates.engine import Decision, Evaluation
+from proxy.backends.base import Backend
+from proxy.config import MirrorgateConfig
+from proxy.errors import ConfigError
+from storage.db import Database
+from storage.entities import Decision as StoredDecision
+from storage.entities import GateEvaluation, ModelInfo, Rollout
+from storage.errors import SchemaError
+from storage.migrate import open_database
+from storage.recorder import SqlRecorder
+from storage.store import Store
+
+log = logging.getLogger(__name__)
+
+_ROLLOUT_STATUS = {"promote": "promoted", "abort": "aborted"}
+
+
+@dataclass
+class Persistence:
+    config: MirrorgateConfig
+    db: Database
+    store: Store
+    registry: CollectorRegistry
+    rollout: Rollout | None = None
+    recorder: SqlRecorder | None = None
+    _last_stage: str | None = field(default=None, repr=False)
+
+    @classmethod
+    async def open(cls, config: MirrorgateConfig, registry: CollectorRegistry) -> Persistence:
+        try:
+            db = await asyncio.to_thread(open_database, config.storage)
+        except SchemaError as exc:
+            raise ConfigError(f"storage {config.storage.url}: {exc}") from exc
+        return cls(config=config, db=db, store=Store(db), registry=registry)
+
+    async def attach(self, champion: Backend, candidate: Backend | None) -> SqlRecorder:
+        """Open (or continue) the rollout of these models and start the recorder."""
+        self.rollout = await asyncio.to_thread(
+            self.store.open_rollout,
+            ModelInfo.of(champion.identity),
+            ModelInfo.of(candidate.identity) if candidate is not None else None,
+            config_digest=self.config.digest(),
+            task=self.config.server.model_name,
+        )
+        log.info("recording rollout %s", self.rollout.id)
+        self.recorder = SqlRecorder(
+            self.db, self.rollout.id, self.config.storage, registry=self.registry
+        )
+        await self.recorder.start()
+        return self.recorder
+
+    @property
+    def rollout_id(self) -> str:
+        if self.rollout is None:
+            raise RuntimeError("no rollout attached yet")
+        return self.rollout.id
+
+    # ------------------------------------------------------------------ evidence
+
+    def record_evaluation(self, evaluation: Evaluation) -> None:
+        rows = [
+            GateEvaluation(
+                gate=g.name,
+                slice=g.slice,
+                status=g.status.value,
+                statistic=_finite(g.statistic),
+                threshold=_finite(g.threshold),
+                n=int(g.n),
+                method=f"{g.method.name}: {g.method.description}",
+                ts=evaluation.ts,
+                confidence=_finite(g.confidence),
+                details={
+                    "reason": g.reason,
+                    "blocking": g.blocking,
+                    "lower": _finite(g.lower),
+                    "upper": _finite(g.upper),
+                },
+            )
+            for g in evaluation.gates
+        ]
+        self.store.record_gate_evaluations(self.rollout_id, rows)
+        if evaluation.stage != self._last_stage or evaluation.verdict in _ROLLOUT_STATUS:
+            self._last_stage = evaluation.stage
+            self.store.update_rollout(
+                self.rollout_id,
+                stage=evaluation.stage,
+                status=_ROLLOUT_STATUS.get(evaluation.verdict),
+            )
+
+    def record_decision(self, decision: Decision) -> None:
+        self.store.record_decision(
+            self.rollout_id,
+            StoredDecision(
+                verdict=decision.action if decision.manual else decision.verdict,
+                actor_kind="operator" if decision.manual else "engine",
+                actor=decision.who,
+                reason=decision.why,
+                ts=decision.ts,
+                from_stage=decision.from_stage,
+                to_stage=decision.to_stage,
+                evidence={
+                    "action": decision.action,
+                    "verdict": decision.verdict,
+                    "pairs": decision.pairs,
+                    "labels": decision.labels,
+                    "gates": decision.evidence,
+                },
+            ),
+        )
+
+    async def aclose(self) -> None:
+        if self.recorder is not None:
+            await self.recorder.aclose()
+        await asyncio.to_thread(self.db.dispose)
+
+
+def _finite(value: float | None) -> float | None:
+    if value is None or value != value or value in (float("inf"), float("-inf")):
+        return None
+    return float(value)

@@ -1,0 +1,254 @@
+"""The online side of the gates: a pair sink that feeds the decision engine off the live path.
+
+The proxy hands every pair to :meth:`RolloutService.submit` (a bounded append, never
+blocking) and every label from ``POST /v1/feedback`` to :meth:`submit_labels`. A background
+task drains both every ``tick_s`` into the same :class:`gates.runner.GateRunner` that
+``mirrorgate replay`` drives, in one worker thread (the engine is not thread-safe and its
+numpy work must not run on the event loop), then applies what the engine decided: the
+canary weight and stage go to the mirror dispatcher, the gauges to Prometheus, and the
+evaluations and decisions to storage (when configured) — each write in a thread, each
+failure logged and counted, none able to touch a live response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from gates.engine import Decision, Evaluation, InvalidTransition, ManualAction, RolloutEngine
+from gates.join import LabelEvent, LabelJoin
+from gates.records import PairRecord
+from gates.result import Status
+from gates.runner import GateRunner
+from gates.settings import Task
+from proxy.config import MirrorgateConfig
+from proxy.errors import Conflict
+from proxy.metrics import ProxyMetrics
+
+log = logging.getLogger(__name__)
+
+# Pairs and labels waiting for the next tick. Past this the oldest are dropped and
+# counted: the gates see a sample then, never a slower live path.
+MAX_PENDING = 200_000
+
+
+class EvidenceStore(Protocol):
+    """What the service persists through (``proxy.persistence.Persistence`` implements it)."""
+
+    def record_evaluation(self, evaluation: Evaluation) -> None: ...
+
+    def record_decision(self, decision: Decision) -> None: ...
+
+
+@dataclass(slots=True)
+class RolloutCounters:
+    pairs_dropped: int = 0
+    labels_dropped: int = 0
+    persist_errors: int = 0
+    evaluations: int = 0
+
+
+class RolloutService:
+    """PairSink + label intake + evaluation loop around one :class:`RolloutEngine`."""
+
+    def __init__(
+        self,
+        config: MirrorgateConfig,
+        *,
+        metrics: ProxyMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+        tick_s: float = 0.2,
+        apply: Callable[[Evaluation], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self.tick_s = tick_s
+        self.apply = apply
+        self.store: EvidenceStore | None = None
+        self.engine = RolloutEngine(
+            config.gates, config.rollout, task=_task(config), start_ts=clock()
+        )
+        join = LabelJoin(label_window_s=config.storage.label_window_s)
+        self.runner = GateRunner(self.engine, join, on_unmatched=self._unmatched)
+        self.counters = RolloutCounters()
+        self._pairs: deque[PairRecord] = deque()
+        self._labels: deque[LabelEvent] = deque()
+        # One worker: the engine is single-threaded by contract.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirrorgate-gates")
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._closing = False
+        self.latest: Evaluation | None = None
+
+    # -------------------------------------------------------------- PairSink
+
+    def submit(self, record: PairRecord) -> bool:
+        if len(self._pairs) >= MAX_PENDING:
+            self._pairs.popleft()
+            self.counters.pairs_dropped += 1
+        self._pairs.append(record)
+        return True
+
+    def submit_labels(self, labels: Sequence[LabelEvent]) -> None:
+        for label in labels:
+            if len(self._labels) >= MAX_PENDING:
+                self._labels.popleft()
+                self.counters.labels_dropped += 1
+            self._labels.append(label)
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def aclose(self) -> None:
+        """Take in what is queued, evaluate once more, persist; then stop."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._pool.shutdown(wait=True)
+
+    # -------------------------------------------------------------- control
+
+    async def evaluate_now(self) -> Evaluation:
+        """Drain what is queued and evaluate at once (control plane, tests)."""
+        return await self._step(force=True)
+
+    async def manual(self, action: ManualAction, who: str, why: str) -> Evaluation:
+        loop = asyncio.get_running_loop()
+        now = self.clock()
+        try:
+            decision = await loop.run_in_executor(
+                self._pool, self.engine.manual, action, who, why, now
+            )
+        except InvalidTransition as exc:
+            raise Conflict(str(exc)) from exc
+        await self._persist_decision(decision)
+        return await self._step(force=True)
+
+    def current(self) -> Evaluation:
+        """The latest evaluation (an empty rollout's first look when none ran yet)."""
+        if self.latest is None:
+            self.latest = self.engine.evaluate(self.clock())
+        return self.latest
+
+    # -------------------------------------------------------------- loop
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.tick_s)
+            self._wake.clear()
+            closing = self._closing
+            try:
+                await self._step(force=closing)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The gates must never take the proxy down; the next tick tries again.
+                log.exception("gate evaluation failed")
+            if closing:
+                return
+
+    async def _step(self, *, force: bool) -> Evaluation:
+        pairs = _drain(self._pairs)
+        labels = _drain(self._labels)
+        now = self.clock()
+        loop = asyncio.get_running_loop()
+        evaluation = await loop.run_in_executor(
+            self._pool, self._advance, pairs, labels, now, force
+        )
+        if evaluation is not None:
+            self.counters.evaluations += 1
+            self.latest = evaluation
+            self._apply(evaluation)
+            await self._persist(evaluation)
+        return self.latest if self.latest is not None else self.current()
+
+    def _advance(
+        self, pairs: list[PairRecord], labels: list[LabelEvent], now: float, force: bool
+    ) -> Evaluation | None:
+        if pairs:
+            self.runner.add_pairs(pairs, now)
+        if labels:
+            self.runner.add_labels(labels, now)
+        return self.runner.tick(now, force=force)
+
+    def _apply(self, evaluation: Evaluation) -> None:
+        if self.metrics is not None:
+            self.metrics.set_samples(evaluation.metric_samples())
+        if self.apply is not None:
+            self.apply(evaluation)
+        if evaluation.decision is not None:
+            d = evaluation.decision
+            log.info("rollout %s: %s -> %s (%s)", d.action, d.from_stage, d.to_stage, d.why)
+
+    async def _persist(self, evaluation: Evaluation) -> None:
+        if self.store is None:
+            return
+        try:
+            await asyncio.to_thread(self.store.record_evaluation, evaluation)
+        except Exception:
+            self.counters.persist_errors += 1
+            log.exception("persisting a gate evaluation failed")
+        if evaluation.decision is not None:
+            await self._persist_decision(evaluation.decision)
+
+    async def _persist_decision(self, decision: Decision) -> None:
+        if self.store is None:
+            return
+        try:
+            await asyncio.to_thread(self.store.record_decision, decision)
+        except Exception:
+            self.counters.persist_errors += 1
+            log.exception("persisting a decision failed")
+
+    def _unmatched(self, labels: list[tuple[LabelEvent, str]]) -> None:
+        for event, reason in labels[:20]:
+            log.warning("label for %r never met its pair: %s", event.id, reason)
+        if len(labels) > 20:
+            log.warning("... and %d more unmatched labels", len(labels) - 20)
+
+    def status(self) -> dict[str, Any]:
+        evaluation = self.current()
+        body = evaluation.to_dict()
+        body["queues"] = {
+            "pairs_pending": len(self._pairs),
+            "labels_pending": len(self._labels),
+            "pairs_dropped": self.counters.pairs_dropped,
+            "labels_dropped": self.counters.labels_dropped,
+            "labels_unmatched": self.runner.unmatched_total,
+            "join_pairs_waiting": self.runner.join.pending_pairs,
+            "join_labels_waiting": self.runner.join.pending_labels,
+        }
+        return body
+
+
+T = TypeVar("T")
+
+
+def _drain(queue: deque[T]) -> list[T]:
+    items = list(queue)
+    queue.clear()
+    return items
+
+
+def _task(config: MirrorgateConfig) -> Task:
+    # The gates' own setting wins; "auto" follows the proxy's declared output task.
+    if config.gates.task != "auto":
+        return config.gates.task
+    return config.output.task
+
+
+def failing(evaluation: Evaluation) -> list[str]:
+    return [g.label for g in evaluation.gates if g.blocking and g.status is Status.FAIL]
