@@ -7,6 +7,7 @@ replay`` uses without ``--config`` and what the proxy uses when the YAML file ha
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -272,6 +273,18 @@ class GatesSettings(_Strict):
     latency: LatencySettings = LatencySettings()
     errors: ErrorSettings = ErrorSettings()
     pinned: PinnedSettings = PinnedSettings()
+
+    def with_slice_keys(self, keys: Iterable[str]) -> GatesSettings:
+        """A copy that gates exactly these slice keys, unless keys are configured already.
+
+        Fixing the keys up front (the proxy's configured slice headers / parameters / rules,
+        or replay's keys found in the file) splits the error budget over the real number
+        of keys instead of ``max_keys``.
+        """
+        if self.slices.keys is not None:
+            return self
+        slices = self.slices.model_copy(update={"keys": list(dict.fromkeys(keys))})
+        return self.model_copy(update={"slices": slices})
 
 
 # ------------------------------------------------------------------------------ rollout
