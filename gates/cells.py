@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from gates.batch import FloatArray, IntArray, PairBatch
+from gates.batch import BoolArray, FloatArray, IntArray, PairBatch
 from gates.result import AGGREGATE
 from gates.settings import SliceSettings
 
@@ -144,16 +144,25 @@ class SliceCells:
             return f"{key}={value}"
         return f"{key}={OTHER}"
 
-    def assign(self, batch: PairBatch) -> list[tuple[list[str], IntArray]]:
-        """Per admitted key present in the batch: (cell names, per-row index into them)."""
-        if not self.enabled:
+    def assign(self, batch: PairBatch, rows: BoolArray) -> list[tuple[list[str], IntArray]]:
+        """Per admitted key: (cell names, per-row index into them, -1 = no cell).
+
+        Only values of the contributing ``rows`` are admitted, so the cells (and the caps)
+        depend on the data counted, never on how the stream was cut into batches."""
+        if not self.enabled or not rows.any():
             return []
         out: list[tuple[list[str], IntArray]] = []
         for key, (values, codes) in batch.slices.items():
-            if not self._admit_key(key):
+            used = np.unique(codes[rows & (codes >= 0)])
+            if len(used) == 0 or not self._admit_key(key):
                 continue
-            names = [self._cell(key, v) for v in values]
-            out.append((names, codes))
+            # first-appearance order among contributing rows keeps admission order-stable
+            first = np.array([np.argmax(rows & (codes == u)) for u in used])
+            used = used[np.argsort(first, kind="stable")]
+            remap = np.full(len(values), -1, dtype=np.int64)
+            remap[used] = np.arange(len(used))
+            names = [self._cell(key, values[u]) for u in used]
+            out.append((names, np.where(codes >= 0, remap[np.maximum(codes, 0)], -1)))
         return out
 
     def merge(self, other: SliceCells) -> dict[str, str | None]:

@@ -149,8 +149,30 @@ class OutputDriftGate(Gate):
 
     def _compute(self) -> list[GateResult]:
         cfg = self.settings.drift.output
-        if not cfg.enabled or not self.counts or self.n <= 0:
+        if not cfg.enabled:
             return []
+        if not self.counts or self.n <= 0:
+            waiting = (
+                f"fixing the output bins from the first {cfg.reference_size} champion outputs "
+                f"({len(self.reference)} so far)"
+                if self.task == "regression" and self.edges is None
+                else "no comparable pairs yet"
+            )
+            return [
+                GateResult(
+                    name="drift.output",
+                    slice=AGGREGATE,
+                    status=Status.INCONCLUSIVE,
+                    statistic=None,
+                    threshold=cfg.ks,
+                    n=0,
+                    confidence=0.0,
+                    method=OUTPUT_METHOD,
+                    reason=f"INCONCLUSIVE: output divergence is {waiting}",
+                    blocking=cfg.blocking,
+                    insufficient=True,
+                )
+            ]
         s1, s2, labels = self._coordinates()
         m = len(s1)
         if m == 0:

@@ -104,7 +104,7 @@ class MetricGate(SlicedGate):
         d = ok_a - ok_c
         ones = np.ones(batch.n)
         tern = np.stack([ones, d, d * d], axis=1)
-        assignment = self.cells.assign(batch)
+        assignment = self.cells.assign(batch, mask)
         if m.accuracy.enabled:
             self._add("accuracy", tern, mask, assignment)
             self._add(
@@ -184,7 +184,7 @@ class MetricGate(SlicedGate):
         assert clip is not None
         cc, ca = np.minimum(e_c, clip), np.minimum(e_a, clip)
         ones = np.ones(batch.n)
-        assignment = self.cells.assign(batch)
+        assignment = self.cells.assign(batch, mask)
         if m.mae.enabled:
             z = (1.0 + m.mae.margin) * cc - ca
             self._add("mae", np.stack([ones, z, z * z], axis=1), mask, assignment)

@@ -87,7 +87,7 @@ class ToleranceGate(SlicedGate):
             norms = np.linalg.norm(c, axis=1) * np.linalg.norm(a, axis=1)
             cos = np.einsum("ij,ij->i", c, a) / np.where(norms > 0, norms, 1.0)
             out["cosine"] = (1.0 - np.where(norms > 0, cos, 1.0)) > t.cosine.tol
-        assignment = self.cells.assign(batch)
+        assignment = self.cells.assign(batch, mask)
         ones = np.ones(batch.n)
         for check in self._active():
             if check in out:
