@@ -45,7 +45,14 @@ class Gate(ABC):
 
     # ------------------------------------------------------------------ contract
 
+    @property
+    def enabled(self) -> bool:
+        """A disabled gate neither updates nor reports (and gets no error budget)."""
+        return True
+
     def update(self, batch: PairBatch | Sequence[PairRecord]) -> None:
+        if not self.enabled:
+            return
         b = as_batch(batch)
         if b.n == 0:
             return
@@ -76,9 +83,42 @@ class Gate(ABC):
     @property
     def results(self) -> list[GateResult]:
         """Every cell's result (cached until the state changes)."""
+        if not self.enabled:
+            return []
         if self._cache is None or self._cache[0] != self._version:
-            self._cache = (self._version, self._compute())
+            computed = self._compute()
+            if not computed and self.applicable:
+                computed = [self._no_data()]
+            self._cache = (self._version, computed)
         return list(self._cache[1])
+
+    @property
+    def blocking(self) -> bool:
+        return True
+
+    @property
+    def applicable(self) -> bool:
+        """False when the gate has no check for the task (e.g. metrics of embeddings)."""
+        return True
+
+    #: what the gate is waiting for before its first result
+    waiting_for = "no data yet"
+
+    def _no_data(self) -> GateResult:
+        """An enabled gate without data is undecided, never absent: it holds a stage."""
+        return GateResult(
+            name=self.family,
+            slice=AGGREGATE,
+            status=Status.INCONCLUSIVE,
+            statistic=None,
+            threshold=None,
+            n=0,
+            confidence=0.0,
+            method=Method("none", self.waiting_for),
+            reason=f"INCONCLUSIVE: {self.family}: {self.waiting_for}",
+            blocking=self.blocking,
+            insufficient=True,
+        )
 
     @abstractmethod
     def _compute(self) -> list[GateResult]: ...

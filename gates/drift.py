@@ -80,6 +80,18 @@ def _hist(values: FloatArray, edges: FloatArray) -> FloatArray:
 class OutputDriftGate(Gate):
     family = "drift.output"
 
+    @property
+    def enabled(self) -> bool:
+        return self.settings.drift.output.enabled
+
+    @property
+    def blocking(self) -> bool:
+        return self.settings.drift.output.blocking
+
+    @property
+    def applicable(self) -> bool:
+        return self.task != "embedding"
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         cfg = self.settings.drift.output
@@ -149,7 +161,7 @@ class OutputDriftGate(Gate):
 
     def _compute(self) -> list[GateResult]:
         cfg = self.settings.drift.output
-        if not cfg.enabled:
+        if not cfg.enabled or self.task == "embedding":
             return []
         if not self.counts or self.n <= 0:
             waiting = (
@@ -341,6 +353,18 @@ class InputDriftGate(Gate):
     """Input features against a reference; FAIL here is a warning (never blocking)."""
 
     family = "drift.input"
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.drift.input.enabled
+
+    @property
+    def blocking(self) -> bool:
+        return False
+
+    @property
+    def applicable(self) -> bool:
+        return False  # no features, no input drift: nothing to wait for
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -64,6 +64,16 @@ def _point_quantile(counts: FloatArray, q: float) -> float:
 class LatencyGate(Gate):
     family = "latency"
 
+    @property
+    def enabled(self) -> bool:
+        return self.settings.latency.enabled
+
+    @property
+    def blocking(self) -> bool:
+        return self.settings.latency.blocking
+
+    waiting_for = "no pairs with both latencies yet"
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.hist = {
@@ -164,6 +174,14 @@ class LatencyGate(Gate):
 
 class ErrorGate(Gate):
     family = "errors"
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.errors.enabled
+
+    @property
+    def blocking(self) -> bool:
+        return self.settings.errors.blocking
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -57,6 +57,21 @@ MAX_CONFUSION_CLASSES = 256
 
 class MetricGate(SlicedGate):
     family = "metric"
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.metric.enabled
+
+    @property
+    def blocking(self) -> bool:
+        return self.settings.metric.blocking
+
+    @property
+    def applicable(self) -> bool:
+        return self.task == "auto" or bool(self._active())
+
+    waiting_for = "no labelled pairs yet"
+
     needs_labels = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

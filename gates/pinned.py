@@ -22,6 +22,14 @@ METHOD = Method("pinned regression suite", "deterministic: each pinned case must
 class PinnedGate(Gate):
     family = "pinned"
 
+    @property
+    def enabled(self) -> bool:
+        return self.settings.pinned.enabled
+
+    @property
+    def blocking(self) -> bool:
+        return self.settings.pinned.blocking
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # case id -> (ts, correct, detail)

@@ -47,6 +47,20 @@ TASK_CHECKS = {
 class ToleranceGate(SlicedGate):
     family = "tolerance"
 
+    @property
+    def enabled(self) -> bool:
+        return self.settings.tolerance.enabled
+
+    @property
+    def blocking(self) -> bool:
+        return self.settings.tolerance.blocking
+
+    @property
+    def applicable(self) -> bool:
+        return self.task == "auto" or bool(self._active())
+
+    waiting_for = "no comparable pairs yet"
+
     def _limits(self) -> dict[str, RateLimit]:
         t = self.settings.tolerance
         return {
