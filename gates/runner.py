@@ -38,6 +38,7 @@ class GateRunner:
     def add_pairs(self, records: Sequence[PairRecord], now: float) -> None:
         if not records:
             return
+        self.expire(now)  # windows first: what left them before `now` cannot match
         self.engine.observe(records)
         labelled = self.join.add_pairs(records, now)
         if labelled:
@@ -45,6 +46,7 @@ class GateRunner:
 
     def add_labels(self, labels: Iterable[LabelEvent], now: float) -> int:
         """Returns how many pairs these labels completed (the others wait)."""
+        self.expire(now)
         matched = self.join.add_labels(labels, now)
         if matched:
             self.engine.observe_labelled(matched)
