@@ -1,17 +1,334 @@
 """Typed settings of the gates and the rollout plan (pydantic models, validation only).
 
-PLACEHOLDER written with the skeleton; the gates work replaces the bodies, keeping the
-two class names that ``proxy.config`` imports.
+The defaults are the documented default gate set (docs/gates.md): what ``mirrorgate
+replay`` uses without ``--config`` and what the proxy uses when the YAML file has no
+``gates:`` / ``rollout:`` sections. Every model forbids unknown keys.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from collections.abc import Iterable
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Task = Literal["auto", "classification", "regression", "embedding"]
 
 
-class GatesSettings(BaseModel):
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class RolloutSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Family(_Strict):
+    enabled: bool = True
+    blocking: bool = True
+    alpha_weight: float = Field(
+        1.0, gt=0, description="share of the false-abort budget, relative to other families"
+    )
+
+
+# ---------------------------------------------------------------------------- tolerance
+
+
+class RateLimit(_Strict):
+    """A bound on the rate of out-of-tolerance pairs ("at most max_rate of pairs ...")."""
+
+    enabled: bool = True
+    max_rate: float = Field(..., gt=0, lt=1)
+
+
+class ShiftLimit(RateLimit):
+    tol: float = Field(0.2, gt=0, le=1, description="largest |change| of any class probability")
+    max_rate: float = Field(0.10, gt=0, lt=1)
+
+
+class FlipLimit(RateLimit):
+    max_rate: float = Field(0.10, gt=0, lt=1)
+
+
+class CollapseLimit(RateLimit):
+    high: float = Field(0.9, gt=0, le=1, description="champion top probability >= high ...")
+    low: float = Field(0.5, gt=0, le=1, description="... while the candidate's is < low")
+    max_rate: float = Field(0.02, gt=0, lt=1)
+
+
+class RegressionTolerance(RateLimit):
+    atol: float = Field(0.01, ge=0, description="out if |cand - champ| > atol + rtol*|champ|")
+    rtol: float = Field(0.10, ge=0)
+    max_rate: float = Field(0.10, gt=0, lt=1)
+
+
+class CosineLimit(RateLimit):
+    tol: float = Field(0.05, gt=0, le=2, description="cosine distance above which a pair is out")
+    max_rate: float = Field(0.05, gt=0, lt=1)
+
+
+class ToleranceSettings(_Family):
+    """Label-free, per pair: anytime-valid bounds on out-of-tolerance rates."""
+
+    min_samples: int = Field(200, ge=1)
+    shift: ShiftLimit = ShiftLimit()
+    flip: FlipLimit = FlipLimit()
+    collapse: CollapseLimit = CollapseLimit()
+    regression: RegressionTolerance = RegressionTolerance()
+    cosine: CosineLimit = CosineLimit()
+
+
+# ------------------------------------------------------------------------------- metric
+
+
+class PairedMetric(_Strict):
+    enabled: bool = True
+    blocking: bool = True
+    margin: float = Field(..., ge=0, lt=1)
+
+
+class AccuracySettings(PairedMetric):
+    margin: float = Field(0.01, ge=0, lt=1, description="allowed drop in accuracy (absolute)")
+
+
+class RecallSettings(PairedMetric):
+    margin: float = Field(0.02, ge=0, lt=1, description="allowed drop in each class's recall")
+    max_classes: int = Field(64, ge=2, description="classes beyond this share one budget cell")
+
+
+class HighConfidenceErrorSettings(PairedMetric):
+    margin: float = Field(0.01, ge=0, lt=1, description="allowed rise in the hc error rate")
+    confidence: float = Field(0.9, gt=0, le=1, description="top probability counted as 'sure'")
+
+
+class RegressionMetric(PairedMetric):
+    margin: float = Field(
+        0.05, ge=0, lt=10, description="relative: candidate <= (1 + margin) x champion"
+    )
+
+
+class EvidenceMetric(_Strict):
+    """Reported as evidence, never blocking: not a mean of per-request terms."""
+
+    enabled: bool = True
+    margin: float = Field(0.02, ge=0, lt=1)
+
+
+class EceSettings(EvidenceMetric):
+    bins: int = Field(15, ge=2, le=100)
+
+
+class MetricSettings(_Family):
+    """Needs labels: paired champion-versus-candidate comparison on the same requests."""
+
+    min_samples: int = Field(200, ge=1, description="labelled pairs before a cell may decide")
+    accuracy: AccuracySettings = AccuracySettings()
+    recall: RecallSettings = RecallSettings()
+    high_confidence_error: HighConfidenceErrorSettings = HighConfidenceErrorSettings()
+    macro_f1: EvidenceMetric = EvidenceMetric()
+    precision: EvidenceMetric = EvidenceMetric()
+    ece: EceSettings = EceSettings()
+    mae: RegressionMetric = RegressionMetric()
+    rmse: RegressionMetric = RegressionMetric()
+    clip: float | None = Field(
+        None,
+        gt=0,
+        description="regression: |error| clip that bounds the paired statistic; "
+        "None = 10x the 99th percentile of the first clip_calibration labelled "
+        "champion errors (those pairs are then not tested)",
+    )
+    clip_calibration: int = Field(200, ge=10)
+
+
+# ------------------------------------------------------------------------------- slices
+
+
+class SliceSettings(_Strict):
+    """Per-slice copies of the tolerance and metric checks (``key=value`` cells)."""
+
+    enabled: bool = True
+    keys: list[str] | None = Field(
+        None, description="slice keys to gate; None = every key found, up to max_keys"
+    )
+    max_keys: int = Field(8, ge=1)
+    max_values: int = Field(20, ge=1, description="values per key; more share key=__other__")
+    min_samples: int = Field(300, ge=1, description="a cell below this never decides")
+    alpha_share: float = Field(
+        0.5, gt=0, lt=1, description="share of each check's budget spent on slice cells"
+    )
+    checks: list[str] = Field(
+        default_factory=lambda: [
+            "accuracy",
+            "high_confidence_error",
+            "mae",
+            "flip",
+            "shift",
+            "collapse",
+            "regression",
+            "cosine",
+        ],
+        description="checks that get per-slice cells",
+    )
+    require_pass: bool = Field(
+        True, description="to advance, every cell with >= min_samples must PASS"
+    )
+
+
+# -------------------------------------------------------------------------------- drift
+
+
+class InputDriftSettings(_Strict):
+    """Input features against a reference. A warning on the evidence, never blocking."""
+
+    enabled: bool = True
+    features: list[str] | None = Field(None, description="None = every feature found")
+    max_features: int = Field(32, ge=1)
+    reference: Literal["first_n", "file"] = "first_n"
+    reference_path: str | None = Field(None, description="paired-record JSONL when 'file'")
+    reference_size: int = Field(1000, ge=50)
+    bins: int = Field(10, ge=2, le=100, description="quantile bins of the reference")
+    max_categories: int = Field(32, ge=2)
+    psi: float | None = Field(0.2, gt=0, description="effect size threshold (PSI)")
+    ks: float | None = Field(0.1, gt=0, lt=1, description="effect size threshold (KS)")
+    alpha: float = Field(0.05, gt=0, lt=1, description="own budget: warnings never abort")
+
+    @model_validator(mode="after")
+    def _check(self) -> InputDriftSettings:
+        if self.reference == "file" and not self.reference_path:
+            raise ValueError("reference 'file' needs reference_path")
+        if self.psi is None and self.ks is None:
+            raise ValueError("set at least one effect size threshold (psi or ks)")
+        return self
+
+
+class OutputDriftSettings(_Family):
+    """Candidate's output distribution against the champion's on the same requests."""
+
+    psi: float | None = Field(0.2, gt=0)
+    ks: float = Field(0.1, gt=0, lt=1, description="largest CDF / class-share difference")
+    bins: int = Field(10, ge=2, le=100)
+    edges: list[float] | None = Field(None, description="regression: fixed output bin edges")
+    reference_size: int = Field(
+        1000,
+        ge=50,
+        description="regression without edges: pairs whose champion outputs "
+        "fix the bins (then not tested)",
+    )
+    min_samples: int = Field(200, ge=1)
+
+
+class DriftSettings(_Strict):
+    input: InputDriftSettings = InputDriftSettings()
+    output: OutputDriftSettings = OutputDriftSettings()
+
+
+# ------------------------------------------------------------------ latency / errors / pinned
+
+
+class LatencySettings(_Family):
+    quantiles: list[float] = Field(default_factory=lambda: [0.95, 0.99])
+    max_ratio: float = Field(1.5, gt=0, description="candidate quantile <= ratio x champion's")
+    slack_ms: float = Field(5.0, ge=0, description="... + slack (sub-ms noise is not a fail)")
+    min_samples: int = Field(500, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> LatencySettings:
+        if not self.quantiles or any(not 0 < q < 1 for q in self.quantiles):
+            raise ValueError("quantiles must be in (0, 1)")
+        return self
+
+
+class ErrorSettings(_Family):
+    max_excess_error_rate: float = Field(
+        0.01, ge=0, lt=1, description="candidate error rate - champion's, at most"
+    )
+    max_excess_timeout_rate: float = Field(0.01, ge=0, lt=1)
+    min_samples: int = Field(200, ge=1)
+
+
+class PinnedSettings(_Strict):
+    enabled: bool = True
+    blocking: bool = True
+    max_failures: int = Field(0, ge=0, description="pinned cases the candidate may get wrong")
+    min_cases: int = Field(0, ge=0, description="cases that must be evaluated to PASS")
+
+
+# -------------------------------------------------------------------------------- gates
+
+
+class GatesSettings(_Strict):
+    """Which gates run, their limits, and the error budget shared by the blocking ones."""
+
+    task: Task = Field("auto", description="auto: scalar outputs regression, else classes")
+    alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        description="false-abort budget for the whole rollout, all blocking gates, "
+        "all slices, all looks (Bonferroni over gates, Ville over time)",
+    )
+    alpha_pass: float = Field(
+        0.05, gt=0, lt=0.5, description="per-gate error of a PASS (promotion: all must PASS)"
+    )
+    tolerance: ToleranceSettings = ToleranceSettings()
+    metric: MetricSettings = MetricSettings()
+    slices: SliceSettings = SliceSettings()
+    drift: DriftSettings = DriftSettings()
+    latency: LatencySettings = LatencySettings()
+    errors: ErrorSettings = ErrorSettings()
+    pinned: PinnedSettings = PinnedSettings()
+
+    def with_slice_keys(self, keys: Iterable[str]) -> GatesSettings:
+        """A copy that gates exactly these slice keys, unless keys are configured already.
+
+        Fixing the keys up front (the proxy's configured slice headers / parameters / rules,
+        or replay's keys found in the file) splits the error budget over the real number
+        of keys instead of ``max_keys``.
+        """
+        if self.slices.keys is not None:
+            return self
+        slices = self.slices.model_copy(update={"keys": list(dict.fromkeys(keys))})
+        return self.model_copy(update={"slices": slices})
+
+
+# ------------------------------------------------------------------------------ rollout
+
+
+class StageSettings(_Strict):
+    name: str = Field(..., min_length=1)
+    canary_weight: float = Field(0.0, ge=0, le=1, description="share served by the candidate")
+    min_pairs: int = Field(1000, ge=0, description="pairs seen in this stage before advancing")
+    min_labels: int = Field(200, ge=0, description="labels joined in this stage")
+    min_duration_s: float = Field(300.0, ge=0)
+    max_duration_s: float | None = Field(86_400.0, gt=0)
+    on_max_duration: Literal["hold", "abort"] = "hold"
+    require: list[str] | None = Field(
+        None,
+        description="gate name prefixes that must PASS to leave the stage "
+        "(e.g. ['tolerance', 'latency']); None = every blocking gate",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> StageSettings:
+        if self.max_duration_s is not None and self.max_duration_s < self.min_duration_s:
+            raise ValueError("max_duration_s must be >= min_duration_s")
+        return self
+
+
+def _default_stages() -> list[StageSettings]:
+    return [
+        StageSettings(name="shadow", canary_weight=0.0),
+        StageSettings(name="canary-5", canary_weight=0.05),
+        StageSettings(name="canary-25", canary_weight=0.25),
+    ]
+
+
+class RolloutSettings(_Strict):
+    """The plan: stages in order; PROMOTE after the last one's conditions are met."""
+
+    stages: list[StageSettings] = Field(default_factory=_default_stages, min_length=1)
+    evaluate_every_pairs: int = Field(500, ge=1, description="evaluate after K new pairs ...")
+    evaluate_every_s: float = Field(10.0, gt=0, description="... or T seconds, first wins")
+
+    @model_validator(mode="after")
+    def _check(self) -> RolloutSettings:
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError("stage names must be unique")
+        return self

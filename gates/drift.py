@@ -1,0 +1,654 @@
+"""Drift gates: the candidate's outputs against the champion's, inputs against a reference.
+
+Both need significance *after multiplicity control* **and** an effect size over its
+threshold before they flag anything; on large samples a p-value alone flags trivial shifts.
+
+Output divergence (blocking, a candidate failure). On the same requests, for each
+coordinate j of the output distribution (the share of class j for classifiers, the CDF at
+bin edge j for regression outputs) the paired difference
+``d_j = 1[cand in j] - 1[champ in j]`` lies in {-1, 0, 1}; its mean is the difference of
+the two marginal shares. Significance: the betting e-process rejects ``mean = 0`` for some
+coordinate at level ``alpha / (2m)`` (Bonferroni over coordinates and sides). Effect: the
+KS-type distance ``max_j |share_cand - share_champ|`` >= ``ks`` or PSI >= ``psi``. PASS:
+every coordinate's difference is confidently inside ``(-ks, ks)`` (an equivalence test;
+intersection-union, so each side at ``alpha_pass``).
+
+Input drift (a warning on the evidence: both models see the same inputs). Per feature,
+coordinates are the reference-quantile CDF points (numeric) or category shares
+(categorical). The reference sample is fixed: Clopper-Pearson intervals at
+``alpha_ref / m`` cover all its coordinates; the current sample grows: beta-binomial
+confidence sequences at ``alpha_cur / (2m)`` cover all of its coordinates at every look.
+Under "no drift" both cover the same true value, so disjoint intervals on any coordinate
+are significant at ``alpha_ref + alpha_cur`` uniformly over time. Effect: PSI >= ``psi``
+or (numeric) the KS distance at the bin edges >= ``ks``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+from scipy.special import betaincinv, chdtrc
+
+from gates.base import Gate, status_of
+from gates.batch import FloatArray, PairBatch, as_batch, scalars
+from gates.cells import OTHER
+from gates.records import PairRecord
+from gates.result import AGGREGATE, GateResult, Method, Status, fmt
+from gates.stats import (
+    chi2_from_counts,
+    ks_from_counts,
+    log_threshold,
+    psi,
+    rate_log_e,
+    ternary_log_e,
+)
+
+OUTPUT_METHOD = Method(
+    "paired share difference, betting e-process + effect size",
+    "per-coordinate paired difference of the two output distributions, Bonferroni over "
+    "coordinates, Ville's inequality; flagged only if also KS/PSI over threshold",
+)
+INPUT_METHOD = Method(
+    "reference CI + anytime CS + effect size",
+    "Clopper-Pearson on the fixed reference, beta-binomial confidence sequence on the "
+    "live sample, Bonferroni over coordinates and features; PSI / KS effect size",
+)
+
+
+def _edges_from(values: FloatArray, bins: int) -> FloatArray:
+    """Quantile bin edges of a reference; every distinct value its own bin when few."""
+    uniq = np.unique(values)
+    if len(uniq) <= 1:
+        return uniq.astype(np.float64)
+    if len(uniq) <= bins:
+        return uniq[:-1].astype(np.float64)
+    return np.unique(np.quantile(values, np.arange(1, bins) / bins))
+
+
+def _hist(values: FloatArray, edges: FloatArray) -> FloatArray:
+    """Counts in ``(-inf, e0], (e0, e1], ..., (e_last, inf)``."""
+    idx = np.searchsorted(edges, values, side="left")
+    return np.bincount(idx, minlength=len(edges) + 1).astype(np.float64)
+
+
+# =========================================================================== output
+
+
+class OutputDriftGate(Gate):
+    family = "drift.output"
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.drift.output.enabled
+
+    @property
+    def blocking(self) -> bool:
+        return self.settings.drift.output.blocking
+
+    @property
+    def applicable(self) -> bool:
+        return self.task != "embedding"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        cfg = self.settings.drift.output
+        self.n = 0.0
+        # classification: shares per class; regression: histograms over fixed edges
+        self.counts: dict[str, FloatArray] = {}
+        self.edges: FloatArray | None = (
+            np.asarray(sorted(cfg.edges), dtype=np.float64) if cfg.edges else None
+        )
+        self.reference: list[float] = []
+
+    def _update(self, batch: PairBatch) -> None:
+        if batch.champion is None or batch.candidate is None or not batch.comparable.any():
+            return
+        mask = batch.comparable
+        ch = np.nan_to_num(batch.champion[mask])
+        ca = np.nan_to_num(batch.candidate[mask])
+        if self.task == "classification":
+            pcb, pab = batch.probabilities("champion"), batch.probabilities("candidate")
+            if pcb is None or pab is None or pcb.shape != pab.shape:
+                return
+            pc, pa = pcb[mask], pab[mask]
+            c = pc.shape[1]
+            yc, ya = pc.argmax(axis=1), pa.argmax(axis=1)
+            new = {
+                "champion": np.bincount(yc, minlength=c).astype(np.float64),
+                "candidate": np.bincount(ya, minlength=c).astype(np.float64),
+                "both": np.bincount(yc[yc == ya], minlength=c).astype(np.float64),
+            }
+        elif self.task == "regression":
+            vc, va = scalars(ch), scalars(ca)
+            if self.edges is None:
+                cfg = self.settings.drift.output
+                take = cfg.reference_size - len(self.reference)
+                self.reference.extend(float(v) for v in vc[:take])
+                vc, va = vc[take:], va[take:]
+                if len(self.reference) >= cfg.reference_size:
+                    self.edges = _edges_from(np.asarray(self.reference), cfg.bins)
+                if self.edges is None or len(vc) == 0:
+                    return
+            new = {
+                "champion": _hist(vc, self.edges),
+                "candidate": _hist(va, self.edges),
+                "both": _hist(np.maximum(vc, va), self.edges),
+            }
+        else:
+            return
+        if self.counts and len(self.counts["champion"]) != len(new["champion"]):
+            return  # a different class count than the rest of the stream: not comparable
+        for k, v in new.items():
+            self.counts[k] = self.counts.get(k, 0.0) + v
+        self.n += float(len(new["champion"]) and new["champion"].sum())
+
+    def _coordinates(self) -> tuple[FloatArray, FloatArray, list[str]]:
+        ch, ca, both = self.counts["champion"], self.counts["candidate"], self.counts["both"]
+        if self.task == "classification":
+            s1 = ca - ch
+            s2 = ca + ch - 2.0 * both
+            labels = [f"class {j}" for j in range(len(ch))]
+        else:
+            cc, cca, cb = np.cumsum(ch)[:-1], np.cumsum(ca)[:-1], np.cumsum(both)[:-1]
+            s1 = cca - cc
+            s2 = cca + cc - 2.0 * cb
+            assert self.edges is not None
+            labels = [f"P(output <= {fmt(e)})" for e in self.edges]
+        return s1, s2, labels
+
+    def _compute(self) -> list[GateResult]:
+        cfg = self.settings.drift.output
+        if not cfg.enabled or self.task == "embedding":
+            return []
+        if not self.counts or self.n <= 0:
+            waiting = (
+                f"fixing the output bins from the first {cfg.reference_size} champion outputs "
+                f"({len(self.reference)} so far)"
+                if self.task == "regression" and self.edges is None
+                else "no comparable pairs yet"
+            )
+            return [
+                GateResult(
+                    name="drift.output",
+                    slice=AGGREGATE,
+                    status=Status.INCONCLUSIVE,
+                    statistic=None,
+                    threshold=cfg.ks,
+                    n=0,
+                    confidence=0.0,
+                    method=OUTPUT_METHOD,
+                    reason=f"INCONCLUSIVE: output divergence is {waiting}",
+                    blocking=cfg.blocking,
+                    insufficient=True,
+                )
+            ]
+        s1, s2, labels = self._coordinates()
+        m = len(s1)
+        if m == 0:
+            return []
+        n = self.n
+        thr_sig = log_threshold(self.alpha / (2 * m))
+        up = ternary_log_e(n, s1, s2, 0.0, "greater")
+        down = ternary_log_e(n, s1, s2, 0.0, "less")
+        significant = bool(((up >= thr_sig) | (down >= thr_sig)).any())
+        thr_pass = log_threshold(self.settings.alpha_pass)
+        within = (ternary_log_e(n, s1, s2, cfg.ks, "less") >= thr_pass) & (
+            ternary_log_e(n, s1, s2, -cfg.ks, "greater") >= thr_pass
+        )
+        diff = s1 / n
+        j = int(np.argmax(np.abs(diff)))
+        dist = float(abs(diff[j]))
+        index = psi(self.counts["champion"], self.counts["candidate"])
+        effect = dist >= cfg.ks or (cfg.psi is not None and index >= cfg.psi)
+        enough = n >= cfg.min_samples
+        status = status_of(significant and effect, bool(within.all()), enough)
+        word = status.value if enough else f"INCONCLUSIVE (n={int(n)} < {cfg.min_samples})"
+        chi2_stat, dof = chi2_from_counts(self.counts["champion"], self.counts["candidate"])
+        reason = (
+            f"{word}: candidate vs champion output distribution on the same requests: "
+            f"largest share difference {fmt(diff[j])} at {labels[j]} (threshold {fmt(cfg.ks)}), "
+            f"PSI {fmt(index)} (threshold {fmt(cfg.psi)}), "
+            f"{'significant' if significant else 'not significant'} after Bonferroni over "
+            f"{m} coordinates, n={int(n)}"
+        )
+        return [
+            GateResult(
+                name="drift.output",
+                slice=AGGREGATE,
+                status=status,
+                statistic=dist,
+                threshold=cfg.ks,
+                n=int(n),
+                confidence=1.0
+                - (self.settings.alpha_pass if status is Status.PASS else self.alpha),
+                method=OUTPUT_METHOD,
+                reason=reason,
+                blocking=cfg.blocking,
+                insufficient=not enough,
+                details={
+                    "psi": index,
+                    "significant": significant,
+                    "coordinate": labels[j],
+                    "coordinates": m,
+                    "chi2": chi2_stat,
+                    "chi2_dof": dof,
+                    "alpha": self.alpha,
+                },
+            )
+        ]
+
+    def _merge(self, other: OutputDriftGate) -> None:
+        if self.edges is None and other.edges is not None:
+            if self.reference:
+                raise ValueError("drift.output: cannot merge a calibrating state")
+            self.edges = other.edges.copy()
+        elif other.edges is not None and (
+            self.edges is None or not np.array_equal(other.edges, self.edges)
+        ):
+            raise ValueError("drift.output: cannot merge states with different bin edges")
+        elif self.edges is None and other.edges is None:
+            self.reference.extend(other.reference)
+        if self.counts and other.counts:
+            if len(self.counts["champion"]) != len(other.counts["champion"]):
+                raise ValueError("drift.output: cannot merge different class counts")
+        for k, v in other.counts.items():
+            self.counts[k] = self.counts.get(k, 0.0) + v
+        self.n += other.n
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "counts": {k: v.tolist() for k, v in self.counts.items()},
+            "edges": None if self.edges is None else self.edges.tolist(),
+            "reference": list(self.reference),
+        }
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.n = float(state.get("n", 0.0))
+        self.counts = {k: np.asarray(v, dtype=float) for k, v in state.get("counts", {}).items()}
+        edges = state.get("edges")
+        self.edges = None if edges is None else np.asarray(edges, dtype=np.float64)
+        self.reference = [float(v) for v in state.get("reference", [])]
+
+
+# ============================================================================ input
+
+FeatureKind = Literal["numeric", "categorical"]
+
+
+class _Feature:
+    """One frozen feature: its bins (numeric edges or categories) and both histograms."""
+
+    def __init__(
+        self,
+        kind: FeatureKind,
+        edges: FloatArray | None,
+        categories: list[str] | None,
+        ref: FloatArray,
+    ) -> None:
+        self.kind = kind
+        self.edges = edges
+        self.categories = categories
+        self.ref = ref
+        self.cur = np.zeros_like(ref)
+        self.missing = 0.0
+        # Clopper-Pearson intervals of the (fixed) reference, by level: computed once
+        self.ref_ci: dict[float, tuple[FloatArray, FloatArray]] = {}
+
+    def histogram(self, numeric: FloatArray, cat: np.ndarray | None) -> tuple[FloatArray, int]:
+        if self.kind == "numeric":
+            assert self.edges is not None
+            ok = np.isfinite(numeric)
+            return _hist(numeric[ok], self.edges), int((~ok).sum())
+        assert self.categories is not None
+        values = (
+            cat
+            if cat is not None
+            else np.array(
+                [None if not np.isfinite(v) else _num_str(v) for v in numeric], dtype=object
+            )
+        )
+        present = values[values != None]  # noqa: E711 - elementwise on an object array
+        if len(present) == 0:
+            return np.zeros(len(self.categories)), len(values)
+        # unique values in C, then a handful of dictionary lookups
+        uniq, inverse = np.unique(present.astype(str), return_inverse=True)
+        index = {c: i for i, c in enumerate(self.categories)}
+        other = index.get(OTHER, len(self.categories) - 1)
+        lookup = np.array([index.get(str(u), other) for u in uniq], dtype=np.int64)
+        counts = np.bincount(lookup[inverse], minlength=len(self.categories)).astype(np.float64)
+        return counts, len(values) - len(present)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "edges": None if self.edges is None else self.edges.tolist(),
+            "categories": self.categories,
+            "ref": self.ref.tolist(),
+            "cur": self.cur.tolist(),
+            "missing": self.missing,
+        }
+
+    @classmethod
+    def from_state(cls, s: dict[str, Any]) -> _Feature:
+        f = cls(
+            s["kind"],
+            None if s.get("edges") is None else np.asarray(s["edges"], dtype=np.float64),
+            s.get("categories"),
+            np.asarray(s["ref"], dtype=np.float64),
+        )
+        f.cur = np.asarray(s["cur"], dtype=np.float64)
+        f.missing = float(s.get("missing", 0.0))
+        return f
+
+
+def _num_str(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
+class InputDriftGate(Gate):
+    """Input features against a reference; FAIL here is a warning (never blocking)."""
+
+    family = "drift.input"
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.drift.input.enabled
+
+    @property
+    def blocking(self) -> bool:
+        return False
+
+    @property
+    def applicable(self) -> bool:
+        return False  # no features, no input drift: nothing to wait for
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.features: dict[str, _Feature] = {}
+        self.frozen = False
+        self.buffer: dict[str, list[Any]] = {}
+        self.buffered = 0
+        self.source: str = self.settings.drift.input.reference
+
+    # ------------------------------------------------------------------ reference
+
+    def set_reference(self, data: PairBatch | Sequence[PairRecord], source: str = "file") -> None:
+        """Freeze the reference from these records (a reference file). A deliberate act:
+        refused once live data has been counted against another reference."""
+        if self.frozen and any(f.cur.sum() > 0 for f in self.features.values()):
+            raise ValueError("drift.input: the reference is already in use; not re-baselined")
+        batch = as_batch(data)
+        self.buffer, self.buffered = {}, 0
+        self._collect(batch, batch.n)
+        self.source = source
+        self._freeze()
+        self._version += 1
+
+    def _collect(self, batch: PairBatch, rows: int) -> None:
+        cfg = self.settings.drift.input
+        names = cfg.features if cfg.features is not None else batch.feature_names()
+        for name in names:
+            if name not in self.buffer:
+                if cfg.features is None and len(self.buffer) >= cfg.max_features:
+                    continue
+                self.buffer[name] = [None] * self.buffered
+            self.buffer[name].extend(batch.feature_values(name, rows))
+        for values in self.buffer.values():
+            if len(values) < self.buffered + rows:
+                values.extend([None] * (self.buffered + rows - len(values)))
+        self.buffered += rows
+
+    def _freeze(self) -> None:
+        cfg = self.settings.drift.input
+        self.features = {}
+        for name, values in self.buffer.items():
+            present = [v for v in values if v is not None and not isinstance(v, bool)]
+            if len(present) < 2:
+                continue
+            if any(isinstance(v, str) for v in present):
+                counts = Counter(v if isinstance(v, str) else _num_str(v) for v in present)
+                top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+                cats = [k for k, _ in top[: cfg.max_categories - 1]]
+                cats.append(OTHER)
+                ref = np.array(
+                    [counts[c] for c in cats[:-1]]
+                    + [sum(v for k, v in counts.items() if k not in set(cats[:-1]))],
+                    dtype=np.float64,
+                )
+                self.features[name] = _Feature("categorical", None, cats, ref)
+            else:
+                arr = np.asarray(present, dtype=np.float64)
+                arr = arr[np.isfinite(arr)]
+                if len(arr) < 2:
+                    continue
+                edges = _edges_from(arr, cfg.bins)
+                self.features[name] = _Feature("numeric", edges, None, _hist(arr, edges))
+        self.buffer, self.frozen = {}, True
+
+    # ------------------------------------------------------------------ update
+
+    def _update(self, batch: PairBatch) -> None:
+        cfg = self.settings.drift.input
+        if not cfg.enabled:
+            return
+        start = 0
+        if not self.frozen:
+            if self.source != "first_n":
+                return  # waits for set_reference(); nothing is counted against nothing
+            start = min(cfg.reference_size - self.buffered, batch.n)
+            self._collect(batch, start)
+            if self.buffered >= cfg.reference_size:
+                self._freeze()
+            if not self.frozen or start >= batch.n:
+                return
+        rest = batch if start == 0 else batch.take(start)
+        for name, feat in self.features.items():
+            numeric, cat = rest.feature(name)
+            counts, missing = feat.histogram(numeric, cat)
+            if len(counts) == len(feat.cur):
+                feat.cur += counts
+            feat.missing += missing
+
+    # ------------------------------------------------------------------ results
+
+    def _compute(self) -> list[GateResult]:
+        cfg = self.settings.drift.input
+        if not cfg.enabled:
+            return []
+        if not self.frozen:
+            state = (
+                f"collecting the reference ({self.buffered}/{cfg.reference_size} pairs)"
+                if self.source == "first_n"
+                else "waiting for the reference file"
+            )
+            return [
+                GateResult(
+                    name="drift.input",
+                    slice=AGGREGATE,
+                    status=Status.INCONCLUSIVE,
+                    statistic=None,
+                    threshold=cfg.psi,
+                    n=0,
+                    confidence=0.0,
+                    method=INPUT_METHOD,
+                    reason=f"INCONCLUSIVE: input drift is {state}",
+                    blocking=False,
+                    insufficient=True,
+                )
+            ]
+        n_alloc = len(cfg.features) if cfg.features is not None else cfg.max_features
+        a_feat = cfg.alpha / max(n_alloc, 1)
+        feats = list(self.features.items())
+        if not feats:
+            return []
+        # Every coordinate of every feature in one pair of vectorised calls.
+        coords = [self._coords(name, f, a_feat) for name, f in feats]
+        n_cur = np.concatenate([np.full(len(c["k_cur"]), c["n_cur"]) for c in coords])
+        k_cur = np.concatenate([c["k_cur"] for c in coords])
+        ref_lo = np.concatenate([c["ref_lo"] for c in coords])
+        ref_hi = np.concatenate([c["ref_hi"] for c in coords])
+        thr = np.concatenate([np.full(len(c["k_cur"]), c["thr"]) for c in coords])
+        delta = cfg.ks if cfg.ks is not None else 0.1
+        eps = 1e-12
+        size = len(k_cur)
+
+        def rejects(theta: FloatArray, side: Literal["greater", "less"]) -> np.ndarray:
+            inside = (theta > eps) & (theta < 1 - eps)
+            t = np.clip(theta, eps, 1 - eps)
+            le = rate_log_e(np.tile(n_cur, 2), np.tile(k_cur, 2), t, side)
+            return np.asarray(inside & (le >= np.tile(thr, 2)))
+
+        # The live CS (a_coord/2 per side) lies above ref_hi iff the "greater" test rejects
+        # theta = ref_hi (rejection regions are intervals), so no bisection is needed.
+        # PASS: every live coordinate confidently within delta of the reference interval.
+        g = rejects(np.concatenate([ref_hi, ref_hi - delta]), "greater")
+        lo = rejects(np.concatenate([ref_lo, ref_lo + delta]), "less")
+        disjoint = g[:size] | lo[:size]
+        within = ((ref_lo + delta >= 1) | lo[size:]) & ((ref_hi - delta <= 0) | g[size:])
+        out = []
+        start = 0
+        for (name, f), c in zip(feats, coords, strict=True):
+            part = slice(start, start + len(c["k_cur"]))
+            start += len(c["k_cur"])
+            out.append(
+                self._feature_result(
+                    name, f, a_feat, c, bool(disjoint[part].any()), bool(within[part].all())
+                )
+            )
+        return out
+
+    def _coords(self, name: str, f: _Feature, a_feat: float) -> dict[str, Any]:
+        if f.kind == "numeric":
+            k_ref, k_cur = np.cumsum(f.ref)[:-1], np.cumsum(f.cur)[:-1]
+        else:
+            k_ref, k_cur = f.ref, f.cur
+        m = max(len(k_ref), 1)
+        n_ref = float(f.ref.sum())
+        a_coord = a_feat / 2.0 / m  # half the feature's budget for each sample
+        cached = f.ref_ci.get(a_coord)
+        if cached is None:
+            # Clopper-Pearson, two-sided at a_coord, fixed reference: computed once.
+            with np.errstate(invalid="ignore"):
+                lo = np.where(k_ref > 0, betaincinv(k_ref, n_ref - k_ref + 1, a_coord / 2), 0.0)
+                hi = np.where(
+                    k_ref < n_ref, betaincinv(k_ref + 1, n_ref - k_ref, 1 - a_coord / 2), 1.0
+                )
+            cached = f.ref_ci[a_coord] = (lo, hi)
+        return {
+            "k_ref": k_ref,
+            "k_cur": k_cur,
+            "n_ref": n_ref,
+            "n_cur": float(f.cur.sum()),
+            "ref_lo": cached[0],
+            "ref_hi": cached[1],
+            "thr": float(log_threshold(a_coord / 2)),
+        }
+
+    def _feature_result(
+        self,
+        name: str,
+        f: _Feature,
+        a_feat: float,
+        c: dict[str, Any],
+        significant: bool,
+        within: bool,
+    ) -> GateResult:
+        cfg = self.settings.drift.input
+        n_ref, n_cur = c["n_ref"], c["n_cur"]
+        k_ref, k_cur = c["k_ref"], c["k_cur"]
+        if f.kind == "numeric":
+            assert f.edges is not None
+            labels = [f"P({name} <= {fmt(e)})" for e in f.edges]
+        else:
+            assert f.categories is not None
+            labels = [f"P({name} = {cat})" for cat in f.categories]
+        significant = significant and n_cur > 0
+        index = psi(f.ref, f.cur)
+        ks = ks_from_counts(f.ref, f.cur) if f.kind == "numeric" else None
+        effect = (cfg.psi is not None and index >= cfg.psi) or (
+            cfg.ks is not None and ks is not None and ks >= cfg.ks
+        )
+        enough = n_cur > 0
+        status = status_of(significant and effect, within, enough)
+        p_ref = k_ref / max(n_ref, 1.0)
+        p_cur = k_cur / max(n_cur, 1.0)
+        j = int(np.argmax(np.abs(p_cur - p_ref))) if len(k_ref) else 0
+        chi2_stat, dof = chi2_from_counts(f.ref, f.cur)
+        p_fixed = float(chdtrc(dof, chi2_stat)) if dof > 0 else 1.0
+        word = "WARNING" if status is Status.FAIL else status.value
+        reason = (
+            f"{word}: input feature {name!r} against the {self.source} reference: "
+            f"PSI {fmt(index)} (threshold {fmt(cfg.psi)})"
+            + (f", KS {fmt(ks)} (threshold {fmt(cfg.ks)})" if ks is not None else "")
+            + f", largest shift at {labels[j]}: {fmt(p_ref[j])} -> {fmt(p_cur[j])}, "
+            f"{'significant' if significant else 'not significant'} after Bonferroni, "
+            f"n={int(n_cur)} vs reference {int(n_ref)}; a warning, both models see it"
+        )
+        return GateResult(
+            name=f"drift.input.{name}",
+            slice=AGGREGATE,
+            status=status,
+            statistic=index,
+            threshold=cfg.psi,
+            n=int(n_cur),
+            confidence=1.0 - a_feat,
+            method=INPUT_METHOD,
+            reason=reason,
+            blocking=False,
+            insufficient=not enough,
+            details={
+                "kind": f.kind,
+                "ks": ks,
+                "significant": significant,
+                "chi2": chi2_stat,
+                "chi2_dof": dof,
+                "p_fixed_sample": p_fixed,
+                "reference_n": int(n_ref),
+                "missing": int(f.missing),
+            },
+        )
+
+    # ------------------------------------------------------------------ state
+
+    def _merge(self, other: InputDriftGate) -> None:
+        if not other.frozen:
+            if self.frozen:
+                raise ValueError("drift.input: cannot merge a state still collecting its reference")
+            for name, values in other.buffer.items():
+                self.buffer.setdefault(name, [None] * self.buffered).extend(values)
+            self.buffered += other.buffered
+            for values in self.buffer.values():
+                values.extend([None] * (self.buffered - len(values)))
+            return
+        if not self.frozen:
+            if self.buffered:
+                raise ValueError("drift.input: cannot merge into a state collecting a reference")
+            self.features = {k: _Feature.from_state(v.state()) for k, v in other.features.items()}
+            self.frozen, self.source = True, other.source
+            return
+        for name, f in other.features.items():
+            mine = self.features.get(name)
+            if mine is None or not np.array_equal(mine.ref, f.ref):
+                raise ValueError(f"drift.input: feature {name!r} has another reference")
+            mine.cur += f.cur
+            mine.missing += f.missing
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "frozen": self.frozen,
+            "source": self.source,
+            "buffered": self.buffered,
+            "buffer": {k: list(v) for k, v in self.buffer.items()},
+            "features": {k: v.state() for k, v in self.features.items()},
+        }
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.frozen = bool(state.get("frozen", False))
+        self.source = state.get("source", self.source)
+        self.buffered = int(state.get("buffered", 0))
+        self.buffer = {k: list(v) for k, v in state.get("buffer", {}).items()}
+        self.features = {k: _Feature.from_state(v) for k, v in state.get("features", {}).items()}

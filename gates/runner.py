@@ -1,0 +1,76 @@
+"""One path for the online proxy and ``mirrorgate replay``: pairs and labels in, evaluations out.
+
+The proxy calls :meth:`GateRunner.add_pairs` with each recorded batch, :meth:`add_labels`
+with ``POST /v1/feedback`` bodies and :meth:`tick` on a timer (wall clock); replay calls the
+same methods with record timestamps as the clock. Nothing here blocks or does I/O: the
+caller runs it off the live path (a background task) and persists what it returns.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+
+from gates.engine import Evaluation, RolloutEngine
+from gates.join import LabelEvent, LabelJoin
+from gates.records import PairRecord
+
+UnmatchedHandler = Callable[[list[tuple[LabelEvent, str]]], None]
+
+
+class GateRunner:
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        join: LabelJoin | None = None,
+        *,
+        on_unmatched: UnmatchedHandler | None = None,
+        keep_unmatched: int = 1000,
+    ) -> None:
+        self.engine = engine
+        self.join = join or LabelJoin()
+        self.on_unmatched = on_unmatched
+        # the most recent unmatched labels, for reports; the total is always counted
+        self.unmatched: deque[tuple[LabelEvent, str]] = deque(maxlen=keep_unmatched)
+        self.unmatched_total = 0
+        self.pairs_expired = 0
+
+    def add_pairs(self, records: Sequence[PairRecord], now: float) -> None:
+        if not records:
+            return
+        self.expire(now)  # windows first: what left them before `now` cannot match
+        self.engine.observe(records)
+        labelled = self.join.add_pairs(records, now)
+        if labelled:
+            self.engine.observe_labelled(labelled)
+
+    def add_labels(self, labels: Iterable[LabelEvent], now: float) -> int:
+        """Returns how many pairs these labels completed (the others wait)."""
+        self.expire(now)
+        matched = self.join.add_labels(labels, now)
+        if matched:
+            self.engine.observe_labelled(matched)
+        return len(matched)
+
+    def expire(self, now: float) -> None:
+        self._report(self.join.expire(now).labels, self.join.stats.pairs_expired)
+
+    def flush(self) -> None:
+        """End of a finite stream: every waiting label is reported unmatched."""
+        self._report(self.join.flush().labels, self.join.stats.pairs_expired)
+
+    def _report(self, labels: list[tuple[LabelEvent, str]], expired: int) -> None:
+        self.pairs_expired = expired
+        if not labels:
+            return
+        self.unmatched.extend(labels)
+        self.unmatched_total += len(labels)
+        if self.on_unmatched is not None:
+            self.on_unmatched(labels)
+
+    def tick(self, now: float, *, force: bool = False) -> Evaluation | None:
+        """Expire the join's windows; evaluate when the cadence says so (or ``force``)."""
+        self.expire(now)
+        if force or self.engine.due(now):
+            return self.engine.evaluate(now)
+        return None

@@ -1,0 +1,156 @@
+"""Tolerance gate: label-free, per pair, an anytime-valid ceiling on out-of-tolerance rates.
+
+Each check turns every comparable pair into a 0/1 "out of tolerance" indicator and bounds
+its rate with the beta-binomial mixture e-process (exact for Bernoulli data, a function of
+``(n, k)`` only): FAIL when the rate is confidently above ``max_rate``, PASS when it is
+confidently below. Checks per task:
+
+* classification: ``shift`` (largest |change| of any class probability > tol), ``flip``
+  (top-1 class differs), ``collapse`` (champion top probability >= high while the
+  candidate's is < low);
+* regression: ``regression`` (``|cand - champ| > atol + rtol * |champ|``);
+* embedding: ``cosine`` (cosine distance > tol).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gates.batch import FloatArray, PairBatch, scalars
+from gates.result import GateResult, Method, fmt
+from gates.settings import RateLimit
+from gates.sliced import CheckSpec, SlicedGate, where
+
+METHOD = Method(
+    "beta-binomial mixture e-process",
+    "Bernoulli rate of out-of-tolerance pairs; uniform-prior likelihood-ratio mixture, "
+    "Ville's inequality: valid at every look",
+)
+
+_DESCRIPTIONS = {
+    "shift": "pairs with a class probability moved by more than {tol}",
+    "flip": "pairs whose top-1 class flipped",
+    "collapse": "pairs where the champion is >= {high} sure and the candidate < {low}",
+    "regression": "pairs with |candidate - champion| > {atol} + {rtol}*|champion|",
+    "cosine": "pairs with cosine distance > {tol}",
+}
+
+TASK_CHECKS = {
+    "classification": ("shift", "flip", "collapse"),
+    "regression": ("regression",),
+    "embedding": ("cosine",),
+}
+
+
+class ToleranceGate(SlicedGate):
+    family = "tolerance"
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.tolerance.enabled
+
+    @property
+    def blocking(self) -> bool:
+        return self.settings.tolerance.blocking
+
+    @property
+    def applicable(self) -> bool:
+        return self.task == "auto" or bool(self._active())
+
+    waiting_for = "no comparable pairs yet"
+
+    def _limits(self) -> dict[str, RateLimit]:
+        t = self.settings.tolerance
+        return {
+            "shift": t.shift,
+            "flip": t.flip,
+            "collapse": t.collapse,
+            "regression": t.regression,
+            "cosine": t.cosine,
+        }
+
+    def _active(self) -> list[str]:
+        limits = self._limits()
+        return [c for c in TASK_CHECKS.get(self.task, ()) if limits[c].enabled]
+
+    def _update(self, batch: PairBatch) -> None:
+        if batch.champion is None or batch.candidate is None or not batch.comparable.any():
+            return
+        mask = batch.comparable
+        ch = np.nan_to_num(batch.champion)
+        ca = np.nan_to_num(batch.candidate)
+        t = self.settings.tolerance
+        out: dict[str, np.ndarray] = {}
+        if self.task == "classification":
+            pc, pa = batch.probabilities("champion"), batch.probabilities("candidate")
+            if pc is None or pa is None or pc.shape != pa.shape:
+                return
+            out["shift"] = np.abs(pa - pc).max(axis=1) > t.shift.tol
+            out["flip"] = pa.argmax(axis=1) != pc.argmax(axis=1)
+            out["collapse"] = (pc.max(axis=1) >= t.collapse.high) & (
+                pa.max(axis=1) < t.collapse.low
+            )
+        elif self.task == "regression":
+            c, a = scalars(ch), scalars(ca)
+            out["regression"] = np.abs(a - c) > t.regression.atol + t.regression.rtol * np.abs(c)
+        elif self.task == "embedding":
+            c = ch.reshape(batch.n, -1)
+            a = ca.reshape(batch.n, -1)
+            norms = np.linalg.norm(c, axis=1) * np.linalg.norm(a, axis=1)
+            cos = np.einsum("ij,ij->i", c, a) / np.where(norms > 0, norms, 1.0)
+            out["cosine"] = (1.0 - np.where(norms > 0, cos, 1.0)) > t.cosine.tol
+        assignment = self.cells.assign(batch, mask)
+        ones = np.ones(batch.n)
+        for check in self._active():
+            if check in out:
+                values: FloatArray = np.stack([ones, out[check].astype(np.float64)], axis=1)
+                self._add(check, values, mask, assignment)
+
+    def _compute(self) -> list[GateResult]:
+        active = self._active()
+        if not active:
+            return []
+        alpha_check = self.alpha / len(active)
+        limits = self._limits()
+        specs: list[tuple[str, CheckSpec]] = []
+        for check in active:
+            limit = limits[check]
+            text = _DESCRIPTIONS[check].format(**limit.model_dump())
+
+            def describe(
+                cell: str,
+                n: float,
+                est: float,
+                word: str,
+                phrase: str,
+                text: str = text,
+                max_rate: float = limit.max_rate,
+            ) -> tuple[float, str, dict[str, Any]]:
+                reason = (
+                    f"{word}: rate of {text} on {where(cell)} is {fmt(est)} (n={int(n)}), "
+                    f"{phrase} the limit {fmt(max_rate)}"
+                )
+                return est, reason, {"out_of_tolerance": round(est * n) if n else 0}
+
+            spec = CheckSpec(
+                name=f"tolerance.{check}",
+                kind="rate",
+                theta=limit.max_rate,
+                bad="high",
+                alpha=alpha_check,
+                min_samples=self.settings.tolerance.min_samples,
+                sliced=self._sliced(check),
+                blocking=self.settings.tolerance.blocking,
+                method=METHOD,
+                describe=describe,
+            )
+            specs.append((check, spec))
+        return self._results(specs)
+
+    def _state(self) -> dict[str, Any]:
+        return self._tables_state()
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self._load_tables(state)
