@@ -27,6 +27,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from gates.engine import Evaluation
 from proxy import __version__
 from proxy.backends.base import Backend, ModelMetadata
 from proxy.codec import (
@@ -38,7 +39,6 @@ from proxy.codec import (
     parse_infer_request,
     validate_request,
 )
-from gates.engine import Evaluation
 from proxy.config import BackendSettings, MirrorgateConfig
 from proxy.errors import BadRequest, MirrorgateError, NotFound, NotReady
 from proxy.metrics import ProxyMetrics

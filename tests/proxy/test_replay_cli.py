@@ -114,7 +114,7 @@ def test_bad_input_exits_2_naming_the_line(capsys, files, tmp_path):
     assert code == 2 and out == ""
     assert f"{bad}:4:" in err and "ts" in err
     code, _, err = run(capsys, "--pairs", str(tmp_path / "missing.jsonl"))
-    assert code == 2 and "cannot read" in err
+    assert code == 2 and "cannot open" in err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     code, _, err = run(capsys, "--pairs", str(empty))
