@@ -209,22 +209,23 @@ class ErrorGate(Gate):
         out = []
         limits = {"error": cfg.max_excess_error_rate, "timeout": cfg.max_excess_timeout_rate}
         a_check = self.alpha / len(limits)
-        for check, limit in limits.items():
-            n, s1, s2, fc, fa = self.sums[check]
-            if n <= 0:
-                continue
-            d = decide(
-                "ternary",
-                np.array([n]),
-                np.array([s1]),
-                np.array([s2]),
-                limit,
-                a_check,
-                self.settings.alpha_pass,
-                "high",
-            )
+        rows = np.array([self.sums[c] for c in limits])
+        if rows[0, 0] <= 0:
+            return []
+        d = decide(  # both checks in one vectorised call
+            "ternary",
+            rows[:, 0],
+            rows[:, 1],
+            rows[:, 2],
+            np.array(list(limits.values())),
+            a_check,
+            self.settings.alpha_pass,
+            "high",
+        )
+        for i, (check, limit) in enumerate(limits.items()):
+            n, s1, _, fc, fa = rows[i]
             enough = n >= cfg.min_samples
-            status = status_of(bool(d.fail[0]), bool(d.passed[0]), bool(enough))
+            status = status_of(bool(d.fail[i]), bool(d.passed[i]), bool(enough))
             word = status.value if enough else f"INCONCLUSIVE (n={int(n)} < {cfg.min_samples})"
             est = s1 / n
             reason = (
@@ -246,7 +247,7 @@ class ErrorGate(Gate):
                     reason=reason,
                     blocking=cfg.blocking,
                     insufficient=not enough,
-                    cs=d.cs.cell(0),
+                    cs=d.cs.cell(i),
                     details={
                         "champion_rate": fc / n,
                         "candidate_rate": fa / n,

@@ -62,8 +62,9 @@ def log_threshold(alpha: ArrayLike) -> FloatArray:
 def _mix(terms: FloatArray) -> FloatArray:
     """log of the uniform mixture over the first (grid) axis: a stable log-mean-exp."""
     top = np.max(terms, axis=0)
-    safe = np.where(np.isfinite(top), top, 0.0)
-    out: FloatArray = safe + np.log(np.mean(np.exp(terms - safe), axis=0))
+    if not np.isfinite(top).all():
+        top = np.where(np.isfinite(top), top, 0.0)
+    out: FloatArray = top + np.log(np.exp(terms - top).sum(axis=0)) - np.log(terms.shape[0])
     return out
 
 
@@ -100,6 +101,27 @@ def mean_log_e(
     return _mix(lambdas.reshape(shape) * s - psi.reshape(shape) * v)
 
 
+def _ternary_table(theta: float, side: Side, lambdas: FloatArray) -> FloatArray:
+    """``log(1 + l*y)`` for the three values' ``y`` at one theta: (grid, 3)."""
+    key = (theta, side, id(lambdas))
+    table = _TABLES.get(key)
+    if table is None:
+        if side == "greater":
+            c = theta + 1.0
+            ys = np.array([(1.0 - theta) / c, -theta / c, (-1.0 - theta) / c])
+        else:
+            c = 1.0 - theta
+            ys = np.array([(theta - 1.0) / c, theta / c, (theta + 1.0) / c])
+        table = np.log1p(lambdas[:, None] * ys[None, :])
+        if len(_TABLES) > 4096:
+            _TABLES.clear()
+        _TABLES[key] = table
+    return table
+
+
+_TABLES: dict[tuple[float, str, int], FloatArray] = {}
+
+
 def ternary_log_e(
     n: ArrayLike,
     s1: ArrayLike,
@@ -114,12 +136,32 @@ def ternary_log_e(
     values), so the counts of +1 / -1 are ``(s2 +- s1) / 2``. Sides as in
     :func:`mean_log_e`; ``theta`` strictly inside ``(-1, 1)``.
     """
+    if np.ndim(theta) == 0:
+        # one limit for every cell (the common case): a (grid x 3) table times the counts
+        n_b, s1_b, s2_b = np.broadcast_arrays(
+            *(np.asarray(a, dtype=np.float64) for a in (n, s1, s2))
+        )
+        counts = np.stack([0.5 * (s2_b + s1_b), n_b - s2_b, 0.5 * (s2_b - s1_b)])
+        table = _ternary_table(float(np.asarray(theta)), side, lambdas)
+        flat = table @ counts.reshape(3, -1)
+        return _mix(flat).reshape(n_b.shape)
     n_a, s1_a, s2_a, th = np.broadcast_arrays(
         *(np.asarray(a, dtype=np.float64) for a in (n, s1, s2, theta))
     )
     n_pos = 0.5 * (s2_a + s1_a)
     n_neg = 0.5 * (s2_a - s1_a)
     n_zero = n_a - s2_a
+    thetas = np.unique(th)
+    if len(thetas) <= 8 and n_a.size >= len(thetas):
+        # Few limits (the usual case: one margin per check): log(1 + l*y) depends only on
+        # theta, so each mixture term is a (grid x 3) table times the three counts.
+        counts = np.stack([n_pos.ravel(), n_zero.ravel(), n_neg.ravel()])
+        flat_th = th.ravel()
+        terms = np.empty((len(lambdas), n_a.size))
+        for t in thetas:
+            cols = flat_th == t
+            terms[:, cols] = _ternary_table(float(t), side, lambdas) @ counts[:, cols]
+        return _mix(terms).reshape(n_a.shape)
     if side == "greater":
         c = th + 1.0
         y_pos, y_zero, y_neg = (1.0 - th) / c, -th / c, (-1.0 - th) / c
