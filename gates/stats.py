@@ -300,37 +300,52 @@ def quantile_bounds(
     upper edges, the last one may be ``inf``). For a *fixed* quantile only one point of
     the CDF matters (Howard & Ramdas 2022): with the Bernoulli betting e-process,
     ``U`` is the first upper edge where ``H0: F(e) <= q`` is rejected, ``L`` the last one
-    where ``H0: F(e) >= q`` is; each side
-    holds with probability ``>= 1 - alpha/2`` uniformly over time. ``L = -inf`` / ``U = inf``
-    when nothing is rejected yet. ``q`` and ``alpha`` broadcast: one answer per pair.
+    where ``H0: F(e) >= q`` is; each side holds with probability ``>= 1 - alpha/2``
+    uniformly over time. ``L = -inf`` / ``U = inf`` when nothing is rejected yet. ``q`` and
+    ``alpha`` broadcast: one answer per pair. ``counts`` may be 2-D (one histogram per
+    row): the answers are then ``(rows, pairs)``, computed in one vectorised call.
     """
-    c = np.asarray(counts, dtype=np.float64)
+    c2 = np.atleast_2d(np.asarray(counts, dtype=np.float64))
     e = np.asarray(edges, dtype=np.float64)
     qs, alphas = np.broadcast_arrays(
         np.atleast_1d(np.asarray(q, dtype=np.float64)),
         np.atleast_1d(np.asarray(alpha, dtype=np.float64)),
     )
-    n = float(c.sum())
-    if n <= 0:
-        return np.full(qs.shape, -np.inf), np.full(qs.shape, np.inf)
-    k = np.cumsum(c)
+    rows, m = c2.shape[0], len(qs)
+    lower = np.full((rows, m), -np.inf)
+    upper = np.full((rows, m), np.inf)
     # The empirical CDF only changes at non-empty buckets, and both rejections are monotone
     # in k, so the first / last rejecting edge is decided at bucket 0 or a non-empty one.
-    idx = np.union1d([0], np.flatnonzero(c))
-    kk = k[idx][None, :]
+    parts = []
+    for r in range(rows):
+        n = float(c2[r].sum())
+        if n > 0:
+            idx = np.union1d([0], np.flatnonzero(c2[r]))
+            parts.append((r, n, idx, np.cumsum(c2[r])[idx]))
+    if not parts:
+        return (lower[0], upper[0]) if np.ndim(counts) == 1 else (lower, upper)
+    sizes = [len(p[2]) for p in parts]
+    n_all = np.concatenate([np.full(len(p[2]), p[1]) for p in parts])[None, :]
+    k_all = np.concatenate([p[3] for p in parts])[None, :]
     thr = log_threshold(alphas / 2.0)[:, None]
-    up = binary_log_e(n, kk, qs[:, None], "greater") >= thr
-    down = binary_log_e(n, kk, qs[:, None], "less") >= thr
-    upper = np.where(up.any(axis=1), e[idx[np.argmax(up, axis=1)]], np.inf)
-    # "less" rejects on a prefix of edges; it ends just before the first candidate index
-    # that does not reject (every edge up to there has the same or a smaller k).
-    first_ok = idx[np.argmin(down, axis=1)]
-    lower = np.where(
-        down.all(axis=1),
-        e[len(e) - 1],
-        np.where(first_ok > 0, e[np.maximum(first_ok - 1, 0)], -np.inf),
-    )
-    return lower.astype(np.float64), upper.astype(np.float64)
+    up_all = binary_log_e(n_all, k_all, qs[:, None], "greater") >= thr
+    down_all = binary_log_e(n_all, k_all, qs[:, None], "less") >= thr
+    start = 0
+    for (r, _, idx, _), size in zip(parts, sizes, strict=True):
+        up, down = up_all[:, start : start + size], down_all[:, start : start + size]
+        start += size
+        upper[r] = np.where(up.any(axis=1), e[idx[np.argmax(up, axis=1)]], np.inf)
+        # "less" rejects on a prefix of edges; it ends just before the first candidate
+        # index that does not reject (every edge up to there has the same or a smaller k).
+        first_ok = idx[np.argmin(down, axis=1)]
+        lower[r] = np.where(
+            down.all(axis=1),
+            e[len(e) - 1],
+            np.where(first_ok > 0, e[np.maximum(first_ok - 1, 0)], -np.inf),
+        )
+    if np.ndim(counts) == 1:
+        return lower[0], upper[0]
+    return lower, upper
 
 
 # ---------------------------------------------------------------------------------------
