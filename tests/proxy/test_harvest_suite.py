@@ -131,7 +131,7 @@ async def test_remote_v2_model_and_config_spec(
     assert not champ.failed and all(c.margin > 0 for c in champ.cases)
 
 
-async def test_export_is_stable_and_follows_triage(store: Store, suite_dir: Path) -> None:
+def test_export_is_stable_and_follows_triage(store: Store, suite_dir: Path) -> None:
     before = {p.name: p.read_bytes() for p in suite_dir.rglob("*") if p.is_file()}
     manifest = json.loads((suite_dir / "manifest.json").read_text())
     assert manifest["created_at"] == 202.0  # the latest triage, not the clock
