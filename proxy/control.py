@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from dataclasses import asdict
 from typing import Any, cast
 
 from aiohttp import web
@@ -130,6 +131,9 @@ async def rollout_status(request: web.Request) -> web.Response:
         body["champion"] = _identity(state.champion.identity)
     if state.candidate is not None:
         body["candidate"] = _identity(state.candidate.identity)
+    harvester = state.extras.get(HARVESTER)
+    if isinstance(harvester, Harvester):
+        body["harvest"] = {**asdict(harvester.counters), "pinned_cases": len(harvester.pinned)}
     return web.json_response(body)
 
 

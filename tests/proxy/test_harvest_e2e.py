@@ -263,6 +263,8 @@ async def test_harvest_pin_export_suite_plugin_and_pinned_gate(
     assert verdict["verdict"] == "abort"
     assert "pinned" in verdict["reason"]
     assert state.mirror.candidate_stopped
+    full = await (await client.get("/v1/rollout", headers=AUTH)).json()
+    assert full["harvest"]["pinned_missed"] == 1 and full["harvest"]["pinned_cases"] == 3
     pairs_before = state.rollout.engine.pairs
     await _infer(client, "after-abort", x[rows["all_ok"][0]])
     await _settle(client)

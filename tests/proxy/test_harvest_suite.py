@@ -3,6 +3,7 @@ the pytest plugin staying out of the way when not asked for."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -206,6 +207,15 @@ def test_npz_bytes_do_not_depend_on_the_clock(tmp_path: Path) -> None:
     assert (tmp_path / "one.npz").read_bytes() == (tmp_path / "two.npz").read_bytes()
     with np.load(tmp_path / "one.npz") as data:
         assert np.array_equal(data["b"], arrays["b"])
+
+
+def _plugin_args() -> list[str]:
+    # Installed (make test installs the package): the pytest11 entry point loads it;
+    # naming it again with -p would register the module twice.
+    installed = any(
+        e.name == "mirrorgate" for e in importlib.metadata.entry_points(group="pytest11")
+    )
+    return [] if installed else ["-p", "proxy.pytest_plugin"]
 
 
 def test_plugin_is_inert_without_its_options(tmp_path: Path) -> None:
