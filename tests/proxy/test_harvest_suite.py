@@ -263,3 +263,44 @@ def test_record_result_appends(suite_dir: Path) -> None:
     record_result(suite, res)
     record_result(suite, res)
     assert len(read_results(suite_dir / "results.jsonl")) == 2
+
+
+async def test_torchscript_model(suite_dir: Path, tmp_path: Path) -> None:
+    """The champion's softmax regression rebuilt in torch passes; with its classes
+    rotated by one it fails every case."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    init = {
+        t.name: numpy_helper.to_array(t)
+        for t in onnx.load(str(model_path("champion"))).graph.initializer
+    }
+    weight, bias = init["W1"], init["b1"]
+
+    class Softmax(torch.nn.Module):
+        def __init__(self, w: np.ndarray, b: np.ndarray) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.from_numpy(np.array(w, dtype=np.float32)))
+            self.b = torch.nn.Parameter(torch.from_numpy(np.array(b, dtype=np.float32)))
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(features @ self.w + self.b, dim=1)
+
+    io = {
+        "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 64]}],
+        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}],
+    }
+    suite = load_suite(suite_dir)
+    for name, w, b, failures in (
+        ("same", weight, bias, 0),
+        ("rotated", np.roll(weight, 1, axis=1), np.roll(bias, 1), 3),
+    ):
+        path = tmp_path / f"{name}.pt"
+        torch.jit.save(torch.jit.script(Softmax(w, b)), str(path))
+        (tmp_path / f"{name}.io.json").write_text(json.dumps(io))
+        spec = tmp_path / f"{name}.yaml"
+        spec.write_text(json.dumps({"name": name, "kind": "torch", "path": path.name}))
+        result = await run_suite_on(suite, str(spec))
+        assert result.model["kind"] == "torch"
+        assert len(result.failed) == failures, [c.detail for c in result.cases]
