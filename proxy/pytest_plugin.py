@@ -35,6 +35,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError("--mirrorgate-suite needs --mirrorgate-model")
 
 
+@pytest.hookimpl(tryfirst=True)  # before -k / -m deselection, so they apply to cases too
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
