@@ -19,6 +19,7 @@ from gates.join import LabelEvent, LabelJoin
 from gates.records import PairRecord
 
 UnmatchedHandler = Callable[[list[tuple[LabelEvent, str]]], None]
+LabelledHandler = Callable[[list[PairRecord]], None]
 
 
 class GateRunner:
@@ -29,10 +30,14 @@ class GateRunner:
         *,
         on_unmatched: UnmatchedHandler | None = None,
         keep_unmatched: int = 1000,
+        on_labelled: LabelledHandler | None = None,
     ) -> None:
         self.engine = engine
         self.join = join or LabelJoin()
         self.on_unmatched = on_unmatched
+        # Called with each batch of newly labelled pairs after the gates saw it (the
+        # proxy's harvest step uses it; replay leaves it unset).
+        self.on_labelled = on_labelled
         # the most recent unmatched labels, for reports; the total is always counted
         self.unmatched: deque[tuple[LabelEvent, str]] = deque(maxlen=keep_unmatched)
         self.unmatched_total = 0
@@ -59,6 +64,8 @@ class GateRunner:
             self.engine.observe_labelled(batch.select(np.array(rows, dtype=np.int64)))
         else:
             self.engine.observe_labelled(labelled)
+            if self.on_labelled is not None:
+                self.on_labelled(labelled)
 
     def add_labels(self, labels: Iterable[LabelEvent], now: float) -> int:
         """Returns how many pairs these labels completed (the others wait)."""
@@ -66,6 +73,8 @@ class GateRunner:
         matched = self.join.add_labels(labels, now)
         if matched:
             self.engine.observe_labelled(matched)
+            if self.on_labelled is not None:
+                self.on_labelled(matched)
         return len(matched)
 
     def expire(self, now: float) -> None:

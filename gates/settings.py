@@ -249,6 +249,24 @@ class PinnedSettings(_Strict):
     min_cases: int = Field(0, ge=0, description="cases that must be evaluated to PASS")
 
 
+class HarvestSettings(_Strict):
+    """Which pairs become pinned-failure candidates (gates/harvest.py, docs/pinned.md)."""
+
+    enabled: bool = True
+    wrong_label: bool = Field(True, description="a labelled pair either model got wrong")
+    disagreement: bool = Field(
+        True, description="both models confident (>= min_confidence) on different classes"
+    )
+    min_confidence: float = Field(0.9, gt=0, le=1, description="top-class score for 'confident'")
+    candidate_error: bool = Field(
+        True, description="the candidate failed (error) on an input the champion served"
+    )
+    regression_atol: float = Field(
+        0.0, ge=0, description="regression: wrong when |output - label| > atol + rtol*|label|"
+    )
+    regression_rtol: float = Field(0.1, ge=0)
+
+
 # -------------------------------------------------------------------------------- gates
 
 
@@ -273,6 +291,7 @@ class GatesSettings(_Strict):
     latency: LatencySettings = LatencySettings()
     errors: ErrorSettings = ErrorSettings()
     pinned: PinnedSettings = PinnedSettings()
+    harvest: HarvestSettings = HarvestSettings()
 
     def with_slice_keys(self, keys: Iterable[str]) -> GatesSettings:
         """A copy that gates exactly these slice keys, unless keys are configured already.

@@ -46,10 +46,12 @@ from proxy.mirror import MirrorDispatcher
 from proxy.persistence import Persistence
 from proxy.rollout import RolloutService
 from proxy.slicing import Slicer
+from storage.entities import ModelInfo
 from storage.sink import PairSink
 
 log = logging.getLogger(__name__)
 
+HARVESTER = "harvester"  # ProxyState.extras key of the proxy.harvest.Harvester
 REQUEST_ID_HEADER = "X-Request-Id"
 SERVED_BY_HEADER = "X-Mirrorgate-Served-By"
 MAX_REQUEST_ID_LEN = 256
@@ -274,6 +276,10 @@ def _activate(state: ProxyState) -> None:
         metrics=state.metrics,
         slicer=state.slicer,
     )
+    if state.rollout is not None and state.rollout.latest is not None:
+        # An abort decided before serving (the pinned check at start) holds from the
+        # first request on: the candidate is never mirrored.
+        _apply_evaluation(state, state.rollout.latest)
     state.ready = True
     log.info(
         "serving %r: champion %s%s",
@@ -309,6 +315,7 @@ async def _load(state: ProxyState) -> None:
             state.sinks.append(recorder)
             if state.rollout is not None:
                 state.rollout.store = state.persistence
+                await _start_harvest(state)
         _activate(state)
     except BaseException as exc:
         for backend in created:
@@ -319,6 +326,31 @@ async def _load(state: ProxyState) -> None:
         if not isinstance(exc, asyncio.CancelledError):
             log.error("model load failed: %s", state.load_error)
         raise
+
+
+async def _start_harvest(state: ProxyState) -> None:
+    """Harvest rules and the pinned gate (docs/pinned.md): before the mirror activates,
+    the candidate runs over the pinned set; a miss aborts before any traffic."""
+    from proxy.harvest import Harvester
+
+    persistence, service = state.persistence, state.rollout
+    assert persistence is not None and service is not None
+    harvester = Harvester(
+        persistence.store,
+        state.config.gates.harvest,
+        task=state.config.server.model_name,
+        gate_task=service.engine.task,
+        rollout_id=persistence.rollout.id if persistence.rollout else None,
+        champion=ModelInfo.of(state.champion.identity) if state.champion else None,
+        candidate=ModelInfo.of(state.candidate.identity) if state.candidate else None,
+        recorder=persistence.recorder,
+        output_name=state.config.output.output,
+    )
+    state.extras[HARVESTER] = harvester
+    service.hooks.append(harvester)
+    cases = await asyncio.to_thread(harvester.load_pinned)
+    if cases and state.candidate is not None and state.config.gates.pinned.enabled:
+        await harvester.check_candidate(state.candidate, service, cases)
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -365,6 +397,12 @@ async def _shutdown(state: ProxyState) -> None:
             await sink.aclose()
         except Exception:
             log.exception("closing pair sink %r failed", sink)
+    harvester = state.extras.get(HARVESTER)
+    if harvester is not None:
+        try:
+            await harvester.aclose()  # type: ignore[attr-defined]
+        except Exception:
+            log.exception("closing the harvester failed")
     if state.persistence is not None:
         try:
             await state.persistence.aclose()
@@ -446,6 +484,9 @@ def _apply_evaluation(state: ProxyState, evaluation: Evaluation) -> None:
     if state.mirror is not None:
         state.mirror.set_canary_weight(evaluation.canary_weight)
         state.mirror.set_stage(evaluation.stage)
+        if evaluation.verdict == "abort":
+            # An aborted candidate gets no more traffic, mirrored or served.
+            state.mirror.stop_candidate()
 
 
 async def wait_loaded(app: web.Application) -> None:

@@ -8,18 +8,25 @@ middleware as ``{"error": ...}``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+from dataclasses import asdict
 from typing import Any, cast
 
 from aiohttp import web
 
 from gates.engine import ManualAction
 from gates.join import LabelEvent
-from proxy.app import STATE, ProxyState
+from proxy.app import HARVESTER, STATE, ProxyState
 from proxy.auth import check_bearer
-from proxy.errors import BadRequest, NotReady
+from proxy.errors import BadRequest, NotFound, NotReady
+from proxy.harvest import Harvester
+from proxy.pinned import case_to_dict, parse_triage
 from proxy.rollout import RolloutService
+from storage.entities import PINNED_STATUSES
+from storage.errors import InvalidError, NotFoundError, StorageError
+from storage.store import Store
 
 MAX_LABELS_PER_REQUEST = 10_000
 MAX_ID_LEN = 256
@@ -124,6 +131,9 @@ async def rollout_status(request: web.Request) -> web.Response:
         body["champion"] = _identity(state.champion.identity)
     if state.candidate is not None:
         body["candidate"] = _identity(state.candidate.identity)
+    harvester = state.extras.get(HARVESTER)
+    if isinstance(harvester, Harvester):
+        body["harvest"] = {**asdict(harvester.counters), "pinned_cases": len(harvester.pinned)}
     return web.json_response(body)
 
 
@@ -158,8 +168,84 @@ def _identity(identity: Any) -> dict[str, str]:
     }
 
 
+def _store(state: ProxyState) -> Store:
+    if state.persistence is None:
+        raise NotReady("no pinned cases: storage is off on this proxy")
+    return state.persistence.store
+
+
+async def _blocking(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """A Store call in a thread, its errors mapped to HTTP statuses."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except NotFoundError as exc:
+        raise NotFound(str(exc)) from exc
+    except InvalidError as exc:
+        raise BadRequest(str(exc)) from exc
+    except StorageError as exc:
+        raise NotReady(f"storage unavailable: {exc}") from exc
+
+
+async def pinned_list(request: web.Request) -> web.Response:
+    state = _state(request)
+    store = _store(state)
+    status = request.query.get("status") or None
+    if status is not None and status not in PINNED_STATUSES:
+        raise BadRequest(f"status must be one of {', '.join(PINNED_STATUSES)}")
+    try:
+        limit = int(request.query.get("limit", "1000"))
+    except ValueError as exc:
+        raise BadRequest("limit must be an integer") from exc
+    if not 1 <= limit <= 100_000:
+        raise BadRequest("limit must lie in [1, 100000]")
+    task = request.query.get("task") or state.config.server.model_name
+    cases = await _blocking(store.list_pinned, status=status, task=task, limit=limit)
+    return web.json_response({"cases": [case_to_dict(c) for c in cases]})
+
+
+def _case_id(request: web.Request) -> int:
+    raw = request.match_info["id"]
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise NotFound(f"no pinned case {raw!r}") from exc
+
+
+async def pinned_show(request: web.Request) -> web.Response:
+    state = _state(request)
+    store = _store(state)
+    cid = _case_id(request)
+    case = await _blocking(store.get_pinned, cid)
+    history = await _blocking(store.triage_history, cid)
+    return web.json_response(case_to_dict(case, history))
+
+
+async def pinned_triage(request: web.Request) -> web.Response:
+    state = _state(request)
+    store = _store(state)
+    cid = _case_id(request)
+    triage = parse_triage(await _json(request))
+    case = await _blocking(
+        store.triage,
+        cid,
+        triage.status,
+        actor=triage.who,
+        reason=triage.why,
+        expected_label=triage.expected_label,
+        score_tolerance=triage.score_tolerance,
+    )
+    harvester = state.extras.get(HARVESTER)
+    if isinstance(harvester, Harvester):
+        harvester.update_case(case)
+    history = await _blocking(store.triage_history, cid)
+    return web.json_response(case_to_dict(case, history))
+
+
 def add_control_routes(app: web.Application) -> None:
     app.router.add_post("/v1/feedback", feedback)
     app.router.add_get("/v1/rollout", rollout_status)
     app.router.add_get("/v1/rollout/verdict", rollout_verdict)
     app.router.add_post("/v1/rollout/{action}", rollout_action)
+    app.router.add_get("/v1/pinned", pinned_list)
+    app.router.add_get("/v1/pinned/{id}", pinned_show)
+    app.router.add_post("/v1/pinned/{id}", pinned_triage)

@@ -176,6 +176,7 @@ class MirrorDispatcher:
         self._task = config.output.task
         self._weight = 0.0
         self._stage = ""
+        self._candidate_stopped = False
         self._queue: deque[_Job] = deque()
         self._queued_bytes = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -205,8 +206,21 @@ class MirrorDispatcher:
             raise ValueError(f"canary weight must be within [0, 1], got {weight}")
         if weight > 0 and self.candidate is None:
             raise ValueError("no candidate model is configured to serve canary traffic")
+        if self._candidate_stopped:
+            weight = 0.0
         self._weight = weight
         self.metrics.rollout_canary_weight.set(weight)
+
+    def stop_candidate(self) -> None:
+        """The rollout aborted: no more requests go to the candidate, mirrored or
+        served (already queued mirrored work still finishes). Final for this dispatcher."""
+        self._candidate_stopped = True
+        self._weight = 0.0
+        self.metrics.rollout_canary_weight.set(0.0)
+
+    @property
+    def candidate_stopped(self) -> bool:
+        return self._candidate_stopped
 
     def set_stage(self, name: str) -> None:
         self._stage = name
@@ -233,7 +247,7 @@ class MirrorDispatcher:
 
     def _routes_to_candidate(self, sticky_key: str | None) -> bool:
         weight = self._weight
-        if self.candidate is None or weight <= 0.0:
+        if self.candidate is None or weight <= 0.0 or self._candidate_stopped:
             return False
         if weight >= 1.0:
             return True
@@ -333,7 +347,7 @@ class MirrorDispatcher:
             self._timeouts["champion"],
             request_id,
         )
-        if self.candidate is not None:
+        if self.candidate is not None and not self._candidate_stopped:
             live = CallOutcome(out, time.perf_counter() - start)
             self._mirror_later(request_id, ts, inputs, slices, stage, "champion", live)
         return LiveResult(out, "champion")

@@ -39,6 +39,16 @@ log = logging.getLogger(__name__)
 MAX_PENDING = 200_000
 
 
+class RolloutHook(Protocol):
+    """Extra work on the pairs the gates see, run in the gates' worker thread (off the
+    live path, single-threaded with the engine, so it may call ``engine.pinned_result``).
+    Each returns True to ask for an evaluation at once (e.g. a pinned case was missed)."""
+
+    def on_pairs(self, records: list[PairRecord], engine: RolloutEngine, now: float) -> bool: ...
+
+    def on_labelled(self, records: list[PairRecord], engine: RolloutEngine, now: float) -> bool: ...
+
+
 class EvidenceStore(Protocol):
     """What the service persists through (``proxy.persistence.Persistence`` implements it)."""
 
@@ -79,7 +89,11 @@ class RolloutService:
         gates = config.gates.with_slice_keys([*slices.headers, *slices.parameters, *slices.rules])
         self.engine = RolloutEngine(gates, config.rollout, task=_task(config), start_ts=clock())
         join = LabelJoin(label_window_s=config.storage.label_window_s)
-        self.runner = GateRunner(self.engine, join, on_unmatched=self._unmatched)
+        self.runner = GateRunner(
+            self.engine, join, on_unmatched=self._unmatched, on_labelled=self._labelled
+        )
+        self.hooks: list[RolloutHook] = []
+        self._hook_force = False
         self.counters = RolloutCounters()
         self._pairs: deque[PairRecord] = deque()
         self._labels: deque[LabelEvent] = deque()
@@ -138,6 +152,11 @@ class RolloutService:
         await self._persist_decision(decision)
         return await self._step(force=True)
 
+    async def call(self, fn: Callable[[RolloutEngine], T]) -> T:
+        """Run ``fn(engine)`` in the gates' worker thread (the engine is single-threaded)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, fn, self.engine)
+
     def current(self) -> Evaluation:
         """The latest evaluation (an empty rollout's first look when none ran yet)."""
         if self.latest is None:
@@ -180,11 +199,33 @@ class RolloutService:
     def _advance(
         self, pairs: list[PairRecord], labels: list[LabelEvent], now: float, force: bool
     ) -> Evaluation | None:
+        self._hook_force = False
         if pairs:
             self.runner.add_pairs(pairs, now)
+            for hook in self.hooks:
+                self._hook_force |= self._call_hook(hook.on_pairs, pairs, now)
         if labels:
             self.runner.add_labels(labels, now)
+        force = force or self._hook_force
         return self.runner.tick(now, force=force)
+
+    def _labelled(self, records: list[PairRecord]) -> None:
+        now = self.clock()
+        for hook in self.hooks:
+            self._hook_force |= self._call_hook(hook.on_labelled, records, now)
+
+    def _call_hook(
+        self,
+        fn: Callable[[list[PairRecord], RolloutEngine, float], bool],
+        records: list[PairRecord],
+        now: float,
+    ) -> bool:
+        try:
+            return bool(fn(records, self.engine, now))
+        except Exception:
+            # A hook (harvest) must never stop the gates.
+            log.exception("rollout hook %r failed", fn)
+            return False
 
     def _apply(self, evaluation: Evaluation) -> None:
         if self.metrics is not None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from proxy.commands._storage import add_db_args, open_db
 from proxy.errors import BadRequest, ConfigError, NotFound
+from proxy.suite import export_suite
 from storage.errors import NotFoundError, StorageError
 from storage.files import write_pairs
 from storage.store import Store
@@ -47,11 +48,38 @@ def run_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
-EXPORTERS = {"pairs": _add_pairs}
+def _add_pinned(sub: Any) -> None:
+    p = sub.add_parser("pinned", help="the pinned cases as a never-regress suite folder")
+    add_db_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="suite folder (created)")
+    p.add_argument("--task", help="only cases of this served model name")
+    p.set_defaults(func=run_pinned)
+
+
+def run_pinned(args: argparse.Namespace) -> int:
+    db = open_db(args, migrate="refuse")
+    try:
+        result = export_suite(Store(db), args.out, task=args.task)
+    except StorageError as exc:
+        raise ConfigError(str(exc)) from exc
+    except OSError as exc:
+        raise BadRequest(f"cannot write {args.out}: {exc}") from exc
+    finally:
+        db.dispose()
+    if result.skipped:
+        print(
+            f"skipped pinned cases without stored inputs: {result.skipped}",
+            file=sys.stderr,
+        )
+    print(f"exported {result.cases} pinned cases to {args.out}", file=sys.stderr)
+    return 0
+
+
+EXPORTERS = {"pairs": _add_pairs, "pinned": _add_pinned}
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("export", help="export pairs (JSON Lines)")
+    parser = subparsers.add_parser("export", help="export pairs (JSON Lines) or the pinned suite")
     sub = parser.add_subparsers(dest="export_kind", metavar="KIND", required=True)
     for add in EXPORTERS.values():
         add(sub)

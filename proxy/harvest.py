@@ -1,0 +1,252 @@
+"""Online harvesting and the pinned gate, as a hook of the rollout service.
+
+:class:`Harvester` runs in the gates' worker thread (``RolloutService.hooks``), never on
+the live path:
+
+* ``on_pairs``: every mirrored pair is checked against the pinned set (by inputs
+  digest); a pinned case the candidate gets wrong goes to ``engine.pinned_result`` and
+  asks for an evaluation at once, so the rollout aborts on the spot. The label-free
+  harvest rules (``candidate_error``, ``disagreement``) run on the batch.
+* ``on_labelled``: the ``wrong_label`` rule runs on newly labelled pairs.
+
+Matches become :class:`storage.entities.HarvestedCase` (inputs from the record's capture
+or the recorder's cache, both outputs, label, ts, slices, rollout, identities, rule) and
+are written by ``Store.harvest`` on the harvester's own writer thread (dedup by inputs
+digest, recurrences counted). The write queue is bounded: past ``MAX_PENDING`` cases
+are dropped and counted, never queued without bound.
+
+At rollout start (:meth:`check_candidate`, before the mirror activates) the candidate is
+run over every pinned case; any miss aborts before a single request is mirrored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from gates.engine import RolloutEngine
+from gates.harvest import LABEL_FREE, WRONG_LABEL, case_outcome, match_rules
+from gates.records import Label, PairRecord
+from gates.settings import HarvestSettings, Task
+from proxy.backends.base import Backend
+from proxy.rollout import RolloutService
+from proxy.suite import case_name, judge
+from storage.entities import HarvestedCase, ModelInfo, PinnedCase
+from storage.recorder import SqlRecorder
+from storage.store import Store
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING = 1000  # harvested cases waiting for the database
+SEEN_IDS = 100_000  # record ids already harvested (one case per pair, whatever the rules)
+
+
+@dataclass(frozen=True, slots=True)
+class Expectation:
+    case_id: int
+    expected: Label
+    score_tolerance: float | None
+
+
+@dataclass(slots=True)
+class HarvestCounters:
+    matched: int = 0
+    harvested: int = 0
+    recurrences: int = 0
+    dropped: int = 0
+    errors: int = 0
+    pinned_checked: int = 0
+    pinned_missed: int = 0
+
+
+class Harvester:
+    def __init__(
+        self,
+        store: Store,
+        settings: HarvestSettings,
+        *,
+        task: str,
+        gate_task: Task = "auto",
+        rollout_id: str | None,
+        champion: ModelInfo | None,
+        candidate: ModelInfo | None,
+        recorder: SqlRecorder | None = None,
+        output_name: str | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.task = task
+        self.gate_task = gate_task
+        self.rollout_id = rollout_id
+        self.champion = champion
+        self.candidate = candidate
+        self.recorder = recorder
+        self.output_name = output_name
+        self.counters = HarvestCounters()
+        # digest -> expectation; replaced whole (copy on write) so the worker thread
+        # always reads a consistent map while triage updates it on the event loop.
+        self.pinned: dict[str, Expectation] = {}
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirrorgate-harvest")
+
+    # ------------------------------------------------------------------ pinned set
+
+    def load_pinned(self) -> list[PinnedCase]:
+        """Blocking: read the pinned cases of this task (with inputs) and index them."""
+        cases = self.store.list_pinned(status="pinned", task=self.task, with_inputs=True)
+        self.pinned = {
+            c.inputs_digest: Expectation(c.id, c.expected_label, c.score_tolerance) for c in cases
+        }
+        return cases
+
+    def update_case(self, case: PinnedCase) -> None:
+        """After a triage: a pinned case joins the live check, any other leaves it."""
+        if case.task != self.task:
+            return
+        pinned = dict(self.pinned)
+        pinned.pop(case.inputs_digest, None)
+        if case.status == "pinned":
+            pinned[case.inputs_digest] = Expectation(
+                case.id, case.expected_label, case.score_tolerance
+            )
+        self.pinned = pinned
+
+    async def check_candidate(
+        self, candidate: Backend, service: RolloutService, cases: list[PinnedCase]
+    ) -> list[tuple[int, bool, str]]:
+        """Run the candidate over the pinned cases; report each outcome to the engine and
+        evaluate at once when any failed (the abort then precedes all mirroring)."""
+        outcomes: list[tuple[int, bool, str]] = []
+        for case in cases:
+            if not case.inputs:
+                log.warning("pinned case %d has no stored inputs: not replayable", case.id)
+                continue
+            outcome = await judge(
+                candidate,
+                case.inputs,
+                case.expected_label,
+                case.score_tolerance,
+                output_name=self.output_name,
+            )
+            outcomes.append((case.id, outcome.passed, outcome.detail))
+        if not outcomes:
+            return outcomes
+        now = service.clock()
+
+        def report(engine: RolloutEngine) -> None:
+            for cid, ok, detail in outcomes:
+                engine.pinned_result(case_name(cid), ok, now=now, detail=f"at start: {detail}")
+
+        await service.call(report)
+        if not all(ok for _, ok, _ in outcomes):
+            missed = [cid for cid, ok, _ in outcomes if not ok]
+            log.warning("candidate misses pinned cases %s before any traffic: aborting", missed)
+            await service.evaluate_now()
+        return outcomes
+
+    # ------------------------------------------------------------------ hooks (worker thread)
+
+    def on_pairs(self, records: list[PairRecord], engine: RolloutEngine, now: float) -> bool:
+        force = self._check_live(records, engine, now)
+        self._harvest(
+            records, match_rules(records, self.settings, task=self.gate_task, rules=LABEL_FREE)
+        )
+        return force
+
+    def on_labelled(self, records: list[PairRecord], engine: RolloutEngine, now: float) -> bool:
+        self._harvest(
+            records, match_rules(records, self.settings, task=self.gate_task, rules=(WRONG_LABEL,))
+        )
+        return False
+
+    def _check_live(self, records: list[PairRecord], engine: RolloutEngine, now: float) -> bool:
+        pinned = self.pinned
+        if not pinned:
+            return False
+        missed = False
+        for r in records:
+            exp = pinned.get(r.inputs_digest or "")
+            if exp is None:
+                continue
+            outcome = case_outcome(
+                r.candidate.output, exp.expected, exp.score_tolerance, error=r.candidate.error
+            )
+            self.counters.pinned_checked += 1
+            engine.pinned_result(
+                case_name(exp.case_id),
+                outcome.passed,
+                now=now,
+                detail=f"live request {r.id}: {outcome.detail}",
+            )
+            if not outcome.passed:
+                self.counters.pinned_missed += 1
+                missed = True
+                log.warning(
+                    "live request %s matches pinned case %d and the candidate misses it: %s",
+                    r.id,
+                    exp.case_id,
+                    outcome.detail,
+                )
+        return missed
+
+    def _harvest(self, records: list[PairRecord], rules: list[str | None]) -> None:
+        for record, rule in zip(records, rules, strict=True):
+            if rule is None or record.id in self._seen:
+                continue
+            self._seen[record.id] = None
+            if len(self._seen) > SEEN_IDS:
+                self._seen.popitem(last=False)
+            self.counters.matched += 1
+            inputs = record.inputs
+            if not inputs and self.recorder is not None:
+                inputs = self.recorder.inputs_for(record.id)
+            if self.recorder is not None:
+                # The pair's row keeps its inputs too (capture: failures).
+                self.recorder.mark_failure(record.id)
+            case = HarvestedCase(
+                task=self.task,
+                rule=rule,
+                record=record,
+                inputs=inputs,
+                rollout_id=self.rollout_id,
+                champion=self.champion,
+                candidate=self.candidate,
+            )
+            with self._lock:
+                if self._pending >= MAX_PENDING:
+                    self.counters.dropped += 1
+                    continue
+                self._pending += 1
+            self._pool.submit(self._write, case).add_done_callback(self._done)
+
+    def _write(self, case: HarvestedCase) -> None:
+        result = self.store.harvest(case)
+        if result.created:
+            self.counters.harvested += 1
+        else:
+            self.counters.recurrences += 1
+
+    def _done(self, future: Future[None]) -> None:
+        with self._lock:
+            self._pending -= 1
+        exc = future.exception()
+        if exc is not None:
+            self.counters.errors += 1
+            log.error("harvesting a case failed: %s", exc)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def flush(self) -> None:
+        """Blocking: wait for the queued writes (tests, shutdown)."""
+        self._pool.submit(lambda: None).result()
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self._pool.shutdown, True)
