@@ -43,8 +43,17 @@ def make_config(
     champion_url: str, candidate_url: str | None = None, **sections: Any
 ) -> MirrorgateConfig:
     """A config whose models are http backends on the given upstreams."""
+    # Generous deadlines by default: the 2-core CI machine is shared and loaded, and a
+    # loopback call that merely waits for a CPU must not read as a timeout. Tests about
+    # timeouts set their own.
     models: dict[str, Any] = {
-        "champion": {"name": "champion", "kind": "http", "url": champion_url, "model": "model"}
+        "champion": {
+            "name": "champion",
+            "kind": "http",
+            "url": champion_url,
+            "model": "model",
+            "timeout_ms": 10_000,
+        }
     }
     if candidate_url is not None:
         models["candidate"] = {
@@ -52,8 +61,13 @@ def make_config(
             "kind": "http",
             "url": candidate_url,
             "model": "model",
+            "timeout_ms": 10_000,
         }
-    data: dict[str, Any] = {"server": {"model_name": "classifier"}, "models": models}
+    data: dict[str, Any] = {
+        "server": {"model_name": "classifier"},
+        "models": models,
+        "mirror": {"timeout_ms": 10_000},
+    }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
             for sub, subvalue in value.items():
