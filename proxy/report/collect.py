@@ -44,6 +44,7 @@ SERIES_METRICS = {
 }
 _STATUS = {"PASS": "pass", "INCONCLUSIVE": "inconclusive", "FAIL": "fail"}
 _TERMINAL = ("promote", "abort")
+_ENDED = {"aborted": "aborted", "promoted": "promoted"}
 
 
 def _num(value: Any, digits: int = 6) -> float | None:
@@ -115,8 +116,9 @@ def _right(output: Any, label: Any) -> bool | None:
     return str(predicted) == str(label)
 
 
-def summarize_pairs(pairs: Iterable[PairRecord]) -> _PairSummary:
-    """One pass over the rollout's pairs: counts, latency samples, per-slice accuracy."""
+def summarize_pairs(pairs: Iterable[PairRecord], *, cutoff: float | None = None) -> _PairSummary:
+    """One pass over the rollout's pairs: counts, latency samples, per-slice accuracy
+    (the latter of the pairs up to ``cutoff``: the slice table is the decision's evidence)."""
     out = _PairSummary()
     for r in pairs:
         out.pairs += 1
@@ -131,6 +133,8 @@ def summarize_pairs(pairs: Iterable[PairRecord]) -> _PairSummary:
             out.candidate_ms.append(float(r.candidate.latency_ms))
         champ = _right(r.champion.output, r.label) if labelled else None
         cand = _right(r.candidate.output, r.label) if labelled else None
+        if cutoff is not None and r.ts > cutoff:
+            continue
         cells = [("all", "all"), *sorted(r.slices.items())]
         for key in cells:
             s = out.slices[key]
@@ -156,10 +160,17 @@ def build_document(
         raise BadRequest(f"rollout {rollout_id} has no candidate: there is nothing to compare")
     if config is not None and rollout.config_digest and config.digest() != rollout.config_digest:
         config = None  # another rollout's settings: the rows alone speak
-    summary = summarize_pairs(store.iter_pairs(rollout_id))
-    history = store.gate_evaluations(rollout_id)
-    latest = _latest(history)
     decisions = store.decisions(rollout_id)
+    terminal = _terminal(decisions)
+    # An ended rollout shows the evidence that decided it, as replay does: the gates keep
+    # updating on the pairs still in flight at the verdict, and a betting e-process that
+    # crossed its threshold may drift back, but the decision was taken at the crossing.
+    cutoff = terminal.ts if terminal is not None else None
+    summary = summarize_pairs(store.iter_pairs(rollout_id), cutoff=cutoff)
+    history = store.gate_evaluations(rollout_id)
+    if cutoff is not None:
+        history = [e for e in history if e.ts <= cutoff]
+    latest = _latest(history)
     harvested = [c for c in store.list_pinned() if c.rollout_id == rollout_id]
     pinned_total = len(store.list_pinned(status="pinned"))
     as_of = max(
@@ -220,7 +231,8 @@ def _latest(history: Sequence[GateEvaluation]) -> list[GateEvaluation]:
 def _rollout(rollout: Rollout, config: MirrorgateConfig | None, as_of: float) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": rollout.id,
-        "stage": rollout.stage or "shadow",
+        # An ended rollout's stage is its outcome (the timeline says where it ended).
+        "stage": _ENDED.get(rollout.status, rollout.stage or "shadow"),
         "started_at": rollout.created_at,
         "ended_at": rollout.ended_at,
         "as_of": as_of,
@@ -259,10 +271,14 @@ def _config(
     return out
 
 
-def _verdict(decisions: Sequence[Decision], latest: Sequence[GateEvaluation]) -> dict[str, Any]:
-    terminal = next(
+def _terminal(decisions: Sequence[Decision]) -> Decision | None:
+    return next(
         (d for d in reversed(decisions) if (d.evidence or {}).get("action") in _TERMINAL), None
     )
+
+
+def _verdict(decisions: Sequence[Decision], latest: Sequence[GateEvaluation]) -> dict[str, Any]:
+    terminal = _terminal(decisions)
     if terminal is not None:
         evidence = terminal.evidence or {}
         action = str(evidence["action"])
