@@ -319,6 +319,9 @@ def _label(e: GateEvaluation) -> str:
 
 
 def _min_n(e: GateEvaluation, config: MirrorgateConfig | None) -> int | None:
+    recorded = _values(e).get("min_samples")
+    if isinstance(recorded, int) and recorded >= 0:
+        return recorded  # what the gate itself applied to this cell
     if config is None:
         return None
     g = config.gates
@@ -436,10 +439,9 @@ def _slice_table(
         }
         if row["difference"] is None and champion is not None and candidate is not None:
             row["difference"] = _num(candidate - champion)
-        if config is not None:
-            row["min_n"] = (
-                config.gates.metric.min_samples if key == "all" else config.gates.slices.min_samples
-            )
+        min_n = _min_n(cell, config) if cell is not None else None
+        if min_n is not None:
+            row["min_n"] = min_n
         rows.append(row)
     return {"metric": metric, "margin": margin, "rows": rows}
 
