@@ -131,14 +131,19 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.verbose:
-        # The demo's own lines are the output; the proxy's INFO logs would bury them.
-        for name in ("proxy", "storage", "gates", "aiohttp", "alembic"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    run_dir = _run_dir(args.out)
-    return asyncio.run(
-        run_demo(run_dir, mode="fast" if args.fast else "full", seed=args.seed, out=sys.stdout)
-    )
+    quiet = () if args.verbose else ("proxy", "storage", "gates", "aiohttp", "alembic")
+    previous = {name: logging.getLogger(name).level for name in quiet}
+    # The demo's own lines are the output; the proxy's INFO logs would bury them.
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        run_dir = _run_dir(args.out)
+        return asyncio.run(
+            run_demo(run_dir, mode="fast" if args.fast else "full", seed=args.seed, out=sys.stdout)
+        )
+    finally:
+        for name, level in previous.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _run_dir(out: str | None) -> Path:
