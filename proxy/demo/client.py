@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -43,7 +44,10 @@ def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
 
 
 async def run_client(args: argparse.Namespace) -> int:
-    traffic = Traffic(scenario(args.mode, seed=args.seed, id_prefix=args.prefix))
+    settings = scenario(args.mode, seed=args.seed, id_prefix=args.prefix)
+    if args.requests is not None:
+        settings = dataclasses.replace(settings, requests=args.requests)
+    traffic = Traffic(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     threading.Thread(target=_watch_stdin, args=(loop, stop), daemon=True).start()
@@ -72,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("fast", "full"), required=True)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--prefix", required=True)
+    parser.add_argument("--requests", type=int, help="requests to draw (default: the scenario's)")
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args(argv)
     return asyncio.run(run_client(args))
