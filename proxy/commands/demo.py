@@ -273,7 +273,6 @@ async def _rollout(
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     started = time.perf_counter()
-    stages_seen: list[str] = []
     live: dict[str, Any] = {}
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -293,7 +292,7 @@ async def _rollout(
         async def progress() -> None:
             while True:
                 await asyncio.sleep(PROGRESS_EVERY_S)
-                say(_progress_line(service.latest, live.get("stats"), started, stages_seen))
+                say(_progress_line(service.latest, live.get("stats"), started))
 
         ticker = asyncio.create_task(progress())
         try:
@@ -315,7 +314,7 @@ async def _rollout(
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
         evaluation = service.current()
-        say(_progress_line(evaluation, stats, started, stages_seen))
+        say(_progress_line(evaluation, stats, started))
         failing = _failing_at_verdict(service.engine.decisions)
         outcome = Outcome(
             scenario=scenario,
@@ -323,7 +322,10 @@ async def _rollout(
             verdict=evaluation.verdict,
             reason=evaluation.reason,
             stage=evaluation.stage,
-            stages_seen=list(stages_seen),
+            # From the engine's decisions, not the progress lines: a stage can pass
+            # between two of them.
+            stages_seen=[service.engine.plan.stages[0].name]
+            + [d.to_stage for d in service.engine.decisions if d.action == "advance"],
             failing=failing,
             pairs=evaluation.pairs,
             labels=evaluation.labels,
@@ -462,15 +464,13 @@ def _short_slice(cell: str) -> str:
     return cell.split("=", 1)[1] if "=" in cell else cell
 
 
-def _progress_line(evaluation: Any, stats: Any, started: float, stages_seen: list[str]) -> str:
+def _progress_line(evaluation: Any, stats: Any, started: float) -> str:
     """One plain line: traffic counts, stage, and every blocking gate's state."""
     t = time.perf_counter() - started
     requests = int(stats.get("requests", 0)) if stats else 0
     head = f"  [{t:5.1f}s] requests {requests:>6,}"
     if evaluation is None:
         return head + "  (waiting for the first evaluation)"
-    if not stages_seen or stages_seen[-1] != evaluation.stage:
-        stages_seen.append(evaluation.stage)
     head += (
         f"  pairs {evaluation.pairs:>6,}  labels {evaluation.labels:>6,}  "
         f"stage {evaluation.stage} ({evaluation.canary_weight:.0%})  {evaluation.verdict}"
