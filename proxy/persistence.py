@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry
 
 from gates.engine import Decision, Evaluation
+from gates.result import GateResult
 from proxy.backends.base import Backend
 from proxy.config import MirrorgateConfig
 from proxy.errors import ConfigError
@@ -74,26 +77,7 @@ class Persistence:
     # ------------------------------------------------------------------ evidence
 
     def record_evaluation(self, evaluation: Evaluation) -> None:
-        rows = [
-            GateEvaluation(
-                gate=g.name,
-                slice=g.slice,
-                status=g.status.value,
-                statistic=_finite(g.statistic),
-                threshold=_finite(g.threshold),
-                n=int(g.n),
-                method=f"{g.method.name}: {g.method.description}",
-                ts=evaluation.ts,
-                confidence=_finite(g.confidence),
-                details={
-                    "reason": g.reason,
-                    "blocking": g.blocking,
-                    "lower": _finite(g.lower),
-                    "upper": _finite(g.upper),
-                },
-            )
-            for g in evaluation.gates
-        ]
+        rows = [self._gate_row(g, evaluation.ts) for g in evaluation.gates]
         self.store.record_gate_evaluations(self.rollout_id, rows)
         if evaluation.stage != self._last_stage or evaluation.verdict in _ROLLOUT_STATUS:
             self._last_stage = evaluation.stage
@@ -102,6 +86,32 @@ class Persistence:
                 stage=evaluation.stage,
                 status=_ROLLOUT_STATUS.get(evaluation.verdict),
             )
+
+    @staticmethod
+    def _gate_row(g: GateResult, ts: float) -> GateEvaluation:
+        # The anytime-valid interval is computed lazily (``interval()``): storing it makes
+        # the band of each metric over time readable from the database (the report's
+        # series); the gate's own numbers (PSI, per-model rates, ...) go in ``values``.
+        lower, upper = g.interval()
+        return GateEvaluation(
+            gate=g.name,
+            slice=g.slice,
+            status=g.status.value,
+            statistic=_finite(g.statistic),
+            threshold=_finite(g.threshold),
+            n=int(g.n),
+            method=f"{g.method.name}: {g.method.description}",
+            ts=ts,
+            confidence=_finite(g.confidence),
+            details={
+                "reason": g.reason,
+                "blocking": g.blocking,
+                "insufficient": g.insufficient,
+                "lower": _finite(lower),
+                "upper": _finite(upper),
+                "values": _plain(g.details),
+            },
+        )
 
     def record_decision(self, decision: Decision) -> None:
         self.store.record_decision(
@@ -128,6 +138,23 @@ class Persistence:
         if self.recorder is not None:
             await self.recorder.aclose()
         await asyncio.to_thread(self.db.dispose)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy: numpy scalars to Python numbers, non-finite floats to None."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return _finite(float(value))
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)
 
 
 def _finite(value: float | None) -> float | None:

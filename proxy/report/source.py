@@ -2,8 +2,8 @@
 
 The commands ``mirrorgate report`` and ``mirrorgate signoff`` only talk to this protocol.
 ``PackSource`` implements it over a pack directory (``report.json`` plus a
-``signoffs.jsonl`` beside it), which works today without a database. The storage-backed
-source is wired in by replacing :func:`open_storage_source`.
+``signoffs.jsonl`` beside it), without a database; ``StorageSource`` (what
+:func:`open_storage_source` returns) over the store the proxy recorded into.
 """
 
 from __future__ import annotations
@@ -13,9 +13,16 @@ import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from proxy.config import MirrorgateConfig, load_config
 from proxy.errors import BadRequest, MirrorgateError, NotFound
 from proxy.report.document import load_document, validate_document
 from proxy.report.signoff import SignOff
+from storage.db import Database
+from storage.entities import SignOff as StoredSignOff
+from storage.errors import InvalidError, NotFoundError, SchemaError, StorageError
+from storage.migrate import ensure_schema
+from storage.settings import StorageSettings
+from storage.store import Store
 
 SIGNOFFS_NAME = "signoffs.jsonl"
 
@@ -103,14 +110,98 @@ class PackSource:
             ) from exc
 
 
-def open_storage_source(config_path: str | None) -> ReportSource:
+class StorageSource:
+    """A ReportSource over the database: documents built from the rollout's rows
+    (:mod:`proxy.report.collect`), sign-offs in the ``signoffs`` table."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        config: MirrorgateConfig | None = None,
+        config_source: str | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.config_source = config_source
+
+    def report_document(self, rollout_id: str) -> dict[str, Any]:
+        from proxy.report.collect import build_document
+
+        try:
+            return build_document(
+                self.store, rollout_id, config=self.config, config_source=self.config_source
+            )
+        except NotFoundError as exc:
+            raise NotFound(f"{exc} in {self.store.db.display_url}") from exc
+        except StorageError as exc:
+            raise MirrorgateError(str(exc)) from exc
+
+    def signoffs(self, rollout_id: str) -> list[SignOff]:
+        try:
+            rows = self.store.signoffs(rollout_id)
+        except StorageError as exc:
+            raise MirrorgateError(str(exc)) from exc
+        return [
+            SignOff.from_dict(
+                {
+                    "reviewer": r.reviewer,
+                    "decision": r.decision,
+                    "note": r.note,
+                    "ts": r.ts,
+                    "digest": r.report_digest,
+                },
+                where=f"sign-off of {r.reviewer} on rollout {rollout_id}",
+            )
+            for r in rows
+        ]
+
+    def record_signoff(self, rollout_id: str, signoff: SignOff) -> None:
+        try:
+            self.store.record_signoff(
+                StoredSignOff(
+                    rollout_id=rollout_id,
+                    reviewer=signoff.reviewer,
+                    decision=signoff.decision,
+                    report_digest=signoff.digest,
+                    note=signoff.note,
+                    ts=signoff.ts,
+                )
+            )
+        except NotFoundError as exc:
+            raise NotFound(str(exc)) from exc
+        except (InvalidError, StorageError) as exc:
+            raise BadRequest(f"cannot record the sign-off: {exc}") from exc
+
+    def close(self) -> None:
+        self.store.db.dispose()
+
+
+def open_storage_source(config_path: str | None) -> StorageSource:
     """The storage-backed ReportSource for ``--rollout R`` without ``--pack``/``--from-json``.
 
-    SEAM: the storage wiring replaces this body (load the config, open the store, return
-    an object implementing :class:`ReportSource`). Until then it says what to use instead.
+    The database is ``storage.url`` of the config (else ``MIRRORGATE_STORAGE__URL``, else
+    the default ``sqlite:///mirrorgate.sqlite``). It must exist with the current schema:
+    reading a report never creates or migrates a database.
     """
-    raise MirrorgateError(
-        "reading rollouts from storage is not wired in yet; render an existing report "
-        "document with 'mirrorgate report --from-json FILE --out DIR' and sign a pack with "
-        "'mirrorgate signoff --pack DIR ...'"
-    )
+    config: MirrorgateConfig | None = None
+    if config_path is not None:
+        config = load_config(config_path)
+        settings = config.storage
+    else:
+        env = os.environ.get("MIRRORGATE_STORAGE__URL")
+        settings = StorageSettings(url=env) if env else StorageSettings()
+    url = settings.url
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise BadRequest(
+                f"no database at {path}: give --config FILE naming the store the proxy "
+                "recorded into (storage.url)"
+            )
+    try:
+        db = Database(url)
+        ensure_schema(db, "refuse")
+    except (SchemaError, StorageError) as exc:
+        raise BadRequest(f"storage {url}: {exc}") from exc
+    return StorageSource(Store(db), config=config, config_source=config_path)

@@ -178,11 +178,16 @@ def test_report_bad_input_exits_2_and_writes_nothing(
     assert not out.exists()
 
 
-def test_report_from_storage_is_a_clear_error_until_wired(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_report_from_storage_without_a_database_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # No config: the default store (./mirrorgate.sqlite) is read, never created.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MIRRORGATE_STORAGE__URL", raising=False)
     assert main(["report", "--rollout", ROLLOUT, "--out", str(tmp_path / "o")]) == 2
-    assert "--from-json" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no database" in err and "--config" in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "mirrorgate.sqlite").exists()
 
 
 def test_storage_seam_drives_both_commands(
