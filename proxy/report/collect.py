@@ -530,7 +530,9 @@ def _pinned(
                 "champion_output": _output(ev.champion.output),
                 "candidate_output": _output(ev.candidate.output),
                 "inputs_digest": c.inputs_digest,
-                "recurrences": max(int(c.recurrence_count), 1),
+                # No recurrence count: it is global to the case and keeps rising with
+                # later rollouts' traffic, so a finished rollout's report (and the digest
+                # a reviewer signed) would change after the fact.
             }
         )
     return {
