@@ -40,7 +40,7 @@ from proxy.codec import (
     validate_request,
 )
 from proxy.config import BackendSettings, MirrorgateConfig
-from proxy.errors import BadRequest, MirrorgateError, NotFound, NotReady
+from proxy.errors import BadRequest, ConfigError, MirrorgateError, NotFound, NotReady
 from proxy.metrics import ProxyMetrics
 from proxy.mirror import MirrorDispatcher
 from proxy.persistence import Persistence
@@ -309,6 +309,12 @@ async def _load(state: ProxyState) -> None:
             state.sinks.append(recorder)
             if state.rollout is not None:
                 state.rollout.store = state.persistence
+                if config.replicas.enabled:
+                    from proxy.replicas import ReplicaCoordinator
+
+                    coordinator = ReplicaCoordinator(config, state.persistence, state.rollout)
+                    state.rollout.coordinator = coordinator
+                    await coordinator.start()
         _activate(state)
     except BaseException as exc:
         for backend in created:
@@ -414,6 +420,8 @@ def create_app(
     (``serve`` and ``demo`` turn it on; tests inject sinks instead). ``gates``: run the
     rollout engine on the pairs when a candidate is configured or injected.
     """
+    if config.replicas.enabled and not storage:
+        raise ConfigError("replicas.enabled needs the shared database: run with storage on")
     registry = registry if registry is not None else CollectorRegistry()
     app = web.Application(
         client_max_size=config.server.max_body_bytes, middlewares=[error_middleware]

@@ -74,27 +74,7 @@ class Persistence:
     # ------------------------------------------------------------------ evidence
 
     def record_evaluation(self, evaluation: Evaluation) -> None:
-        rows = [
-            GateEvaluation(
-                gate=g.name,
-                slice=g.slice,
-                status=g.status.value,
-                statistic=_finite(g.statistic),
-                threshold=_finite(g.threshold),
-                n=int(g.n),
-                method=f"{g.method.name}: {g.method.description}",
-                ts=evaluation.ts,
-                confidence=_finite(g.confidence),
-                details={
-                    "reason": g.reason,
-                    "blocking": g.blocking,
-                    "lower": _finite(g.lower),
-                    "upper": _finite(g.upper),
-                },
-            )
-            for g in evaluation.gates
-        ]
-        self.store.record_gate_evaluations(self.rollout_id, rows)
+        self.store.record_gate_evaluations(self.rollout_id, gate_rows(evaluation))
         if evaluation.stage != self._last_stage or evaluation.verdict in _ROLLOUT_STATUS:
             self._last_stage = evaluation.stage
             self.store.update_rollout(
@@ -104,30 +84,58 @@ class Persistence:
             )
 
     def record_decision(self, decision: Decision) -> None:
-        self.store.record_decision(
-            self.rollout_id,
-            StoredDecision(
-                verdict=decision.action if decision.manual else decision.verdict,
-                actor_kind="operator" if decision.manual else "engine",
-                actor=decision.who,
-                reason=decision.why,
-                ts=decision.ts,
-                from_stage=decision.from_stage,
-                to_stage=decision.to_stage,
-                evidence={
-                    "action": decision.action,
-                    "verdict": decision.verdict,
-                    "pairs": decision.pairs,
-                    "labels": decision.labels,
-                    "gates": decision.evidence,
-                },
-            ),
-        )
+        self.store.record_decision(self.rollout_id, stored_decision(decision))
 
     async def aclose(self) -> None:
         if self.recorder is not None:
             await self.recorder.aclose()
         await asyncio.to_thread(self.db.dispose)
+
+
+def gate_rows(
+    evaluation: Evaluation, *, extra: dict[str, object] | None = None
+) -> list[GateEvaluation]:
+    """The ``gate_evaluations`` rows of one evaluation (``extra`` joins each row's details)."""
+    return [
+        GateEvaluation(
+            gate=g.name,
+            slice=g.slice,
+            status=g.status.value,
+            statistic=_finite(g.statistic),
+            threshold=_finite(g.threshold),
+            n=int(g.n),
+            method=f"{g.method.name}: {g.method.description}",
+            ts=evaluation.ts,
+            confidence=_finite(g.confidence),
+            details={
+                "reason": g.reason,
+                "blocking": g.blocking,
+                "lower": _finite(g.lower),
+                "upper": _finite(g.upper),
+                **(extra or {}),
+            },
+        )
+        for g in evaluation.gates
+    ]
+
+
+def stored_decision(decision: Decision) -> StoredDecision:
+    return StoredDecision(
+        verdict=decision.action if decision.manual else decision.verdict,
+        actor_kind="operator" if decision.manual else "engine",
+        actor=decision.who,
+        reason=decision.why,
+        ts=decision.ts,
+        from_stage=decision.from_stage,
+        to_stage=decision.to_stage,
+        evidence={
+            "action": decision.action,
+            "verdict": decision.verdict,
+            "pairs": decision.pairs,
+            "labels": decision.labels,
+            "gates": decision.evidence,
+        },
+    )
 
 
 def _finite(value: float | None) -> float | None:
