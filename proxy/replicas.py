@@ -54,6 +54,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DECIDER_STATE_VERSION = 1
+# Input drift collects its reference from the first pairs each replica sees: replicas'
+# references differ, so its states merge only while they agree (docs/replicas.md).
+UNMERGEABLE = "drift.input"
 
 
 # ---------------------------------------------------------------------- pure parts
@@ -81,11 +84,26 @@ def merged_engine(
     base_pairs = engine.pairs - engine.stage_pairs
     base_labels = engine.labels - engine.stage_labels
     pairs = labels = 0
+    per_replica_reference = False
     for snap in snapshots:
         if not snap.state:
             continue
         other = RolloutEngine.from_state(snap.state, gates, plan)
         for family, gate in engine.gates.items():
+            if family == UNMERGEABLE:
+                if per_replica_reference:
+                    continue
+                try:
+                    gate.merge(other.gates[family])
+                except ValueError:
+                    # Each replica froze its own automatic reference: no one union
+                    # reference exists. The gate is a non-blocking warning; it reports
+                    # nothing rather than a mix (docs/replicas.md).
+                    per_replica_reference = True
+                    engine.gates[family] = type(gate)(
+                        gate.settings, alpha=gate.alpha, task=gate.task
+                    )
+                continue
             gate.merge(other.gates[family])
         pairs += other.pairs
         labels += other.labels

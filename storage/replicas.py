@@ -251,10 +251,10 @@ def replica_snapshots(db: Database, rollout_id: str) -> list[GateSnapshot]:
 def _replica_snapshots(conn: Connection, rollout_id: str) -> list[GateSnapshot]:
     t = GateSnapshotRow
     rows = conn.execute(
-        select(t)
+        select(t.rollout_id, t.replica_id, t.window_start, t.window_end, t.state, t.ts)
         .where(t.rollout_id == rollout_id, t.replica_id != DECIDER_ID)
         .order_by(t.replica_id, t.window_start)
-    ).scalars()
+    ).all()
     return [
         GateSnapshot(r.rollout_id, r.replica_id, r.window_start, r.window_end, r.state, r.ts)
         for r in rows
