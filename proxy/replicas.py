@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gates.engine import Decision, Evaluation, ManualAction, RolloutEngine
+from gates.join import LabelEvent
 from gates.result import GateResult, Method, Status
 from gates.settings import GatesSettings, RolloutSettings, Task
 from proxy.config import MirrorgateConfig
@@ -43,6 +44,7 @@ from storage.errors import StorageError
 from storage.replicas import (
     DeciderLease,
     StepWrite,
+    labels_for,
     read_decider,
     require_postgres,
     run_step,
@@ -57,6 +59,8 @@ DECIDER_STATE_VERSION = 1
 # Input drift collects its reference from the first pairs each replica sees: replicas'
 # references differ, so its states merge only while they agree (docs/replicas.md).
 UNMERGEABLE = "drift.input"
+# Pairs waiting for a label looked up in the shared labels table per sync, oldest first.
+MAX_LABEL_LOOKUPS = 20_000
 
 
 # ---------------------------------------------------------------------- pure parts
@@ -264,11 +268,35 @@ class ReplicaCoordinator:
     async def sync(self, *, force: bool = False) -> None:
         """Snapshot, decide (when holding the lease) and adopt the shared decision."""
         async with self._lock:
+            await self.pull_labels()
             await self.snapshot()
             await self._lead(force=force)
             await self._follow()
 
     # ------------------------------------------------------------------ steps
+
+    async def pull_labels(self) -> int:
+        """Labels other replicas received for pairs this one recorded.
+
+        Behind a Service, ``POST /v1/feedback`` lands on any replica. The receiving one
+        stores the label (the shared ``labels`` table); the replica that recorded the
+        pair finds it here and joins it locally. Each label reaches the gates once:
+        through the replica holding its pair, whichever replica received it.
+        """
+        service = self.service
+        # pairs waiting at least one snapshot period: the local path had its chance
+        before = self.clock() - self.settings.snapshot_every_s
+        ids = await service.in_gates(
+            lambda: service.runner.join.waiting_pair_ids(before, MAX_LABEL_LOOKUPS)
+        )
+        if not ids:
+            return 0
+        found = await asyncio.to_thread(labels_for, self.db, ids)
+        if not found:
+            return 0
+        events = [LabelEvent(rid, label, None) for rid, label in found.items()]
+        now = self.clock()
+        return await service.in_gates(lambda: service.runner.add_labels(events, now))
 
     async def snapshot(self) -> None:
         state = await self.service.in_gates(self.service.engine.state_dict)

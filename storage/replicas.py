@@ -34,7 +34,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from storage.db import Database
 from storage.entities import Decision, GateEvaluation, GateSnapshot
 from storage.errors import StorageError
-from storage.schema import DecisionRow, GateEvaluationRow, GateSnapshotRow, RolloutRow
+from storage.schema import (
+    DecisionRow,
+    GateEvaluationRow,
+    GateSnapshotRow,
+    LabelRow,
+    RolloutRow,
+)
 
 DECIDER_ID = "__decider__"
 _FINAL = {"promote": "promoted", "abort": "aborted"}
@@ -248,6 +254,27 @@ def replica_snapshots(db: Database, rollout_id: str) -> list[GateSnapshot]:
         raise StorageError(f"read snapshots of rollout {rollout_id}: {exc}") from exc
 
 
+def labels_for(db: Database, record_ids: Sequence[str], *, chunk: int = 1000) -> dict[str, Any]:
+    """The latest stored label of each of these record ids that has one (any replica
+    may have received it: the replicas share the ``labels`` table)."""
+    out: dict[str, Any] = {}
+    ids = list(record_ids)
+    try:
+        with db.engine.connect() as conn:
+            for i in range(0, len(ids), chunk):
+                rows = conn.execute(
+                    select(LabelRow.request_id, LabelRow.label)
+                    .where(LabelRow.request_id.in_(ids[i : i + chunk]))
+                    .order_by(LabelRow.id)
+                ).all()
+                for rid, label in rows:
+                    if label is not None:
+                        out[rid] = label  # a later label replaces an earlier one
+    except SQLAlchemyError as exc:
+        raise StorageError(f"read labels: {exc}") from exc
+    return out
+
+
 def _replica_snapshots(conn: Connection, rollout_id: str) -> list[GateSnapshot]:
     t = GateSnapshotRow
     rows = conn.execute(
@@ -297,6 +324,7 @@ __all__ = [
     "StepResult",
     "StepWrite",
     "decider_step",
+    "labels_for",
     "lock_key",
     "read_decider",
     "replica_snapshots",

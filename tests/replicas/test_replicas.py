@@ -2,8 +2,8 @@
 
 The demo's regressed candidate (worse on platform=mobile) is served by three replicas,
 each a real child process running the real ONNX models, recording into one real
-PostgreSQL. Requests are spread round-robin; each label goes to the replica that served
-its request (see docs/replicas.md: labels are joined per replica). Midway, once every
+PostgreSQL. Requests are spread round-robin; each label goes to another replica than
+the one that served its request (the shared labels table brings it home). Midway, once every
 replica's snapshot holds what it was sent, the decider is SIGKILLed; the traffic goes on
 over the two survivors and another replica takes the lease.
 
@@ -45,6 +45,7 @@ pytestmark = pytest.mark.postgres
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "s3cret"
+CONCURRENCY = 4
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 GATES = {
     # As in tests/proxy/test_rollout_online.py: the champion and candidates differ in
@@ -64,11 +65,13 @@ ROLLOUT = {
 
 def _config(url: str) -> dict[str, Any]:
     def model(name: str) -> dict[str, Any]:
-        return {"name": name, "kind": "onnx", "path": str(model_path(name))}
+        # generous timeouts: the machine is shared, and a timeout is not what is tested
+        return {"name": name, "kind": "onnx", "path": str(model_path(name)), "timeout_ms": 60000}
 
     return {
         "server": {"model_name": "digits", "control_token": TOKEN, "shutdown_timeout_s": 5},
         "models": {"champion": model("champion"), "candidate": model("candidate_regressed")},
+        "mirror": {"timeout_ms": 60000},
         "slices": {"headers": ["platform"]},
         "storage": {"url": url, "flush_interval_ms": 50},
         "gates": GATES,
@@ -123,7 +126,7 @@ async def _until(predicate: Any, what: str, timeout_s: float = 90.0) -> Any:
 
 
 class Driver:
-    """Sends the scenario: request k to a live replica, each label to its request's one."""
+    """Sends the scenario: requests round-robin over the live replicas, labels elsewhere."""
 
     def __init__(self, session: aiohttp.ClientSession, traffic: Traffic) -> None:
         self.session = session
@@ -131,22 +134,27 @@ class Driver:
         self.owner: dict[int, Replica] = {}
         self.rows = 0
         self.labels = 0
-        self.held: list[tuple[Replica, dict[str, Any]]] = []
+        self.live: list[Replica] = []
+        self.slots = asyncio.Semaphore(CONCURRENCY)
 
     async def request(self, req: DemoRequest, replica: Replica) -> None:
-        async with self.session.post(
-            f"{replica.url}/v2/models/digits/infer", json=req.infer_body(), headers=req.headers
-        ) as resp:
-            assert resp.status == 200, await resp.text()
-        self.owner[req.seq] = replica
+        async with self.slots:
+            async with self.session.post(
+                f"{replica.url}/v2/models/digits/infer", json=req.infer_body(), headers=req.headers
+            ) as resp:
+                assert resp.status == 200, await resp.text()
         self.rows += len(req.pool_rows)
 
     async def label(self, batch: LabelBatch) -> None:
-        by_owner: dict[str, tuple[Replica, list[dict[str, Any]]]] = {}
+        # Each label goes to another replica than the one that served its request (as a
+        # Service may route it): the replicas' shared labels table must bring it home.
+        by_target: dict[str, tuple[Replica, list[dict[str, Any]]]] = {}
         for lab in batch.labels:
-            replica = self.owner[lab.request_seq]
-            by_owner.setdefault(replica.name, (replica, []))[1].append(lab.feedback())
-        for replica, body in by_owner.values():
+            owner = self.owner[lab.request_seq]
+            others = [r for r in self.live if r is not owner] or [owner]
+            target = others[lab.request_seq % len(others)]
+            by_target.setdefault(target.name, (target, []))[1].append(lab.feedback())
+        for replica, body in by_target.values():
             async with self.session.post(
                 f"{replica.url}/v1/feedback", json=body, headers=AUTH
             ) as resp:
@@ -154,13 +162,20 @@ class Driver:
             self.labels += len(body)
 
     async def run(self, events: list[DemoRequest | LabelBatch], replicas: list[Replica]) -> None:
+        self.live = replicas
         k = 0
+        sending: list[asyncio.Task[None]] = []
         for ev in events:
             if isinstance(ev, LabelBatch):
-                await self.label(ev)
+                await self.label(ev)  # may overtake its pair: either order joins
             else:
-                await self.request(ev, replicas[k % len(replicas)])
+                self.owner[ev.seq] = replicas[k % len(replicas)]
+                sending.append(asyncio.create_task(self.request(ev, self.owner[ev.seq])))
                 k += 1
+                await asyncio.sleep(0)
+                while sum(not t.done() for t in sending) >= CONCURRENCY:
+                    await asyncio.wait(sending, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.gather(*sending)
 
 
 async def _json(session: aiohttp.ClientSession, url: str) -> Any:
@@ -192,9 +207,8 @@ async def test_three_replicas_one_decision_with_a_takeover(
     db = Database(url)
     replicas: list[Replica] = []
     try:
-        # Start one first: it creates the schema (the others find it current).
-        replicas.append(await _start("r0", config_path))
-        replicas += await asyncio.gather(_start("r1", config_path), _start("r2", config_path))
+        # Started together: the schema is created once (under an advisory lock).
+        replicas += await asyncio.gather(*(_start(f"r{i}", config_path) for i in range(3)))
         traffic = Traffic(scenario("fast", id_prefix="rep"))
         events = list(traffic.events())
         # the kill comes after ~15% of the requests: the rollout is still deciding
@@ -206,7 +220,7 @@ async def test_three_replicas_one_decision_with_a_takeover(
                 await _until(lambda r=r: _ready(session, r), f"{r.name} ready", timeout_s=120)
             driver = Driver(session, traffic)
             await driver.run(events[:cut], replicas)
-            # Labels due later for these requests go now, to their (still live) replicas.
+            # Labels due later for these requests go now, while their replicas live.
             early = {ev.seq for ev in events[:cut] if isinstance(ev, DemoRequest)}
             late = [
                 lab
@@ -279,11 +293,19 @@ async def test_three_replicas_one_decision_with_a_takeover(
             for r in survivors:
                 full = await _json(session, f"{r.url}/v1/rollout")
                 assert full["verdict"] == "abort" and full["canary_weight"] == 0.0
-                assert full["replica"]["seq"] == state["seq"]
+                assert full["replica"]["seq"] >= state["seq"]
                 async with session.get(f"{r.url}/metrics") as resp:
                     metrics = await resp.text()
                 assert 'mirrorgate_rollout_verdict{verdict="abort"} 1.0' in metrics
                 assert "mirrorgate_rollout_canary_weight 0.0" in metrics
+
+        # The survivors stop (SIGTERM: last snapshot, last step); the final record is read.
+        for r in survivors:
+            r.proc.send_signal(signal.SIGTERM)
+        for r in survivors:
+            assert await asyncio.wait_for(r.proc.wait(), 60) == 0
+        state = read_decider(db, rollout_id)
+        assert state is not None and state["by"] != victim.name
 
         # No evaluation lost or doubled: seq 1..N, each once (one row per gate cell),
         # the victim's before the takeover and the survivor's after.
