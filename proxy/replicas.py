@@ -323,7 +323,7 @@ class ReplicaCoordinator:
             self.counters.takeovers += 1
             log.info("replica %s holds the decider lease of %s", self.replica_id, self.rollout_id)
         try:
-            await asyncio.to_thread(
+            result = await asyncio.to_thread(
                 self.lease.step,
                 self.rollout_id,
                 lambda s, snaps: self._decide(s, snaps, now, force),
@@ -332,6 +332,8 @@ class ReplicaCoordinator:
             if not self.lease.held:
                 log.warning("replica %s lost the decider lease", self.replica_id)
             raise
+        if result.written:
+            self.counters.steps += 1
 
     def _engine(self, decider: dict[str, Any] | None, snaps: list[GateSnapshot]) -> RolloutEngine:
         return merged_engine(
@@ -369,7 +371,6 @@ class ReplicaCoordinator:
             "engine": control_state(engine),
             "evaluation": json_safe(evaluation.to_dict()),
         }
-        self.counters.steps += 1
         return StepWrite(
             state=state,
             evaluations=gate_rows(evaluation, extra={"seq": seq, "by": self.replica_id}),
