@@ -1,4 +1,4 @@
-"""Fixtures of the several-replicas tests: one real PostgreSQL cluster for the module."""
+"""Fixtures of the several-replicas tests: one real PostgreSQL cluster for the session."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.support.postgres import PostgresServer, PostgresUnavailable
 REQUIRE = os.environ.get("MIRRORGATE_REQUIRE_SERVICES") == "1"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
     try:
         server = PostgresServer()

@@ -76,7 +76,7 @@ def _config(url: str) -> dict[str, Any]:
         "storage": {"url": url, "flush_interval_ms": 50},
         "gates": GATES,
         "rollout": ROLLOUT,
-        "replicas": {"enabled": True, "snapshot_every_s": 0.2, "lease_retry_s": 0.2},
+        "replicas": {"enabled": True, "snapshot_every_s": 0.5, "lease_retry_s": 0.5},
     }
 
 
