@@ -231,6 +231,7 @@ class ReplicaCoordinator:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
 
     @property
     def is_decider(self) -> bool:
@@ -245,9 +246,11 @@ class ReplicaCoordinator:
     async def aclose(self) -> None:
         """Last snapshot (the service drained its queues first), last step, lease back."""
         self._closing = True
+        self._stop.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # Not cancelled: a step may be running in a thread on the lease's connection;
+            # cancelling the await would leave it running under the last sync below.
+            with contextlib.suppress(Exception):
                 await self._task
             self._task = None
         with contextlib.suppress(Exception):
@@ -263,7 +266,8 @@ class ReplicaCoordinator:
             except Exception:
                 self.counters.errors += 1
                 log.exception("replica %s: sync failed", self.replica_id)
-            await asyncio.sleep(self.settings.snapshot_every_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.settings.snapshot_every_s)
 
     async def sync(self, *, force: bool = False) -> None:
         """Snapshot, decide (when holding the lease) and adopt the shared decision."""
