@@ -312,10 +312,13 @@ async def _load(state: ProxyState) -> None:
                 if config.replicas.enabled:
                     from proxy.replicas import ReplicaCoordinator
 
-                    coordinator = ReplicaCoordinator(config, state.persistence, state.rollout)
-                    state.rollout.coordinator = coordinator
-                    await coordinator.start()
+                    state.rollout.coordinator = ReplicaCoordinator(
+                        config, state.persistence, state.rollout
+                    )
         _activate(state)
+        if state.rollout is not None and state.rollout.coordinator is not None:
+            # after the mirror exists: the shared canary weight applies from the first sync
+            await state.rollout.coordinator.start()
     except BaseException as exc:
         for backend in created:
             with contextlib.suppress(Exception):
