@@ -246,6 +246,8 @@ async def test_three_replicas_one_decision_with_a_takeover(
             victim = deciders[0]
             seq_before = read_decider(db, rollout_id)
             assert seq_before is not None and seq_before["by"] == victim.name
+            # mid-rollout: nothing decided yet (the abort needs several times this evidence)
+            assert seq_before["evaluation"]["verdict"] == "continue", seq_before["evaluation"]
             victim.proc.send_signal(signal.SIGKILL)
             await victim.proc.wait()
             survivors = [r for r in replicas if r is not victim]
@@ -331,7 +333,9 @@ async def test_three_replicas_one_decision_with_a_takeover(
         stored = Store(db).decisions(rollout_id)
         engine_decisions = state["engine"]["decisions"]
         assert [(d.reason, d.ts) for d in stored] == [(d["why"], d["ts"]) for d in engine_decisions]
-        assert sum(d.verdict == "abort" for d in stored) == 1
+        (abort,) = [d for d in stored if d.verdict == "abort"]
+        assert abort.evidence is not None
+        assert abort.evidence["pairs"] > seq_before["evaluation"]["pairs"]  # after the takeover
         assert Store(db).get_rollout(rollout_id).status == "aborted"
 
         # The merge of the snapshots is one engine fed the union, cell by cell.
