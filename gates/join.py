@@ -71,6 +71,16 @@ class LabelJoin:
     def pending_labels(self) -> int:
         return len(self._labels)
 
+    def waiting_pair_ids(self, arrived_before: float, limit: int) -> list[str]:
+        """Ids of pairs still waiting for a label that arrived before the given time
+        (oldest first): what a replica looks up among labels other replicas received."""
+        out: list[str] = []
+        for rid, (arrived, _) in self._pairs.items():
+            if arrived >= arrived_before or len(out) >= limit:
+                break
+            out.append(rid)
+        return out
+
     def add_pairs(self, records: Sequence[PairRecord], now: float) -> list[PairRecord]:
         """Returns the records that are labelled now: those that came with a label and
         those whose label was already waiting. The others wait for theirs."""

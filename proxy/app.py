@@ -40,7 +40,7 @@ from proxy.codec import (
     validate_request,
 )
 from proxy.config import BackendSettings, MirrorgateConfig
-from proxy.errors import BadRequest, MirrorgateError, NotFound, NotReady
+from proxy.errors import BadRequest, ConfigError, MirrorgateError, NotFound, NotReady
 from proxy.metrics import ProxyMetrics
 from proxy.mirror import MirrorDispatcher
 from proxy.persistence import Persistence
@@ -316,7 +316,16 @@ async def _load(state: ProxyState) -> None:
             if state.rollout is not None:
                 state.rollout.store = state.persistence
                 await _start_harvest(state)
+                if config.replicas.enabled:
+                    from proxy.replicas import ReplicaCoordinator
+
+                    state.rollout.coordinator = ReplicaCoordinator(
+                        config, state.persistence, state.rollout
+                    )
         _activate(state)
+        if state.rollout is not None and state.rollout.coordinator is not None:
+            # after the mirror exists: the shared canary weight applies from the first sync
+            await state.rollout.coordinator.start()
     except BaseException as exc:
         for backend in created:
             with contextlib.suppress(Exception):
@@ -452,6 +461,8 @@ def create_app(
     (``serve`` and ``demo`` turn it on; tests inject sinks instead). ``gates``: run the
     rollout engine on the pairs when a candidate is configured or injected.
     """
+    if config.replicas.enabled and not storage:
+        raise ConfigError("replicas.enabled needs the shared database: run with storage on")
     registry = registry if registry is not None else CollectorRegistry()
     app = web.Application(
         client_max_size=config.server.max_body_bytes, middlewares=[error_middleware]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -118,6 +119,41 @@ class OutputSettings(_Strict):
     output: str | None = Field(None, description="output tensor the gates read; default first")
 
 
+class ReplicasSettings(_Strict):
+    """Several proxies, one decision (docs/replicas.md). Needs PostgreSQL storage.
+
+    Every replica persists its cumulative gate state every ``snapshot_every_s``; the one
+    holding the decider lease (a PostgreSQL session advisory lock) merges them, evaluates
+    and writes the decision; every replica reads that decision back and serves it.
+    """
+
+    enabled: bool = False
+    replica_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="this replica's name in the snapshot rows; default <hostname>-<pid>",
+    )
+    snapshot_every_s: float = Field(
+        1.0,
+        gt=0,
+        description="how often the local gate state is persisted and the shared "
+        "decision re-read (the cadence of the leader's merge, too)",
+    )
+    lease_retry_s: float = Field(
+        2.0, gt=0, description="how often a follower tries to take the decider lease"
+    )
+    lease_name: str = Field(
+        "mirrorgate-decider",
+        min_length=1,
+        description="advisory-lock name (hashed with the rollout id): replicas sharing it "
+        "and a rollout elect one decider",
+    )
+
+    def resolved_id(self) -> str:
+        return self.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
 class MirrorgateConfig(_Strict):
     server: ServerSettings = ServerSettings()
     models: ModelsSettings
@@ -128,10 +164,13 @@ class MirrorgateConfig(_Strict):
     storage: StorageSettings = StorageSettings()
     gates: GatesSettings = GatesSettings()
     rollout: RolloutSettings = RolloutSettings()
+    replicas: ReplicasSettings = ReplicasSettings()
 
     def digest(self) -> str:
         """sha256 of the effective configuration (secrets excluded), for reproducibility."""
-        data = self.model_dump(mode="json", exclude={"server": {"control_token"}})
+        # ``replicas`` names this process: replicas of one rollout differ there and must
+        # still agree on the digest (it identifies the rollout they share).
+        data = self.model_dump(mode="json", exclude={"server": {"control_token"}, "replicas": True})
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 

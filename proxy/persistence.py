@@ -17,7 +17,6 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from gates.engine import Decision, Evaluation
-from gates.result import GateResult
 from proxy.backends.base import Backend
 from proxy.config import MirrorgateConfig
 from proxy.errors import ConfigError
@@ -77,8 +76,7 @@ class Persistence:
     # ------------------------------------------------------------------ evidence
 
     def record_evaluation(self, evaluation: Evaluation) -> None:
-        rows = [self._gate_row(g, evaluation.ts) for g in evaluation.gates]
-        self.store.record_gate_evaluations(self.rollout_id, rows)
+        self.store.record_gate_evaluations(self.rollout_id, gate_rows(evaluation))
         if evaluation.stage != self._last_stage or evaluation.verdict in _ROLLOUT_STATUS:
             self._last_stage = evaluation.stage
             self.store.update_rollout(
@@ -87,52 +85,8 @@ class Persistence:
                 status=_ROLLOUT_STATUS.get(evaluation.verdict),
             )
 
-    @staticmethod
-    def _gate_row(g: GateResult, ts: float) -> GateEvaluation:
-        # The anytime-valid interval is computed lazily (``interval()``): storing it makes
-        # the band of each metric over time readable from the database (the report's
-        # series); the gate's own numbers (PSI, per-model rates, ...) go in ``values``.
-        lower, upper = g.interval()
-        return GateEvaluation(
-            gate=g.name,
-            slice=g.slice,
-            status=g.status.value,
-            statistic=_finite(g.statistic),
-            threshold=_finite(g.threshold),
-            n=int(g.n),
-            method=f"{g.method.name}: {g.method.description}",
-            ts=ts,
-            confidence=_finite(g.confidence),
-            details={
-                "reason": g.reason,
-                "blocking": g.blocking,
-                "insufficient": g.insufficient,
-                "lower": _finite(lower),
-                "upper": _finite(upper),
-                "values": _plain(g.details),
-            },
-        )
-
     def record_decision(self, decision: Decision) -> None:
-        self.store.record_decision(
-            self.rollout_id,
-            StoredDecision(
-                verdict=decision.action if decision.manual else decision.verdict,
-                actor_kind="operator" if decision.manual else "engine",
-                actor=decision.who,
-                reason=decision.why,
-                ts=decision.ts,
-                from_stage=decision.from_stage,
-                to_stage=decision.to_stage,
-                evidence={
-                    "action": decision.action,
-                    "verdict": decision.verdict,
-                    "pairs": decision.pairs,
-                    "labels": decision.labels,
-                    "gates": decision.evidence,
-                },
-            ),
-        )
+        self.store.record_decision(self.rollout_id, stored_decision(decision))
 
     async def aclose(self) -> None:
         if self.recorder is not None:
@@ -155,6 +109,58 @@ def _plain(value: Any) -> Any:
     if value is None or isinstance(value, str):
         return value
     return str(value)
+
+
+def gate_rows(
+    evaluation: Evaluation, *, extra: dict[str, object] | None = None
+) -> list[GateEvaluation]:
+    """The ``gate_evaluations`` rows of one evaluation (``extra`` joins each row's details)."""
+    return [
+        GateEvaluation(
+            gate=g.name,
+            slice=g.slice,
+            status=g.status.value,
+            statistic=_finite(g.statistic),
+            threshold=_finite(g.threshold),
+            n=int(g.n),
+            method=f"{g.method.name}: {g.method.description}",
+            ts=evaluation.ts,
+            confidence=_finite(g.confidence),
+            details={
+                "reason": g.reason,
+                "blocking": g.blocking,
+                "insufficient": g.insufficient,
+                "lower": _finite(lower),
+                "upper": _finite(upper),
+                "values": _plain(g.details),
+                **(extra or {}),
+            },
+        )
+        for g in evaluation.gates
+        # The anytime-valid interval is computed lazily (``interval()``): storing it makes
+        # the band of each metric over time readable from the database (the report's
+        # series); the gate's own numbers (PSI, per-model rates, ...) go in ``values``.
+        for lower, upper in [g.interval()]
+    ]
+
+
+def stored_decision(decision: Decision) -> StoredDecision:
+    return StoredDecision(
+        verdict=decision.action if decision.manual else decision.verdict,
+        actor_kind="operator" if decision.manual else "engine",
+        actor=decision.who,
+        reason=decision.why,
+        ts=decision.ts,
+        from_stage=decision.from_stage,
+        to_stage=decision.to_stage,
+        evidence={
+            "action": decision.action,
+            "verdict": decision.verdict,
+            "pairs": decision.pairs,
+            "labels": decision.labels,
+            "gates": decision.evidence,
+        },
+    )
 
 
 def _finite(value: float | None) -> float | None:

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from gates.engine import Decision, Evaluation, InvalidTransition, ManualAction, RolloutEngine
 from gates.join import LabelEvent, LabelJoin
@@ -31,6 +31,9 @@ from gates.settings import Task
 from proxy.config import MirrorgateConfig
 from proxy.errors import Conflict
 from proxy.metrics import ProxyMetrics
+
+if TYPE_CHECKING:
+    from proxy.replicas import ReplicaCoordinator
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,9 @@ class RolloutService:
         self._wake = asyncio.Event()
         self._closing = False
         self.latest: Evaluation | None = None
+        # Several replicas (proxy/replicas.py): the local engine only accumulates
+        # evidence; the coordinator's shared decision is what this replica serves.
+        self.coordinator: ReplicaCoordinator | None = None
 
     # -------------------------------------------------------------- PairSink
 
@@ -132,15 +138,29 @@ class RolloutService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self.coordinator is not None:
+            try:
+                await self.coordinator.aclose()
+            except Exception:
+                log.exception("closing the replica coordinator failed")
         self._pool.shutdown(wait=True)
 
     # -------------------------------------------------------------- control
 
     async def evaluate_now(self) -> Evaluation:
         """Drain what is queued and evaluate at once (control plane, tests)."""
+        if self.coordinator is not None:
+            await self._step(force=True)
+            await self.coordinator.sync(force=True)
+            return self.current()
         return await self._step(force=True)
 
     async def manual(self, action: ManualAction, who: str, why: str) -> Evaluation:
+        if self.coordinator is not None:
+            try:
+                return await self.coordinator.manual(action, who, why)
+            except InvalidTransition as exc:
+                raise Conflict(str(exc)) from exc
         loop = asyncio.get_running_loop()
         now = self.clock()
         try:
@@ -160,8 +180,27 @@ class RolloutService:
     def current(self) -> Evaluation:
         """The latest evaluation (an empty rollout's first look when none ran yet)."""
         if self.latest is None:
+            if self.coordinator is not None:
+                # Before the first shared decision: a fresh rollout's first look, never
+                # the local engine's (it must not decide anything in this mode).
+                fresh = RolloutEngine(
+                    self.config.gates,
+                    self.config.rollout,
+                    task=_task(self.config),
+                    start_ts=self.coordinator.start_ts,
+                )
+                return fresh.evaluate(self.clock())
             self.latest = self.engine.evaluate(self.clock())
         return self.latest
+
+    def adopt(self, evaluation: Evaluation) -> None:
+        """Serve and apply an evaluation decided elsewhere (the replicas' decider)."""
+        self.latest = evaluation
+        self._apply(evaluation)
+
+    async def in_gates(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the gates' worker thread (the engine's only thread)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
     # -------------------------------------------------------------- loop
 
@@ -207,6 +246,9 @@ class RolloutService:
         if labels:
             self.runner.add_labels(labels, now)
         force = force or self._hook_force
+        if self.coordinator is not None:
+            self.runner.expire(now)
+            return None
         return self.runner.tick(now, force=force)
 
     def _labelled(self, records: list[PairRecord]) -> None:
@@ -274,6 +316,8 @@ class RolloutService:
             "join_pairs_waiting": self.runner.join.pending_pairs,
             "join_labels_waiting": self.runner.join.pending_labels,
         }
+        if self.coordinator is not None:
+            body["replica"] = self.coordinator.status()
         return body
 
 

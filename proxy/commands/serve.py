@@ -83,7 +83,7 @@ async def serve(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    app = create_app(config, sinks=sinks)
+    app = create_app(config, sinks=sinks, storage=True)
     state = app[STATE]
     runner = web.AppRunner(
         app,

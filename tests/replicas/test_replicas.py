@@ -1,0 +1,447 @@
+"""Three ``mirrorgate serve`` processes on loopback, one PostgreSQL, one decision.
+
+The demo's regressed candidate (worse on platform=mobile) is served by three replicas,
+each a real child process running the real ONNX models, recording into one real
+PostgreSQL. Requests are spread round-robin; each label goes to another replica than
+the one that served its request (the shared labels table brings it home). Midway, once every
+replica's snapshot holds what it was sent, the decider is SIGKILLed; the traffic goes on
+over the two survivors and another replica takes the lease.
+
+Checked: the survivors serve one verdict (abort, on the mobile slice) and the same canary
+weight; ``mirrorgate replay`` of the recorded pairs reaches the same verdict; the merge of
+the replicas' snapshots equals one engine fed the union of the traffic, cell by cell;
+the evaluation sequence is gap-free and without duplicates across the takeover, and
+every decision the decider's state lists is stored exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from sqlalchemy import text
+
+from gates.engine import RolloutEngine
+from gates.records import PairRecord
+from proxy.config import load_config
+from proxy.demo.assets import model_path
+from proxy.demo.traffic import DemoRequest, LabelBatch, Traffic, scenario
+from proxy.replicas import merged_engine
+from storage.db import Database
+from storage.replicas import DECIDER_ID, read_decider, replica_snapshots
+from storage.store import Store
+from tests.support.postgres import PostgresServer
+
+pytestmark = pytest.mark.postgres
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "s3cret"
+CONCURRENCY = 4
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+GATES = {
+    # As in tests/proxy/test_rollout_online.py: the champion and candidates differ in
+    # architecture, so tolerance and per-class recall are evidence; paired accuracy decides.
+    "metric": {"accuracy": {"margin": 0.02}, "recall": {"blocking": False}},
+    "tolerance": {"blocking": False},
+}
+ROLLOUT = {
+    "stages": [
+        {"name": "shadow", "min_pairs": 500, "min_labels": 200, "min_duration_s": 0},
+        {"name": "canary", "canary_weight": 0.1, "min_pairs": 500, "min_duration_s": 0},
+    ],
+    "evaluate_every_pairs": 500,
+    "evaluate_every_s": 0.5,
+}
+
+
+def _config(url: str) -> dict[str, Any]:
+    def model(name: str) -> dict[str, Any]:
+        # generous timeouts: the machine is shared, and a timeout is not what is tested
+        return {"name": name, "kind": "onnx", "path": str(model_path(name)), "timeout_ms": 60000}
+
+    return {
+        "server": {"model_name": "digits", "control_token": TOKEN, "shutdown_timeout_s": 5},
+        "models": {"champion": model("champion"), "candidate": model("candidate_regressed")},
+        "mirror": {"timeout_ms": 60000},
+        "slices": {"headers": ["platform"]},
+        "storage": {"url": url, "flush_interval_ms": 50},
+        "gates": GATES,
+        "rollout": ROLLOUT,
+        "replicas": {"enabled": True, "snapshot_every_s": 0.5, "lease_retry_s": 0.5},
+    }
+
+
+@dataclass
+class Replica:
+    name: str
+    proc: asyncio.subprocess.Process
+    url: str
+
+
+async def _start(name: str, config: Path) -> Replica:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIRRORGATE_")}
+    env.update(PYTHONPATH=str(ROOT), MIRRORGATE_REPLICAS__REPLICA_ID=name)
+    # the replica's log, shown when the test fails (the child keeps its own descriptor)
+    log = os.open(config.parent / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        "0",
+        cwd=config.parent,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=log,
+    )
+    os.close(log)
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode()
+    assert line.startswith("mirrorgate: listening on "), line
+    return Replica(name, proc, line.split()[-1])
+
+
+async def _until(predicate: Any, what: str, timeout_s: float = 90.0) -> Any:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+class Driver:
+    """Sends the scenario: requests round-robin over the live replicas, labels elsewhere."""
+
+    def __init__(self, session: aiohttp.ClientSession, traffic: Traffic) -> None:
+        self.session = session
+        self.traffic = traffic
+        self.owner: dict[int, Replica] = {}
+        self.rows = 0
+        self.labels = 0
+        self.live: list[Replica] = []
+        self.slots = asyncio.Semaphore(CONCURRENCY)
+
+    async def request(self, req: DemoRequest, replica: Replica) -> None:
+        async with self.slots:
+            async with self.session.post(
+                f"{replica.url}/v2/models/digits/infer", json=req.infer_body(), headers=req.headers
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+        self.rows += len(req.pool_rows)
+
+    async def label(self, batch: LabelBatch) -> None:
+        # Each label goes to another replica than the one that served its request (as a
+        # Service may route it): the replicas' shared labels table must bring it home.
+        by_target: dict[str, tuple[Replica, list[dict[str, Any]]]] = {}
+        for lab in batch.labels:
+            owner = self.owner[lab.request_seq]
+            others = [r for r in self.live if r is not owner] or [owner]
+            target = others[lab.request_seq % len(others)]
+            by_target.setdefault(target.name, (target, []))[1].append(lab.feedback())
+        for replica, body in by_target.values():
+            async with self.session.post(
+                f"{replica.url}/v1/feedback", json=body, headers=AUTH
+            ) as resp:
+                assert resp.status == 202, await resp.text()
+            self.labels += len(body)
+
+    async def run(self, events: list[DemoRequest | LabelBatch], replicas: list[Replica]) -> None:
+        self.live = replicas
+        k = 0
+        sending: list[asyncio.Task[None]] = []
+        for ev in events:
+            if isinstance(ev, LabelBatch):
+                await self.label(ev)  # may overtake its pair: either order joins
+            else:
+                self.owner[ev.seq] = replicas[k % len(replicas)]
+                sending.append(asyncio.create_task(self.request(ev, self.owner[ev.seq])))
+                k += 1
+                await asyncio.sleep(0)
+                while sum(not t.done() for t in sending) >= CONCURRENCY:
+                    await asyncio.wait(sending, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.gather(*sending)
+
+
+async def _json(session: aiohttp.ClientSession, url: str) -> Any:
+    async with session.get(url, headers=AUTH) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+def _snapshot_totals(db: Database, rollout_id: str) -> tuple[int, int]:
+    snaps = replica_snapshots(db, rollout_id)
+    return (
+        sum(int((s.state or {}).get("pairs", 0)) for s in snaps),
+        sum(int((s.state or {}).get("labels", 0)) for s in snaps),
+    )
+
+
+def _rollout_id(db: Database) -> str | None:
+    rollouts = Store(db).list_rollouts()
+    assert len(rollouts) <= 1, "the replicas must share one rollout"
+    return rollouts[0].id if rollouts else None
+
+
+async def test_three_replicas_one_decision_with_a_takeover(
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    url = pg_server.create_database("replicas")
+    config_path = tmp_path / "mirrorgate.yaml"
+    config_path.write_text(yaml.safe_dump(_config(url)))
+    db = Database(url)
+    replicas: list[Replica] = []
+    try:
+        # Started together: the schema is created once (under an advisory lock).
+        replicas += await asyncio.gather(*(_start(f"r{i}", config_path) for i in range(3)))
+        traffic = Traffic(scenario("fast", id_prefix="rep"))
+        events = list(traffic.events())
+        # the kill comes after ~15% of the requests: the rollout is still deciding
+        cut = next(
+            i for i, ev in enumerate(events) if isinstance(ev, DemoRequest) and ev.seq == 225
+        )
+        async with aiohttp.ClientSession() as session:
+            for r in replicas:
+                await _until(lambda r=r: _ready(session, r), f"{r.name} ready", timeout_s=120)
+            driver = Driver(session, traffic)
+            await driver.run(events[:cut], replicas)
+            # Labels due later for these requests go now, while their replicas live.
+            early = {ev.seq for ev in events[:cut] if isinstance(ev, DemoRequest)}
+            late = [
+                lab
+                for ev in events[cut:]
+                if isinstance(ev, LabelBatch)
+                for lab in ev.labels
+                if lab.request_seq in early
+            ]
+            await driver.label(LabelBatch(due_seq=0, t=0.0, labels=tuple(late)))
+            rollout_id = await _until(
+                lambda: asyncio.to_thread(_rollout_id, db), "the shared rollout"
+            )
+            sent = (driver.rows, driver.labels)
+            await _until(
+                lambda: asyncio.to_thread(lambda: _snapshot_totals(db, rollout_id) == sent),
+                "every replica's snapshot to hold what it was sent",
+            )
+            statuses = [await _json(session, f"{r.url}/v1/rollout") for r in replicas]
+            deciders = [
+                r for r, s in zip(replicas, statuses, strict=True) if s["replica"]["decider"]
+            ]
+            assert len(deciders) == 1, [s["replica"] for s in statuses]
+            victim = deciders[0]
+            seq_before = read_decider(db, rollout_id)
+            assert seq_before is not None and seq_before["by"] == victim.name
+            # mid-rollout: nothing decided yet (the abort needs several times this evidence)
+            assert seq_before["evaluation"]["verdict"] == "continue", seq_before["evaluation"]
+            victim.proc.send_signal(signal.SIGKILL)
+            await victim.proc.wait()
+            survivors = [r for r in replicas if r is not victim]
+
+            # The rest of the traffic over the survivors (labels of the victim's requests
+            # were all delivered before the kill).
+            rest = [
+                ev
+                if not isinstance(ev, LabelBatch)
+                else LabelBatch(
+                    ev.due_seq,
+                    ev.t,
+                    tuple(lab for lab in ev.labels if lab.request_seq not in early),
+                )
+                for ev in events[cut:]
+            ]
+            await driver.run(
+                [ev for ev in rest if not isinstance(ev, LabelBatch) or ev.labels], survivors
+            )
+            sent = (driver.rows, driver.labels)
+            await _until(
+                lambda: asyncio.to_thread(lambda: _snapshot_totals(db, rollout_id) == sent),
+                "the survivors' snapshots to hold all traffic",
+            )
+
+            # A survivor took the lease, and its latest evaluation saw all the traffic.
+            async def settled() -> Any:
+                state = read_decider(db, rollout_id)
+                if state is None or state["by"] == victim.name:
+                    return None
+                if state["evaluation"]["pairs"] != driver.rows:
+                    return None
+                bodies = [await _json(session, f"{r.url}/v1/rollout/verdict") for r in survivors]
+                if any(b["pairs"] != driver.rows for b in bodies):
+                    return None
+                return state, bodies
+
+            state, bodies = await _until(settled, "the new decider's verdict on all traffic")
+            # One verdict, served identically by every survivor.
+            assert bodies[0] == bodies[1]
+            verdict = bodies[0]
+            assert verdict["verdict"] == "abort", verdict
+            assert any("platform=mobile" in f for f in verdict["failing"]), verdict
+            assert verdict["canary_weight"] == 0.0
+            for r in survivors:
+                full = await _json(session, f"{r.url}/v1/rollout")
+                assert full["verdict"] == "abort" and full["canary_weight"] == 0.0
+                assert full["replica"]["seq"] >= state["seq"]
+                async with session.get(f"{r.url}/metrics") as resp:
+                    metrics = await resp.text()
+                assert 'mirrorgate_rollout_verdict{verdict="abort"} 1.0' in metrics
+                assert "mirrorgate_rollout_canary_weight 0.0" in metrics
+
+        # The survivors stop (SIGTERM: last snapshot, last step); the final record is read.
+        for r in survivors:
+            r.proc.send_signal(signal.SIGTERM)
+        for r in survivors:
+            assert await asyncio.wait_for(r.proc.wait(), 60) == 0
+        state = read_decider(db, rollout_id)
+        assert state is not None and state["by"] != victim.name
+
+        # No evaluation lost or doubled: seq 1..N, each once (one row per gate cell),
+        # the victim's before the takeover and the survivor's after.
+        with db.engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT (details->>'seq')::int AS seq, details->>'by' AS by, "
+                    "count(*) AS n, count(DISTINCT gate || '|' || slice) AS cells "
+                    "FROM gate_evaluations WHERE rollout_id = :r GROUP BY 1, 2 ORDER BY 1"
+                ),
+                {"r": rollout_id},
+            ).all()
+        seqs = [r.seq for r in rows]
+        assert seqs == list(range(1, state["seq"] + 1)), seqs  # contiguous, none twice
+        assert all(r.n == r.cells for r in rows)  # each cell once per evaluation
+        owners = [r.by for r in rows]
+        switch = owners.index(state["by"])
+        assert set(owners[:switch]) == {victim.name}, owners
+        assert set(owners[switch:]) == {state["by"]}, owners
+        assert switch >= seq_before["seq"]
+
+        # Every decision the decider's state holds is stored once, in order.
+        stored = Store(db).decisions(rollout_id)
+        engine_decisions = state["engine"]["decisions"]
+        assert [(d.reason, d.ts) for d in stored] == [(d["why"], d["ts"]) for d in engine_decisions]
+        (abort,) = [d for d in stored if d.verdict == "abort"]
+        assert abort.evidence is not None
+        assert abort.evidence["pairs"] > seq_before["evaluation"]["pairs"]  # after the takeover
+        assert Store(db).get_rollout(rollout_id).status == "aborted"
+
+        # The merge of the snapshots is one engine fed the union, cell by cell.
+        config = load_config(config_path, env={})
+        snaps = replica_snapshots(db, rollout_id)
+        assert {s.replica_id for s in snaps} == {"r0", "r1", "r2"}
+        assert DECIDER_ID not in {s.replica_id for s in snaps}
+        pairs = list(Store(db).iter_pairs(rollout_id))
+        assert len(pairs) == driver.rows
+        labels = {lab.id: lab.label for lab in traffic.labels()}
+        merged = merged_engine(
+            None, snaps, gates=config.gates, plan=config.rollout, task="auto", start_ts=0.0
+        )
+        union = RolloutEngine(config.gates, config.rollout, task="auto", start_ts=0.0)
+        union.observe([_unlabelled(p) for p in pairs])
+        union.observe_labelled([_with_label(p, labels[p.id]) for p in pairs if p.id in labels])
+        assert (merged.pairs, merged.labels) == (union.pairs, union.labels) == sent
+        # Input drift is the exception (docs/replicas.md): its automatic reference is
+        # each replica's first pairs, so no union exists; it is a non-blocking warning.
+        got = {(g.name, g.slice): g for g in merged.results() if not _input_drift(g.name)}
+        want = {(g.name, g.slice): g for g in union.results() if not _input_drift(g.name)}
+        assert len(want) > 10
+        assert got.keys() == want.keys()
+        for key, g in want.items():
+            assert got[key].n == g.n, key
+            assert got[key].status == g.status, key
+            if g.statistic is not None:
+                assert got[key].statistic == pytest.approx(g.statistic, rel=1e-9, abs=1e-12), key
+
+        # mirrorgate replay of the recorded pairs reaches the same verdict.
+        pairs_file = tmp_path / "pairs.jsonl"
+        labels_file = tmp_path / "labels.jsonl"
+        pairs_file.write_text("".join(json.dumps(_unlabelled(p).to_dict()) + "\n" for p in pairs))
+        labels_file.write_text(
+            "".join(json.dumps({"id": k, "label": v}) + "\n" for k, v in labels.items())
+        )
+        gates_file = tmp_path / "gates.yaml"
+        gates_file.write_text(
+            yaml.safe_dump(
+                {"gates": GATES, "rollout": ROLLOUT, "slices": {"headers": ["platform"]}}
+            )
+        )
+        replay = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy",
+            "replay",
+            "--config",
+            str(gates_file),
+            "--pairs",
+            str(pairs_file),
+            "--labels",
+            str(labels_file),
+            "--json",
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await replay.communicate()
+        assert replay.returncode == 1  # abort
+        replayed = json.loads(out)
+        assert replayed["verdict"] == verdict["verdict"] == "abort"
+        replay_failing = {
+            f"{g['name']}[{g['slice']}]"
+            for g in replayed["gates"]
+            if g["status"] == "FAIL" and g["blocking"]
+        }
+        assert any("platform=mobile" in f for f in replay_failing), replay_failing
+    except BaseException:
+        for r in replicas:  # the replicas' own logs, for the failure report
+            log = tmp_path / f"{r.name}.log"
+            if log.exists():
+                print(f"--- {r.name} ---\n{log.read_text(errors='replace')[-4000:]}")
+        raise
+    finally:
+        for r in replicas:
+            if r.proc.returncode is None:
+                r.proc.send_signal(signal.SIGTERM)
+        for r in replicas:
+            try:
+                await asyncio.wait_for(r.proc.wait(), 30)
+            except TimeoutError:
+                r.proc.kill()
+                await r.proc.wait()
+        db.dispose()
+
+
+async def _ready(session: aiohttp.ClientSession, replica: Replica) -> bool:
+    try:
+        async with session.get(f"{replica.url}/v2/health/ready") as resp:
+            return resp.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+def _unlabelled(p: PairRecord) -> PairRecord:
+    import dataclasses
+
+    return dataclasses.replace(p, label=None)
+
+
+def _with_label(p: PairRecord, label: Any) -> PairRecord:
+    import dataclasses
+
+    return dataclasses.replace(p, label=label)
+
+
+def _input_drift(name: str) -> bool:
+    return name.startswith("drift.input")
