@@ -83,7 +83,9 @@ async def serve(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    app = create_app(config, sinks=sinks)
+    # Storage on: pairs, labels, evaluations and decisions are recorded in
+    # config.storage; a schema or database it cannot use stops the start (exit code 2).
+    app = create_app(config, sinks=sinks, storage=True)
     state = app[STATE]
     runner = web.AppRunner(
         app,
