@@ -130,8 +130,7 @@ class RolloutService:
             if queued:
                 self.runner.add_labels(queued, now)
             return [
-                "joined" if self.runner.add_labels([label], now) else "pending"
-                for label in labels
+                "joined" if self.runner.add_labels([label], now) else "pending" for label in labels
             ]
 
         loop = asyncio.get_running_loop()

@@ -24,7 +24,9 @@ def body(i: int, rows: int = 1) -> dict[str, Any]:
     x = features(i, rows)
     return {
         "id": f"r{i}",
-        "inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}],
+        "inputs": [
+            {"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}
+        ],
     }
 
 
