@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+from asyncio.subprocess import Process
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
+import yaml
 from aiohttp import web
 
 from tests.proxy.conftest import N_CLASSES, N_FEATURES
@@ -81,3 +87,52 @@ async def own_upstream(seed: int, **fault: Any) -> OwnedUpstream:
     await site.start()
     host, port = runner.addresses[0][:2]
     return OwnedUpstream(upstream, runner, f"http://{host}:{port}")
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def start_serve(config: dict[str, Any], tmp_path: Path) -> tuple[Process, str]:
+    """``python -m proxy serve`` as a child process on a free port; returns (proc, base)."""
+    path = tmp_path / "mirrorgate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIRRORGATE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "serve",
+        "--config",
+        str(path),
+        "--port",
+        "0",
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+    if not line.startswith("mirrorgate: listening on "):
+        err = await proc.stderr.read() if proc.stderr else b""
+        raise AssertionError(f"serve did not start: {line!r}\n{err.decode()[-3000:]}")
+    return proc, line.split()[-1]
+
+
+async def stop(proc: Process) -> str:
+    """Kill if still running; return stderr's tail for messages."""
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+    err = await proc.stderr.read() if proc.stderr else b""
+    return err.decode(errors="replace")[-4000:]
+
+
+async def ready(base: str) -> bool:
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{base}/v2/health/ready") as resp:
+                return resp.status == 200
+    except aiohttp.ClientError:
+        return False
