@@ -33,18 +33,37 @@ def _is_timeout(err: str) -> bool:
 
 def _stack(outputs: list[np.ndarray | None], n: int) -> tuple[FloatArray | None, BoolArray]:
     """Stack per-row outputs of the batch's most common shape; other rows are masked."""
+    if n and all(o is not None for o in outputs):
+        try:  # the common case: every row has an output of the same shape
+            arr = np.array(outputs, dtype=np.float64)
+        except ValueError:
+            arr = None
+        if arr is not None and arr.ndim >= 1 and arr.shape[0] == n:
+            return arr, np.asarray(np.isfinite(arr.reshape(n, -1)).all(axis=1))
     shapes = Counter(o.shape for o in outputs if o is not None)
     ok = np.zeros(n, dtype=bool)
     if not shapes:
         return None, ok
     shape = shapes.most_common(1)[0][0]
     rows = [i for i, o in enumerate(outputs) if o is not None and o.shape == shape]
-    arr = np.full((n, *shape), np.nan, dtype=np.float64)
+    full = np.full((n, *shape), np.nan, dtype=np.float64)
     if rows:
-        arr[rows] = np.stack([o for i in rows if (o := outputs[i]) is not None])
+        full[rows] = np.stack([o for i in rows if (o := outputs[i]) is not None])
         ok[rows] = True
-    ok &= np.isfinite(arr.reshape(n, -1)).all(axis=1)
-    return arr, ok
+    ok &= np.isfinite(full.reshape(n, -1)).all(axis=1)
+    return full, ok
+
+
+def _slice_codes(dicts: list[dict[str, str]]) -> dict[str, tuple[list[str], IntArray]]:
+    """Per slice key: its values in first-appearance order and each row's index (-1: none)."""
+    keys: set[str] = set().union(*dicts) if dicts else set()
+    out: dict[str, tuple[list[str], IntArray]] = {}
+    for key in sorted(keys):
+        mapping: dict[str, int] = {}
+        get = mapping.setdefault
+        codes = [-1 if (v := d.get(key)) is None else get(v, len(mapping)) for d in dicts]
+        out[key] = (list(mapping), np.array(codes, dtype=np.int64))
+    return out
 
 
 @dataclass
@@ -74,50 +93,34 @@ class PairBatch:
     @classmethod
     def from_records(cls, records: Sequence[PairRecord]) -> PairBatch:
         n = len(records)
-        ch_out = [r.champion.output if r.champion.error is None else None for r in records]
-        ca_out = [r.candidate.output if r.candidate.error is None else None for r in records]
-        champion, ch_ok = _stack(ch_out, n)
-        candidate, ca_ok = _stack(ca_out, n)
+        ch = [r.champion for r in records]
+        ca = [r.candidate for r in records]
+        ch_err_s = [m.error for m in ch]
+        ca_err_s = [m.error for m in ca]
+        champion, ch_ok = _stack([m.output if m.error is None else None for m in ch], n)
+        candidate, ca_ok = _stack([m.output if m.error is None else None for m in ca], n)
         comparable = ch_ok & ca_ok
         if champion is not None and candidate is not None:
             if champion.shape[1:] != candidate.shape[1:]:
                 comparable[:] = False
-        ch_err_s = [r.champion.error for r in records]
-        ca_err_s = [r.candidate.error for r in records]
-        pairs = zip(ch_err_s, ca_err_s, strict=True)
-        observed = np.fromiter(
-            (a not in NOT_OBSERVED and b not in NOT_OBSERVED for a, b in pairs),
-            dtype=bool,
-            count=n,
-        )
-        ch_err = np.fromiter((e is not None for e in ch_err_s), dtype=bool, count=n)
-        ca_err = np.fromiter((e is not None for e in ca_err_s), dtype=bool, count=n)
-        ch_to = np.fromiter((e is not None and _is_timeout(e) for e in ch_err_s), bool, count=n)
-        ca_to = np.fromiter((e is not None and _is_timeout(e) for e in ca_err_s), bool, count=n)
-
-        def lat(values: list[float | None]) -> FloatArray:
-            return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-
-        slices: dict[str, tuple[list[str], IntArray]] = {}
-        keys: dict[str, None] = {}
-        for r in records:
-            if r.slices:
-                keys.update(dict.fromkeys(r.slices))
-        for key in keys:
-            mapping: dict[str, int] = {}
-            codes = np.fromiter(
-                (
-                    -1 if (v := r.slices.get(key)) is None else mapping.setdefault(v, len(mapping))
-                    for r in records
-                ),
-                dtype=np.int64,
-                count=n,
+        ch_err = np.array([e is not None for e in ch_err_s], dtype=bool)
+        ca_err = np.array([e is not None for e in ca_err_s], dtype=bool)
+        no = np.zeros(n, dtype=bool)
+        ch_to, ca_to, observed = no, no.copy(), np.ones(n, dtype=bool)
+        if ch_err.any() or ca_err.any():
+            ch_to = np.array([e is not None and _is_timeout(e) for e in ch_err_s], dtype=bool)
+            ca_to = np.array([e is not None and _is_timeout(e) for e in ca_err_s], dtype=bool)
+            observed = np.array(
+                [
+                    a not in NOT_OBSERVED and b not in NOT_OBSERVED
+                    for a, b in zip(ch_err_s, ca_err_s, strict=True)
+                ],
+                dtype=bool,
             )
-            slices[key] = (list(mapping), codes)
         return cls(
             records=records,
             n=n,
-            ts=np.fromiter((r.ts for r in records), dtype=np.float64, count=n),
+            ts=np.array([r.ts for r in records], dtype=np.float64),
             champion=champion,
             candidate=candidate,
             comparable=comparable,
@@ -126,9 +129,10 @@ class PairBatch:
             champion_timeout=ch_to,
             candidate_timeout=ca_to,
             observed=observed,
-            champion_latency=lat([r.champion.latency_ms for r in records]),
-            candidate_latency=lat([r.candidate.latency_ms for r in records]),
-            slices=slices,
+            # None becomes NaN in a float array
+            champion_latency=np.array([m.latency_ms for m in ch], dtype=np.float64),
+            candidate_latency=np.array([m.latency_ms for m in ca], dtype=np.float64),
+            slices=_slice_codes([r.slices for r in records]),
         )
 
     # ----------------------------------------------------------------- derived columns
@@ -178,31 +182,36 @@ class PairBatch:
 
     def take(self, start: int) -> PairBatch:
         """Rows ``start:`` as a new batch."""
-        if self.feature_columns is None and self.labels is None:
-            return PairBatch.from_records(self.records[start:])
+        return self.select(np.arange(start, self.n))
+
+    def select(self, rows: IntArray) -> PairBatch:
+        """These rows (indices, in order) as a new batch, without rebuilding from records."""
 
         def cut(a: Any) -> Any:
-            return None if a is None else a[start:]
+            return None if a is None else a[rows]
 
+        labels = self.labels
+        if labels is not None and not isinstance(labels, np.ndarray):
+            labels = [labels[i] for i in rows]
         return PairBatch(
-            records=self.records[start:],
-            n=self.n - start,
-            ts=self.ts[start:],
+            records=[self.records[i] for i in rows] if self.records else (),
+            n=len(rows),
+            ts=self.ts[rows],
             champion=cut(self.champion),
             candidate=cut(self.candidate),
-            comparable=self.comparable[start:],
-            champion_error=self.champion_error[start:],
-            candidate_error=self.candidate_error[start:],
-            champion_timeout=self.champion_timeout[start:],
-            candidate_timeout=self.candidate_timeout[start:],
-            observed=self.observed[start:],
-            champion_latency=self.champion_latency[start:],
-            candidate_latency=self.candidate_latency[start:],
-            slices={k: (v, c[start:]) for k, (v, c) in self.slices.items()},
-            labels=cut(self.labels),
+            comparable=self.comparable[rows],
+            champion_error=self.champion_error[rows],
+            candidate_error=self.candidate_error[rows],
+            champion_timeout=self.champion_timeout[rows],
+            candidate_timeout=self.candidate_timeout[rows],
+            observed=self.observed[rows],
+            champion_latency=self.champion_latency[rows],
+            candidate_latency=self.candidate_latency[rows],
+            slices={k: (v, c[rows]) for k, (v, c) in self.slices.items()},
+            labels=labels if isinstance(labels, list) else cut(labels),
             feature_columns=None
             if self.feature_columns is None
-            else {k: v[start:] for k, v in self.feature_columns.items()},
+            else {k: v[rows] for k, v in self.feature_columns.items()},
         )
 
     def feature_values(self, name: str, rows: int) -> list[Any]:
@@ -302,6 +311,8 @@ def to_probabilities(arr: FloatArray) -> FloatArray:
 
 def class_labels(raw: list[Any] | NDArray[Any], n_classes: int) -> IntArray:
     """Integer class per row; -1 where the label is missing or not a valid class index."""
+    if not isinstance(raw, np.ndarray) and raw and all(type(v) is int for v in raw):
+        raw = np.array(raw, dtype=np.int64)  # the usual case: integer class labels
     if isinstance(raw, np.ndarray) and raw.dtype.kind in "iuf":
         arr = raw.astype(np.float64)
         good = np.isfinite(arr) & (arr == np.round(arr)) & (arr >= 0) & (arr < n_classes)

@@ -191,13 +191,14 @@ class OutputDriftGate(Gate):
             return []
         n = self.n
         thr_sig = log_threshold(self.alpha / (2 * m))
-        up = ternary_log_e(n, s1, s2, 0.0, "greater")
-        down = ternary_log_e(n, s1, s2, 0.0, "less")
-        significant = bool(((up >= thr_sig) | (down >= thr_sig)).any())
         thr_pass = log_threshold(self.settings.alpha_pass)
-        within = (ternary_log_e(n, s1, s2, cfg.ks, "less") >= thr_pass) & (
-            ternary_log_e(n, s1, s2, -cfg.ks, "greater") >= thr_pass
-        )
+        # each side once: theta 0 (significance) and -ks / +ks (equivalence) stacked
+        s1s, s2s = np.concatenate([s1, s1]), np.concatenate([s2, s2])
+        zeros = np.zeros(m)
+        up = ternary_log_e(n, s1s, s2s, np.concatenate([zeros, zeros - cfg.ks]), "greater")
+        down = ternary_log_e(n, s1s, s2s, np.concatenate([zeros, zeros + cfg.ks]), "less")
+        significant = bool(((up[:m] >= thr_sig) | (down[:m] >= thr_sig)).any())
+        within = (down[m:] >= thr_pass) & (up[m:] >= thr_pass)
         diff = s1 / n
         j = int(np.argmax(np.abs(diff)))
         dist = float(abs(diff[j]))

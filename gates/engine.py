@@ -111,7 +111,7 @@ class Evaluation:
     stage_pairs: int
     stage_labels: int
     stage_elapsed_s: float
-    stage_minimums: dict[str, float]
+    stage_minimums: dict[str, float | None]
     paused: bool
     gates: list[GateResult]
     decision: Decision | None
@@ -568,7 +568,7 @@ class RolloutEngine:
                 "min_pairs": s.min_pairs,
                 "min_labels": s.min_labels,
                 "min_duration_s": s.min_duration_s,
-                "max_duration_s": s.max_duration_s if s.max_duration_s is not None else math.inf,
+                "max_duration_s": s.max_duration_s,  # None: no limit (JSON-safe)
             },
             paused=self.paused is not None,
             gates=results,

@@ -109,8 +109,9 @@ class LatencyGate(Gate):
         qs = np.array(cfg.quantiles * 2)
         nq = len(cfg.quantiles)
         alphas = np.array([a_q] * nq + [self.settings.alpha_pass] * nq)
-        lo_c_all, up_c_all = quantile_bounds(self.hist["champion"], LAT_EDGES, qs, alphas)
-        lo_a_all, up_a_all = quantile_bounds(self.hist["candidate"], LAT_EDGES, qs, alphas)
+        both = np.stack([self.hist["champion"], self.hist["candidate"]])
+        lows, ups = quantile_bounds(both, LAT_EDGES, qs, alphas)  # one call, both models
+        lo_c_all, up_c_all, lo_a_all, up_a_all = lows[0], ups[0], lows[1], ups[1]
         for i, q in enumerate(cfg.quantiles):
             # FAIL side at the family budget, PASS side at alpha_pass
             up_c, lo_a = float(up_c_all[i]), float(lo_a_all[i])
@@ -209,22 +210,23 @@ class ErrorGate(Gate):
         out = []
         limits = {"error": cfg.max_excess_error_rate, "timeout": cfg.max_excess_timeout_rate}
         a_check = self.alpha / len(limits)
-        for check, limit in limits.items():
-            n, s1, s2, fc, fa = self.sums[check]
-            if n <= 0:
-                continue
-            d = decide(
-                "ternary",
-                np.array([n]),
-                np.array([s1]),
-                np.array([s2]),
-                limit,
-                a_check,
-                self.settings.alpha_pass,
-                "high",
-            )
+        rows = np.array([self.sums[c] for c in limits])
+        if rows[0, 0] <= 0:
+            return []
+        d = decide(  # both checks in one vectorised call
+            "ternary",
+            rows[:, 0],
+            rows[:, 1],
+            rows[:, 2],
+            np.array(list(limits.values())),
+            a_check,
+            self.settings.alpha_pass,
+            "high",
+        )
+        for i, (check, limit) in enumerate(limits.items()):
+            n, s1, _, fc, fa = rows[i]
             enough = n >= cfg.min_samples
-            status = status_of(bool(d.fail[0]), bool(d.passed[0]), bool(enough))
+            status = status_of(bool(d.fail[i]), bool(d.passed[i]), bool(enough))
             word = status.value if enough else f"INCONCLUSIVE (n={int(n)} < {cfg.min_samples})"
             est = s1 / n
             reason = (
@@ -246,7 +248,7 @@ class ErrorGate(Gate):
                     reason=reason,
                     blocking=cfg.blocking,
                     insufficient=not enough,
-                    cs=d.cs.cell(0),
+                    cs=d.cs.cell(i),
                     details={
                         "champion_rate": fc / n,
                         "candidate_rate": fa / n,

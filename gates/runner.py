@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
+
+from gates.batch import PairBatch
 from gates.engine import Evaluation, RolloutEngine
 from gates.join import LabelEvent, LabelJoin
 from gates.records import PairRecord
@@ -39,9 +42,22 @@ class GateRunner:
         if not records:
             return
         self.expire(now)  # windows first: what left them before `now` cannot match
-        self.engine.observe(records)
+        batch = PairBatch.from_records(records)  # built once, read by every gate
+        self.engine.observe(batch)
+        if self.join.pending_labels == 0 and all(r.label is not None for r in records):
+            # all came labelled and no label waits for them: what join.add_pairs would do
+            self.join.stats.matched += len(records)
+            self.engine.observe_labelled(batch)
+            return
         labelled = self.join.add_pairs(records, now)
-        if labelled:
+        if not labelled:
+            return
+        # records that came labelled are the same objects: reuse their rows of the batch
+        position = {id(r): i for i, r in enumerate(records)}
+        rows = [position.get(id(r), -1) for r in labelled]
+        if all(i >= 0 for i in rows):
+            self.engine.observe_labelled(batch.select(np.array(rows, dtype=np.int64)))
+        else:
             self.engine.observe_labelled(labelled)
 
     def add_labels(self, labels: Iterable[LabelEvent], now: float) -> int:

@@ -323,7 +323,7 @@ class RolloutSettings(_Strict):
     """The plan: stages in order; PROMOTE after the last one's conditions are met."""
 
     stages: list[StageSettings] = Field(default_factory=_default_stages, min_length=1)
-    evaluate_every_pairs: int = Field(500, ge=1, description="evaluate after K new pairs ...")
+    evaluate_every_pairs: int = Field(1000, ge=1, description="evaluate after K new pairs ...")
     evaluate_every_s: float = Field(10.0, gt=0, description="... or T seconds, first wins")
 
     @model_validator(mode="after")

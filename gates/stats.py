@@ -62,8 +62,9 @@ def log_threshold(alpha: ArrayLike) -> FloatArray:
 def _mix(terms: FloatArray) -> FloatArray:
     """log of the uniform mixture over the first (grid) axis: a stable log-mean-exp."""
     top = np.max(terms, axis=0)
-    safe = np.where(np.isfinite(top), top, 0.0)
-    out: FloatArray = safe + np.log(np.mean(np.exp(terms - safe), axis=0))
+    if not np.isfinite(top).all():
+        top = np.where(np.isfinite(top), top, 0.0)
+    out: FloatArray = top + np.log(np.exp(terms - top).sum(axis=0)) - np.log(terms.shape[0])
     return out
 
 
@@ -100,6 +101,27 @@ def mean_log_e(
     return _mix(lambdas.reshape(shape) * s - psi.reshape(shape) * v)
 
 
+def _ternary_table(theta: float, side: Side, lambdas: FloatArray) -> FloatArray:
+    """``log(1 + l*y)`` for the three values' ``y`` at one theta: (grid, 3)."""
+    key = (theta, side, id(lambdas))
+    table = _TABLES.get(key)
+    if table is None:
+        if side == "greater":
+            c = theta + 1.0
+            ys = np.array([(1.0 - theta) / c, -theta / c, (-1.0 - theta) / c])
+        else:
+            c = 1.0 - theta
+            ys = np.array([(theta - 1.0) / c, theta / c, (theta + 1.0) / c])
+        table = np.log1p(lambdas[:, None] * ys[None, :])
+        if len(_TABLES) > 4096:
+            _TABLES.clear()
+        _TABLES[key] = table
+    return table
+
+
+_TABLES: dict[tuple[float, str, int], FloatArray] = {}
+
+
 def ternary_log_e(
     n: ArrayLike,
     s1: ArrayLike,
@@ -114,12 +136,32 @@ def ternary_log_e(
     values), so the counts of +1 / -1 are ``(s2 +- s1) / 2``. Sides as in
     :func:`mean_log_e`; ``theta`` strictly inside ``(-1, 1)``.
     """
+    if np.ndim(theta) == 0:
+        # one limit for every cell (the common case): a (grid x 3) table times the counts
+        n_b, s1_b, s2_b = np.broadcast_arrays(
+            *(np.asarray(a, dtype=np.float64) for a in (n, s1, s2))
+        )
+        counts = np.stack([0.5 * (s2_b + s1_b), n_b - s2_b, 0.5 * (s2_b - s1_b)])
+        table = _ternary_table(float(np.asarray(theta)), side, lambdas)
+        flat = table @ counts.reshape(3, -1)
+        return _mix(flat).reshape(n_b.shape)
     n_a, s1_a, s2_a, th = np.broadcast_arrays(
         *(np.asarray(a, dtype=np.float64) for a in (n, s1, s2, theta))
     )
     n_pos = 0.5 * (s2_a + s1_a)
     n_neg = 0.5 * (s2_a - s1_a)
     n_zero = n_a - s2_a
+    thetas = np.unique(th)
+    if len(thetas) <= 8 and n_a.size >= len(thetas):
+        # Few limits (the usual case: one margin per check): log(1 + l*y) depends only on
+        # theta, so each mixture term is a (grid x 3) table times the three counts.
+        counts = np.stack([n_pos.ravel(), n_zero.ravel(), n_neg.ravel()])
+        flat_th = th.ravel()
+        terms = np.empty((len(lambdas), n_a.size))
+        for t in thetas:
+            cols = flat_th == t
+            terms[:, cols] = _ternary_table(float(t), side, lambdas) @ counts[:, cols]
+        return _mix(terms).reshape(n_a.shape)
     if side == "greater":
         c = th + 1.0
         y_pos, y_zero, y_neg = (1.0 - th) / c, -th / c, (-1.0 - th) / c
@@ -258,37 +300,52 @@ def quantile_bounds(
     upper edges, the last one may be ``inf``). For a *fixed* quantile only one point of
     the CDF matters (Howard & Ramdas 2022): with the Bernoulli betting e-process,
     ``U`` is the first upper edge where ``H0: F(e) <= q`` is rejected, ``L`` the last one
-    where ``H0: F(e) >= q`` is; each side
-    holds with probability ``>= 1 - alpha/2`` uniformly over time. ``L = -inf`` / ``U = inf``
-    when nothing is rejected yet. ``q`` and ``alpha`` broadcast: one answer per pair.
+    where ``H0: F(e) >= q`` is; each side holds with probability ``>= 1 - alpha/2``
+    uniformly over time. ``L = -inf`` / ``U = inf`` when nothing is rejected yet. ``q`` and
+    ``alpha`` broadcast: one answer per pair. ``counts`` may be 2-D (one histogram per
+    row): the answers are then ``(rows, pairs)``, computed in one vectorised call.
     """
-    c = np.asarray(counts, dtype=np.float64)
+    c2 = np.atleast_2d(np.asarray(counts, dtype=np.float64))
     e = np.asarray(edges, dtype=np.float64)
     qs, alphas = np.broadcast_arrays(
         np.atleast_1d(np.asarray(q, dtype=np.float64)),
         np.atleast_1d(np.asarray(alpha, dtype=np.float64)),
     )
-    n = float(c.sum())
-    if n <= 0:
-        return np.full(qs.shape, -np.inf), np.full(qs.shape, np.inf)
-    k = np.cumsum(c)
+    rows, m = c2.shape[0], len(qs)
+    lower = np.full((rows, m), -np.inf)
+    upper = np.full((rows, m), np.inf)
     # The empirical CDF only changes at non-empty buckets, and both rejections are monotone
     # in k, so the first / last rejecting edge is decided at bucket 0 or a non-empty one.
-    idx = np.union1d([0], np.flatnonzero(c))
-    kk = k[idx][None, :]
+    parts = []
+    for r in range(rows):
+        n = float(c2[r].sum())
+        if n > 0:
+            idx = np.union1d([0], np.flatnonzero(c2[r]))
+            parts.append((r, n, idx, np.cumsum(c2[r])[idx]))
+    if not parts:
+        return (lower[0], upper[0]) if np.ndim(counts) == 1 else (lower, upper)
+    sizes = [len(p[2]) for p in parts]
+    n_all = np.concatenate([np.full(len(p[2]), p[1]) for p in parts])[None, :]
+    k_all = np.concatenate([p[3] for p in parts])[None, :]
     thr = log_threshold(alphas / 2.0)[:, None]
-    up = binary_log_e(n, kk, qs[:, None], "greater") >= thr
-    down = binary_log_e(n, kk, qs[:, None], "less") >= thr
-    upper = np.where(up.any(axis=1), e[idx[np.argmax(up, axis=1)]], np.inf)
-    # "less" rejects on a prefix of edges; it ends just before the first candidate index
-    # that does not reject (every edge up to there has the same or a smaller k).
-    first_ok = idx[np.argmin(down, axis=1)]
-    lower = np.where(
-        down.all(axis=1),
-        e[len(e) - 1],
-        np.where(first_ok > 0, e[np.maximum(first_ok - 1, 0)], -np.inf),
-    )
-    return lower.astype(np.float64), upper.astype(np.float64)
+    up_all = binary_log_e(n_all, k_all, qs[:, None], "greater") >= thr
+    down_all = binary_log_e(n_all, k_all, qs[:, None], "less") >= thr
+    start = 0
+    for (r, _, idx, _), size in zip(parts, sizes, strict=True):
+        up, down = up_all[:, start : start + size], down_all[:, start : start + size]
+        start += size
+        upper[r] = np.where(up.any(axis=1), e[idx[np.argmax(up, axis=1)]], np.inf)
+        # "less" rejects on a prefix of edges; it ends just before the first candidate
+        # index that does not reject (every edge up to there has the same or a smaller k).
+        first_ok = idx[np.argmin(down, axis=1)]
+        lower[r] = np.where(
+            down.all(axis=1),
+            e[len(e) - 1],
+            np.where(first_ok > 0, e[np.maximum(first_ok - 1, 0)], -np.inf),
+        )
+    if np.ndim(counts) == 1:
+        return lower[0], upper[0]
+    return lower, upper
 
 
 # ---------------------------------------------------------------------------------------

@@ -75,9 +75,11 @@ class RolloutService:
         self.tick_s = tick_s
         self.apply = apply
         self.store: EvidenceStore | None = None
-        self.engine = RolloutEngine(
-            config.gates, config.rollout, task=_task(config), start_ts=clock()
-        )
+        # The proxy knows its slice keys up front: the error budget is split over them,
+        # not over the generic ``max_keys``.
+        slices = config.slices
+        gates = config.gates.with_slice_keys([*slices.headers, *slices.parameters, *slices.rules])
+        self.engine = RolloutEngine(gates, config.rollout, task=_task(config), start_ts=clock())
         join = LabelJoin(label_window_s=config.storage.label_window_s)
         self.runner = GateRunner(self.engine, join, on_unmatched=self._unmatched)
         self.counters = RolloutCounters()

@@ -1,0 +1,114 @@
+"""Each gate fires on the failure it exists for, and passes when there is none."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from gates.batch import PairBatch
+from gates.engine import RolloutEngine
+from gates.latency import ErrorGate, LatencyGate
+from gates.pinned import PinnedGate
+from gates.result import Status
+from gates.simulate import Scenario, generate
+from gates.tolerance import ToleranceGate
+from tests.gates.conftest import only, plan, record
+
+RNG = np.random.default_rng(51)
+STAGE = {"min_pairs": 0, "min_labels": 0, "min_duration_s": 0, "max_duration_s": None}
+
+
+def statuses(gate) -> dict[str, Status]:
+    return {r.label: r.status for r in gate.results}
+
+
+def probs(n: int, c: int = 3, noise: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    p = RNG.dirichlet(np.ones(c), n)
+    q = np.clip(p + RNG.normal(0, noise, p.shape), 0, None) if noise else p.copy()
+    return p, q / q.sum(axis=1, keepdims=True)
+
+
+def test_tolerance_flags_flips_and_passes_identical_outputs():
+    p, q = probs(3000)
+    same = ToleranceGate(only("tolerance"), alpha=0.01)
+    same.update(PairBatch.from_arrays(champion=p, candidate=q, ts=np.arange(3000.0)))
+    assert set(statuses(same).values()) == {Status.PASS}
+    flipped = q.copy()
+    idx = RNG.random(3000) < 0.3
+    flipped[idx] = q[idx][:, ::-1]  # reverse the class order on 30% of the rows
+    bad = ToleranceGate(only("tolerance"), alpha=0.01)
+    bad.update(PairBatch.from_arrays(champion=p, candidate=flipped, ts=np.arange(3000.0)))
+    assert statuses(bad)["tolerance.flip"] is Status.FAIL
+    assert bad.result.status is Status.FAIL and bad.result.details["failing"] == 2  # shift too
+
+
+def test_tolerance_for_regression_and_embeddings():
+    y = RNG.normal(10, 2, 2000)
+    reg = ToleranceGate(only("tolerance"), alpha=0.01, task="regression")
+    reg.update(PairBatch.from_arrays(champion=y, candidate=y * 1.5, ts=np.arange(2000.0)))
+    assert statuses(reg)["tolerance.regression"] is Status.FAIL
+    e = RNG.normal(size=(2000, 16))
+    emb = ToleranceGate(only("tolerance"), alpha=0.01, task="embedding")
+    emb.update(PairBatch.from_arrays(champion=e, candidate=e + 0.01, ts=np.arange(2000.0)))
+    assert statuses(emb) == {"tolerance.cosine": Status.PASS}
+    rot = ToleranceGate(only("tolerance"), alpha=0.01, task="embedding")
+    rot.update(PairBatch.from_arrays(champion=e, candidate=-e, ts=np.arange(2000.0)))
+    assert statuses(rot) == {"tolerance.cosine": Status.FAIL}
+
+
+def test_latency_fails_a_slower_candidate_and_passes_an_equal_one():
+    lc = RNG.lognormal(2.5, 0.3, 3000)
+    recs = [record(i, [1.0], [1.0], lat=(float(lc[i]), float(lc[i]) * 3)) for i in range(3000)]
+    slow = LatencyGate(only("latency"), alpha=0.01)
+    slow.update(recs)
+    assert set(statuses(slow).values()) == {Status.FAIL}
+    same = LatencyGate(only("latency"), alpha=0.01)
+    same.update([record(i, [1.0], [1.0], lat=(float(v), float(v))) for i, v in enumerate(lc)])
+    assert set(statuses(same).values()) == {Status.PASS}
+
+
+def test_errors_fail_when_the_candidate_fails_more_often():
+    recs = [
+        record(i, [1.0], [1.0], err=(None, "upstream timeout" if i % 10 == 0 else None))
+        for i in range(3000)
+    ]
+    gate = ErrorGate(only("errors"), alpha=0.01)
+    gate.update(recs)
+    s = statuses(gate)
+    assert s["errors.error_rate"] is Status.FAIL and s["errors.timeout_rate"] is Status.FAIL
+    not_called = [record(i, [1.0], [1.0], err=(None, "dropped")) for i in range(500)]
+    gate2 = ErrorGate(only("errors"), alpha=0.01)
+    gate2.update(not_called)  # never mirrored: not an observation, not an error
+    assert gate2.results[0].n == 0
+
+
+def test_pinned_fails_on_a_wrong_pinned_case():
+    gate = PinnedGate(only("pinned"), alpha=0.0)
+    gate.record("case-1", True, ts=1.0)
+    assert gate.result.status is Status.PASS
+    gate.record("case-2", False, ts=2.0, detail="predicted 3, pinned 1")
+    assert gate.result.status is Status.FAIL and "case-2" in gate.result.reason
+
+
+def test_output_divergence_aborts_but_input_drift_only_warns():
+    p = plan({"name": "s", **STAGE, "min_pairs": 10**9})
+    # candidate predicts class 0 far more often than the champion on the same requests
+    _, cols = generate(Scenario.aa(), 4000, np.random.default_rng(52))
+    cand = np.array(cols["candidate"])
+    move = np.random.default_rng(53).random(4000) < 0.3
+    cand[move] = np.array([0.9, 0.05, 0.05])
+    eng = RolloutEngine(only("drift.output"), p, start_ts=0.0)
+    eng.observe(PairBatch.from_arrays(champion=cols["champion"], candidate=cand, ts=cols["ts"]))
+    ev = eng.evaluate(100.0)
+    assert ev.verdict == "abort" and "drift.output FAIL" in ev.reason
+
+    eng2 = RolloutEngine(only("drift.input"), p, start_ts=0.0)
+    for shift, seed in ((0.0, 54), (15.0, 55)):  # reference first, then shifted ages
+        b, _ = generate(Scenario.aa(age_shift=shift), 3000, np.random.default_rng(seed))
+        eng2.observe(b)
+    ev2 = eng2.evaluate(100.0)
+    assert ev2.verdict == "continue"
+    assert [w.name for w in ev2.warnings] == ["drift.input.age"]
+    assert "warnings" in ev2.to_dict() and ev2.to_dict()["warnings"]
+    json.dumps(ev2.to_dict(), allow_nan=False)
