@@ -131,9 +131,14 @@ class RolloutService:
                 self.runner.add_pairs(pairs, now)
             if queued:
                 self.runner.add_labels(queued, now)
-            return [
-                "joined" if self.runner.add_labels([label], now) else "pending" for label in labels
-            ]
+            # GateRunner.add_labels, keeping which pairs matched: one batched update of
+            # the gates (a call per label would cost a gates update per label).
+            self.runner.expire(now)
+            matched = self.runner.join.add_labels(labels, now)
+            if matched:
+                self.engine.observe_labelled(matched)
+            joined = {record.id for record in matched}
+            return ["joined" if label.id in joined else "pending" for label in labels]
 
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, work)
