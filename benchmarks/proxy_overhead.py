@@ -69,7 +69,9 @@ async def _wait_ready(session: aiohttp.ClientSession, base: str) -> None:
     raise RuntimeError(f"{base} never became ready")
 
 
-def _proxy_config(champion: str, candidate: str | None, features: int) -> dict[str, Any]:
+def _proxy_config(
+    champion: str, candidate: str | None, features: int, storage_url: str | None = None
+) -> dict[str, Any]:
     def model(name: str, url: str) -> dict[str, Any]:
         return {"name": name, "kind": "http", "url": url, "model": "model", "timeout_ms": 10000}
 
@@ -80,7 +82,8 @@ def _proxy_config(champion: str, candidate: str | None, features: int) -> dict[s
         "server": {"host": "127.0.0.1", "model_name": "model", "shutdown_timeout_s": 5},
         "models": models,
         "mirror": {"mode": "shadow", "max_in_flight": 64, "queue_size": 4096},
-        "storage": {"capture": "never"},
+        # serve records pairs to storage: a throwaway SQLite file, never the source tree
+        "storage": {"capture": "never", **({"url": storage_url} if storage_url else {})},
     }
 
 
@@ -124,7 +127,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         targets = {"direct": f"{champion}/v2/models/model/infer"}
         for name, cand in (("proxy, shadow off", None), ("proxy, shadow on", candidate)):
             path = tmp / f"{len(targets)}.yaml"
-            path.write_text(yaml.safe_dump(_proxy_config(champion, cand, args.features)))
+            db = f"sqlite:///{tmp / f'{len(targets)}.sqlite'}"
+            path.write_text(yaml.safe_dump(_proxy_config(champion, cand, args.features, db)))
             proc, base = await _spawn(
                 "-m",
                 "proxy",

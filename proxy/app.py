@@ -198,6 +198,12 @@ def _request_id(parsed: InferRequest, request: web.Request) -> str:
     rid = parsed.id or request.headers.get(REQUEST_ID_HEADER, "").strip() or uuid.uuid4().hex
     if len(rid) > MAX_REQUEST_ID_LEN:
         raise BadRequest(f"request id is longer than {MAX_REQUEST_ID_LEN} characters")
+    try:
+        rid.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON allows a lone surrogate escape ("\ud800"); no database, log or header can
+        # carry it, and the pair would be lost at the recorder: refuse it up front.
+        raise BadRequest("request id is not valid Unicode text (lone surrogate)") from None
     return rid
 
 

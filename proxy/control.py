@@ -106,19 +106,40 @@ def _valid_label(label: Any) -> bool:
 
 
 async def feedback(request: web.Request) -> web.Response:
+    """Labels in. 202 with a status per label: ``joined`` (its pair was seen and is now
+    labelled) or ``pending`` (no pair with that id yet: kept for
+    ``storage.label_window_s``, since a label may arrive before its pair; one that never
+    meets its pair is counted and listed in ``GET /v1/rollout`` under
+    ``queues.labels_unmatched``/``labels_unmatched_recent``). Malformed labels are a 400
+    naming the fault, and then none of the request's labels is taken.
+    """
     state = _state(request)
     events = parse_labels(await _json(request))
+    recorder = state.persistence.recorder if state.persistence is not None else None
+    if state.rollout is None and recorder is None:
+        raise NotReady("labels have nowhere to go: no candidate (gates) and no storage")
     stored = True
-    if state.persistence is not None and state.persistence.recorder is not None:
-        recorder = state.persistence.recorder
+    if recorder is not None:
         stored = all(recorder.submit_label(e.id, e.label, e.ts) for e in events)
     if state.rollout is not None:
-        state.rollout.submit_labels(events)
+        statuses = await state.rollout.join_labels(events)
+    else:
+        # Storage only: the recorder joins them in the database when the pair lands.
+        statuses = ["pending"] * len(events)
     if not stored:
         # The gates have them; the database buffer was full. Retrying is safe: a later
         # label for the same id replaces the earlier one.
         raise NotReady("labels reached the gates but the recorder buffer is full: retry")
-    return web.json_response({"accepted": len(events)}, status=202)
+    joined = statuses.count("joined")
+    return web.json_response(
+        {
+            "accepted": len(events),
+            "joined": joined,
+            "pending": len(events) - joined,
+            "labels": [{"id": e.id, "status": s} for e, s in zip(events, statuses, strict=True)],
+        },
+        status=202,
+    )
 
 
 async def rollout_status(request: web.Request) -> web.Response:

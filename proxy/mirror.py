@@ -528,12 +528,14 @@ class MirrorDispatcher:
         rows = input_rows(inputs)
         if rows is None:
             return None
+        specs = self.champion.metadata.inputs
+        if specs and all(s.shape and s.shape[0] == -1 for s in specs):
+            # Declared batched: a side whose output has another row count is then a
+            # shape_mismatch, the champion's too (never a pair that looks successful).
+            return rows
         reference = champion if champion is not None else candidate
         if reference is not None:
             return rows if reference.ndim and reference.shape[0] == rows else None
-        specs = self.champion.metadata.inputs
-        if specs and all(s.shape and s.shape[0] == -1 for s in specs):
-            return rows
         return None
 
     def build_records(

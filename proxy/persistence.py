@@ -20,10 +20,10 @@ from gates.engine import Decision, Evaluation
 from proxy.backends.base import Backend
 from proxy.config import MirrorgateConfig
 from proxy.errors import ConfigError
-from storage.db import Database
+from storage.db import Database, normalize_url
 from storage.entities import Decision as StoredDecision
 from storage.entities import GateEvaluation, ModelInfo, Rollout
-from storage.errors import SchemaError
+from storage.errors import SchemaError, StorageError
 from storage.migrate import open_database
 from storage.recorder import SqlRecorder
 from storage.store import Store
@@ -45,10 +45,18 @@ class Persistence:
 
     @classmethod
     async def open(cls, config: MirrorgateConfig, registry: CollectorRegistry) -> Persistence:
+        where = _display_url(config.storage.url)
         try:
             db = await asyncio.to_thread(open_database, config.storage)
-        except SchemaError as exc:
-            raise ConfigError(f"storage {config.storage.url}: {exc}") from exc
+        except (SchemaError, StorageError) as exc:
+            raise ConfigError(f"storage {where}: {exc}") from exc
+        except Exception as exc:
+            # An unreachable server or an unwritable file: the proxy cannot keep its
+            # promise to record, so it refuses to start with the reason (exit code 2).
+            raise ConfigError(
+                f"storage {where}: cannot open the database: {type(exc).__name__}: "
+                f"{_first_line(exc)}"
+            ) from exc
         return cls(config=config, db=db, store=Store(db), registry=registry)
 
     async def attach(self, champion: Backend, candidate: Backend | None) -> SqlRecorder:
@@ -161,6 +169,19 @@ def stored_decision(decision: Decision) -> StoredDecision:
             "gates": decision.evidence,
         },
     )
+
+
+def _display_url(url: str) -> str:
+    """The storage URL with its password masked: messages end up in logs."""
+    try:
+        return normalize_url(url).render_as_string(hide_password=True)
+    except StorageError:
+        return "<unparseable url>"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
 
 
 def _finite(value: float | None) -> float | None:

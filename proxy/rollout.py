@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 # Pairs and labels waiting for the next tick. Past this the oldest are dropped and
 # counted: the gates see a sample then, never a slower live path.
 MAX_PENDING = 200_000
+# How many of the latest unmatched labels GET /v1/rollout lists (all are counted).
+UNMATCHED_SHOWN = 50
 
 
 class RolloutHook(Protocol):
@@ -125,6 +127,41 @@ class RolloutService:
                 self._labels.popleft()
                 self.counters.labels_dropped += 1
             self._labels.append(label)
+
+    async def join_labels(self, labels: Sequence[LabelEvent]) -> list[str]:
+        """Join labels now and say, per label, ``joined`` or ``pending``.
+
+        ``joined``: its pair had reached the gates and is now labelled. ``pending``: no
+        pair with that id yet — labels may legitimately arrive first (the candidate is
+        still computing, or the client labels fast); it waits up to
+        ``storage.label_window_s`` and, if no pair comes, is reported unmatched in
+        :meth:`status`. Pairs already queued are taken in first, so a pair the proxy
+        has emitted is never called missing. Not the live path: the control plane waits
+        for the gates' worker here.
+        """
+        if self._closing:
+            self.submit_labels(labels)
+            return ["pending"] * len(labels)
+        pairs = _drain(self._pairs)
+        queued = _drain(self._labels)
+        now = self.clock()
+
+        def work() -> list[str]:
+            if pairs:
+                self.runner.add_pairs(pairs, now)
+            if queued:
+                self.runner.add_labels(queued, now)
+            # GateRunner.add_labels, keeping which pairs matched: one batched update of
+            # the gates (a call per label would cost a gates update per label).
+            self.runner.expire(now)
+            matched = self.runner.join.add_labels(labels, now)
+            if matched:
+                self.engine.observe_labelled(matched)
+            joined = {record.id for record in matched}
+            return ["joined" if label.id in joined else "pending" for label in labels]
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, work)
 
     async def start(self) -> None:
         if self._task is None:
@@ -313,6 +350,11 @@ class RolloutService:
             "pairs_dropped": self.counters.pairs_dropped,
             "labels_dropped": self.counters.labels_dropped,
             "labels_unmatched": self.runner.unmatched_total,
+            # the latest labels that never met their pair, with the reason
+            "labels_unmatched_recent": [
+                {"id": event.id, "reason": reason}
+                for event, reason in list(self.runner.unmatched)[-UNMATCHED_SHOWN:]
+            ],
             "join_pairs_waiting": self.runner.join.pending_pairs,
             "join_labels_waiting": self.runner.join.pending_labels,
         }

@@ -83,6 +83,8 @@ async def serve(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Storage on: pairs, labels, evaluations and decisions are recorded in
+    # config.storage; a schema or database it cannot use stops the start (exit code 2).
     app = create_app(config, sinks=sinks, storage=True)
     state = app[STATE]
     runner = web.AppRunner(

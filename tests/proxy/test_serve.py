@@ -28,6 +28,8 @@ WORKERS = 6
 
 async def _start_proxy(config: dict[str, Any], tmp_path: Path, *extra: str) -> tuple[Any, str]:
     path = tmp_path / "mirrorgate.yaml"
+    # serve records to storage: a throwaway database, never one in the source tree
+    config = {"storage": {"url": f"sqlite:///{tmp_path / 'mirrorgate.sqlite'}"}, **config}
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env = {k: v for k, v in env.items() if not k.startswith("MIRRORGATE_")}
