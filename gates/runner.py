@@ -53,29 +53,35 @@ class GateRunner:
             # all came labelled and no label waits for them: what join.add_pairs would do
             self.join.stats.matched += len(records)
             self.engine.observe_labelled(batch)
-            return
-        labelled = self.join.add_pairs(records, now)
-        if not labelled:
-            return
-        # records that came labelled are the same objects: reuse their rows of the batch
-        position = {id(r): i for i, r in enumerate(records)}
-        rows = [position.get(id(r), -1) for r in labelled]
-        if all(i >= 0 for i in rows):
-            self.engine.observe_labelled(batch.select(np.array(rows, dtype=np.int64)))
+            labelled = list(records)
         else:
-            self.engine.observe_labelled(labelled)
-            if self.on_labelled is not None:
-                self.on_labelled(labelled)
+            labelled = self.join.add_pairs(records, now)
+            if not labelled:
+                return
+            # records that came labelled are the same objects: reuse their batch rows
+            position = {id(r): i for i, r in enumerate(records)}
+            rows = [position.get(id(r), -1) for r in labelled]
+            if all(i >= 0 for i in rows):
+                self.engine.observe_labelled(batch.select(np.array(rows, dtype=np.int64)))
+            else:
+                self.engine.observe_labelled(labelled)
+        # Every labelled pair reaches the hook, whichever side of the join came last.
+        if self.on_labelled is not None:
+            self.on_labelled(labelled)
 
     def add_labels(self, labels: Iterable[LabelEvent], now: float) -> int:
         """Returns how many pairs these labels completed (the others wait)."""
+        return len(self.join_labels(labels, now))
+
+    def join_labels(self, labels: Iterable[LabelEvent], now: float) -> list[PairRecord]:
+        """Like :meth:`add_labels`, returning the pairs the labels completed."""
         self.expire(now)
         matched = self.join.add_labels(labels, now)
         if matched:
             self.engine.observe_labelled(matched)
             if self.on_labelled is not None:
                 self.on_labelled(matched)
-        return len(matched)
+        return matched
 
     def expire(self, now: float) -> None:
         self._report(self.join.expire(now).labels, self.join.stats.pairs_expired)

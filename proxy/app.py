@@ -501,8 +501,9 @@ def _apply_evaluation(state: ProxyState, evaluation: Evaluation) -> None:
     if state.mirror is not None:
         state.mirror.set_canary_weight(evaluation.canary_weight)
         state.mirror.set_stage(evaluation.stage)
-        if evaluation.verdict == "abort":
-            # An aborted candidate gets no more traffic, mirrored or served.
+        if evaluation.verdict == "abort" and not state.config.mirror.shadow_after_abort:
+            # An aborted candidate gets no more traffic, mirrored or served (unless the
+            # operator asked to keep collecting evidence: the weight is 0 either way).
             state.mirror.stop_candidate()
 
 

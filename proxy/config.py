@@ -92,6 +92,11 @@ class MirrorSettings(_Strict):
         256 * 1024 * 1024, ge=0, description="input bytes held by queued mirror work"
     )
     timeout_ms: float = Field(2000.0, gt=0)
+    shadow_after_abort: bool = Field(
+        False,
+        description="keep mirroring to an aborted candidate (never serving it): more "
+        "evidence and harvested failures, at the candidate's cost",
+    )
 
 
 class SlicesSettings(_Strict):

@@ -151,12 +151,9 @@ class RolloutService:
                 self.runner.add_pairs(pairs, now)
             if queued:
                 self.runner.add_labels(queued, now)
-            # GateRunner.add_labels, keeping which pairs matched: one batched update of
-            # the gates (a call per label would cost a gates update per label).
-            self.runner.expire(now)
-            matched = self.runner.join.add_labels(labels, now)
-            if matched:
-                self.engine.observe_labelled(matched)
+            # One batched update of the gates (a call per label would cost a gates update
+            # per label), through the runner so the harvest hook sees these pairs too.
+            matched = self.runner.join_labels(labels, now)
             joined = {record.id for record in matched}
             return ["joined" if label.id in joined else "pending" for label in labels]
 

@@ -71,7 +71,9 @@ def _config(url: str) -> dict[str, Any]:
     return {
         "server": {"model_name": "digits", "control_token": TOKEN, "shutdown_timeout_s": 5},
         "models": {"champion": model("champion"), "candidate": model("candidate_regressed")},
-        "mirror": {"timeout_ms": 60000},
+        # Every request mirrored to the end, also after the abort: the test compares the
+        # merged state with the whole traffic.
+        "mirror": {"timeout_ms": 60000, "shadow_after_abort": True},
         "slices": {"headers": ["platform"]},
         "storage": {"url": url, "flush_interval_ms": 50},
         "gates": GATES,
