@@ -320,14 +320,17 @@ async def _load(state: ProxyState) -> None:
             recorder = await state.persistence.attach(state.champion, state.candidate)
             state.sinks.append(recorder)
             if state.rollout is not None:
-                state.rollout.store = state.persistence
-                await _start_harvest(state)
                 if config.replicas.enabled:
                     from proxy.replicas import ReplicaCoordinator
 
+                    # Before the store is attached, with no await in between: from here
+                    # on this replica never evaluates or persists on its own (its gate
+                    # loop may already be ticking while the models load).
                     state.rollout.coordinator = ReplicaCoordinator(
                         config, state.persistence, state.rollout
                     )
+                state.rollout.store = state.persistence
+                await _start_harvest(state)
         _activate(state)
         if state.rollout is not None and state.rollout.coordinator is not None:
             # after the mirror exists: the shared canary weight applies from the first sync
