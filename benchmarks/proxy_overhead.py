@@ -81,7 +81,14 @@ def _proxy_config(
     return {
         "server": {"host": "127.0.0.1", "model_name": "model", "shutdown_timeout_s": 5},
         "models": models,
-        "mirror": {"mode": "shadow", "max_in_flight": 64, "queue_size": 4096},
+        "mirror": {
+            "mode": "shadow",
+            "max_in_flight": 64,
+            "queue_size": 4096,
+            # the two upstreams differ, so the gates abort early: keep mirroring anyway,
+            # this measures the cost of shadow work, not of a stopped candidate
+            "shadow_after_abort": True,
+        },
         # serve records pairs to storage: a throwaway SQLite file, never the source tree
         "storage": {"capture": "never", **({"url": storage_url} if storage_url else {})},
     }
