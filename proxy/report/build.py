@@ -157,7 +157,11 @@ def _signoffs(doc: Mapping[str, Any], digest: str) -> str:
 
 
 def _gates(doc: Mapping[str, Any]) -> str:
-    gates = sorted(doc["gates"], key=lambda g: STATUS_ORDER[g["status"]])
+    # Failing first, and among equals the blocking gates (what decided) before advisory ones.
+    gates = sorted(
+        doc["gates"],
+        key=lambda g: (STATUS_ORDER[g["status"]], not g.get("blocking", True)),
+    )
     rows = [
         [
             _e(g["name"])
@@ -193,7 +197,7 @@ def _gates(doc: Mapping[str, Any]) -> str:
         "gates",
         "Gates",
         _table(headers, rows, "gates"),
-        "Every gate's evidence; failing gates first.",
+        "Every gate's evidence; failing gates first, blocking before advisory.",
     )
 
 
