@@ -92,13 +92,14 @@ async def own_upstream(seed: int, **fault: Any) -> OwnedUpstream:
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def start_serve(config: dict[str, Any], tmp_path: Path) -> tuple[Process, str]:
-    """``python -m proxy serve`` as a child process on a free port; returns (proc, base)."""
+async def spawn_serve(config: dict[str, Any], tmp_path: Path) -> Process:
+    """``python -m proxy serve`` on ``config`` as a child process on a free port (stdout
+    and stderr piped; no ``MIRRORGATE_`` variables leak in from the test's environment)."""
     path = tmp_path / "mirrorgate.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIRRORGATE_")}
     env["PYTHONPATH"] = str(ROOT)
-    proc = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "proxy",
@@ -112,6 +113,11 @@ async def start_serve(config: dict[str, Any], tmp_path: Path) -> tuple[Process, 
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def start_serve(config: dict[str, Any], tmp_path: Path) -> tuple[Process, str]:
+    """``python -m proxy serve`` as a child process on a free port; returns (proc, base)."""
+    proc = await spawn_serve(config, tmp_path)
     assert proc.stdout is not None
     line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
     if not line.startswith("mirrorgate: listening on "):

@@ -7,15 +7,12 @@ on stderr (and a password in the URL never printed), before the port serves anyt
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.faults.helpers import ROOT, own_upstream
+from tests.faults.helpers import own_upstream, spawn_serve
 from tests.support.postgres import free_port
 
 
@@ -29,24 +26,7 @@ async def _serve_exit(storage: dict[str, Any], tmp_path: Path) -> tuple[int, str
             },
             "storage": storage,
         }
-        path = tmp_path / "mirrorgate.yaml"
-        path.write_text(yaml.safe_dump(config))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MIRRORGATE_")}
-        env["PYTHONPATH"] = str(ROOT)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "proxy",
-            "serve",
-            "--config",
-            str(path),
-            "--port",
-            "0",
-            cwd=tmp_path,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        proc = await spawn_serve(config, tmp_path)
         out, err = await asyncio.wait_for(proc.communicate(), 90)
         assert proc.returncode is not None
         return proc.returncode, out.decode(), err.decode()
