@@ -261,10 +261,12 @@ def decide(
     s2: FloatArray | None,
     theta: float | FloatArray,
     alpha_fail: float | FloatArray,
-    alpha_pass: float,
+    alpha_pass: float | FloatArray,
     bad: Bad,
     lo: float = -1.0,
     hi: float = 1.0,
+    *,
+    theta_pass: float | FloatArray | None = None,
 ) -> Decisions:
     """Anytime-valid FAIL / PASS per cell against the limit ``theta``.
 
@@ -273,6 +275,8 @@ def decide(
     ``kind`` picks the e-process: ``ternary`` (values in {-1,0,1}), ``mean`` (values in
     ``[lo, hi]``, Fan mixture) or ``rate`` (Bernoulli, ``s1`` = successes). The decision
     is the e-value at ``theta`` against ``1/alpha``; the CS hull is only for display.
+    ``theta_pass`` (default ``theta``) is the limit the PASS side is tested at (a slice's
+    widened promotion margin).
     """
     n = np.atleast_1d(np.asarray(n, dtype=np.float64))
     s1 = np.atleast_1d(np.asarray(s1, dtype=np.float64))
@@ -280,17 +284,17 @@ def decide(
     fail_side: Literal["greater", "less"] = "greater" if bad == "high" else "less"
     pass_side: Literal["greater", "less"] = "less" if bad == "high" else "greater"
 
-    def log_e(side: Literal["greater", "less"]) -> FloatArray:
+    def log_e(side: Literal["greater", "less"], th: float | FloatArray) -> FloatArray:
         if kind == "ternary":
-            return ternary_log_e(n, s1, s2a, theta, side)
+            return ternary_log_e(n, s1, s2a, th, side)
         if kind == "rate":
-            return rate_log_e(n, s1, theta, side)
-        return mean_log_e(n, s1, s2a, theta, lo, hi, side)
+            return rate_log_e(n, s1, th, side)
+        return mean_log_e(n, s1, s2a, th, lo, hi, side)
 
-    le_fail = np.atleast_1d(log_e(fail_side))
-    le_pass = np.atleast_1d(log_e(pass_side))
+    le_fail = np.atleast_1d(log_e(fail_side, theta))
+    le_pass = np.atleast_1d(log_e(pass_side, theta if theta_pass is None else theta_pass))
     a_fail = np.broadcast_to(np.asarray(alpha_fail, dtype=np.float64), n.shape)
-    a_pass = np.full(n.shape, alpha_pass)
+    a_pass = np.broadcast_to(np.asarray(alpha_pass, dtype=np.float64), n.shape)
     # hull of the confidence sequence: each side at the level of the decision it backs
     a_lower, a_upper = (a_fail, a_pass) if bad == "high" else (a_pass, a_fail)
     return Decisions(

@@ -94,37 +94,55 @@ class CellTable:
         return table
 
 
+def cell_weight(index: int, spread: int) -> float:
+    """Share of the slices' budget for the ``index``-th slice cell admitted (1-based).
+
+    ``(spread + 1) / ((index + spread) * (index + spread + 1))`` telescopes to a total of
+    exactly 1 over all indices, so however many cells turn up, the cells admitted never
+    spend more than the budget; the weight is fixed when the cell first appears (it is a
+    function of how many cells came before it), so it is predictable and the union bound
+    holds over a random number of cells. Larger ``spread`` levels the weights (the 1st
+    cell gets ``1/(spread+2)``, the 20th about ``(spread+1)/(20+spread)^2``)."""
+    k = index + spread
+    return (spread + 1) / (k * (k + 1))
+
+
 class SliceCells:
     """Which ``key=value`` cell each row of a batch belongs to, under the caps.
 
     Keys: the configured ones, or (``keys: null``) the first ``max_keys`` keys seen.
-    Values: the first ``max_values - 1`` values of a key get their own cell; later ones
-    share ``key=__other__``. The caps fix the multiplicity budget before any data
-    arrives, so the per-cell error levels never depend on what the traffic turns out to be.
+    Values: the first ``max_values`` values of a key get their own cell; later ones share
+    ``key=__other__``. Error budget: the slices' share of a check's budget is spent cell
+    by cell in order of first appearance (:func:`cell_weight`), so a 3-value key is not
+    charged for 20 placeholder slots, and the split never depends on data not yet seen.
     """
 
     def __init__(self, settings: SliceSettings) -> None:
         self.settings = settings
         self.keys: list[str] = list(settings.keys or [])
         self.values: dict[str, list[str]] = {k: [] for k in self.keys}
+        # every slice cell in order of first appearance: its budget weight's index
+        self.order: dict[str, int] = {}
 
     @property
     def enabled(self) -> bool:
         return self.settings.enabled
 
-    @property
-    def alloc_keys(self) -> int:
-        """Keys the budget is split over (fixed before any data)."""
-        return len(self.settings.keys) if self.settings.keys is not None else self.settings.max_keys
-
     def cell_alpha(self, alpha_check: float, cell: str, sliced: bool) -> float:
-        """Bonferroni share of one check's budget for one cell."""
+        """Bonferroni share of one check's budget for one cell (0 for a cell not admitted)."""
         if not (sliced and self.enabled):
             return alpha_check
         if cell == AGGREGATE:
             return alpha_check * (1.0 - self.settings.alpha_share)
-        share = alpha_check * self.settings.alpha_share
-        return share / (max(self.alloc_keys, 1) * self.settings.max_values)
+        index = self.order.get(cell)
+        if index is None:
+            return 0.0
+        return alpha_check * self.settings.alpha_share * cell_weight(index, self.settings.spread)
+
+    def _register(self, cell: str) -> str:
+        if cell not in self.order:
+            self.order[cell] = len(self.order) + 1
+        return cell
 
     def _admit_key(self, key: str) -> bool:
         if key in self.values:
@@ -139,10 +157,147 @@ class SliceCells:
         vals = self.values[key]
         if value in vals:
             return f"{key}={value}"
-        if len(vals) < self.settings.max_values - 1 and value != OTHER:
+        if len(vals) < self.settings.max_values and value != OTHER:
             vals.append(value)
+            return self._register(f"{key}={value}")
+        return self._register(f"{key}={OTHER}")
+
+    def assign(self, batch: PairBatch, rows: BoolArray) -> list[tuple[list[str], IntArray]]:
+        """Per admitted key: (cell names, per-row index into them, -1 = no cell).
+
+        Only values of the contributing ``rows`` are admitted, in the order of the row where
+        they first appear (ties: key name), so the cells, their budget weights and the caps
+        depend on the data counted, never on how the stream was cut into batches."""
+        if not self.enabled or not rows.any():
+            return []
+        per_key: list[tuple[str, list[str], IntArray, IntArray, IntArray]] = []
+        for key in sorted(batch.slices):
+            values, codes = batch.slices[key]
+            used = np.unique(codes[rows & (codes >= 0)])
+            if len(used) == 0:
+                continue
+            first = np.array([np.argmax(rows & (codes == u)) for u in used])
+            per_key.append((key, values, codes, used, first))
+        # keys and values are admitted in order of first appearance among contributing rows
+        events = sorted(
+            (int(f), key, int(u))
+            for key, _, _, used, first in per_key
+            for u, f in zip(used, first, strict=True)
+        )
+        names_of: dict[tuple[str, int], str] = {}
+        value_names = {key: values for key, values, *_ in per_key}
+        for _, key, u in events:
+            if self._admit_key(key):
+                names_of[(key, u)] = self._cell(key, value_names[key][u])
+        out: list[tuple[list[str], IntArray]] = []
+        for key, values, codes, used, _ in per_key:
+            if key not in self.values:
+                continue
+            remap = np.full(len(values), -1, dtype=np.int64)
+            remap[used] = np.arange(len(used))
+            names = [names_of[(key, int(u))] for u in used]
+            out.append((names, np.where(codes >= 0, remap[np.maximum(codes, 0)], -1)))
+        return out
+
+    def merge(self, other: SliceCells) -> dict[str, str | None]:
+        """Union of keys and values under the caps; returns the cell renames to apply.
+
+        The other state's cells join in their own order of appearance, after this state's
+        (the merge of a stream's first part with its rest keeps the whole stream's order)."""
+        renames: dict[str, str | None] = {}
+        for key in other.keys:
+            if not self._admit_key(key):
+                for v in [*other.values[key], OTHER]:
+                    renames[f"{key}={v}"] = None
+        for cell in other.order:
+            key, _, v = cell.partition("=")
+            if key not in self.values:
+                continue
+            mine = self._cell(key, v) if v != OTHER else self._register(f"{key}={OTHER}")
+            if mine != cell:
+                renames[cell] = mine
+        return renames
+
+    def state(self) -> dict[str, Any]:
+        return {"names": list(self.names), "data": self.data.tolist()}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], width: int) -> CellTable:
+        table = cls(width)
+        names = list(state.get("names", []))
+        data = np.asarray(state.get("data", []), dtype=np.float64).reshape(len(names), width)
+        table.ids(names)
+        table.data = data.copy()
+        return table
+
+
+def cell_weight(index: int, spread: int) -> float:
+    """Share of the slices' budget for the ``index``-th slice cell admitted (1-based).
+
+    ``(spread + 1) / ((index + spread) * (index + spread + 1))`` telescopes to a total of
+    exactly 1 over all indices, so however many cells turn up, the cells admitted never
+    spend more than the budget; the weight is fixed when the cell first appears (it is a
+    function of how many cells came before it), so it is predictable and the union bound
+    holds over a random number of cells. Larger ``spread`` levels the weights (the 1st
+    cell gets ``1/(spread+2)``, the 20th about ``(spread+1)/(20+spread)^2``)."""
+    k = index + spread
+    return (spread + 1) / (k * (k + 1))
+
+
+class SliceCells:
+    """Which ``key=value`` cell each row of a batch belongs to, under the caps.
+
+    Keys: the configured ones, or (``keys: null``) the first ``max_keys`` keys seen.
+    Values: the first ``max_values`` values of a key get their own cell; later ones share
+    ``key=__other__``. Error budget: the slices' share of a check's budget is spent cell
+    by cell in order of first appearance (:func:`cell_weight`), so a 3-value key is not
+    charged for 20 placeholder slots, and the split never depends on data not yet seen.
+    """
+
+    def __init__(self, settings: SliceSettings) -> None:
+        self.settings = settings
+        self.keys: list[str] = list(settings.keys or [])
+        self.values: dict[str, list[str]] = {k: [] for k in self.keys}
+        # every slice cell in order of first appearance: its budget weight's index
+        self.order: dict[str, int] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.enabled
+
+    def cell_alpha(self, alpha_check: float, cell: str, sliced: bool) -> float:
+        """Bonferroni share of one check's budget for one cell (0 for a cell not admitted)."""
+        if not (sliced and self.enabled):
+            return alpha_check
+        if cell == AGGREGATE:
+            return alpha_check * (1.0 - self.settings.alpha_share)
+        index = self.order.get(cell)
+        if index is None:
+            return 0.0
+        return alpha_check * self.settings.alpha_share * cell_weight(index, self.settings.spread)
+
+    def _register(self, cell: str) -> str:
+        if cell not in self.order:
+            self.order[cell] = len(self.order) + 1
+        return cell
+
+    def _admit_key(self, key: str) -> bool:
+        if key in self.values:
+            return True
+        if self.settings.keys is not None or len(self.keys) >= self.settings.max_keys:
+            return False
+        self.keys.append(key)
+        self.values[key] = []
+        return True
+
+    def _cell(self, key: str, value: str) -> str:
+        vals = self.values[key]
+        if value in vals:
             return f"{key}={value}"
-        return f"{key}={OTHER}"
+        if len(vals) < self.settings.max_values and value != OTHER:
+            vals.append(value)
+            return self._register(f"{key}={value}")
+        return self._register(f"{key}={OTHER}")
 
     def assign(self, batch: PairBatch, rows: BoolArray) -> list[tuple[list[str], IntArray]]:
         """Per admitted key: (cell names, per-row index into them, -1 = no cell).
@@ -180,10 +335,18 @@ class SliceCells:
         return renames
 
     def state(self) -> dict[str, Any]:
-        return {"keys": list(self.keys), "values": {k: list(v) for k, v in self.values.items()}}
+        return {
+            "keys": list(self.keys),
+            "values": {k: list(v) for k, v in self.values.items()},
+            "order": list(self.order),
+        }
 
     def load(self, state: Mapping[str, Any]) -> None:
         self.keys = list(state.get("keys", []))
         self.values = {k: list(v) for k, v in state.get("values", {}).items()}
         for k in self.keys:
             self.values.setdefault(k, [])
+        order = state.get("order")
+        if order is None:  # a state from before the order was kept: values, then others
+            order = [f"{k}={v}" for k in self.keys for v in self.values[k]]
+        self.order = {cell: i + 1 for i, cell in enumerate(order)}

@@ -117,7 +117,12 @@ class EceSettings(EvidenceMetric):
 class MetricSettings(_Family):
     """Needs labels: paired champion-versus-candidate comparison on the same requests."""
 
-    min_samples: int = Field(200, ge=1, description="labelled pairs before a cell may decide")
+    # Labelled metrics (and their slices) are what detects a worse model; the label-free
+    # families catch gross breakage quickly at any budget (docs/gates.md, "Error budget").
+    alpha_weight: float = Field(
+        3.0, gt=0, description="share of the false-abort budget, relative to other families"
+    )
+    min_samples: int = Field(200, ge=1, description="labelled pairs before a cell may PASS")
     accuracy: AccuracySettings = AccuracySettings()
     recall: RecallSettings = RecallSettings()
     high_confidence_error: HighConfidenceErrorSettings = HighConfidenceErrorSettings()
@@ -147,10 +152,32 @@ class SliceSettings(_Strict):
         None, description="slice keys to gate; None = every key found, up to max_keys"
     )
     max_keys: int = Field(8, ge=1)
-    max_values: int = Field(20, ge=1, description="values per key; more share key=__other__")
-    min_samples: int = Field(300, ge=1, description="a cell below this never decides")
+    max_values: int = Field(
+        32, ge=1, description="named values per key; later ones share key=__other__"
+    )
+    min_samples: int = Field(
+        300, ge=1, description="a slice cell below this may FAIL but not PASS"
+    )
     alpha_share: float = Field(
         0.5, gt=0, lt=1, description="share of each check's budget spent on slice cells"
+    )
+    spread: int = Field(
+        4,
+        ge=0,
+        description="the k-th slice cell to appear gets (spread+1)/((k+spread)(k+spread+1)) "
+        "of the slices' budget (sums to 1 however many cells appear)",
+    )
+    require_share: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="to advance, only slice cells with at least this share of the check's "
+        "traffic must PASS (every cell may FAIL)",
+    )
+    pass_margin: Literal["sqrt_share", "fixed"] = Field(
+        "sqrt_share",
+        description="PASS margin of a slice cell: margin / sqrt(share) (an upper confidence "
+        "bound of the share) or the check's own margin",
     )
     checks: list[str] = Field(
         default_factory=lambda: [
@@ -166,7 +193,7 @@ class SliceSettings(_Strict):
         description="checks that get per-slice cells",
     )
     require_pass: bool = Field(
-        True, description="to advance, every cell with >= min_samples must PASS"
+        True, description="to advance, slice cells above require_share must PASS"
     )
 
 

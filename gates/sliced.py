@@ -8,10 +8,11 @@ from typing import Any, Self
 
 import numpy as np
 
-from gates.base import Bad, Decisions, Gate, Kind, decide, status_of
+from gates.base import Bad, Decisions, Gate, Kind, decide
 from gates.batch import BoolArray, FloatArray, IntArray
 from gates.cells import CellTable, SliceCells
-from gates.result import AGGREGATE, GateResult, Method, Status
+from gates.result import AGGREGATE, GateResult, Method, Status, fmt
+from gates.stats import rate_cs
 from gates.settings import GatesSettings, Task
 
 Assignment = list[tuple[list[str], IntArray]]
@@ -119,13 +120,14 @@ class SlicedGate(Gate):
             groups.setdefault(key, []).append((spec, table))
         out: list[GateResult] = []
         for members in groups.values():
-            rows, thetas, alphas = [], [], []
+            rows, thetas, alphas, shares, pass_thetas, pass_alphas = [], [], [], [], [], []
             for spec, table in members:
                 names = table.names
                 # rates keep (n, k); a Bernoulli's sum of squares is its sum
                 data = table.data if table.width > 2 else table.data[:, [0, 1, 1]]
                 rows.append(data)
-                thetas.append(np.full(len(names), spec.theta))
+                theta = np.full(len(names), spec.theta)
+                thetas.append(theta)
                 if spec.cells_alloc is not None:
                     alphas.append(np.full(len(names), spec.alpha / max(spec.cells_alloc, 1)))
                 else:
@@ -134,8 +136,14 @@ class SlicedGate(Gate):
                             [self.cells.cell_alpha(spec.alpha, nm, spec.sliced) for nm in names]
                         )
                     )
+                share, t_pass, al_pass = self._pass_limits(spec, table, theta)
+                shares.append(share)
+                pass_thetas.append(t_pass)
+                pass_alphas.append(al_pass)
             data = np.vstack(rows)
             alpha = np.concatenate(alphas)
+            share_all = np.concatenate(shares)
+            theta_pass = np.concatenate(pass_thetas)
             first = members[0][0]
             d: Decisions = decide(
                 first.kind,
@@ -144,17 +152,25 @@ class SlicedGate(Gate):
                 data[:, 2],
                 np.concatenate(thetas),
                 alpha,
-                self.settings.alpha_pass,
+                np.concatenate(pass_alphas),
                 first.bad,
                 first.lo,
                 first.hi,
+                theta_pass=theta_pass,
             )
             offset = 0
             for spec, table in members:
                 names = table.names
                 cells = [
                     self._cell_result(
-                        spec, cell, data[offset + i], d, offset + i, alpha[offset + i]
+                        spec,
+                        cell,
+                        data[offset + i],
+                        d,
+                        offset + i,
+                        alpha[offset + i],
+                        float(share_all[offset + i]),
+                        float(theta_pass[offset + i]),
                     )
                     for i, cell in enumerate(names)
                 ]
@@ -164,26 +180,100 @@ class SlicedGate(Gate):
                 offset += len(names)
         return out
 
+    def _pass_limits(
+        self, spec: CheckSpec, table: CellTable, theta: FloatArray
+    ) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """Per cell: traffic share, the limit a PASS is tested at, and its level.
+
+        Slice cells of a non-inferiority check (paired differences, ``bad="low"``) PASS at
+        a margin widened to ``margin / sqrt(U)``, ``U`` an anytime upper confidence bound of
+        the cell's share of the check's traffic (``slices.pass_margin: sqrt_share``): a
+        slice then needs about as many pairs of its own as the aggregate needs in all. The
+        widened limit is never tighter than the limit at the true share while ``U`` covers
+        it, so a PASS errs with probability at most ``0.8 alpha_pass`` (e-process) plus
+        ``0.2 alpha_pass`` (share bound). FAIL is always tested at the configured limit.
+        """
+        sl = self.settings.slices
+        a_pass = self.settings.alpha_pass
+        names = table.names
+        n = table.data[:, 0]
+        total = float(table.row(AGGREGATE)[0])
+        share = np.where(n > 0, n / max(total, 1.0), 0.0) if total > 0 else np.zeros(len(names))
+        t_pass = theta.copy()
+        al_pass = np.full(len(names), a_pass)
+        if spec.cells_alloc is not None or not spec.sliced:
+            return np.ones(len(names)), t_pass, al_pass
+        is_slice = np.array([nm != AGGREGATE for nm in names])
+        share = np.where(is_slice, share, 1.0)
+        widen = (
+            sl.pass_margin == "sqrt_share"
+            and spec.kind == "ternary"
+            and spec.bad == "low"
+            and spec.theta < 0
+        )
+        if widen and is_slice.any() and total > 0:
+            idx = np.flatnonzero(is_slice)
+            _, upper = rate_cs(
+                np.full(len(idx), total), n[idx], 0.2 * a_pass, 0.2 * a_pass
+            )
+            upper = np.clip(upper, 1e-6, 1.0)
+            t_pass[idx] = np.maximum(spec.theta / np.sqrt(upper), -0.99)
+            al_pass[idx] = 0.8 * a_pass
+        return share, t_pass, al_pass
+
     def _cell_result(
-        self, spec: CheckSpec, cell: str, row: FloatArray, d: Decisions, i: int, alpha: float
+        self,
+        spec: CheckSpec,
+        cell: str,
+        row: FloatArray,
+        d: Decisions,
+        i: int,
+        alpha: float,
+        share: float = 1.0,
+        theta_pass: float | None = None,
     ) -> GateResult:
         n, s1 = float(row[0]), float(row[1])
+        sl = self.settings.slices
         min_n = spec.min_samples
+        is_slice = cell != AGGREGATE and spec.cells_alloc is None
         if cell != AGGREGATE:
-            min_n = max(min_n, self.settings.slices.min_samples)
+            min_n = max(min_n, sl.min_samples)
         enough = n >= min_n
-        status = status_of(bool(d.fail[i]), bool(d.passed[i]), enough)
+        # Betting / mixture e-processes are valid from the first observation: a FAIL needs
+        # no sample floor. The floor only delays a PASS.
+        failed = bool(d.fail[i])
+        passed = bool(d.passed[i]) and enough
+        status = Status.FAIL if failed else Status.PASS if passed else Status.INCONCLUSIVE
+        if is_slice:
+            # not required to advance: a small slice, or slices not required at all
+            optional = share < sl.require_share or not sl.require_pass
+        else:
+            optional = not enough
+        optional = optional and not failed
         est = s1 / n if n > 0 else float("nan")
-        word = status.value if enough else f"INCONCLUSIVE (n={int(n)} < {min_n})"
-        stat, reason, details = spec.describe(cell, n, est, word, phrase(status, spec.bad, enough))
+        if status is Status.INCONCLUSIVE and not enough:
+            word = f"INCONCLUSIVE (n={int(n)} < {min_n} to PASS)"
+        else:
+            word = status.value
+        stat, reason, details = spec.describe(cell, n, est, word, phrase(status, spec.bad, True))
+        if is_slice and optional:
+            reason += (
+                f"; {fmt(share)} of the traffic, below require_share {fmt(sl.require_share)}: "
+                "may FAIL, not required to PASS"
+            )
         details = {
             **details,
             "alpha": float(alpha),
-            "alpha_pass": self.settings.alpha_pass,
+            "alpha_pass": float(self.settings.alpha_pass),
             "log_e_fail": float(d.log_e_fail[i]),
             "log_e_pass": float(d.log_e_pass[i]),
             "min_samples": min_n,
         }
+        if is_slice:
+            details["share"] = share
+            details["required"] = not optional
+            if theta_pass is not None and theta_pass != spec.theta:
+                details["pass_threshold"] = theta_pass
         conf = 1.0 - (self.settings.alpha_pass if status is Status.PASS else float(alpha))
         return GateResult(
             name=spec.name,
@@ -196,7 +286,7 @@ class SlicedGate(Gate):
             method=spec.method,
             reason=reason,
             blocking=spec.blocking,
-            insufficient=not enough,
+            insufficient=optional,
             details=details,
             cs=d.cs.cell(i),
         )

@@ -165,14 +165,31 @@ def test_stage_require_limits_the_gates_that_must_pass():
     assert eng.evaluate(2.0).verdict == "continue"  # canary requires metric too
 
 
-def test_small_slices_are_exempt_until_they_reach_their_minimum():
-    settings = only("metric", metric={"min_samples": 50}, slices={"min_samples": 10**6})
+def test_only_slices_above_the_required_share_must_pass_to_advance():
+    # android carries 10% of the traffic: below require_share 0.2 it may FAIL but need not
+    # PASS; web (60%) and ios (30%) must PASS, so a floor they cannot reach holds the stage
+    settings = only("metric", metric={"min_samples": 50}, slices={"require_share": 0.2})
     eng = RolloutEngine(settings, two_stages(), start_ts=0.0)
     feed(eng, traffic(better(), 3000, 11))
     ev = eng.evaluate(1.0)
-    cells = [g for g in ev.gates if g.name == "metric.accuracy" and g.slice != "*"]
-    assert cells and all(g.exempt for g in cells)
+    cells = {g.slice: g for g in ev.gates if g.name == "metric.accuracy" and g.slice != "*"}
+    assert cells["platform=android"].exempt and not cells["platform=web"].exempt
+    assert not cells["platform=ios"].exempt
     assert ev.decision is not None and ev.decision.action == "advance"
+    held = only("metric", metric={"min_samples": 50}, slices={"min_samples": 10**6})
+    eng = RolloutEngine(held, two_stages(), start_ts=0.0)
+    feed(eng, traffic(better(), 3000, 11))
+    ev = eng.evaluate(1.0)
+    assert ev.decision is None and "platform=" in ev.reason  # waiting for a required slice
+
+
+def test_a_slice_fails_below_its_minimum_sample_size():
+    # no floor on FAIL: the betting e-process is valid from the first pair
+    settings = only("metric", metric={"min_samples": 50}, slices={"min_samples": 10**6})
+    eng = RolloutEngine(settings, two_stages(min_pairs=10**6), start_ts=0.0)
+    feed(eng, traffic(Scenario.slice_regression(drop=0.3, gain=0.02), 6000, 4))
+    ev = eng.evaluate(5.0)
+    assert ev.verdict == "abort" and "metric.accuracy[platform=android] FAIL" in ev.reason
 
 
 def test_cadence_every_k_pairs_or_t_seconds():

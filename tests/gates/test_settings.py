@@ -29,13 +29,15 @@ def test_default_gate_set_is_the_documented_one():
 def test_budget_split_over_enabled_families_sums_to_alpha():
     budgets = family_budgets(GatesSettings())
     assert sum(budgets.values()) == pytest.approx(0.05)
-    assert len({round(v, 12) for v in budgets.values()}) == 1  # equal weights
+    # labelled metrics weigh 3, every other family 1 (docs/gates.md, "Error budget")
+    assert budgets["metric"] == pytest.approx(3 * budgets["tolerance"])
+    assert len({round(v, 12) for k, v in budgets.items() if k != "metric"}) == 1
     g = GatesSettings.model_validate(
-        {"latency": {"enabled": False}, "metric": {"alpha_weight": 3.0}}
+        {"latency": {"enabled": False}, "metric": {"alpha_weight": 1.0}}
     )
     b = family_budgets(g)
     assert b["latency"] == 0 and sum(b.values()) == pytest.approx(0.05)
-    assert b["metric"] == pytest.approx(3 * b["errors"])
+    assert b["metric"] == pytest.approx(b["errors"]) == pytest.approx(0.05 / 4)
 
 
 @pytest.mark.parametrize(
