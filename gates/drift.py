@@ -1,26 +1,29 @@
 """Drift gates: the candidate's outputs against the champion's, inputs against a reference.
 
-Both need significance *after multiplicity control* **and** an effect size over its
-threshold before they flag anything; on large samples a p-value alone flags trivial shifts.
+Both flag a shift only when an anytime-valid test rejects "the shift is within the limit":
+significance is tested *at the limit*, not at zero, so a shift inside the limit is never
+flagged, at any look, however large the sample (a point-estimate effect size compared with
+its threshold at every look would be the fixed-threshold-repeated pattern). PSI is
+reported as evidence beside the test.
 
 Output divergence (blocking, a candidate failure). On the same requests, for each
 coordinate j of the output distribution (the share of class j for classifiers, the CDF at
 bin edge j for regression outputs) the paired difference
 ``d_j = 1[cand in j] - 1[champ in j]`` lies in {-1, 0, 1}; its mean is the difference of
-the two marginal shares. Significance: the betting e-process rejects ``mean = 0`` for some
-coordinate at level ``alpha / (2m)`` (Bonferroni over coordinates and sides). Effect: the
-KS-type distance ``max_j |share_cand - share_champ|`` >= ``ks`` or PSI >= ``psi``. PASS:
-every coordinate's difference is confidently inside ``(-ks, ks)`` (an equivalence test;
-intersection-union, so each side at ``alpha_pass``).
+the two marginal shares. FAIL: the betting e-process rejects ``mean_j <= ks`` or
+``mean_j >= -ks`` for some coordinate at level ``alpha / (2m)`` (Bonferroni over
+coordinates and sides). PASS: every coordinate's difference is confidently inside
+``(-ks, ks)`` (an equivalence test; intersection-union, so each side at ``alpha_pass``).
 
 Input drift (a warning on the evidence: both models see the same inputs). Per feature,
 coordinates are the reference-quantile CDF points (numeric) or category shares
 (categorical). The reference sample is fixed: Clopper-Pearson intervals at
 ``alpha_ref / m`` cover all its coordinates; the current sample grows: beta-binomial
 confidence sequences at ``alpha_cur / (2m)`` cover all of its coordinates at every look.
-Under "no drift" both cover the same true value, so disjoint intervals on any coordinate
-are significant at ``alpha_ref + alpha_cur`` uniformly over time. Effect: PSI >= ``psi``
-or (numeric) the KS distance at the bin edges >= ``ks``.
+Flagged when, on some coordinate, the live CS lies entirely beyond the reference interval
+widened by ``ks``: under "every coordinate moved by at most ks" both intervals cover their
+true values, so this happens with probability at most ``alpha_ref + alpha_cur``,
+uniformly over time. PSI and the KS distance are evidence.
 """
 
 from __future__ import annotations
@@ -47,14 +50,15 @@ from gates.stats import (
 )
 
 OUTPUT_METHOD = Method(
-    "paired share difference, betting e-process + effect size",
-    "per-coordinate paired difference of the two output distributions, Bonferroni over "
-    "coordinates, Ville's inequality; flagged only if also KS/PSI over threshold",
+    "paired share difference, betting e-process at the limit",
+    "per-coordinate paired difference of the two output distributions tested against "
+    "+/- ks (not zero), Bonferroni over coordinates, Ville's inequality; PSI as evidence",
 )
 INPUT_METHOD = Method(
-    "reference CI + anytime CS + effect size",
-    "Clopper-Pearson on the fixed reference, beta-binomial confidence sequence on the "
-    "live sample, Bonferroni over coordinates and features; PSI / KS effect size",
+    "reference CI + anytime CS at the limit",
+    "Clopper-Pearson on the fixed reference widened by ks, beta-binomial confidence "
+    "sequence on the live sample, Bonferroni over coordinates and features; PSI / KS as "
+    "evidence",
 )
 
 
@@ -190,30 +194,41 @@ class OutputDriftGate(Gate):
         if m == 0:
             return []
         n = self.n
-        thr_sig = log_threshold(self.alpha / (2 * m))
+        # FAIL: some coordinate's share difference is confidently OUTSIDE (-ks, ks): the
+        # e-process rejects "d_j <= ks" or "d_j >= -ks" (Bonferroni over 2m one-sided
+        # tests). Never a point estimate: a shift inside the limit cannot fail, at any look.
+        # PASS: every coordinate confidently inside (the same e-processes, mirror sides).
+        thr_fail = log_threshold(self.alpha / (2 * m))
         thr_pass = log_threshold(self.settings.alpha_pass)
-        # each side once: theta 0 (significance) and -ks / +ks (equivalence) stacked
         s1s, s2s = np.concatenate([s1, s1]), np.concatenate([s2, s2])
-        zeros = np.zeros(m)
-        up = ternary_log_e(n, s1s, s2s, np.concatenate([zeros, zeros - cfg.ks]), "greater")
-        down = ternary_log_e(n, s1s, s2s, np.concatenate([zeros, zeros + cfg.ks]), "less")
-        significant = bool(((up[:m] >= thr_sig) | (down[:m] >= thr_sig)).any())
+        lim = np.full(m, cfg.ks)
+        up = ternary_log_e(n, s1s, s2s, np.concatenate([lim, -lim]), "greater")
+        down = ternary_log_e(n, s1s, s2s, np.concatenate([-lim, lim]), "less")
+        outside = (up[:m] >= thr_fail) | (down[:m] >= thr_fail)
         within = (down[m:] >= thr_pass) & (up[m:] >= thr_pass)
         diff = s1 / n
         j = int(np.argmax(np.abs(diff)))
         dist = float(abs(diff[j]))
         index = psi(self.counts["champion"], self.counts["candidate"])
-        effect = dist >= cfg.ks or (cfg.psi is not None and index >= cfg.psi)
         enough = n >= cfg.min_samples
-        status = status_of(significant and effect, bool(within.all()), enough)
-        word = status.value if enough else f"INCONCLUSIVE (n={int(n)} < {cfg.min_samples})"
+        failed = bool(outside.any())
+        passed = bool(within.all()) and enough
+        status = Status.FAIL if failed else Status.PASS if passed else Status.INCONCLUSIVE
+        if status is Status.INCONCLUSIVE and not enough:
+            word = f"INCONCLUSIVE (n={int(n)} < {cfg.min_samples} to PASS)"
+        else:
+            word = status.value
+        if failed:
+            j = int(np.argmax(np.where(outside, np.maximum(up[:m], down[:m]), -np.inf)))
+        significant = failed
+        effect = dist >= cfg.ks or (cfg.psi is not None and index >= cfg.psi)
         chi2_stat, dof = chi2_from_counts(self.counts["champion"], self.counts["candidate"])
         reason = (
             f"{word}: candidate vs champion output distribution on the same requests: "
             f"largest share difference {fmt(diff[j])} at {labels[j]} (threshold {fmt(cfg.ks)}), "
-            f"PSI {fmt(index)} (threshold {fmt(cfg.psi)}), "
-            f"{'significant' if significant else 'not significant'} after Bonferroni over "
-            f"{m} coordinates, n={int(n)}"
+            f"{'confidently outside' if failed else 'not confidently outside'} +/-"
+            f"{fmt(cfg.ks)} after Bonferroni over {m} coordinates (anytime-valid), "
+            f"PSI {fmt(index)} (evidence; reference level {fmt(cfg.psi)}), n={int(n)}"
         )
         return [
             GateResult(
@@ -231,6 +246,7 @@ class OutputDriftGate(Gate):
                 insufficient=not enough,
                 details={
                     "psi": index,
+                    "psi_over_reference": bool(effect and cfg.psi is not None),
                     "significant": significant,
                     "coordinate": labels[j],
                     "coordinates": m,
@@ -506,8 +522,11 @@ class InputDriftGate(Gate):
         # The live CS (a_coord/2 per side) lies above ref_hi iff the "greater" test rejects
         # theta = ref_hi (rejection regions are intervals), so no bisection is needed.
         # PASS: every live coordinate confidently within delta of the reference interval.
-        g = rejects(np.concatenate([ref_hi, ref_hi - delta]), "greater")
-        lo = rejects(np.concatenate([ref_lo, ref_lo + delta]), "less")
+        # FAIL (a warning): the live CS lies entirely beyond the reference interval widened
+        # by delta on some coordinate, i.e. "the shift is within delta" is rejected; a
+        # shift inside the limit cannot be flagged however large the sample.
+        g = rejects(np.concatenate([ref_hi + delta, ref_hi - delta]), "greater")
+        lo = rejects(np.concatenate([ref_lo - delta, ref_lo + delta]), "less")
         disjoint = g[:size] | lo[:size]
         within = ((ref_lo + delta >= 1) | lo[size:]) & ((ref_hi - delta <= 0) | g[size:])
         out = []
@@ -570,11 +589,8 @@ class InputDriftGate(Gate):
         significant = significant and n_cur > 0
         index = psi(f.ref, f.cur)
         ks = ks_from_counts(f.ref, f.cur) if f.kind == "numeric" else None
-        effect = (cfg.psi is not None and index >= cfg.psi) or (
-            cfg.ks is not None and ks is not None and ks >= cfg.ks
-        )
         enough = n_cur > 0
-        status = status_of(significant and effect, within, enough)
+        status = status_of(significant, within, enough)
         p_ref = k_ref / max(n_ref, 1.0)
         p_cur = k_cur / max(n_cur, 1.0)
         j = int(np.argmax(np.abs(p_cur - p_ref))) if len(k_ref) else 0
@@ -586,7 +602,8 @@ class InputDriftGate(Gate):
             f"PSI {fmt(index)} (threshold {fmt(cfg.psi)})"
             + (f", KS {fmt(ks)} (threshold {fmt(cfg.ks)})" if ks is not None else "")
             + f", largest shift at {labels[j]}: {fmt(p_ref[j])} -> {fmt(p_cur[j])}, "
-            f"{'significant' if significant else 'not significant'} after Bonferroni, "
+            f"{'confidently beyond' if significant else 'not confidently beyond'} the "
+            f"reference +/-{fmt(cfg.ks if cfg.ks is not None else 0.1)} after Bonferroni, "
             f"n={int(n_cur)} vs reference {int(n_ref)}; a warning, both models see it"
         )
         return GateResult(
