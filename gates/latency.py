@@ -1,8 +1,18 @@
 """Latency and error gates: the candidate against the champion on the same requests.
 
-Latency: each model's latencies go into the same fixed log-spaced histogram (4% wide
-buckets from 1 us to 1000 s; mergeable by addition, bounded memory, quantiles to within
-one bucket). For a fixed quantile q only one point of the CDF matters, so a single
+Latency, censoring: a failed or timed-out call is not dropped (that would make a candidate
+whose slow requests time out look faster); it counts as slow: at ``latency.timeout_ms``
+when configured (or its recorded latency if larger), else at its recorded latency, else
+beyond every bucket. Both models are treated alike.
+
+Latency, paired (``latency.paired``): per request, ``b = 1[cand > max_ratio * champ +
+slack]``; the Bernoulli mixture e-process tests ``P(b = 1) <= paired_max_share`` (0.5: a
+sign test that the median per-request ratio is within the limit). Pairs are the unit, so
+the test sees the request-level difference that two marginal histograms cannot.
+
+Latency, quantiles: each model's latencies go into the same fixed log-spaced histogram (4%
+wide buckets from 1 us to 1000 s; mergeable by addition, bounded memory, quantiles to
+within one bucket). For a fixed quantile q only one point of the CDF matters, so a single
 Bernoulli confidence sequence per bound is valid at every look (Howard & Ramdas 2022):
 ``q_cand > L_cand`` and ``q_champ <= U_champ`` each hold with probability
 ``>= 1 - alpha/2`` uniformly over time. FAIL when ``L_cand > ratio * U_champ + slack``
@@ -44,8 +54,15 @@ ERROR_METHOD = Method(
 )
 
 
+PAIRED_METHOD = Method(
+    "paired sign test, beta-binomial mixture e-process",
+    "per request: candidate latency > max_ratio x champion + slack (failed calls censored "
+    "at the timeout); anytime-valid bound on the share of such requests",
+)
+
+
 def latency_bucket(ms: FloatArray) -> np.ndarray:
-    x = np.maximum(ms, LAT_MIN_MS)
+    x = np.minimum(np.maximum(ms, LAT_MIN_MS), 1e300)  # inf: the last (.., inf) bucket
     idx = np.ceil(np.log(x / LAT_MIN_MS) / np.log(LAT_RATIO) - 1e-9).astype(np.int64)
     return np.clip(idx, 0, len(LAT_EDGES) - 1)
 
@@ -80,22 +97,32 @@ class LatencyGate(Gate):
             "champion": np.zeros(len(LAT_EDGES)),
             "candidate": np.zeros(len(LAT_EDGES)),
         }
+        self.paired = np.zeros(2)  # pairs, pairs where the candidate exceeded the limit
+
+    def _censored(self, ms: FloatArray, failed: np.ndarray) -> FloatArray:
+        """Latencies with failed calls counted as slow (censored at the timeout)."""
+        timeout = self.settings.latency.timeout_ms
+        if timeout is not None:
+            late = np.maximum(np.nan_to_num(ms, nan=0.0), timeout)
+        else:
+            late = np.where(np.isfinite(ms) & (ms >= 0), ms, np.inf)
+        return np.where(failed, late, ms)
 
     def _update(self, batch: PairBatch) -> None:
-        lc, la = batch.champion_latency, batch.candidate_latency
-        mask = (
-            ~batch.champion_error
-            & ~batch.candidate_error
-            & np.isfinite(lc)
-            & np.isfinite(la)
-            & (lc >= 0)
-            & (la >= 0)
-        )
+        lc = self._censored(batch.champion_latency, batch.champion_error)
+        la = self._censored(batch.candidate_latency, batch.candidate_error)
+        ok_c = ~np.isnan(lc) & (lc >= 0)
+        ok_a = ~np.isnan(la) & (la >= 0)
+        mask = batch.observed & ok_c & ok_a
         if not mask.any():
             return
         size = len(LAT_EDGES)
         self.hist["champion"] += np.bincount(latency_bucket(lc[mask]), minlength=size)
         self.hist["candidate"] += np.bincount(latency_bucket(la[mask]), minlength=size)
+        cfg = self.settings.latency
+        with np.errstate(invalid="ignore"):
+            slower = la[mask] > cfg.max_ratio * lc[mask] + cfg.slack_ms
+        self.paired += np.array([float(mask.sum()), float(slower.sum())])
 
     def _compute(self) -> list[GateResult]:
         cfg = self.settings.latency
@@ -105,7 +132,9 @@ class LatencyGate(Gate):
         if n == 0:
             return []
         out: list[GateResult] = []
-        a_q = self.alpha / len(cfg.quantiles)
+        a_q = self.alpha / (len(cfg.quantiles) + int(cfg.paired))
+        if cfg.paired:
+            out.append(self._paired_result(a_q))
         qs = np.array(cfg.quantiles * 2)
         nq = len(cfg.quantiles)
         alphas = np.array([a_q] * nq + [self.settings.alpha_pass] * nq)
@@ -119,11 +148,16 @@ class LatencyGate(Gate):
             fail = lo_a > cfg.max_ratio * up_c + cfg.slack_ms
             passed = up_ap <= cfg.max_ratio * lo_cp + cfg.slack_ms
             enough = n >= cfg.min_samples
-            status = status_of(fail, passed, enough)
+            # the quantile CSs are valid from the first pair: only a PASS waits for the floor
+            status = status_of(fail, passed and enough, True)
             pc = _point_quantile(self.hist["champion"], q)
             pa = _point_quantile(self.hist["candidate"], q)
             ratio = pa / pc if pc > 0 else float("nan")
-            word = status.value if enough else f"INCONCLUSIVE (n={n} < {cfg.min_samples})"
+            word = (
+                f"INCONCLUSIVE (n={n} < {cfg.min_samples} to PASS)"
+                if status is Status.INCONCLUSIVE and not enough
+                else status.value
+            )
             name = f"p{round(q * 100, 3):g}"
             reason = (
                 f"{word}: candidate {name} latency {fmt(pa)} ms vs champion {fmt(pc)} ms "
@@ -157,15 +191,62 @@ class LatencyGate(Gate):
             )
         return out
 
+    def _paired_result(self, alpha: float) -> GateResult:
+        cfg = self.settings.latency
+        n, k = float(self.paired[0]), float(self.paired[1])
+        d = decide(
+            "rate", np.array([n]), np.array([k]), None, cfg.paired_max_share, alpha,
+            self.settings.alpha_pass, "high",
+        )  # fmt: skip
+        failed, enough = bool(d.fail[0]), n >= cfg.min_samples
+        passed = bool(d.passed[0]) and enough
+        status = Status.FAIL if failed else Status.PASS if passed else Status.INCONCLUSIVE
+        if status is Status.INCONCLUSIVE and not enough:
+            word = f"INCONCLUSIVE (n={int(n)} < {cfg.min_samples} to PASS)"
+        else:
+            word = status.value
+        share = k / n if n > 0 else float("nan")
+        reason = (
+            f"{word}: share of requests where the candidate took more than "
+            f"{fmt(cfg.max_ratio)} x the champion's latency + {fmt(cfg.slack_ms)} ms (failed "
+            f"calls counted at the timeout) is {fmt(share)} (n={int(n)}), "
+            f"{phrase(status, 'high', True)} the limit {fmt(cfg.paired_max_share)}"
+        )
+        return GateResult(
+            name="latency.paired",
+            slice=AGGREGATE,
+            status=status,
+            statistic=share,
+            threshold=cfg.paired_max_share,
+            n=int(n),
+            confidence=1.0 - (self.settings.alpha_pass if status is Status.PASS else alpha),
+            method=PAIRED_METHOD,
+            reason=reason,
+            blocking=cfg.blocking,
+            insufficient=not enough,
+            cs=d.cs.cell(0),
+            details={
+                "alpha": alpha,
+                "log_e_fail": float(d.log_e_fail[0]),
+                "log_e_pass": float(d.log_e_pass[0]),
+            },
+        )
+
     def _merge(self, other: LatencyGate) -> None:
         for k in self.hist:
             self.hist[k] = self.hist[k] + other.hist[k]
+        self.paired = self.paired + other.paired
 
     def _state(self) -> dict[str, Any]:
         # sparse: most of the ~530 buckets are empty
-        return {k: {str(i): float(v[i]) for i in np.flatnonzero(v)} for k, v in self.hist.items()}
+        out: dict[str, Any] = {
+            k: {str(i): float(v[i]) for i in np.flatnonzero(v)} for k, v in self.hist.items()
+        }
+        out["paired"] = self.paired.tolist()
+        return out
 
     def _load(self, state: dict[str, Any]) -> None:
+        self.paired = np.asarray(state.get("paired", [0.0, 0.0]), dtype=np.float64)
         for k in self.hist:
             arr = np.zeros(len(LAT_EDGES))
             for i, v in state.get(k, {}).items():
@@ -226,8 +307,13 @@ class ErrorGate(Gate):
         for i, (check, limit) in enumerate(limits.items()):
             n, s1, _, fc, fa = rows[i]
             enough = n >= cfg.min_samples
-            status = status_of(bool(d.fail[i]), bool(d.passed[i]), bool(enough))
-            word = status.value if enough else f"INCONCLUSIVE (n={int(n)} < {cfg.min_samples})"
+            # betting e-process: valid from the first pair, only a PASS waits for the floor
+            status = status_of(bool(d.fail[i]), bool(d.passed[i]) and bool(enough), True)
+            word = (
+                f"INCONCLUSIVE (n={int(n)} < {cfg.min_samples} to PASS)"
+                if status is Status.INCONCLUSIVE and not enough
+                else status.value
+            )
             est = s1 / n
             reason = (
                 f"{word}: candidate {check} rate {fmt(fa / n)} vs champion {fmt(fc / n)} on the "

@@ -155,9 +155,7 @@ class SliceSettings(_Strict):
     max_values: int = Field(
         32, ge=1, description="named values per key; later ones share key=__other__"
     )
-    min_samples: int = Field(
-        300, ge=1, description="a slice cell below this may FAIL but not PASS"
-    )
+    min_samples: int = Field(300, ge=1, description="a slice cell below this may FAIL but not PASS")
     alpha_share: float = Field(
         0.5, gt=0, lt=1, description="share of each check's budget spent on slice cells"
     )
@@ -252,7 +250,23 @@ class LatencySettings(_Family):
     quantiles: list[float] = Field(default_factory=lambda: [0.95, 0.99])
     max_ratio: float = Field(1.5, gt=0, description="candidate quantile <= ratio x champion's")
     slack_ms: float = Field(5.0, ge=0, description="... + slack (sub-ms noise is not a fail)")
-    min_samples: int = Field(500, ge=1)
+    min_samples: int = Field(500, ge=1, description="pairs before a latency check may PASS")
+    paired: bool = Field(
+        True, description="also test per request: candidate > max_ratio x champion + slack"
+    )
+    paired_max_share: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="paired check: at most this share of requests may exceed the limit "
+        "(0.5: the median per-request ratio is within max_ratio)",
+    )
+    timeout_ms: float | None = Field(
+        None,
+        gt=0,
+        description="a failed call counts as this slow (censored, never dropped); None = "
+        "its recorded latency, or slower than every bucket when it has none",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> LatencySettings:

@@ -12,8 +12,8 @@ from gates.base import Bad, Decisions, Gate, Kind, decide
 from gates.batch import BoolArray, FloatArray, IntArray
 from gates.cells import CellTable, SliceCells
 from gates.result import AGGREGATE, GateResult, Method, Status, fmt
-from gates.stats import rate_cs
 from gates.settings import GatesSettings, Task
+from gates.stats import rate_cs
 
 Assignment = list[tuple[list[str], IntArray]]
 
@@ -213,9 +213,7 @@ class SlicedGate(Gate):
         )
         if widen and is_slice.any() and total > 0:
             idx = np.flatnonzero(is_slice)
-            _, upper = rate_cs(
-                np.full(len(idx), total), n[idx], 0.2 * a_pass, 0.2 * a_pass
-            )
+            _, upper = rate_cs(np.full(len(idx), total), n[idx], 0.2 * a_pass, 0.2 * a_pass)
             upper = np.clip(upper, 1e-6, 1.0)
             t_pass[idx] = np.maximum(spec.theta / np.sqrt(upper), -0.99)
             al_pass[idx] = 0.8 * a_pass

@@ -112,3 +112,47 @@ def test_output_divergence_aborts_but_input_drift_only_warns():
     assert [w.name for w in ev2.warnings] == ["drift.input.age"]
     assert "warnings" in ev2.to_dict() and ev2.to_dict()["warnings"]
     json.dumps(ev2.to_dict(), allow_nan=False)
+
+
+def _latency_records(n: int, factor: float, timeout_share: float, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    lc = rng.lognormal(1.5, 0.3, n)
+    la = lc * factor * rng.lognormal(0.0, 0.1, n)
+    slow = la >= np.quantile(la, 1.0 - timeout_share) if timeout_share else np.zeros(n, bool)
+    return [
+        record(
+            i,
+            [1.0],
+            [1.0],
+            lat=(float(lc[i]), float("nan") if slow[i] else float(la[i])),
+            err=(None, "upstream timed out" if slow[i] else None),
+        )
+        for i in range(n)
+    ]
+
+
+def test_timed_out_candidate_calls_are_censored_at_the_timeout_not_dropped():
+    # 1.2x the champion on answered requests (within 1.5x), but its slowest 10% time out:
+    # dropped from both sides the candidate would look fine; counted at the timeout its p95
+    # is the timeout
+    settings = only("latency", latency={"timeout_ms": 100.0, "min_samples": 100})
+    gate = LatencyGate(settings, alpha=0.05)
+    gate.update(_latency_records(3000, 1.2, 0.10, seed=1))
+    st = statuses(gate)
+    assert st["latency.p95"] is Status.FAIL and st["latency.p99"] is Status.FAIL
+    p95 = next(r for r in gate.results if r.name == "latency.p95")
+    assert p95.details["candidate_ms"] > 90  # the censored value, not the answered ones
+    fine = LatencyGate(settings, alpha=0.05)
+    fine.update(_latency_records(3000, 1.2, 0.0, seed=1))
+    assert statuses(fine)["latency.p95"] is Status.PASS
+
+
+def test_paired_latency_check_on_per_request_ratios():
+    settings = only("latency", latency={"min_samples": 100, "slack_ms": 0.0})
+    slow = LatencyGate(settings, alpha=0.05)
+    slow.update(_latency_records(400, 2.0, 0.0, seed=2))  # 2x on every request
+    assert statuses(slow)["latency.paired"] is Status.FAIL
+    same = LatencyGate(settings, alpha=0.05)
+    same.update(_latency_records(400, 1.0, 0.0, seed=3))
+    res = next(r for r in same.results if r.name == "latency.paired")
+    assert res.status is Status.PASS and res.statistic < 0.1
