@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gates.join import LabelJoin
-from gates.replay import ReplayResult, replay, slice_keys
+from gates.replay import ReplayResult, replay
 from gates.result import GateResult, Status, fmt
 from gates.settings import GatesSettings, RolloutSettings, Task
 from proxy.config import (
@@ -133,9 +133,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"mirrorgate: error: {exc}", file=sys.stderr)
         return 2
-    # Without configured slice keys, every key found in the file gets its slice cells.
-    keys = cfg.slice_keys if cfg.slice_keys is not None else slice_keys(records)
-    gates = cfg.gates.with_slice_keys(keys)
+    # Without configured slice keys, keys and values get their cells (and their share of
+    # the error budget) as they appear, exactly as online: nothing is read ahead of the
+    # look that uses it (docs/gates.md, "Replay").
+    gates = cfg.gates if cfg.slice_keys is None else cfg.gates.with_slice_keys(cfg.slice_keys)
     join = LabelJoin(label_window_s=cfg.label_window_s)
     result = replay(
         records,

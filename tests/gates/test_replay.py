@@ -107,3 +107,24 @@ def test_labels_are_applied_at_their_time_or_with_their_pair():
 def test_empty_input_is_refused():
     with pytest.raises(ValueError):
         replay([], gates=GATES, plan=PLAN)
+
+
+def test_replay_reads_nothing_ahead_of_each_look():
+    # Without configured keys, a slice key that only turns up late (region) must not change
+    # any earlier look: every evaluation of the full replay equals the one a replay of the
+    # records seen so far makes (what an online proxy knew at that moment).
+    gates = GATES.model_copy(update={"slices": GATES.slices.model_copy(update={"keys": None})})
+    recs = records(Scenario.slice_regression(drop=0.06, gain=0.01), 4000, seed=7)
+    late = [
+        dataclasses.replace(r, slices={**r.slices, "region": f"r{i % 7}"}) if i >= 2500 else r
+        for i, r in enumerate(recs)
+    ]
+    full = replay(late, gates=gates, plan=PLAN, stop_at_decision=False)
+    assert any("region=" in g.slice for g in full.evaluation.gates)
+    for d in full.decisions:
+        seen = [r for r in late if r.ts <= d.ts]
+        prefix = replay(seen, gates=gates, plan=PLAN, stop_at_decision=False)
+        mine = [x for x in prefix.decisions if x.ts <= d.ts]
+        assert [(x.action, x.pairs, x.why) for x in mine] == [
+            (x.action, x.pairs, x.why) for x in full.decisions if x.ts <= d.ts
+        ]

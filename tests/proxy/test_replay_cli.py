@@ -148,3 +148,25 @@ def test_console_entry_point_runs(files):
     )
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout.startswith("verdict: abort")
+
+
+def test_replay_without_config_reads_no_slice_key_ahead(capsys, tmp_path):
+    # A slice key that turns up only late in the file must not change a decision taken
+    # before it appeared: the file and its prefix decide the same (as online would).
+    import dataclasses
+
+    recs = records(Scenario.slice_regression(drop=0.3, gain=0.02), 6000, seed=33)
+    recs = [
+        dataclasses.replace(r, slices={**r.slices, **({"region": "eu"} if i >= 5000 else {})})
+        for i, r in enumerate(recs)
+    ]
+    docs = []
+    for name, part in (("full", recs), ("prefix", recs[:5000])):
+        code, out, _ = run(
+            capsys, "--pairs", str(write(tmp_path / f"{name}.jsonl", part)), "--json"
+        )
+        assert code == 1
+        docs.append(json.loads(out))
+    full, prefix = docs
+    assert full["decided_at"]["pairs"] < 5000
+    assert (full["decided_at"], full["reason"]) == (prefix["decided_at"], prefix["reason"])
