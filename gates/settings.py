@@ -166,7 +166,7 @@ class SliceSettings(_Strict):
         "of the slices' budget (sums to 1 however many cells appear)",
     )
     require_share: float = Field(
-        0.02,
+        0.1,
         ge=0,
         le=1,
         description="to advance, only slice cells with at least this share of the check's "

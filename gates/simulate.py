@@ -15,6 +15,7 @@ import numpy as np
 
 from gates.batch import PairBatch
 from gates.records import ModelResult, PairRecord
+from gates.settings import GatesSettings
 
 
 @dataclass(frozen=True)
@@ -159,3 +160,216 @@ def records(sc: Scenario, n: int, seed: int, *, t0: float = 1.7e9) -> list[PairR
             )
         )
     return out
+
+
+# ------------------------------------------------------------------------------------
+# Vectorised streams of the paired accuracy check, decided with the engine's own budget
+# ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SliceStreams:
+    """Many streams of paired correctness differences ``d`` in {-1, 0, 1} with slices.
+
+    ``keys`` maps a slice key to its value shares (a function of the pair's position in
+    the stream when ``mix`` is set: shares move linearly from ``shares`` to ``mix``).
+    ``acc`` gives (champion, candidate) accuracy per ``key=value`` cell name (default:
+    ``base``); ``drift`` multiplies both accuracies' distance from 1 over the stream
+    (both models degrading together). ``labelled`` thins the labelled pairs, ``delay``
+    shifts every label that many pairs later. Correctness is drawn as in
+    :func:`generate`: a shared uniform with probability ``agreement``.
+    """
+
+    keys: dict[str, dict[str, float]]
+    acc: dict[str, tuple[float, float]] = field(default_factory=dict)
+    base: tuple[float, float] = (0.9, 0.9)
+    agreement: float = 0.7
+    mix: dict[str, dict[str, float]] | None = None
+    degrade: float = 0.0  # both accuracies fall by this much (absolute) over the stream
+    labelled: float = 1.0
+    delay: int = 0
+
+    def draw(
+        self, rng: np.random.Generator, streams: int, pairs: int
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Per key the value codes (streams x pairs), ``d``, and which pairs are labelled."""
+        pos = np.linspace(0.0, 1.0, pairs)[None, :]
+        codes: dict[str, np.ndarray] = {}
+        acc_c = np.full((streams, pairs), self.base[0])
+        acc_a = np.full((streams, pairs), self.base[1])
+        for key, shares in self.keys.items():
+            names = list(shares)
+            p0 = np.array([shares[v] for v in names])
+            p1 = p0 if self.mix is None else np.array([self.mix[key][v] for v in names])
+            cum = (
+                np.cumsum(p0 / p0.sum())[:, None] * (1 - pos)
+                + np.cumsum(p1 / p1.sum())[:, None] * pos
+            )  # (values, pairs)
+            u = rng.random((streams, pairs))
+            c = (u[:, None, :] > cum[None, :, :]).sum(axis=1)
+            codes[key] = np.minimum(c, len(names) - 1)
+            for j, v in enumerate(names):
+                cell = f"{key}={v}"
+                if cell in self.acc:
+                    hit = codes[key] == j
+                    acc_c = np.where(hit, self.acc[cell][0], acc_c)
+                    acc_a = np.where(hit, self.acc[cell][1], acc_a)
+        if self.degrade:
+            acc_c = acc_c - self.degrade * pos
+            acc_a = acc_a - self.degrade * pos
+        u = rng.random((streams, pairs))
+        v = np.where(rng.random((streams, pairs)) < self.agreement, u, rng.random((streams, pairs)))
+        d = (v < acc_a).astype(np.float64) - (u < acc_c).astype(np.float64)
+        lab = rng.random((streams, pairs)) < self.labelled
+        return codes, d, lab
+
+    def cell_names(self) -> list[str]:
+        return [f"{k}={v}" for k, shares in self.keys.items() for v in shares]
+
+
+def accuracy_check_alpha(settings: GatesSettings) -> float:
+    """The budget the engine gives ``metric.accuracy`` (classification) before slices."""
+    from gates.engine import family_budgets
+
+    m = settings.metric
+    active = [c for c in (m.accuracy, m.recall, m.high_confidence_error) if c.enabled]
+    return family_budgets(settings)["metric"] / max(len(active), 1)
+
+
+def admission_alphas(
+    settings: GatesSettings, check_alpha: float, first: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Per slice cell and stream, the FAIL level the engine fixes when the cell appears.
+
+    ``first[cell]`` is the pair index where the cell first has a labelled pair (inf:
+    never); cells are ranked in that order (ties by name, as ``SliceCells.assign``)."""
+    from gates.cells import cell_weight
+
+    names = sorted(first)
+    rows = np.stack([first[c] for c in names])  # cells x streams
+    rank = np.argsort(np.argsort(rows, axis=0, kind="stable"), axis=0, kind="stable") + 1
+    share = check_alpha * settings.slices.alpha_share
+    out = {}
+    for i, c in enumerate(names):
+        w = np.array([cell_weight(int(k), settings.slices.spread) for k in rank[i]])
+        out[c] = np.where(np.isfinite(rows[i]), share * w, 0.0)
+    return out
+
+
+def first_looks(hit: np.ndarray, looks: np.ndarray) -> np.ndarray:
+    """Pairs (1-based) at the first look where ``hit`` holds, per stream (inf: never)."""
+    any_ = hit.any(axis=1)
+    return np.where(any_, (looks[np.argmax(hit, axis=1)] + 1).astype(float), np.inf)
+
+
+def run_accuracy_streams(
+    sc: SliceStreams,
+    settings: GatesSettings,
+    *,
+    streams: int,
+    pairs: int,
+    every: int,
+    seed: int,
+    sliced: bool = True,
+    want_pass: bool = False,
+    chunk: int = 50,
+) -> dict[str, np.ndarray]:
+    """First look (in pairs) at which the engine's accuracy cells FAIL (any cell), and, with
+    ``want_pass``, at which every required cell PASSes (the shadow stage's gate), per
+    stream. The rules are the engine's: FAIL at any n with the admission-order budget,
+    PASS from ``min_samples`` with slices above ``require_share`` at the widened margin.
+    """
+    from gates.base import decide
+    from gates.sliced import widened_pass_limit
+    from gates.stats import ternary_log_e
+
+    rng = np.random.default_rng(seed)
+    m = settings.metric.accuracy.margin
+    sl = settings.slices
+    a_check = accuracy_check_alpha(settings)
+    a_agg = a_check * (1.0 - sl.alpha_share) if sliced else a_check
+    a_pass = settings.alpha_pass
+    looks = np.arange(every, pairs + 1, every) - 1
+    fail_at = np.full(streams, np.inf)
+    pass_at = np.full(streams, np.inf)
+    failed_cells: list[str] = ["" for _ in range(streams)]
+    for part in np.array_split(np.arange(streams), max(1, streams // chunk)):
+        r = len(part)
+        codes, d, lab = sc.draw(rng, r, pairs)
+        d = d * lab
+        w = lab.astype(np.float64)
+        if sc.delay:
+            # a label arrives ``delay`` pairs after its pair: shift the labelled stream
+            pad = np.zeros((r, sc.delay))
+            d = np.concatenate([pad, d[:, : pairs - sc.delay]], axis=1)
+            w = np.concatenate([pad, w[:, : pairs - sc.delay]], axis=1)
+            codes = {
+                k: np.concatenate(
+                    [np.zeros((r, sc.delay), dtype=v.dtype), v[:, : pairs - sc.delay]], axis=1
+                )
+                for k, v in codes.items()
+            }
+        cells: dict[str, np.ndarray] = {"*": np.ones_like(d, dtype=bool)}
+        if sliced:
+            for key, shares in sc.keys.items():
+                for j, v in enumerate(shares):
+                    cells[f"{key}={v}"] = codes[key] == j
+        first = {
+            c: np.where((mask & (w > 0)).any(axis=1), np.argmax(mask & (w > 0), axis=1), np.inf)
+            for c, mask in cells.items()
+            if c != "*"
+        }
+        alphas = admission_alphas(settings, a_check, first) if sliced else {}
+        fail = np.zeros((r, len(looks)), dtype=bool)
+        which = np.full((r, len(looks)), "", dtype=object)
+        ok_pass = np.ones((r, len(looks)), dtype=bool)
+        total = np.cumsum(w, axis=1)[:, looks]
+        for c, mask in cells.items():
+            mw = mask * w
+            n = np.cumsum(mw, axis=1)[:, looks]
+            s1 = np.cumsum(d * mask, axis=1)[:, looks]
+            s2 = np.cumsum(d * d * mask, axis=1)[:, looks]
+            alpha = np.full(r, a_agg) if c == "*" else alphas[c]
+            dec = decide(
+                "ternary",
+                n.ravel(),
+                s1.ravel(),
+                s2.ravel(),
+                -m,
+                np.repeat(alpha, len(looks)),
+                a_pass,
+                "low",
+            )
+            f = dec.fail.reshape(n.shape)
+            which[f & ~fail] = c
+            fail |= f
+            if not want_pass:
+                continue
+            if c == "*":
+                ok_pass &= dec.passed.reshape(n.shape) & (n >= settings.metric.min_samples)
+                continue
+            share = np.where(total > 0, n / np.maximum(total, 1), 0.0)
+            required = share >= sl.require_share
+            floor = n >= max(settings.metric.min_samples, sl.min_samples)
+            if sl.pass_margin == "sqrt_share" and m > 0:
+                # only where it can still matter (every earlier cell passes): the share
+                # bound's bisection is the costly part
+                todo = ok_pass & required & floor
+                passed = np.zeros(n.shape, dtype=bool)
+                if todo.any():
+                    limit, lvl = widened_pass_limit(-m, n[todo], total[todo], a_pass)
+                    le = ternary_log_e(n[todo], s1[todo], s2[todo], limit, "greater")
+                    passed[todo] = le >= -np.log(lvl)
+            else:
+                passed = dec.passed.reshape(n.shape)
+            passed &= floor
+            ok_pass &= passed | ~required
+        fail_at[part] = first_looks(fail, looks)
+        for i, s in enumerate(part):
+            if fail[i].any():
+                failed_cells[s] = str(which[i, int(np.argmax(fail[i]))])
+        if want_pass:
+            # promotion needs no FAIL before it: a stream that failed first never leaves
+            p_at = first_looks(ok_pass, looks)
+            pass_at[part] = np.where(p_at < fail_at[part], p_at, np.inf)
+    return {"fail_at": fail_at, "pass_at": pass_at, "failed_cell": np.array(failed_cells)}

@@ -213,10 +213,7 @@ class SlicedGate(Gate):
         )
         if widen and is_slice.any() and total > 0:
             idx = np.flatnonzero(is_slice)
-            _, upper = rate_cs(np.full(len(idx), total), n[idx], 0.2 * a_pass, 0.2 * a_pass)
-            upper = np.clip(upper, 1e-6, 1.0)
-            t_pass[idx] = np.maximum(spec.theta / np.sqrt(upper), -0.99)
-            al_pass[idx] = 0.8 * a_pass
+            t_pass[idx], al_pass[idx] = widened_pass_limit(spec.theta, n[idx], total, a_pass)
         return share, t_pass, al_pass
 
     def _cell_result(
@@ -288,6 +285,22 @@ class SlicedGate(Gate):
             details=details,
             cs=d.cs.cell(i),
         )
+
+
+def widened_pass_limit(
+    theta: float, n_cell: FloatArray, total: FloatArray | float, alpha_pass: float
+) -> tuple[FloatArray, FloatArray]:
+    """A slice's PASS limit ``theta / sqrt(U)`` and the level its PASS is tested at.
+
+    ``U`` is the upper end of an anytime confidence sequence for the slice's share of
+    the check's traffic at ``0.2 alpha_pass``; the PASS e-process then runs at
+    ``0.8 alpha_pass``, so a PASS errs with probability at most ``alpha_pass`` overall.
+    """
+    n_a, tot = np.broadcast_arrays(np.asarray(n_cell, dtype=np.float64), np.asarray(total))
+    _, upper = rate_cs(tot.ravel(), n_a.ravel(), 0.2 * alpha_pass, 0.2 * alpha_pass)
+    upper = np.clip(upper.reshape(n_a.shape), 1e-6, 1.0)
+    limit = np.maximum(theta / np.sqrt(upper), -0.99)
+    return limit, np.full(n_a.shape, 0.8 * alpha_pass)
 
 
 def phrase(status: Status, bad: Bad, enough: bool) -> str:
