@@ -139,7 +139,7 @@ class SliceCells:
             return 0.0
         return alpha_check * self.settings.alpha_share * cell_weight(index, self.settings.spread)
 
-    def _register(self, cell: str) -> str:
+    def register(self, cell: str) -> str:
         if cell not in self.order:
             self.order[cell] = len(self.order) + 1
         return cell
@@ -159,8 +159,8 @@ class SliceCells:
             return f"{key}={value}"
         if len(vals) < self.settings.max_values and value != OTHER:
             vals.append(value)
-            return self._register(f"{key}={value}")
-        return self._register(f"{key}={OTHER}")
+            return self.register(f"{key}={value}")
+        return self.register(f"{key}={OTHER}")
 
     def assign(self, batch: PairBatch, rows: BoolArray) -> list[tuple[list[str], IntArray]]:
         """Per admitted key: (cell names, per-row index into them, -1 = no cell).
@@ -213,7 +213,7 @@ class SliceCells:
             key, _, v = cell.partition("=")
             if key not in self.values:
                 continue
-            mine = self._cell(key, v) if v != OTHER else self._register(f"{key}={OTHER}")
+            mine = self._cell(key, v) if v != OTHER else self.register(f"{key}={OTHER}")
             if mine != cell:
                 renames[cell] = mine
         return renames
