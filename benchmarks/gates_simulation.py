@@ -8,9 +8,10 @@ champion accuracy 0.9, correctness agreement 0.7, and evaluates every rule after
 ``--every`` pairs (a look; the default cadence is 1000). The check is the paired accuracy
 non-inferiority check with margin 0.01 on the aggregate and on each slice. Rules:
 
-* mirrorgate: the betting e-process of ``gates.base.decide`` per cell, error budget split
-  over cells by ``SliceCells.cell_alpha`` (alpha 0.05 for the check), abort at the first
-  look where a cell FAILs;
+* mirrorgate: the betting e-process of ``gates.base.decide`` per cell at the engine's real
+  level for ``metric.accuracy`` under the default settings (family weights, checks, the
+  aggregate's share, slice cells by order of appearance), abort at the first look where a
+  cell FAILs, at any n (no floor);
 * fixed-sample test at every look: a one-sided z-test of ``H0: delta >= -margin`` per cell,
   same Bonferroni split over cells (so multiplicity over slices is controlled) but
   re-run at every look as if each were the only one;
@@ -18,8 +19,9 @@ non-inferiority check with margin 0.01 on the aggregate and on each slice. Rules
   abort when the running difference is below ``-margin`` at a look; with failure limit 1
   and with 5 consecutive failed checks.
 
-Cells act only once they hold their minimum sample size (200 aggregate, 300 per slice) for
-every rule. Part 2 writes a paired-record file and times the replay path.
+The naive rules act only once a cell holds its minimum sample size (200 aggregate, 300
+per slice); mirrorgate's FAIL needs none. Part 2 writes a paired-record file and times
+the replay path.
 """
 
 from __future__ import annotations
@@ -39,11 +41,10 @@ sys.path.insert(0, str(ROOT))
 
 from gates.base import decide  # noqa: E402
 from gates.batch import PairBatch  # noqa: E402
-from gates.cells import SliceCells  # noqa: E402
 from gates.engine import RolloutEngine  # noqa: E402
-from gates.replay import replay, slice_keys  # noqa: E402
-from gates.settings import GatesSettings, RolloutSettings, SliceSettings  # noqa: E402
-from gates.simulate import Scenario, records  # noqa: E402
+from gates.replay import replay  # noqa: E402
+from gates.settings import GatesSettings, RolloutSettings  # noqa: E402
+from gates.simulate import Scenario, accuracy_check_alpha, admission_alphas, records  # noqa: E402
 from storage.files import read_pairs  # noqa: E402
 
 ALPHA, MARGIN, AGREEMENT = 0.05, 0.01, 0.7
@@ -70,8 +71,8 @@ def simulate_rules(
     cand: tuple[float, float, float], streams: int, pairs: int, every: int, seed: int
 ) -> dict[str, tuple[float, float]]:
     looks = np.arange(every, pairs + 1, every) - 1
-    cells = SliceCells(SliceSettings(keys=["platform"], max_values=4))
-    alphas = np.array([cells.cell_alpha(ALPHA, c, sliced=True) for c in CELLS])
+    settings = GatesSettings()
+    a_check = accuracy_check_alpha(settings)  # the engine's real budget for the check
     probs = [discordance(0.9, a) for a in cand]
     rng = np.random.default_rng(seed)
     first = {r: np.full(streams, np.inf) for r in RULES}
@@ -83,20 +84,30 @@ def simulate_rules(
         p_plus = np.array([p[1] for p in probs])[s]
         d = np.where(u < p_minus, -1.0, np.where(u < p_minus + p_plus, 1.0, 0.0))
         hits = {rule: np.zeros((r, len(looks)), dtype=bool) for rule in RULES}
+        # slice cells get their level when they first appear, as in the engine
+        first_row = {
+            CELLS[j + 1]: np.where((s == j).any(axis=1), np.argmax(s == j, axis=1), np.inf)
+            for j in range(3)
+        }
+        by_cell = admission_alphas(settings, a_check, first_row)
+        cell_alphas = [np.full(r, a_check * (1 - settings.slices.alpha_share))] + [
+            by_cell[c] for c in CELLS[1:]
+        ]
         for c, mask in enumerate([np.ones_like(s, bool), s == 0, s == 1, s == 2]):
+            alpha = np.repeat(cell_alphas[c], len(looks)).reshape(r, len(looks))
             n = np.cumsum(mask, axis=1)[:, looks].astype(float)
             s1 = np.cumsum(d * mask, axis=1)[:, looks]
             s2 = np.cumsum(d * d * mask, axis=1)[:, looks]
             ok = n >= MIN_N[c]
             dec = decide(
-                "ternary", n.ravel(), s1.ravel(), s2.ravel(), -MARGIN, alphas[c], ALPHA, "low"
+                "ternary", n.ravel(), s1.ravel(), s2.ravel(), -MARGIN, alpha.ravel(), ALPHA, "low"
             )
-            hits[RULES[0]] |= dec.fail.reshape(n.shape) & ok
+            hits[RULES[0]] |= dec.fail.reshape(n.shape)  # no floor: valid from n = 1
             with np.errstate(invalid="ignore", divide="ignore"):
                 mean = s1 / n
                 sd = np.sqrt(np.maximum(s2 / n - mean**2, 1e-12) / n)
                 z = (mean + MARGIN) / sd
-            hits[RULES[1]] |= (z < norm.ppf(alphas[c])) & ok
+            hits[RULES[1]] |= (z < norm.ppf(alpha)) & ok
             below = (mean < -MARGIN) & ok
             hits[RULES[2]] |= below
             run = np.zeros_like(below, dtype=int)  # consecutive failed checks
@@ -119,7 +130,8 @@ def simulate_rules(
 def part1(streams: int, pairs: int, every: int) -> str:
     lines = [
         f"{streams} streams x {pairs} pairs, a look every {every} pairs, margin {MARGIN}, "
-        f"alpha {ALPHA}; cells: aggregate + 3 slices",
+        f"the engine's real budget for metric.accuracy ({accuracy_check_alpha(GatesSettings()):.5f}"
+        f" of alpha {ALPHA}); cells: aggregate + 3 slices",
         "",
         "| scenario | " + " | ".join(RULES) + " |",
         "|---" * (len(RULES) + 1) + "|",
@@ -163,7 +175,7 @@ def part2(n: int) -> str:
             "parse JSONL to PairRecord (storage.files.read_pairs)", lambda: list(read_pairs(path))
         )
         assert isinstance(recs, list)
-        gates = GatesSettings().with_slice_keys(slice_keys(recs))
+        gates = GatesSettings()  # keys and values as they appear, as online
 
         def updates() -> None:
             eng = RolloutEngine(gates, RolloutSettings(), start_ts=recs[0].ts)

@@ -218,8 +218,8 @@ class SliceStreams:
             acc_c = acc_c - self.degrade * pos
             acc_a = acc_a - self.degrade * pos
         u = rng.random((streams, pairs))
-        v = np.where(rng.random((streams, pairs)) < self.agreement, u, rng.random((streams, pairs)))
-        d = (v < acc_a).astype(np.float64) - (u < acc_c).astype(np.float64)
+        w = np.where(rng.random((streams, pairs)) < self.agreement, u, rng.random((streams, pairs)))
+        d = (w < acc_a).astype(np.float64) - (u < acc_c).astype(np.float64)
         lab = rng.random((streams, pairs)) < self.labelled
         return codes, d, lab
 
