@@ -13,7 +13,7 @@ from gates.batch import BoolArray, FloatArray, IntArray
 from gates.cells import CellTable, SliceCells
 from gates.result import AGGREGATE, GateResult, Method, Status, fmt
 from gates.settings import GatesSettings, Task
-from gates.stats import rate_cs
+from gates.stats import binary_log_e, log_threshold
 
 Assignment = list[tuple[list[str], IntArray]]
 
@@ -296,9 +296,30 @@ def widened_pass_limit(
     the check's traffic at ``0.2 alpha_pass``; the PASS e-process then runs at
     ``0.8 alpha_pass``, so a PASS errs with probability at most ``alpha_pass`` overall.
     """
-    n_a, tot = np.broadcast_arrays(np.asarray(n_cell, dtype=np.float64), np.asarray(total))
-    _, upper = rate_cs(tot.ravel(), n_a.ravel(), 0.2 * alpha_pass, 0.2 * alpha_pass)
-    upper = np.clip(upper.reshape(n_a.shape), 1e-6, 1.0)
+    n_a, tot = np.broadcast_arrays(
+        np.asarray(n_cell, dtype=np.float64), np.asarray(total, dtype=np.float64)
+    )
+    k, nn = n_a.ravel(), tot.ravel()
+    # U: the smallest share p at which "share >= p" is rejected by the Bernoulli betting
+    # e-process, searched on a grid that refines towards the observed share (one
+    # vectorised call; the grid rounds U up, which only widens less: still valid)
+    thr = float(log_threshold(0.2 * alpha_pass))
+    est = np.where(nn > 0, k / np.maximum(nn, 1.0), 0.0)
+    steps = 2.0 ** (-np.arange(48) / 4.0)  # 1 down to ~2.6e-4 of the room above est
+    grid = est[:, None] + (1.0 - est)[:, None] * steps[None, :]
+    rej = (
+        binary_log_e(
+            np.repeat(nn, len(steps)),
+            np.repeat(k, len(steps)),
+            np.clip(grid.ravel(), 1e-9, 1 - 1e-9),
+            "less",
+        ).reshape(grid.shape)
+        >= thr
+    )
+    # rejection holds above U, so the last rejected grid point (steps fall) bounds U
+    last = len(steps) - 1 - np.argmax(rej[:, ::-1], axis=1)
+    hi = np.where(rej.any(axis=1), grid[np.arange(len(est)), last], 1.0)
+    upper = np.clip(hi.reshape(n_a.shape), 1e-6, 1.0)
     limit = np.maximum(theta / np.sqrt(upper), -0.99)
     return limit, np.full(n_a.shape, 0.8 * alpha_pass)
 
