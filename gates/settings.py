@@ -209,8 +209,10 @@ class InputDriftSettings(_Strict):
     reference_size: int = Field(1000, ge=50)
     bins: int = Field(10, ge=2, le=100, description="quantile bins of the reference")
     max_categories: int = Field(32, ge=2)
-    psi: float | None = Field(0.2, gt=0, description="effect size threshold (PSI)")
-    ks: float | None = Field(0.1, gt=0, lt=1, description="effect size threshold (KS)")
+    psi: float | None = Field(0.2, gt=0, description="PSI reference level (evidence only)")
+    ks: float | None = Field(
+        0.1, gt=0, lt=1, description="limit: largest CDF / category share shift (tested)"
+    )
     alpha: float = Field(0.05, gt=0, lt=1, description="own budget: warnings never abort")
 
     @model_validator(mode="after")
@@ -225,8 +227,10 @@ class InputDriftSettings(_Strict):
 class OutputDriftSettings(_Family):
     """Candidate's output distribution against the champion's on the same requests."""
 
-    psi: float | None = Field(0.2, gt=0)
-    ks: float = Field(0.1, gt=0, lt=1, description="largest CDF / class-share difference")
+    psi: float | None = Field(0.2, gt=0, description="PSI reference level (evidence only)")
+    ks: float = Field(
+        0.1, gt=0, lt=1, description="limit: largest CDF / class-share difference (tested)"
+    )
     bins: int = Field(10, ge=2, le=100)
     edges: list[float] | None = Field(None, description="regression: fixed output bin edges")
     reference_size: int = Field(
