@@ -61,7 +61,8 @@ async def test_sync_client_defaults_and_json(
     x = _x()
     got = await asyncio.to_thread(_sync_infer, _url(proxy), x, binary, "tc-1")
     expected = champion.model.predict(x)
-    assert got["meta"]["name"] == "classifier"
+    # A remote champion's metadata passes through: its own model name.
+    assert got["meta"]["name"] == "model"
     assert got["id"] == "tc-1"
     np.testing.assert_allclose(got["probs"], expected["probs"], rtol=1e-6)
     np.testing.assert_array_equal(got["label"], expected["label"])

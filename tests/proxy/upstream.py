@@ -197,6 +197,7 @@ class Upstream:
         m = "/v2/models/{model}"
         app.router.add_get("/v2/health/live", self._ok)
         app.router.add_get("/v2/health/ready", self._ok)
+        app.router.add_get("/v2", self._server_metadata)
         app.router.add_get(m, self._metadata)
         app.router.add_get(m + "/ready", self._ok)
         app.router.add_post(m + "/infer", self._infer)
@@ -210,6 +211,11 @@ class Upstream:
         # Wake held/hanging calls so the server's graceful stop never waits on them.
         self._closing.set()
         self._release.set()
+
+    async def _server_metadata(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"name": "test-upstream", "version": "0", "extensions": ["binary_tensor_data"]}
+        )
 
     async def _ok(self, request: web.Request) -> web.Response:
         return web.json_response({"ready": True})
