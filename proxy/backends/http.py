@@ -191,7 +191,7 @@ class HttpBackend:
             # Pass-through hands the upstream's body on as it came (compressed or not);
             # no header the client did not send is added to a forwarded request.
             auto_decompress=False,
-            skip_auto_headers=("Accept-Encoding", "User-Agent"),
+            skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
             trace_configs=[_trace()],
         )
 
