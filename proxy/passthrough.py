@@ -75,7 +75,7 @@ async def forward(
         )
     except MirrorgateError as exc:
         failures.failure(backend.base_url, exc.status, exc.message)
-        raise
+        raise type(exc)(f"champion: {exc.message}", status=exc.status) from exc
     if reply.status >= 500:
         failures.failure(backend.base_url, reply.status, reply.body[:200].decode(errors="replace"))
     return reply, to_response(reply)

@@ -15,7 +15,7 @@ from proxy.app import STATE, create_app, wait_loaded
 from proxy.backends.base import ModelIdentity, ModelMetadata, TensorSpec
 from proxy.config import MirrorgateConfig, load_config
 from storage.sink import MemorySink
-from tests.proxy.upstream import Upstream, UpstreamModel
+from tests.proxy.upstream import Stats, Upstream, UpstreamModel
 
 N_FEATURES = 4
 N_CLASSES = 3
@@ -28,6 +28,7 @@ class NumpyBackend:
     def __init__(self, model: UpstreamModel) -> None:
         self.model = model
         self.calls = 0
+        self.stats = Stats()  # `started`, like the test upstream's
         meta = model.metadata()
         self._metadata = ModelMetadata(
             name=meta["name"],
@@ -54,6 +55,7 @@ class NumpyBackend:
         self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None
     ) -> dict[str, np.ndarray]:
         self.calls += 1
+        self.stats.started += 1
         result = await asyncio.to_thread(self.model.predict, inputs[self.model.input_name])
         return result if outputs is None else {n: result[n] for n in outputs if n in result}
 
