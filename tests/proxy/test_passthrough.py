@@ -368,3 +368,24 @@ async def test_tls_upstream_with_ca_and_client_certificate(tmp_path: Path) -> No
             await HttpBackend.create(no_ca)
     finally:
         await runner.cleanup()
+
+
+async def test_forward_headers_configures_what_the_candidate_gets(
+    start_upstream: Any, start_proxy: Any
+) -> None:
+    champion = await start_upstream(seed=1)
+    candidate = await start_upstream(seed=2)
+    config = make_config(
+        champion.url,
+        candidate.url,
+        models={"candidate": {"upstream": {"forward_headers": ["X-Tenant"]}}},
+    )
+    proxy = await start_proxy(config)
+    headers = {"Authorization": "Bearer prod", "X-Tenant": "acme", "traceparent": "00-a-b-01"}
+    resp = await proxy.client.post(INFER, json=_json(_x(1), id="h"), headers=headers)
+    assert resp.status == 200
+    await _settled(proxy, 1)
+    sent = candidate.upstream.seen[0][0]
+    assert sent["X-Tenant"] == "acme"
+    assert "Authorization" not in sent and "traceparent" not in sent
+    assert sent["Content-Type"] == "application/octet-stream"  # rebuilt, binary upstream
