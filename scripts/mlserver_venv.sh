@@ -2,7 +2,7 @@
 # Build (once) the virtual environment MLServer runs from in the tests (tests/support/
 # mlserver.py). MLServer pins its own dependencies (FastAPI, uvicorn, grpc, pandas), so it
 # lives apart from mirrorgate's .venv. Reused when present; measured from scratch on the
-# 2-core machine: about 80 s (528 MB).
+# 2-core machine: 77 s (528 MB) when quiet, 389 s at load average 12-14.
 #   scripts/mlserver_venv.sh [DIR]      default: $MIRRORGATE_MLSERVER_VENV or .cache/mlserver-venv
 set -euo pipefail
 VERSION=1.7.1

@@ -1,8 +1,8 @@
 """Real MLServer upstreams for the tests (sklearn models over V2 JSON).
 
 MLServer pins its own dependencies, so it runs from its own virtual environment, built
-once by ``scripts/mlserver_venv.sh`` (about 80 s from scratch on the 2-core machine)
-and reused when present. Each server binds HTTP, gRPC and metrics to free loopback
+once by ``scripts/mlserver_venv.sh`` (from scratch: 77 s on the quiet 2-core machine,
+389 s under load) and reused when present. Each server binds HTTP, gRPC and metrics to free loopback
 ports, with ``parallel_workers: 0`` (inference in the server process: light and quick
 to start).
 
