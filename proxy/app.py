@@ -354,9 +354,11 @@ async def infer(request: web.Request) -> web.StreamResponse:
             sticky_key=request.headers.get(sticky_header) if sticky_header else None,
             to_candidate=to_candidate,
         )
-    except MirrorgateError:
+    except MirrorgateError as exc:
         if stats is not None:
             stats.failure(stats_version, time.perf_counter_ns() - t_start)
+        if remote is not None and exc.status >= 500:  # a canary request's champion call
+            passthrough.failures.failure(remote.base_url, exc.status, exc.message)
         raise
     t_infer = time.perf_counter_ns()
     version = request.match_info.get("version")
