@@ -18,6 +18,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,8 +29,9 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from gates.engine import Evaluation
-from proxy import __version__
+from proxy import __version__, context, passthrough
 from proxy.backends.base import Backend, ModelMetadata
+from proxy.backends.http import HttpBackend
 from proxy.codec import (
     HEADER_LENGTH,
     InferRequest,
@@ -41,23 +43,27 @@ from proxy.codec import (
 )
 from proxy.config import BackendSettings, MirrorgateConfig
 from proxy.errors import BadRequest, ConfigError, MirrorgateError, NotFound, NotReady
+from proxy.headers import client_request_headers
 from proxy.metrics import ProxyMetrics
-from proxy.mirror import MirrorDispatcher
+from proxy.mirror import MirrorDispatcher, input_rows
 from proxy.persistence import Persistence
 from proxy.rollout import RolloutService
 from proxy.slicing import Slicer
+from proxy.stats import ModelStats
 from storage.entities import ModelInfo
 from storage.sink import PairSink
 
 log = logging.getLogger(__name__)
 
 HARVESTER = "harvester"  # ProxyState.extras key of the proxy.harvest.Harvester
+STATS = "stats"  # ProxyState.extras key of the in-process proxy.stats.ModelStats
 REQUEST_ID_HEADER = "X-Request-Id"
 SERVED_BY_HEADER = "X-Mirrorgate-Served-By"
 MAX_REQUEST_ID_LEN = 256
 # Bodies/outputs larger than this are decoded/encoded in a worker thread.
 OFFLOAD_BYTES = 1 << 20
-SERVER_EXTENSIONS = ["binary_tensor_data"]
+SERVER_EXTENSIONS = ["binary_tensor_data", "statistics", "model_repository"]
+NOT_READY_HEADER = "X-Mirrorgate-Not-Ready"  # why, since Triton's not-ready body is empty
 
 
 @dataclass(slots=True)
@@ -149,49 +155,129 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def _check_model(state: ProxyState, request: web.Request) -> None:
+    # Triton's wording: tritonclient's examples and tools match on it.
     name = request.match_info["model"]
     served = state.config.server.model_name
     if name != served:
-        raise NotFound(f"unknown model {name!r}; this server serves {served!r}")
+        raise NotFound(f"Request for unknown model: '{name}' is not found")
     version = request.match_info.get("version")
     if version is not None and state.champion is not None:
         versions = state.champion.metadata.versions
         if version not in versions:
-            raise NotFound(
-                f"unknown version {version!r} of model {name!r}; versions: {', '.join(versions)}"
-            )
+            raise NotFound(f"Request for unknown model: '{name}' version {version} is not found")
 
 
-async def health_live(request: web.Request) -> web.Response:
-    return web.json_response({"live": True})
+def _remote(state: ProxyState) -> HttpBackend | None:
+    """The champion when it is a V2 server: then its answers pass through."""
+    return state.champion if isinstance(state.champion, HttpBackend) else None
 
 
-async def health_ready(request: web.Request) -> web.Response:
+async def _forward(request: web.Request, backend: HttpBackend) -> web.StreamResponse:
+    state = request.app[STATE]
+    _, response = await passthrough.forward(request, backend, state.config.server.model_name)
+    return response
+
+
+def _not_ready(state: ProxyState) -> web.Response:
+    # Triton answers not-ready with 400 and an empty body; the reason goes in a header.
+    return web.Response(status=400, headers={NOT_READY_HEADER: state.not_ready_reason()})
+
+
+async def health_live(request: web.Request) -> web.StreamResponse:
+    remote = _remote(request.app[STATE])
+    if remote is not None:
+        return await _forward(request, remote)
+    return web.Response(status=200)
+
+
+async def health_ready(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     if not state.ready or state.draining:
-        raise NotReady(state.not_ready_reason())
-    return web.json_response({"ready": True})
+        return _not_ready(state)
+    remote = _remote(state)
+    if remote is not None:
+        return await _forward(request, remote)
+    return web.Response(status=200)
 
 
-async def server_metadata(request: web.Request) -> web.Response:
+async def server_metadata(request: web.Request) -> web.StreamResponse:
+    remote = _remote(request.app[STATE])
+    if remote is not None:
+        return await _forward(request, remote)
     return web.json_response(
         {"name": "mirrorgate", "version": __version__, "extensions": SERVER_EXTENSIONS}
     )
 
 
-async def model_metadata(request: web.Request) -> web.Response:
+async def model_metadata(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    remote = _remote(state)
+    if remote is not None:
+        return await _forward(request, remote)
     _check_model(state, request)
     metadata = state.require_metadata()
     return web.json_response(metadata_to_dict(metadata, name=state.config.server.model_name))
 
 
-async def model_ready(request: web.Request) -> web.Response:
+async def model_ready(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    remote = _remote(state)
+    if remote is not None and state.ready and not state.draining:
+        return await _forward(request, remote)
     _check_model(state, request)
     if not state.ready or state.draining:
+        return _not_ready(state)
+    return web.Response(status=200)
+
+
+async def model_stats(request: web.Request) -> web.StreamResponse:
+    """Triton's statistics extension (in-process models: proxy/stats.py)."""
+    state = request.app[STATE]
+    remote = _remote(state)
+    if remote is not None:
+        return await _forward(request, remote)
+    stats = _stats(state)
+    if "model" not in request.match_info:
+        return web.json_response(stats.to_dict() if stats is not None else {"model_stats": []})
+    _check_model(state, request)
+    if stats is None:
         raise NotReady(state.not_ready_reason())
-    return web.json_response({"name": state.config.server.model_name, "ready": True})
+    return web.json_response(stats.to_dict(request.match_info.get("version")))
+
+
+async def repository_index(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    remote = _remote(state)
+    if remote is not None:
+        return await _forward(request, remote)
+    name = state.config.server.model_name
+    versions = state.champion.metadata.versions if state.champion is not None else ("1",)
+    status = "READY" if state.ready and not state.draining else "UNAVAILABLE"
+    return web.json_response([{"name": name, "version": v, "state": status} for v in versions])
+
+
+async def v2_other(request: web.Request) -> web.StreamResponse:
+    """Anything else under /v2: the remote champion's answer, else 404."""
+    remote = _remote(request.app[STATE])
+    if remote is not None:
+        return await _forward(request, remote)
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            match, methods = await resource.resolve(request)
+            if match is None:
+                allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, sorted(allowed))
+    raise NotFound(f"no such endpoint: {request.method} {request.path}")
+
+
+def _stats(state: ProxyState) -> ModelStats | None:
+    stats = state.extras.get(STATS)
+    if stats is None and state.champion is not None:
+        stats = ModelStats(state.config.server.model_name, state.champion.metadata.versions)
+        state.extras[STATS] = stats
+    return stats if isinstance(stats, ModelStats) else None
 
 
 def _request_id(parsed: InferRequest, request: web.Request) -> str:
@@ -207,21 +293,45 @@ def _request_id(parsed: InferRequest, request: web.Request) -> str:
     return rid
 
 
-async def _parse(request: web.Request) -> InferRequest:
-    body = await request.read()  # raises 413 past client_max_size
+async def _parse(request: web.Request, body: bytes) -> InferRequest:
     header_length = request.headers.get(HEADER_LENGTH)
     if len(body) > OFFLOAD_BYTES:
         return await asyncio.to_thread(parse_infer_request, body, header_length)
     return parse_infer_request(body, header_length)
 
 
-async def infer(request: web.Request) -> web.Response:
+async def infer(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     config = state.config
+    to_candidate: bool | None = None
+    remote = _remote(state)
+    if remote is not None:
+        served = config.server.model_name
+        if request.match_info["model"] != served:
+            return await _forward(request, remote)  # another model of that server
+        mirror = state.require_mirror()
+        sticky_header = config.mirror.sticky_header
+        to_candidate = mirror.routes_to_candidate(
+            request.headers.get(sticky_header) if sticky_header else None
+        )
+        if not to_candidate:
+            return await passthrough.infer(
+                request,
+                remote,
+                mirror,
+                served,
+                state.slicer.request_slices(request.headers, {}),
+                functools.partial(state.slicer.request_slices, {}),
+                functools.partial(state.metrics.observe_call, "champion"),
+            )
+    context.client_headers.set(client_request_headers(request.headers))
+    t_start = time.perf_counter_ns()
     try:
         _check_model(state, request)
         mirror = state.require_mirror()
-        parsed = await _parse(request)
+        body = await request.read()  # raises 413 past client_max_size
+        t_read = time.perf_counter_ns()
+        parsed = await _parse(request, body)
         request_id = _request_id(parsed, request)
         request[REQUEST_ID] = request_id
         validate_request(parsed, state.require_metadata())
@@ -231,13 +341,26 @@ async def infer(request: web.Request) -> web.Response:
         state.metrics.observe_call("champion", exc.status, None)
         raise
     sticky_header = config.mirror.sticky_header
-    result = await mirror.infer(
-        parsed.inputs,
-        request_id=request_id,
-        outputs=parsed.output_names(),
-        slices=slices,
-        sticky_key=request.headers.get(sticky_header) if sticky_header else None,
-    )
+    t_input = time.perf_counter_ns()
+    stats = _stats(state)
+    default_version = (stats.versions() or ("1",))[0] if stats is not None else "1"
+    stats_version = request.match_info.get("version") or default_version
+    try:
+        result = await mirror.infer(
+            parsed.inputs,
+            request_id=request_id,
+            outputs=parsed.output_names(),
+            slices=slices,
+            sticky_key=request.headers.get(sticky_header) if sticky_header else None,
+            to_candidate=to_candidate,
+        )
+    except MirrorgateError as exc:
+        if stats is not None:
+            stats.failure(stats_version, time.perf_counter_ns() - t_start)
+        if remote is not None and exc.status >= 500:  # a canary request's champion call
+            passthrough.failures.failure(remote.base_url, exc.status, exc.message)
+        raise
+    t_infer = time.perf_counter_ns()
     version = request.match_info.get("version")
     if version is None and state.champion is not None:
         version = state.champion.metadata.versions[0] if state.champion.metadata.versions else None
@@ -259,6 +382,15 @@ async def infer(request: web.Request) -> web.Response:
     else:
         headers["Content-Type"] = "application/octet-stream"
         headers[HEADER_LENGTH] = str(header_length)
+    if stats is not None and remote is None:
+        stats.success(
+            stats_version,
+            rows=input_rows(parsed.inputs) or 1,
+            queue_ns=t_read - t_start,
+            input_ns=t_input - t_read,
+            infer_ns=t_infer - t_input,
+            output_ns=time.perf_counter_ns() - t_infer,
+        )
     return web.Response(body=body, headers=headers)
 
 
@@ -441,11 +573,16 @@ def add_data_plane_routes(app: web.Application) -> None:
     app.router.add_get("/v2/health/live", health_live)
     app.router.add_get("/v2/health/ready", health_ready)
     app.router.add_get("/v2", server_metadata)
+    app.router.add_get("/v2/models/stats", model_stats)
+    app.router.add_post("/v2/repository/index", repository_index)
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         app.router.add_get(prefix, model_metadata)
         app.router.add_get(prefix + "/ready", model_ready)
+        app.router.add_get(prefix + "/stats", model_stats)
         app.router.add_post(prefix + "/infer", infer)
     app.router.add_get("/metrics", metrics_endpoint)
+    # Last: everything else under /v2 goes to a remote champion as it came.
+    app.router.add_route("*", "/v2/{tail:.*}", v2_other)
 
 
 def setup_control_plane(app: web.Application) -> None:

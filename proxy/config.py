@@ -38,6 +38,31 @@ class BatchingSettings(_Strict):
     max_batch_delay_ms: float = Field(2.0, ge=0)
 
 
+class UpstreamSettings(_Strict):
+    """How an ``http`` backend talks to its V2 server (docs/proxy.md)."""
+
+    binary: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="binary tensor extension for rebuilt requests: auto follows the "
+        "server metadata's extensions (GET /v2), never sends JSON (MLServer)",
+    )
+    ca_file: str | None = Field(None, description="PEM bundle to verify an https upstream")
+    cert_file: str | None = Field(None, description="client certificate (mTLS), PEM")
+    key_file: str | None = Field(None, description="client certificate's key, PEM")
+    forward_headers: list[str] | None = Field(
+        None,
+        description="client request headers sent on to this upstream ('*': every "
+        "end-to-end header); default: every one to the champion, tracing headers "
+        "(traceparent, tracestate, baggage) to the candidate",
+    )
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> UpstreamSettings:
+        if self.key_file and not self.cert_file:
+            raise ValueError("'key_file' needs 'cert_file'")
+        return self
+
+
 class BackendSettings(_Strict):
     name: str = Field(..., min_length=1, description="model identity recorded with pairs")
     kind: Literal["onnx", "torch", "http"]
@@ -49,6 +74,7 @@ class BackendSettings(_Strict):
     timeout_ms: float = Field(1000.0, gt=0)
     threads: int | None = Field(None, ge=1, description="intra-op threads (onnx, torch)")
     batching: BatchingSettings = BatchingSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
 
     @model_validator(mode="after")
     def _check_source(self) -> BackendSettings:

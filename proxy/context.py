@@ -10,3 +10,10 @@ from __future__ import annotations
 from contextvars import ContextVar
 
 request_id: ContextVar[str | None] = ContextVar("mirrorgate_request_id", default=None)
+
+# The client's end-to-end request headers (hop-by-hop ones removed), set by the data
+# plane per request and carried with mirrored work; ``upstream_headers`` is the part of
+# them a model call sends on (proxy.headers.forwarded_headers picks it per role).
+Headers = tuple[tuple[str, str], ...]
+client_headers: ContextVar[Headers] = ContextVar("mirrorgate_client_headers", default=())
+upstream_headers: ContextVar[Headers] = ContextVar("mirrorgate_upstream_headers", default=())

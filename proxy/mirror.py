@@ -52,6 +52,7 @@ from proxy.backends.base import Backend
 from proxy.config import MirrorgateConfig
 from proxy.digest import inputs_digest
 from proxy.errors import BackendError, BackendTimeout, BadRequest, ConfigError, MirrorgateError
+from proxy.headers import forwarded_headers
 from proxy.metrics import ProxyMetrics
 from proxy.slicing import Slicer
 from storage.sink import PairSink
@@ -92,6 +93,13 @@ class _Job:
     live: CallOutcome
     todo: Role | None  # the model still to compute; None when both are done
     nbytes: int
+    # The outputs the live side was asked for (None: its defaults): the other side is
+    # asked for exactly these, never more (docs/proxy.md, "Outputs").
+    outputs: list[str] | None = None
+    headers: tuple[tuple[str, str], ...] = ()  # the client's end-to-end request headers
+    # Pass-through (remote champion): fills inputs and live.outputs from the raw bytes,
+    # off the live path; raises MirrorgateError when they cannot be decoded.
+    decode: Callable[[_Job], None] | None = None
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -245,6 +253,10 @@ class MirrorDispatcher:
 
     # ----------------------------------------------------------------- live path
 
+    def routes_to_candidate(self, sticky_key: str | None) -> bool:
+        """Whether this request goes to the candidate (canary routing, one draw)."""
+        return self._routes_to_candidate(sticky_key)
+
     def _routes_to_candidate(self, sticky_key: str | None) -> bool:
         weight = self._weight
         if self.candidate is None or weight <= 0.0 or self._candidate_stopped:
@@ -256,9 +268,11 @@ class MirrorDispatcher:
         return self._rng.random() < weight
 
     def _wanted(self, requested: list[str] | None, role: Role) -> list[str] | None:
+        # No names: each side returns its defaults. Names: those plus the configured
+        # gated output (never an output chosen from one side's metadata).
         if requested is None:
             return None
-        gated = self.gated_output(role)
+        gated = self._config.output.output
         if gated is None or gated in requested:
             return list(requested)
         return [*requested, gated]
@@ -275,6 +289,12 @@ class MirrorDispatcher:
         backend = self.champion if role == "champion" else self.candidate
         assert backend is not None
         context.request_id.set(request_id)
+        settings = (
+            self._config.models.champion if role == "champion" else self._config.models.candidate
+        )
+        context.upstream_headers.set(
+            forwarded_headers(context.client_headers.get(), settings, role)
+        )
         start = time.perf_counter()
         try:
             async with asyncio.timeout(timeout_s):
@@ -298,6 +318,7 @@ class MirrorDispatcher:
         outputs: list[str] | None = None,
         slices: Mapping[str, str] | None = None,
         sticky_key: str | None = None,
+        to_candidate: bool | None = None,
     ) -> LiveResult:
         """Answer one live request; schedule the mirrored half without awaiting it.
 
@@ -307,7 +328,7 @@ class MirrorDispatcher:
         ts = self._clock()
         slices = dict(slices or {})
         stage = self._stage
-        if self._routes_to_candidate(sticky_key):
+        if self._routes_to_candidate(sticky_key) if to_candidate is None else to_candidate:
             start = time.perf_counter()
             try:
                 out = await self._call(
@@ -337,7 +358,16 @@ class MirrorDispatcher:
                 self._record_now(request_id, ts, inputs, slices, stage, both, failed)
                 return LiveResult(champ, "champion")
             live = CallOutcome(out, time.perf_counter() - start)
-            self._mirror_later(request_id, ts, inputs, slices, stage, "candidate", live)
+            self._mirror_later(
+                request_id,
+                ts,
+                inputs,
+                slices,
+                stage,
+                "candidate",
+                live,
+                self._wanted(outputs, "candidate"),
+            )
             return LiveResult(out, "candidate")
         start = time.perf_counter()
         out = await self._call(
@@ -349,7 +379,16 @@ class MirrorDispatcher:
         )
         if self.candidate is not None and not self._candidate_stopped:
             live = CallOutcome(out, time.perf_counter() - start)
-            self._mirror_later(request_id, ts, inputs, slices, stage, "champion", live)
+            self._mirror_later(
+                request_id,
+                ts,
+                inputs,
+                slices,
+                stage,
+                "champion",
+                live,
+                self._wanted(outputs, "champion"),
+            )
         return LiveResult(out, "champion")
 
     @staticmethod
@@ -368,12 +407,47 @@ class MirrorDispatcher:
         stage: str,
         served_by: Role,
         live: CallOutcome,
+        outputs: list[str] | None = None,
     ) -> None:
         rate = self._mirror.sample_rate
         if rate < 1.0 and self._rng.random() >= rate:
             return
         todo: Role = "candidate" if served_by == "champion" else "champion"
         job = _Job(request_id, ts, inputs, slices, stage, served_by, live, todo, _nbytes(inputs))
+        job.outputs = outputs
+        job.headers = context.client_headers.get()
+        self._submit(job)
+
+    def mirror_exchange(
+        self,
+        request_id: str,
+        *,
+        slices: Mapping[str, str],
+        latency_s: float,
+        nbytes: int,
+        decode: Callable[[_Job], None],
+    ) -> None:
+        """A remote champion answered the client directly (pass-through): queue the pair,
+        whose request and answer ``decode`` reads from the raw bytes off the live path."""
+        if self.candidate is None or self._candidate_stopped:
+            return
+        rate = self._mirror.sample_rate
+        if rate < 1.0 and self._rng.random() >= rate:
+            return
+        live = CallOutcome(None, latency_s)
+        job = _Job(
+            request_id,
+            self._clock(),
+            {},
+            dict(slices),
+            self._stage,
+            "champion",
+            live,
+            "candidate",
+            nbytes,
+            decode=decode,
+        )
+        job.headers = context.client_headers.get()
         self._submit(job)
 
     def _record_now(
@@ -431,6 +505,17 @@ class MirrorDispatcher:
         self.metrics.shadow_in_flight.set(len(self._tasks))
 
     async def _run(self, job: _Job, other: CallOutcome | None) -> None:
+        if job.decode is not None:
+            try:
+                if job.nbytes > OFFLOAD_BYTES:
+                    await asyncio.to_thread(job.decode, job)
+                else:
+                    job.decode(job)
+            except MirrorgateError as exc:
+                # The champion answered the client; this pair cannot be built.
+                self._drop("undecodable")
+                log.warning("pair %s dropped: %s", job.request_id, exc.message)
+                return
         if other is None and job.todo is not None:
             other = await self._mirrored_call(job)
         assert other is not None
@@ -448,11 +533,12 @@ class MirrorDispatcher:
         role = job.todo
         assert role is not None
         start = time.perf_counter()
+        context.client_headers.set(job.headers)
         try:
             out = await self._call(
                 role,
                 job.inputs,
-                None if self.gated_output(role) is None else [str(self.gated_output(role))],
+                job.outputs,
                 min(self._shadow_timeout, self._timeouts[role]),
                 job.request_id,
             )
@@ -475,17 +561,33 @@ class MirrorDispatcher:
 
     # ----------------------------------------------------------------- records
 
-    def _gated_array(self, role: Role, outcome: CallOutcome) -> np.ndarray | None:
+    def pair_output(self, champion: CallOutcome, candidate: CallOutcome) -> str | None:
+        """The output a pair compares: the configured one, else the first (champion's
+        metadata order, then its answer's order) that both sides returned, else the
+        first either side returned (the other side then records ``missing_output``)."""
+        if self._config.output.output:
+            return self._config.output.output
+        ch, ca = champion.outputs or {}, candidate.outputs or {}
+        order = [s.name for s in self.champion.metadata.outputs] + list(ch) + list(ca)
+        for name in order:
+            if name in ch and name in ca:
+                return name
+        for name in order:
+            if name in ch or name in ca:
+                return name
+        return self.gated_output("champion")
+
+    @staticmethod
+    def _gated_array(name: str | None, outcome: CallOutcome) -> np.ndarray | None:
         if outcome.outputs is None:
             return None
-        name = self.gated_output(role)
         if name is None:
             return next(iter(outcome.outputs.values()), None)
         return outcome.outputs.get(name)
 
     def _row_result(
         self,
-        role: Role,
+        name: str | None,
         outcome: CallOutcome,
         gated: np.ndarray | None,
         row: int | None,
@@ -495,7 +597,7 @@ class MirrorDispatcher:
         if outcome.error is not None:
             return ModelResult(None, latency_ms, outcome.error)
         if gated is None:
-            return ModelResult(None, latency_ms, f"missing_output: {self.gated_output(role)!r}")
+            return ModelResult(None, latency_ms, f"missing_output: {name!r}")
         if rows is not None and (gated.ndim == 0 or gated.shape[0] != rows):
             got = gated.shape[0] if gated.ndim else 0
             return ModelResult(
@@ -542,8 +644,9 @@ class MirrorDispatcher:
         self, job: _Job, champion: CallOutcome, candidate: CallOutcome
     ) -> list[PairRecord]:
         """One PairRecord per row (ids ``<id>#<row>``; a single row keeps the id)."""
-        ch_out = self._gated_array("champion", champion)
-        ca_out = self._gated_array("candidate", candidate)
+        name = self.pair_output(champion, candidate)
+        ch_out = self._gated_array(name, champion)
+        ca_out = self._gated_array(name, candidate)
         rows = self._rows(job.inputs, ch_out, ca_out)
         indices: list[int | None] = [None] if rows is None else list(range(rows))
         records: list[PairRecord] = []
@@ -560,8 +663,8 @@ class MirrorDispatcher:
                 PairRecord(
                     id=rid,
                     ts=job.ts,
-                    champion=self._row_result("champion", champion, ch_out, row, rows),
-                    candidate=self._row_result("candidate", candidate, ca_out, row, rows),
+                    champion=self._row_result(name, champion, ch_out, row, rows),
+                    candidate=self._row_result(name, candidate, ca_out, row, rows),
                     slices=slices,
                     features=dict(features),
                     inputs_digest=inputs_digest(job.inputs, row),

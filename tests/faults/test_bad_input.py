@@ -30,7 +30,7 @@ from proxy.app import create_app, wait_loaded
 from proxy.codec import HEADER_LENGTH
 from storage.sink import MemorySink
 from tests.faults.helpers import TOKEN
-from tests.proxy.conftest import N_CLASSES, N_FEATURES, make_config
+from tests.proxy.conftest import N_CLASSES, N_FEATURES, NumpyBackend, make_config
 from tests.proxy.upstream import Upstream, UpstreamModel
 
 INFER = "/v2/models/classifier/infer"
@@ -40,7 +40,7 @@ MAX_BODY = 1 << 20
 @dataclass
 class Served:
     base: str
-    champion: Upstream
+    champion: NumpyBackend
     sink: MemorySink
     loop: asyncio.AbstractEventLoop
 
@@ -98,14 +98,17 @@ def served() -> Iterator[Served]:
                 mirror={"timeout_ms": 5000},
             )
             sink = MemorySink()
-            app = create_app(config, sinks=[sink])
+            # In-process champion: mirrorgate is the server and judges the input (in front
+            # of a remote champion the champion judges it: tests/proxy/test_passthrough.py).
+            champion = NumpyBackend(ups[0].model)
+            app = create_app(config, sinks=[sink], champion=champion)
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", 0).start()
             runners.append(runner)
             await wait_loaded(app)
             box["served"] = Served(
-                "http://{}:{}".format(*runner.addresses[0][:2]), ups[0], sink, loop
+                "http://{}:{}".format(*runner.addresses[0][:2]), champion, sink, loop
             )
             started.set()
             await stop.wait()

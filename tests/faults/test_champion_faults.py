@@ -14,14 +14,15 @@ from tests.faults.helpers import body, own_upstream
 from tests.proxy.conftest import make_config
 
 # mode -> (status, words the error message must contain)
+# Mirrorgate's own errors (the champion gave no answer). An answer the champion gave,
+# an error status or a body that is no V2 response, passes through as it wrote it
+# (PASSED_AS_WRITTEN): the client sees what it would see without the proxy.
 FAILURES = {
     "down": (502, ("upstream", "connection failed", "refused")),
     "hang": (504, ("champion", "timed out")),
-    "error": (502, ("upstream", "answered 500")),
-    "garbage": (502, ("upstream", "malformed", "shape")),
-    "non_json": (502, ("upstream", "malformed", "json")),
     "crash": (502, ("upstream", "connection failed", "payload")),
 }
+PASSED_AS_WRITTEN = {"error": 500, "garbage": 200, "non_json": 200}
 # Well-formed answers with bad content reach the client as the champion gave them (the
 # proxy is transparent: production behaves as without it), but the pair carries the
 # champion's error, so no gate counts it as a successful comparison.
@@ -61,6 +62,34 @@ async def test_champion_failure_is_a_clear_5xx_and_records_nothing(
         ids = {r.id for r in proxy.sink.records}
         assert ids == (set() if mode == "down" else {"r99"})
         assert all(r.champion.error is None for r in proxy.sink.records)
+    finally:
+        await champion.close()
+
+
+@pytest.mark.parametrize("mode", sorted(PASSED_AS_WRITTEN))
+async def test_champion_answers_pass_through_as_written_and_record_nothing(
+    start_upstream: Any, start_proxy: Any, mode: str
+) -> None:
+    champion = await own_upstream(seed=1)
+    candidate = await start_upstream(seed=2)
+    try:
+        proxy = await start_proxy(make_config(champion.url, candidate.url))
+        champion.upstream.set_fault(mode)
+        for i in range(3):
+            resp = await proxy.client.post("/v2/models/classifier/infer", json=body(i))
+            raw = await resp.read()
+            direct = await proxy.client.session.post(
+                f"{champion.url}/v2/models/model/infer", json=body(i)
+            )
+            assert (resp.status, raw) == (PASSED_AS_WRITTEN[mode], await direct.read())
+        champion.upstream.set_fault("normal")
+        resp = await proxy.client.post("/v2/models/classifier/infer", json=body(99))
+        assert resp.status == 200, await resp.text()
+        await proxy.state.mirror.drain(10)
+        # No pair for an error status; a 200 that is no V2 answer cannot be decoded.
+        assert {r.id for r in proxy.sink.records} == {"r99"}
+        undecodable = proxy.metric("mirrorgate_shadow_dropped_total", reason="undecodable")
+        assert undecodable == (3 if mode != "error" else 0)
     finally:
         await champion.close()
 

@@ -2,20 +2,65 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
 from proxy.app import STATE, create_app, wait_loaded
+from proxy.backends.base import ModelIdentity, ModelMetadata, TensorSpec
 from proxy.config import MirrorgateConfig, load_config
 from storage.sink import MemorySink
-from tests.proxy.upstream import Upstream, UpstreamModel
+from tests.proxy.upstream import Stats, Upstream, UpstreamModel
 
 N_FEATURES = 4
 N_CLASSES = 3
+
+
+class NumpyBackend:
+    """An in-process backend around the upstreams' numpy model: mirrorgate is then the
+    server (it decodes, validates and encodes), as with its ONNX/Torch backends."""
+
+    def __init__(self, model: UpstreamModel) -> None:
+        self.model = model
+        self.calls = 0
+        self.stats = Stats()  # `started`, like the test upstream's
+        meta = model.metadata()
+        self._metadata = ModelMetadata(
+            name=meta["name"],
+            platform=meta["platform"],
+            inputs=tuple(
+                TensorSpec(i["name"], i["datatype"], tuple(i["shape"])) for i in meta["inputs"]
+            ),
+            outputs=tuple(
+                TensorSpec(o["name"], o["datatype"], tuple(o["shape"])) for o in meta["outputs"]
+            ),
+            versions=("1",),
+        )
+        self._identity = ModelIdentity(name="champion", kind="numpy", digest="numpy")
+
+    @property
+    def metadata(self) -> ModelMetadata:
+        return self._metadata
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return self._identity
+
+    async def infer(
+        self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        self.calls += 1
+        self.stats.started += 1
+        result = await asyncio.to_thread(self.model.predict, inputs[self.model.input_name])
+        return result if outputs is None else {n: result[n] for n in outputs if n in result}
+
+    async def aclose(self) -> None:
+        return None
 
 
 class RunningUpstream:

@@ -14,7 +14,8 @@ from aiohttp.test_utils import TestClient
 from proxy.app import STATE, create_app
 from proxy.codec import HEADER_LENGTH, decode_infer_response, encode_infer_request
 from storage.sink import MemorySink
-from tests.proxy.conftest import N_CLASSES, N_FEATURES, make_config
+from tests.proxy.conftest import N_CLASSES, N_FEATURES, NumpyBackend, make_config
+from tests.proxy.upstream import UpstreamModel
 
 INFER = "/v2/models/classifier/infer"
 
@@ -44,17 +45,21 @@ async def _drain(proxy: Any) -> None:
 
 @pytest.fixture
 async def pair(start_upstream: Any, start_proxy: Any) -> Any:
-    champion = await start_upstream(seed=1)
+    """An in-process champion (mirrorgate is the server: it decodes, validates and
+    encodes, which is what this module tests) and a remote candidate. A remote
+    champion's answers pass through: tests/proxy/test_passthrough.py."""
+    champion = NumpyBackend(UpstreamModel(N_FEATURES, N_CLASSES, 1))
     candidate = await start_upstream(seed=2)
-    proxy = await start_proxy(make_config(champion.url, candidate.url))
+    proxy = await start_proxy(make_config(candidate.url, candidate.url), champion=champion)
     return proxy, champion, candidate
 
 
 async def test_health_server_and_model_metadata(pair: Any) -> None:
     proxy, *_ = pair
     client: TestClient = proxy.client
-    assert (await client.get("/v2/health/live")).status == 200
-    assert (await client.get("/v2/health/ready")).status == 200
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/classifier/ready"):
+        resp = await client.get(path)
+        assert resp.status == 200 and await resp.read() == b""  # Triton's answer
     server = await (await client.get("/v2")).json()
     assert server["name"] == "mirrorgate" and "binary_tensor_data" in server["extensions"]
     meta = await (await client.get("/v2/models/classifier")).json()
@@ -64,7 +69,10 @@ async def test_health_server_and_model_metadata(pair: Any) -> None:
     assert (await client.get("/v2/models/classifier/ready")).status == 200
     assert (await client.get("/v2/models/classifier/versions/1")).status == 200
     resp = await client.get("/v2/models/classifier/versions/9")
-    assert resp.status == 404 and "unknown version '9'" in (await resp.json())["error"]
+    assert resp.status == 404
+    assert (await resp.json())["error"] == (
+        "Request for unknown model: 'classifier' version 9 is not found"
+    )
 
 
 async def test_json_infer_matches_champion_and_records_a_pair(pair: Any) -> None:
@@ -87,8 +95,7 @@ async def test_json_infer_matches_champion_and_records_a_pair(pair: Any) -> None
     np.testing.assert_allclose(record.champion.output, champion.model.predict(x)["probs"][0])
     np.testing.assert_allclose(record.candidate.output, candidate.model.predict(x)["probs"][0])
     assert record.champion.error is None and record.candidate.error is None
-    # The request id travels to both upstreams (their logs correlate with the pair).
-    assert ("start", "req-1") in champion.upstream.events
+    # The request id travels to the upstream (its logs correlate with the pair).
     assert ("start", "req-1") in candidate.upstream.events
 
 
@@ -205,10 +212,11 @@ async def test_bad_input_gets_status_and_message_and_server_keeps_serving(
     status: int,
     message: str,
 ) -> None:
-    champion = await start_upstream(seed=1)
+    champion = NumpyBackend(UpstreamModel(N_FEATURES, N_CLASSES, 1))
     candidate = await start_upstream(seed=2)
     proxy = await start_proxy(
-        make_config(champion.url, candidate.url, server={"max_body_bytes": 1024 * 1024})
+        make_config(candidate.url, candidate.url, server={"max_body_bytes": 1024 * 1024}),
+        champion=champion,
     )
     resp = await proxy.client.post(INFER, **kwargs)
     assert resp.status == status
@@ -217,7 +225,7 @@ async def test_bad_input_gets_status_and_message_and_server_keeps_serving(
     assert message in error
     assert proxy.metric("mirrorgate_proxy_requests_total", role="champion", code=str(status)) == 1.0
     # Nothing reached a model, nothing was recorded, and the next request is served.
-    assert champion.upstream.stats.started == 0
+    assert champion.calls == 0 and candidate.upstream.stats.started == 0
     ok = await proxy.client.post(INFER, json=_json_request(_x(1)))
     assert ok.status == 200
     await _drain(proxy)
@@ -228,7 +236,7 @@ async def test_unknown_model_route_and_method(pair: Any) -> None:
     proxy, *_ = pair
     resp = await proxy.client.post("/v2/models/other/infer", json=_json_request(_x(1)))
     assert resp.status == 404
-    assert (await resp.json())["error"] == "unknown model 'other'; this server serves 'classifier'"
+    assert (await resp.json())["error"] == "Request for unknown model: 'other' is not found"
     resp = await proxy.client.get("/v2/models/other")
     assert resp.status == 404
     resp = await proxy.client.get("/nope")
@@ -238,12 +246,17 @@ async def test_unknown_model_route_and_method(pair: Any) -> None:
     assert "error" in await resp.json()
 
 
-async def test_champion_failure_is_5xx_with_reason_and_no_pair(pair: Any) -> None:
-    proxy, champion, candidate = pair
+async def test_champion_failure_is_5xx_with_reason_and_no_pair(
+    start_upstream: Any, start_proxy: Any
+) -> None:
+    champion = await start_upstream(seed=1)
+    candidate = await start_upstream(seed=2)
+    proxy = await start_proxy(make_config(champion.url, candidate.url))
     champion.upstream.set_fault("error", status=500, message="model exploded")
     resp = await proxy.client.post(INFER, json=_json_request(_x(1)))
-    assert resp.status == 502
-    assert "model exploded" in (await resp.json())["error"]
+    # A remote champion's error passes through as it wrote it (status and body).
+    assert resp.status == 500
+    assert json.loads(await resp.read()) == {"error": "model exploded"}
     champion.upstream.set_fault("hang")
     proxy.state.mirror._timeouts["champion"] = 0.05
     resp = await proxy.client.post(INFER, json=_json_request(_x(1)))
@@ -251,7 +264,7 @@ async def test_champion_failure_is_5xx_with_reason_and_no_pair(pair: Any) -> Non
     await _drain(proxy)
     assert len(proxy.sink.records) == 0
     assert candidate.upstream.stats.started == 0
-    assert proxy.metric("mirrorgate_proxy_requests_total", role="champion", code="502") == 1.0
+    assert proxy.metric("mirrorgate_proxy_requests_total", role="champion", code="500") == 1.0
     assert proxy.metric("mirrorgate_proxy_requests_total", role="champion", code="504") == 1.0
 
 
@@ -283,7 +296,7 @@ async def test_metrics_endpoint(pair: Any) -> None:
         assert name in text
 
 
-async def test_readiness_is_503_until_models_load_and_after_load_failure(
+async def test_readiness_is_400_until_models_load_and_after_load_failure(
     start_upstream: Any, aiohttp_client: Any
 ) -> None:
     champion = await start_upstream(seed=1)
@@ -292,7 +305,9 @@ async def test_readiness_is_503_until_models_load_and_after_load_failure(
     app = create_app(make_config(champion.url), sinks=[MemorySink()])
     client = await aiohttp_client(app)
     resp = await client.get("/v2/health/ready")
-    assert resp.status == 503 and "loading" in (await resp.json())["error"]
+    # Triton's not-ready: 400, empty body; the reason in a header.
+    assert resp.status == 400 and await resp.read() == b""
+    assert "loading" in resp.headers["X-Mirrorgate-Not-Ready"]
     assert (await client.get("/v2/health/live")).status == 200
     resp = await client.post(INFER, json=_json_request(_x(1)))
     assert resp.status == 503
@@ -305,7 +320,7 @@ async def test_readiness_is_503_until_models_load_and_after_load_failure(
     with pytest.raises(Exception, match="unreachable"):
         await broken[STATE].loading
     resp = await client.get("/v2/health/ready")
-    assert resp.status == 503 and "model load failed" in (await resp.json())["error"]
+    assert resp.status == 400 and "model load failed" in resp.headers["X-Mirrorgate-Not-Ready"]
 
 
 async def test_lifecycle_closes_backends_and_flushes_sinks(

@@ -20,7 +20,8 @@ from proxy.digest import inputs_digest
 from proxy.metrics import ProxyMetrics
 from proxy.mirror import MirrorDispatcher
 from storage.sink import MemorySink
-from tests.proxy.conftest import N_FEATURES, make_config
+from tests.proxy.conftest import N_FEATURES, NumpyBackend, make_config
+from tests.proxy.upstream import UpstreamModel
 
 INFER = "/v2/models/classifier/infer"
 
@@ -96,15 +97,17 @@ async def test_shadow_work_is_bounded_and_overflow_counted(
 
 
 async def test_queue_is_bounded_in_bytes_too(start_upstream: Any, start_proxy: Any) -> None:
-    champion = await start_upstream(seed=1)
+    # In-process champion: queued work holds decoded input arrays (a remote champion's
+    # pass-through work holds its raw request and answer bytes instead).
+    champion = NumpyBackend(UpstreamModel(N_FEATURES, 3, 1))
     candidate = await start_upstream(seed=2, mode="hold")
     row_bytes = 4 * N_FEATURES
     config = make_config(
-        champion.url,
+        candidate.url,
         candidate.url,
         mirror={"max_in_flight": 1, "queue_size": 100, "max_queue_bytes": 2 * row_bytes},
     )
-    proxy = await start_proxy(config)
+    proxy = await start_proxy(config, champion=champion)
     for i in range(6):
         assert (await proxy.client.post(INFER, json=_req(_x(1, i)))).status == 200
     assert proxy.metric("mirrorgate_shadow_queue_depth") == 2

@@ -169,11 +169,11 @@ async def test_sigterm_under_load_loses_no_accepted_request(
         workers = [asyncio.create_task(load.worker()) for _ in range(WORKERS)]
         await _until(lambda: len(load.statuses) >= 30, "30 answers")
 
-        # 1st SIGTERM: readiness 503 while it still serves (load balancers drain).
+        # 1st SIGTERM: readiness 400 (Triton's not-ready) while it still serves.
         proc.send_signal(signal.SIGTERM)
-        await _until(lambda: _ready_status_is(base, 503), "readiness 503")
+        await _until(lambda: _ready_status_is(base, 400), "readiness 400")
         served_before = len(load.statuses)
-        await _until(lambda: len(load.statuses) >= served_before + 10, "serving while 503")
+        await _until(lambda: len(load.statuses) >= served_before + 10, "serving while not ready")
 
         # Park every worker's request inside the champion, then stop for real.
         champion.upstream.set_fault("hold")

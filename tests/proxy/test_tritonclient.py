@@ -61,7 +61,8 @@ async def test_sync_client_defaults_and_json(
     x = _x()
     got = await asyncio.to_thread(_sync_infer, _url(proxy), x, binary, "tc-1")
     expected = champion.model.predict(x)
-    assert got["meta"]["name"] == "classifier"
+    # A remote champion's metadata passes through: its own model name.
+    assert got["meta"]["name"] == "model"
     assert got["id"] == "tc-1"
     np.testing.assert_allclose(got["probs"], expected["probs"], rtol=1e-6)
     np.testing.assert_array_equal(got["label"], expected["label"])
@@ -107,3 +108,92 @@ async def test_every_datatype_round_trips_through_the_proxy(
                 np.testing.assert_array_equal(got, array)
     finally:
         await client.close()
+
+
+def _simple_flow(url: str, x: np.ndarray) -> dict[str, Any]:
+    """What tritonclient's `simple_http_*` examples do: health, metadata, infer, stats,
+    and an unknown model whose error text they match."""
+    client = triton.InferenceServerClient(url=url)
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("classifier") and client.is_model_ready("classifier", "1")
+        assert "statistics" in client.get_server_metadata()["extensions"]
+        index = client.get_model_repository_index()
+        for compression in (None, "gzip", "deflate"):
+            inp = triton.InferInput("x", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            client.infer("classifier", [inp], request_compression_algorithm=compression)
+        stats = client.get_inference_statistics("classifier")
+        version_stats = client.get_inference_statistics("classifier", "1")
+        try:
+            client.get_model_metadata("nope")
+            unknown = ""
+        except triton.InferenceServerException as exc:
+            unknown = exc.message()
+        return {"stats": stats, "version_stats": version_stats, "unknown": unknown, "index": index}
+    finally:
+        client.close()
+
+
+async def test_in_process_model_serves_tritons_statistics_and_wording(
+    start_upstream: Any, start_proxy: Any
+) -> None:
+    from tests.proxy.conftest import NumpyBackend
+    from tests.proxy.upstream import UpstreamModel
+
+    candidate = await start_upstream(seed=2)
+    champion = NumpyBackend(UpstreamModel(N_FEATURES, 3, 1))
+    proxy = await start_proxy(make_config(candidate.url, candidate.url), champion=champion)
+    got = await asyncio.to_thread(_simple_flow, _url(proxy), _x(2))
+    (model,) = got["stats"]["model_stats"]
+    assert model["name"] == "classifier" and model["version"] == "1"
+    infer_stats = model["inference_stats"]
+    # Three requests of two rows, all answered: counts are exact, durations real.
+    assert infer_stats["success"]["count"] == 3 and infer_stats["fail"]["count"] == 0
+    assert model["execution_count"] == 3 and model["inference_count"] == 6
+    assert champion.calls == 3
+    for phase in ("success", "compute_infer"):
+        assert infer_stats[phase]["ns"] > 0
+    assert infer_stats["success"]["ns"] >= infer_stats["compute_infer"]["ns"]
+    assert model["last_inference"] > 0
+    assert got["version_stats"]["model_stats"][0]["version"] == "1"
+    assert got["unknown"] == "Request for unknown model: 'nope' is not found"
+    assert got["index"] == [{"name": "classifier", "version": "1", "state": "READY"}]
+
+
+async def test_remote_champion_endpoints_and_compression_are_the_upstreams(
+    start_upstream: Any, start_proxy: Any
+) -> None:
+    """tritonclient (sync and aio, binary and JSON, gzip/deflate requests) through the
+    proxy gets byte-identical answers to the upstream's."""
+    champion = await start_upstream(seed=1)
+    candidate = await start_upstream(seed=2)
+    proxy = await start_proxy(make_config(champion.url, candidate.url))
+    x = _x(3)
+
+    async def run(url: str) -> list[bytes]:
+        client = triton_aio.InferenceServerClient(url=url)
+        out: list[bytes] = []
+        try:
+            for binary in (True, False):
+                for compression in (None, "gzip", "deflate"):
+                    inp = triton_aio.InferInput("x", list(x.shape), "FP32")
+                    inp.set_data_from_numpy(x, binary_data=binary)
+                    req = triton_aio.InferRequestedOutput("probs", binary_data=binary)
+                    result = await client.infer(
+                        "model",
+                        [inp],
+                        outputs=[req],
+                        request_id="same",
+                        request_compression_algorithm=compression,
+                    )
+                    out.append(result.as_numpy("probs").tobytes())
+        finally:
+            await client.close()
+        return out
+
+    direct = await run(champion.url.removeprefix("http://"))
+    # Through the proxy, named as the upstream names its model (served name differs:
+    # only `classifier` is mirrored; other names pass straight through).
+    through = await run(_url(proxy))
+    assert through == direct

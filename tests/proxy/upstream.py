@@ -161,6 +161,13 @@ class Upstream:
     events: deque[tuple[str, str]] = field(default_factory=lambda: deque(maxlen=100_000))
     # When True, metadata requests also wait for release(): a model that loads slowly.
     hold_metadata: bool = False
+    # Every infer request's headers and requested output names (None: none named), so
+    # tests see what the proxy sent on: (headers, outputs, binary?).
+    seen: deque[tuple[dict[str, str], list[str] | None, bool]] = field(
+        default_factory=lambda: deque(maxlen=1000)
+    )
+    # False: GET /v2 lists no binary extension (a JSON-only server such as MLServer).
+    binary_extension: bool = True
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -197,6 +204,7 @@ class Upstream:
         m = "/v2/models/{model}"
         app.router.add_get("/v2/health/live", self._ok)
         app.router.add_get("/v2/health/ready", self._ok)
+        app.router.add_get("/v2", self._server_metadata)
         app.router.add_get(m, self._metadata)
         app.router.add_get(m + "/ready", self._ok)
         app.router.add_post(m + "/infer", self._infer)
@@ -210,6 +218,15 @@ class Upstream:
         # Wake held/hanging calls so the server's graceful stop never waits on them.
         self._closing.set()
         self._release.set()
+
+    async def _server_metadata(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "name": "test-upstream",
+                "version": "0",
+                "extensions": ["binary_tensor_data"] if self.binary_extension else [],
+            }
+        )
 
     async def _ok(self, request: web.Request) -> web.Response:
         return web.json_response({"ready": True})
@@ -256,6 +273,9 @@ class Upstream:
         body = await request.read()
         try:
             parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
+            self.seen.append(
+                (dict(request.headers), parsed.output_names(), HEADER_LENGTH in request.headers)
+            )
             if request.match_info["model"] == ECHO:
                 return self._echo(parsed)
             x = parsed.inputs[self.model.input_name]
