@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from gates.join import LabelJoin
 from gates.replay import ReplayResult, replay, slice_keys
@@ -27,8 +27,6 @@ from proxy.config import (
     ServerSettings,
     SlicesSettings,
     StorageSettings,
-    _apply_env,
-    _format_errors,
     load_config,
 )
 from proxy.errors import ConfigError
@@ -98,11 +96,11 @@ def load_replay_config(path: Path | None) -> ReplayConfig:
         gates, rollout, output = full.gates, full.rollout, full.output
         slices, storage = full.slices, full.storage
     else:
-        data = _apply_env(raw, os.environ)
-        try:
-            part = _GatesOnlyConfig.model_validate(data)
-        except ValidationError as exc:
-            raise ConfigError(_format_errors(exc, str(path))) from exc
+        from proxy.settings_load import load_settings
+
+        # Same sources as the full config; the models section is not replay's concern.
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("MIRRORGATE_MODELS")}
+        part = load_settings(_GatesOnlyConfig, path, env=env)
         gates, rollout, output = part.gates, part.rollout, part.output
         slices, storage = part.slices, part.storage
     configured = [*slices.headers, *slices.parameters, *slices.rules]
