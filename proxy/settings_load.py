@@ -141,8 +141,8 @@ def _check_env_names(model: type[BaseModel], env: Mapping[str, str]) -> list[str
         if rest in joined:
             right = env_name(joined[rest])
         else:
-            close = difflib.get_close_matches(rest, sorted(joined), n=1, cutoff=0.6)
-            right = env_name(joined[close[0]]) if close else ""
+            matches = difflib.get_close_matches(rest, sorted(joined), n=1, cutoff=0.6)
+            right = env_name(joined[matches[0]]) if matches else ""
         hint = f"; did you mean {right}?" if right else ""
         problems.append(
             f"environment variable {key} is not a configuration override (levels are "
