@@ -131,8 +131,8 @@ def _check_env_names(model: type[BaseModel], env: Mapping[str, str]) -> list[str
             head = rest.split(DELIMITER, 1)[0]
             if head in sections:
                 continue  # below a real section pydantic reports unknown keys by path
-            hint = difflib.get_close_matches(head, sorted(sections), n=1)
-            suggestion = f"; did you mean section {hint[0]!r}?" if hint else ""
+            near = difflib.get_close_matches(head, sorted(sections), n=1)
+            suggestion = f"; did you mean section {near[0]!r}?" if near else ""
             problems.append(f"environment variable {key}: no section {head!r}{suggestion}")
             continue
         if rest in sections or not any(rest.startswith(s + "_") for s in sections):
