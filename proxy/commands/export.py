@@ -21,7 +21,7 @@ from storage.store import Store
 def _add_pairs(sub: Any) -> None:
     p = sub.add_parser("pairs", help="a rollout's pairs as JSON Lines (DESIGN.md format)")
     add_db_args(p)
-    p.add_argument("--rollout", required=True, help="rollout id (see `mirrorgate db status`)")
+    p.add_argument("--rollout", required=True, help="rollout id (see `mirrorgate rollouts list`)")
     p.add_argument("--out", required=True, metavar="FILE", help="output file ('-': stdout)")
     p.add_argument("--since", type=float, help="only pairs with ts >= this (epoch seconds)")
     p.add_argument("--until", type=float, help="only pairs with ts < this (epoch seconds)")

@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
     )
     p.set_defaults(func=run_pairs)
     lb = sub.add_parser("labels", help="load a label file ({id, label, ts} per line)")
-    lb.add_argument("file")
+    lb.add_argument("file", help="label JSON Lines file ('-': stdin; .gz is read as gzip)")
     add_db_args(lb)
     lb.set_defaults(func=run_labels)
 
