@@ -12,6 +12,7 @@ from typing import Any
 
 from proxy.commands._storage import add_db_args, open_db
 from proxy.errors import BadRequest, ConfigError, NotFound
+from proxy.progress import add_quiet, enabled, track
 from proxy.suite import export_suite
 from storage.errors import NotFoundError, StorageError
 from storage.files import write_pairs
@@ -25,6 +26,7 @@ def _add_pairs(sub: Any) -> None:
     p.add_argument("--out", required=True, metavar="FILE", help="output file ('-': stdout)")
     p.add_argument("--since", type=float, help="only pairs with ts >= this (epoch seconds)")
     p.add_argument("--until", type=float, help="only pairs with ts < this (epoch seconds)")
+    add_quiet(p)
     p.set_defaults(func=run_pairs)
 
 
@@ -34,6 +36,9 @@ def run_pairs(args: argparse.Namespace) -> int:
         store = Store(db)
         store.get_rollout(args.rollout)
         records = store.iter_pairs(args.rollout, since=args.since, until=args.until)
+        if enabled(args):
+            total = store.count_pairs(args.rollout)
+            records = track(records, args, desc="export", unit="pair", total=total)
         n = write_pairs(args.out, records)
     except NotFoundError as exc:
         raise NotFound(str(exc)) from exc

@@ -30,6 +30,7 @@ from proxy.config import (
     load_config,
 )
 from proxy.errors import ConfigError
+from proxy.progress import add_quiet, track
 from storage.files import read_labels, read_pairs
 
 
@@ -70,6 +71,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--pairs", type=Path, required=True, help="paired-record JSONL file")
     p.add_argument("--labels", type=Path, help='label JSONL file ({"id", "label", "ts"?})')
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_quiet(p)
     p.set_defaults(func=run)
 
 
@@ -117,7 +119,7 @@ def load_replay_config(path: Path | None) -> ReplayConfig:
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_replay_config(args.config)
-        records = list(read_pairs(args.pairs))
+        records = list(track(read_pairs(args.pairs), args, desc="read pairs", unit="pair"))
         labels = list(read_labels(args.labels)) if args.labels else []
         reference = None
         ref_cfg = cfg.gates.drift.input

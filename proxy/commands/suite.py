@@ -15,6 +15,7 @@ import json
 import sys
 from typing import Any
 
+from proxy.progress import add_quiet, track
 from proxy.suite import (
     RESULTS,
     curate,
@@ -40,6 +41,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-record", action="store_true", help="do not append to results.jsonl")
+    add_quiet(p)
     p.set_defaults(func=run)
     p = sub.add_parser("curate", help="cases every recent model passes easily; repeat blockers")
     p.add_argument("--suite", required=True, metavar="DIR", help="suite folder")
@@ -62,7 +64,14 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
-    result = asyncio.run(run_suite_on(suite, args.model, role=args.role))
+    result = asyncio.run(
+        run_suite_on(
+            suite,
+            args.model,
+            role=args.role,
+            wrap=lambda cases: track(cases, args, desc="suite", unit="case", total=len(cases)),
+        )
+    )
     if not args.no_record:
         try:
             record_result(suite, result)
