@@ -102,6 +102,26 @@ def _valid_label(label: Any) -> bool:
     )
 
 
+def file_mode() -> int:
+    """0666 less the process umask: what ``open()`` would give a new file.
+
+    Files are first written to a ``mkstemp`` file (mode 0600) and renamed into place;
+    they get this mode before the rename so CI artefacts and shared volumes can read
+    them as they could any other file the user writes. The umask is read from
+    /proc/self/status where Linux shows it (setting it to read it is process-wide).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_pairs(path: PathLike, records: Iterable[PairRecord]) -> int:
     """Write records as JSON Lines (atomically for a file); returns how many."""
     if str(path) == "-":
@@ -123,6 +143,7 @@ def write_pairs(path: PathLike, records: Iterable[PairRecord]) -> int:
             else:
                 with io.TextIOWrapper(raw, encoding="utf-8") as text:
                     n = _write(text, records)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
