@@ -41,11 +41,14 @@ def track(
     desc: str,
     unit: str = "it",
     total: int | None = None,
-) -> Iterator[T]:
-    """Yield from ``iterable``, drawing a bar when :func:`enabled`."""
+) -> Iterable[T]:
+    """``iterable`` itself (no extra layer), or wrapped in a bar when :func:`enabled`."""
     if not enabled(args):
-        yield from iterable
-        return
+        return iterable
+    return _bar(iterable, desc=desc, unit=unit, total=total)
+
+
+def _bar(iterable: Iterable[T], *, desc: str, unit: str, total: int | None) -> Iterator[T]:
     from tqdm import tqdm
 
     with tqdm(iterable, desc=desc, unit=unit, total=total, file=sys.stderr, leave=False) as bar:

@@ -21,6 +21,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+import orjson
+
 from gates.records import Label, PairRecord
 
 PathLike = str | os.PathLike[str]
@@ -37,14 +40,28 @@ def _open_text(path: PathLike) -> IO[str]:
         raise ValueError(f"{path}: cannot open: {exc.strerror or exc}") from exc
 
 
+def _open_bytes(path: PathLike) -> IO[bytes]:
+    if str(path) == "-":
+        return sys.stdin.buffer
+    try:
+        if str(path).endswith(".gz"):
+            return gzip.open(path, "rb")  # type: ignore[return-value]
+        return open(path, "rb", buffering=1 << 20)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot open: {exc.strerror or exc}") from exc
+
+
 def _json_lines(path: PathLike) -> Iterator[tuple[int, Any]]:
-    fh = _open_text(path)
+    # Bytes and orjson (UTF-8 is validated by orjson itself): JSON parsing is what a
+    # replay spends most of its time on.
+    fh = _open_bytes(path)
+    loads = orjson.loads
     try:
         lineno = 0
         while True:
             try:
                 line = fh.readline()
-            except (OSError, UnicodeDecodeError, EOFError) as exc:
+            except (OSError, EOFError) as exc:
                 raise ValueError(f"{path}:{lineno + 1}: cannot read: {exc}") from exc
             if not line:
                 return
@@ -52,8 +69,8 @@ def _json_lines(path: PathLike) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
+                yield lineno, loads(line)
+            except orjson.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from exc
     finally:
         if str(path) != "-":
@@ -61,10 +78,58 @@ def _json_lines(path: PathLike) -> Iterator[tuple[int, Any]]:
 
 
 def read_pairs(path: PathLike) -> Iterator[PairRecord]:
-    """Yield the records of a paired-record file, validating each line."""
-    for lineno, data in _json_lines(path):
+    """Yield the records of a paired-record file, validating each line.
+
+    The fast path (replay reads millions of lines): orjson parses each line, and the
+    outputs of a chunk of lines become one float64 matrix per side, so each record's
+    output is a row view instead of an array built from a Python list (the per-record
+    ``np.asarray`` then costs nothing). Validation is ``PairRecord.from_dict``'s, line by
+    line, unchanged; a chunk whose outputs are not one rectangular numeric block (mixed
+    lengths, nulls, bad values) takes the plain per-line path, which reports the line.
+    """
+    if str(path).endswith(".parquet"):
+        from storage.columnar import read_parquet
+
+        yield from read_parquet(path)
+        return
+    chunk: list[tuple[int, Any]] = []
+    for item in _json_lines(path):
+        chunk.append(item)
+        if len(chunk) >= _CHUNK:
+            yield from _records(path, chunk)
+            chunk = []
+    if chunk:
+        yield from _records(path, chunk)
+
+
+_CHUNK = 4096
+
+
+def _stack_outputs(chunk: list[tuple[int, Any]], side: str) -> None:
+    """Replace ``side.output`` lists in place by rows of one matrix, when they form one."""
+    try:
+        rows = [data[side]["output"] for _, data in chunk]
+        if rows and all(type(r) is list for r in rows):
+            matrix = np.array(rows, dtype=np.float64)
+            if matrix.ndim != 2:
+                return
+        elif rows and all(type(r) is float or type(r) is int for r in rows):
+            matrix = np.array(rows, dtype=np.float64)
+        else:
+            return
+    except (TypeError, KeyError, ValueError):
+        return  # not a uniform block: from_dict checks every line and names the bad one
+    for (_, data), row in zip(chunk, matrix, strict=True):
+        data[side]["output"] = row
+
+
+def _records(path: PathLike, chunk: list[tuple[int, Any]]) -> Iterator[PairRecord]:
+    _stack_outputs(chunk, "champion")
+    _stack_outputs(chunk, "candidate")
+    from_dict = PairRecord.from_dict
+    for lineno, data in chunk:
         try:
-            yield PairRecord.from_dict(data, where="record")
+            yield from_dict(data, where="record")
         except ValueError as exc:
             raise ValueError(f"{path}:{lineno}: {exc}") from exc
 
@@ -123,7 +188,12 @@ def file_mode() -> int:
 
 
 def write_pairs(path: PathLike, records: Iterable[PairRecord]) -> int:
-    """Write records as JSON Lines (atomically for a file); returns how many."""
+    """Write records as JSON Lines, or Parquet for a ``.parquet`` name (atomically for a
+    file); returns how many."""
+    if str(path).endswith(".parquet"):
+        from storage.columnar import write_parquet
+
+        return write_parquet(path, records)
     if str(path) == "-":
         n = _write(sys.stdout, records)
         sys.stdout.flush()

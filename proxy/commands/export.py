@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 from typing import Any
 
+from gates.records import PairRecord
 from proxy.commands._storage import add_db_args, open_db
 from proxy.errors import BadRequest, ConfigError, NotFound
 from proxy.progress import add_quiet, enabled, track
@@ -35,7 +37,9 @@ def run_pairs(args: argparse.Namespace) -> int:
     try:
         store = Store(db)
         store.get_rollout(args.rollout)
-        records = store.iter_pairs(args.rollout, since=args.since, until=args.until)
+        records: Iterable[PairRecord] = store.iter_pairs(
+            args.rollout, since=args.since, until=args.until
+        )
         if enabled(args):
             total = store.count_pairs(args.rollout)
             records = track(records, args, desc="export", unit="pair", total=total)
