@@ -9,6 +9,7 @@ path (``models.candidate.path: no such file: ...``).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from urllib.parse import urlsplit
 
@@ -18,6 +19,12 @@ from proxy.errors import ConfigError
 
 def _backend(prefix: str, backend: BackendSettings) -> list[str]:
     problems = []
+    runtime = {"onnx": ("onnxruntime", "onnx"), "torch": ("torch", "torch")}.get(backend.kind)
+    if runtime is not None and importlib.util.find_spec(runtime[0]) is None:
+        problems.append(
+            f"{prefix}.kind: {backend.kind} needs {runtime[0]}, which is not installed: "
+            f"pip install 'mirrorgate[{runtime[1]}]'"
+        )
     if backend.path and backend.kind in ("onnx", "torch"):
         if not os.path.exists(backend.path):
             problems.append(f"{prefix}.path: no such file: {backend.path}")
@@ -40,28 +47,22 @@ def _backend(prefix: str, backend: BackendSettings) -> list[str]:
 
 
 def _database(url: str) -> list[str]:
-    # SQLAlchemy's own URL parser, imported here so `mirrorgate --help` never loads it.
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    # storage's own URL rules (imported here so `mirrorgate --help` never loads SQLAlchemy).
+    from storage.db import normalize_url
+    from storage.errors import StorageError
 
     try:
-        parsed = make_url(url)
-    except ArgumentError as exc:
-        return [f"storage.url: not a database URL: {exc}"]
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        path = parsed.database
-        if path and path != ":memory:":
-            folder = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(folder):
-                return [f"storage.url: folder of the SQLite file does not exist: {folder}"]
-        return []
-    if backend == "postgresql":
+        parsed = normalize_url(url)
+    except StorageError as exc:
+        return [f"storage.url: {exc}"]
+    if parsed.get_backend_name() == "postgresql":
         driver = parsed.get_driver_name()
-        if driver not in ("psycopg", "psycopg2"):
-            return [f"storage.url: PostgreSQL driver {driver!r}: use postgresql+psycopg://"]
-        return []
-    return [f"storage.url: unsupported database {backend!r} (sqlite or postgresql)"]
+        if importlib.util.find_spec(driver) is None:
+            return [
+                f"storage.url: PostgreSQL needs {driver}, which is not installed: "
+                "pip install 'mirrorgate[postgres]'"
+            ]
+    return []
 
 
 def problems(config: MirrorgateConfig) -> list[str]:
