@@ -98,6 +98,20 @@ def _infer(base: str, i: int) -> dict:
         return json.loads(response.read())
 
 
+def _wait_ready(base: str) -> None:
+    """Listening comes before the backends are ready: poll readiness (bounded, not timed)."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/v2/health/ready", timeout=10) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "serve never became ready"
+        time.sleep(0.2)
+
+
 def test_serve_replay_rollouts_report(venv: Path, tmp_path: Path) -> None:
     with running_upstream() as upstream:
         config = {
@@ -124,6 +138,7 @@ def test_serve_replay_rollouts_report(venv: Path, tmp_path: Path) -> None:
             line = proc.stdout.readline().decode()
             assert line.startswith("mirrorgate: listening on "), proc.stderr.read().decode()
             base = line.split()[-1]
+            _wait_ready(base)
             for i in range(20):
                 outputs = _infer(base, i)["outputs"]
                 assert outputs[0]["data"] == pytest.approx(PROBS["classifier"])
