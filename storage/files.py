@@ -24,7 +24,7 @@ from typing import IO, Any
 import numpy as np
 import orjson
 
-from gates.records import Label, PairRecord
+from gates.records import Label, ModelResult, PairRecord
 
 PathLike = str | os.PathLike[str]
 
@@ -128,10 +128,84 @@ def _records(path: PathLike, chunk: list[tuple[int, Any]]) -> Iterator[PairRecor
     _stack_outputs(chunk, "candidate")
     from_dict = PairRecord.from_dict
     for lineno, data in chunk:
+        record = _plain(data)
+        if record is not None:
+            yield record
+            continue
         try:
             yield from_dict(data, where="record")
         except ValueError as exc:
             raise ValueError(f"{path}:{lineno}: {exc}") from exc
+
+
+_KEYS = frozenset(
+    ["id", "ts", "slices", "features", "champion", "candidate", "label", "inputs_digest",
+     "stage", "served_by"]
+)  # fmt: skip
+_SIDE_KEYS = frozenset(("output", "latency_ms", "error"))
+_NUMBER = (int, float)
+
+
+def _side(data: Any) -> ModelResult | None:
+    if type(data) is not dict or not _SIDE_KEYS.issuperset(data):
+        return None
+    out = data.get("output")
+    lat = data.get("latency_ms")
+    err = data.get("error")
+    if (
+        (out is not None and type(out) is not np.ndarray)
+        or (lat is not None and type(lat) not in _NUMBER)
+        or (err is not None and type(err) is not str)
+    ):
+        return None
+    return ModelResult(output=out, latency_ms=None if lat is None else float(lat), error=err)
+
+
+def _plain(data: Any) -> PairRecord | None:
+    """The record, when the line is in the plain shape the exporter writes (exact types,
+    known keys, outputs already stacked); None sends it through ``PairRecord.from_dict``,
+    which validates everything and names the field. Same result either way
+    (tests/storage/test_columnar.py), this one without from_dict's per-field messages."""
+    if type(data) is not dict or not _KEYS.issuperset(data):
+        return None
+    rid, ts = data.get("id"), data.get("ts")
+    if type(rid) is not str or not rid or type(ts) is not float or not math.isfinite(ts):
+        return None
+    slices = data.get("slices") or {}
+    features = data.get("features") or {}
+    if type(slices) is not dict or type(features) is not dict:
+        return None
+    for v in slices.values():
+        if type(v) is not str:
+            return None
+    for v in features.values():
+        if type(v) is not float and type(v) is not int and type(v) is not str:
+            return None
+    served = data.get("served_by", "champion")
+    stage = data.get("stage")
+    digest = data.get("inputs_digest")
+    if (
+        (served != "champion" and served != "candidate")
+        or (stage is not None and type(stage) is not str)
+        or (digest is not None and type(digest) is not str)
+    ):
+        return None
+    champion = _side(data.get("champion"))
+    candidate = _side(data.get("candidate"))
+    if champion is None or candidate is None:
+        return None
+    return PairRecord(
+        id=rid,
+        ts=ts,
+        champion=champion,
+        candidate=candidate,
+        slices=slices,
+        features=features,
+        label=data.get("label"),
+        inputs_digest=digest or "",
+        stage=stage or "shadow",
+        served_by=served,
+    )
 
 
 def read_labels(path: PathLike) -> Iterator[tuple[str, Label, float | None]]:

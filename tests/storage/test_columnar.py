@@ -74,3 +74,23 @@ def test_a_foreign_parquet_file_is_refused(tmp_path):
 def test_empty_export_is_a_readable_file(tmp_path):
     assert write_parquet(tmp_path / "e.parquet", []) == 0
     assert list(read_pairs(tmp_path / "e.parquet")) == []
+
+
+def test_lines_off_the_plain_shape_still_equal_from_dict(tmp_path):
+    records = _uniform(40)
+    path = tmp_path / "p.jsonl"
+    write_pairs(path, records)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    lines[1]["id"] = 12345  # int id: from_dict makes it a string
+    lines[2]["ts"] = 1_764_050_000  # int ts
+    lines[3]["slices"] = {"platform": 7}  # non-string slice value: stringified
+    lines[4]["extra_field"] = "ignored"  # unknown key
+    lines[5]["champion"] = None  # missing side: error "missing"
+    lines[6]["candidate"]["latency_ms"] = 3  # int latency
+    lines[7]["stage"] = None
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    fast = list(read_pairs(path))
+    plain = [PairRecord.from_dict(json.loads(x)) for x in path.read_text().splitlines()]
+    assert [r.to_dict() for r in fast] == [r.to_dict() for r in plain]
+    assert fast[1].id == "12345" and fast[3].slices == {"platform": "7"}
+    assert fast[5].champion.error == "missing"
