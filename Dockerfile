@@ -3,6 +3,8 @@
 #
 #   CPU image (default target):  docker build -t mirrorgate .
 #     slimmer, without torch:    docker build --build-arg MIRRORGATE_TORCH=none -t mirrorgate .
+#   Slim gateway (http backends, gates, PostgreSQL; no onnxruntime, no torch):
+#                                docker build --target gateway -t mirrorgate:gateway .
 #   CUDA image:                  docker build --target cuda -t mirrorgate:cuda .
 #   Flagger loadtester with the mirrorgate CLI (runs the pinned suite as a webhook):
 #                                docker build --target flagger-loadtester -t mirrorgate-loadtester .
@@ -31,6 +33,11 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1
 RUN MIRRORGATE_ONNXRUNTIME=cpu deploy/docker/install.sh /src /opt/mirrorgate
+
+# ---- slim gateway virtual environment: the core install plus psycopg ---------------------
+FROM source AS build-gateway
+ENV PIP_NO_CACHE_DIR=1
+RUN MIRRORGATE_TORCH=none MIRRORGATE_ONNXRUNTIME=none deploy/docker/install.sh /src /opt/mirrorgate
 
 # ---- CUDA virtual environment: onnxruntime-gpu + torch's CUDA build ---------------------
 # Both bring the CUDA runtime and cuDNN as pip wheels (nvidia-*), so the base stays the
@@ -70,6 +77,10 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     LD_LIBRARY_PATH=/opt/mirrorgate/lib/python3.11/site-packages/nvidia/cudnn/lib:/opt/mirrorgate/lib/python3.11/site-packages/nvidia/cublas/lib:/opt/mirrorgate/lib/python3.11/site-packages/nvidia/cuda_runtime/lib:/opt/mirrorgate/lib/python3.11/site-packages/nvidia/cufft/lib:/opt/mirrorgate/lib/python3.11/site-packages/nvidia/curand/lib:/opt/mirrorgate/lib/python3.11/site-packages/nvidia/cuda_nvrtc/lib
 COPY --from=build-cuda /opt/mirrorgate /opt/mirrorgate
+
+# ---- slim gateway image: serves `http` backends (Triton, KServe, MLServer) -------------
+FROM runtime-base AS gateway
+COPY --from=build-gateway /opt/mirrorgate /opt/mirrorgate
 
 # ---- Flagger loadtester that can run `mirrorgate suite run` (deploy/flagger/) ------------
 FROM ${FLAGGER_LOADTESTER_IMAGE} AS flagger-loadtester-upstream

@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	# Pin torch first: this machine holds the CPU build on disk; an unpinned torch
 	# resolves to a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,torch]'
+	$(BIN)/python -m pip install -q -e '.[dev,torch,onnx,postgres,parquet]'
 	touch $(STAMP)
 
 venv: $(STAMP)

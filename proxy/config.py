@@ -1,10 +1,10 @@
 """The one configuration file: YAML validated by pydantic v2.
 
-Unknown keys and bad values are errors naming the key's path. Any field can be
-overridden by an environment variable ``MIRRORGATE_<SECTION>__<FIELD>[__<SUBFIELD>...]``
-(double underscore between levels, as pydantic-settings and Dynaconf spell nesting); the
-value is parsed as a YAML scalar, so ``MIRRORGATE_SERVER__PORT=9000`` is an int.
-Variables without a double underscore (``MIRRORGATE_CONFIG``) are not overrides.
+Unknown keys and bad values are errors naming the key's path and its source. Any field
+can be overridden by an environment variable ``MIRRORGATE_<SECTION>__<FIELD>[__<SUB>...]``
+(double underscore between levels, pydantic-settings' nesting); values are strings as
+given, converted by pydantic where a field is a number, boolean or list (JSON). Loading
+lives in ``proxy.settings_load``; this module holds the field definitions.
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from gates.settings import GatesSettings, RolloutSettings
-from proxy.errors import ConfigError
 from storage.settings import StorageSettings
 
 ENV_PREFIX = "MIRRORGATE_"
@@ -206,34 +204,6 @@ class MirrorgateConfig(_Strict):
         return hashlib.sha256(blob).hexdigest()
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
-    lines = []
-    for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"]) or "<root>"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"{path}: {msg}")
-    return f"invalid configuration in {source}:\n  " + "\n  ".join(lines)
-
-
-def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    for key, raw in sorted(env.items()):
-        if not key.startswith(ENV_PREFIX) or "__" not in key:
-            continue
-        path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
-        if not all(path):
-            raise ConfigError(f"environment variable {key}: empty path segment")
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"environment variable {key}: {part} is not a section")
-            node = child
-        node[path[-1]] = yaml.safe_load(raw) if raw != "" else ""
-    return data
-
-
 def load_config(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -242,30 +212,14 @@ def load_config(
 ) -> MirrorgateConfig:
     """Load a config from a YAML file (or a mapping), apply env overrides, validate.
 
-    Relative model paths are resolved against the config file's folder.
+    Sources and error wording: ``proxy.settings_load``. Relative model paths are
+    resolved against the config file's folder.
     """
-    source = str(path) if path is not None else "<mapping>"
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config {path}: top level must be a mapping")
-        raw: dict[str, Any] = loaded
-    else:
-        raw = json.loads(json.dumps(dict(data or {})))
-    raw = _apply_env(raw, os.environ if env is None else env)
-    try:
-        config = MirrorgateConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from exc
+    from proxy.settings_load import load_settings
+
+    if data is not None:
+        data = json.loads(json.dumps(dict(data)))
+    config: MirrorgateConfig = load_settings(MirrorgateConfig, path, data=data, env=env)
     if path is not None:
         base = Path(path).resolve().parent
         for backend in (config.models.champion, config.models.candidate):

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -337,12 +337,18 @@ def identity_dict(backend: Backend) -> dict[str, str]:
 
 
 async def run_suite(
-    backend: Backend, suite: Suite, *, output_name: str | None = None, now: float | None = None
+    backend: Backend,
+    suite: Suite,
+    *,
+    output_name: str | None = None,
+    now: float | None = None,
+    wrap: Callable[[list[SuiteCase]], Iterable[SuiteCase]] | None = None,
 ) -> SuiteResult:
+    """Judge every case; ``wrap`` may wrap the case list (a progress bar)."""
     result = SuiteResult(
         identity_dict(backend), str(suite.path), time.time() if now is None else now
     )
-    for case in suite.cases:
+    for case in wrap(list(suite.cases)) if wrap else suite.cases:
         outcome = await judge(
             backend, case.inputs(), case.expected, case.score_tolerance, output_name=output_name
         )
@@ -514,13 +520,19 @@ def model_settings(spec: str, *, role: str = "candidate") -> tuple[BackendSettin
         raise BadRequest(f"--model {spec}: invalid backend settings: {exc}") from exc
 
 
-async def run_suite_on(suite: Suite, spec: str, *, role: str = "candidate") -> SuiteResult:
+async def run_suite_on(
+    suite: Suite,
+    spec: str,
+    *,
+    role: str = "candidate",
+    wrap: Callable[[list[SuiteCase]], Iterable[SuiteCase]] | None = None,
+) -> SuiteResult:
     """Build the model ``spec`` names, run the suite on it, close it."""
     from proxy.backends.factory import create_backend
 
     settings, output_name = model_settings(spec, role=role)
     backend = await create_backend(settings)
     try:
-        return await run_suite(backend, suite, output_name=output_name)
+        return await run_suite(backend, suite, output_name=output_name, wrap=wrap)
     finally:
         await backend.aclose()

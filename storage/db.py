@@ -88,9 +88,21 @@ def _make_engine(url: URL, *, busy_timeout_ms: int, echo: bool) -> Engine:
     connect_args: dict[str, Any] = {}
     if "connect_timeout" not in url.query:
         connect_args["connect_timeout"] = 5
-    return create_engine(
-        url, pool_pre_ping=True, connect_args=connect_args, pool_size=5, max_overflow=5, **kwargs
-    )
+    try:
+        return create_engine(
+            url,
+            pool_pre_ping=True,
+            connect_args=connect_args,
+            pool_size=5,
+            max_overflow=5,
+            **kwargs,
+        )
+    except ModuleNotFoundError as exc:
+        # The driver is an extra: the core install is SQLite only.
+        raise StorageError(
+            f"{url.get_backend_name()} needs the {exc.name} driver, which is not installed: "
+            "pip install 'mirrorgate[postgres]'"
+        ) from exc
 
 
 def _sqlite_pragmas(engine: Engine, *, wal: bool, busy_timeout_ms: int) -> None:

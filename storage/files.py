@@ -21,7 +21,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from gates.records import Label, PairRecord
+import numpy as np
+import orjson
+
+from gates.records import Label, ModelResult, PairRecord
 
 PathLike = str | os.PathLike[str]
 
@@ -37,14 +40,28 @@ def _open_text(path: PathLike) -> IO[str]:
         raise ValueError(f"{path}: cannot open: {exc.strerror or exc}") from exc
 
 
+def _open_bytes(path: PathLike) -> IO[bytes]:
+    if str(path) == "-":
+        return sys.stdin.buffer
+    try:
+        if str(path).endswith(".gz"):
+            return gzip.open(path, "rb")  # type: ignore[return-value]
+        return open(path, "rb", buffering=1 << 20)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot open: {exc.strerror or exc}") from exc
+
+
 def _json_lines(path: PathLike) -> Iterator[tuple[int, Any]]:
-    fh = _open_text(path)
+    # Bytes and orjson (UTF-8 is validated by orjson itself): JSON parsing is what a
+    # replay spends most of its time on.
+    fh = _open_bytes(path)
+    loads = orjson.loads
     try:
         lineno = 0
         while True:
             try:
                 line = fh.readline()
-            except (OSError, UnicodeDecodeError, EOFError) as exc:
+            except (OSError, EOFError) as exc:
                 raise ValueError(f"{path}:{lineno + 1}: cannot read: {exc}") from exc
             if not line:
                 return
@@ -52,8 +69,8 @@ def _json_lines(path: PathLike) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
+                yield lineno, loads(line)
+            except orjson.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from exc
     finally:
         if str(path) != "-":
@@ -61,12 +78,134 @@ def _json_lines(path: PathLike) -> Iterator[tuple[int, Any]]:
 
 
 def read_pairs(path: PathLike) -> Iterator[PairRecord]:
-    """Yield the records of a paired-record file, validating each line."""
-    for lineno, data in _json_lines(path):
+    """Yield the records of a paired-record file, validating each line.
+
+    The fast path (replay reads millions of lines): orjson parses each line, and the
+    outputs of a chunk of lines become one float64 matrix per side, so each record's
+    output is a row view instead of an array built from a Python list (the per-record
+    ``np.asarray`` then costs nothing). Validation is ``PairRecord.from_dict``'s, line by
+    line, unchanged; a chunk whose outputs are not one rectangular numeric block (mixed
+    lengths, nulls, bad values) takes the plain per-line path, which reports the line.
+    """
+    if str(path).endswith(".parquet"):
+        from storage.columnar import read_parquet
+
+        yield from read_parquet(path)
+        return
+    chunk: list[tuple[int, Any]] = []
+    for item in _json_lines(path):
+        chunk.append(item)
+        if len(chunk) >= _CHUNK:
+            yield from _records(path, chunk)
+            chunk = []
+    if chunk:
+        yield from _records(path, chunk)
+
+
+_CHUNK = 4096
+
+
+def _stack_outputs(chunk: list[tuple[int, Any]], side: str) -> None:
+    """Replace ``side.output`` lists in place by rows of one matrix, when they form one."""
+    try:
+        rows = [data[side]["output"] for _, data in chunk]
+        if rows and all(type(r) is list for r in rows):
+            matrix = np.array(rows, dtype=np.float64)
+            if matrix.ndim != 2:
+                return
+        elif rows and all(type(r) is float or type(r) is int for r in rows):
+            matrix = np.array(rows, dtype=np.float64)
+        else:
+            return
+    except (TypeError, KeyError, ValueError):
+        return  # not a uniform block: from_dict checks every line and names the bad one
+    for (_, data), row in zip(chunk, matrix, strict=True):
+        data[side]["output"] = row
+
+
+def _records(path: PathLike, chunk: list[tuple[int, Any]]) -> Iterator[PairRecord]:
+    _stack_outputs(chunk, "champion")
+    _stack_outputs(chunk, "candidate")
+    from_dict = PairRecord.from_dict
+    for lineno, data in chunk:
+        record = _plain(data)
+        if record is not None:
+            yield record
+            continue
         try:
-            yield PairRecord.from_dict(data, where="record")
+            yield from_dict(data, where="record")
         except ValueError as exc:
             raise ValueError(f"{path}:{lineno}: {exc}") from exc
+
+
+_KEYS = frozenset(
+    ["id", "ts", "slices", "features", "champion", "candidate", "label", "inputs_digest",
+     "stage", "served_by"]
+)  # fmt: skip
+_SIDE_KEYS = frozenset(("output", "latency_ms", "error"))
+_NUMBER = (int, float)
+
+
+def _side(data: Any) -> ModelResult | None:
+    if type(data) is not dict or not _SIDE_KEYS.issuperset(data):
+        return None
+    out = data.get("output")
+    lat = data.get("latency_ms")
+    err = data.get("error")
+    if (
+        (out is not None and type(out) is not np.ndarray)
+        or (lat is not None and type(lat) not in _NUMBER)
+        or (err is not None and type(err) is not str)
+    ):
+        return None
+    return ModelResult(output=out, latency_ms=None if lat is None else float(lat), error=err)
+
+
+def _plain(data: Any) -> PairRecord | None:
+    """The record, when the line is in the plain shape the exporter writes (exact types,
+    known keys, outputs already stacked); None sends it through ``PairRecord.from_dict``,
+    which validates everything and names the field. Same result either way
+    (tests/storage/test_columnar.py), this one without from_dict's per-field messages."""
+    if type(data) is not dict or not _KEYS.issuperset(data):
+        return None
+    rid, ts = data.get("id"), data.get("ts")
+    if type(rid) is not str or not rid or type(ts) is not float or not math.isfinite(ts):
+        return None
+    slices = data.get("slices") or {}
+    features = data.get("features") or {}
+    if type(slices) is not dict or type(features) is not dict:
+        return None
+    for v in slices.values():
+        if type(v) is not str:
+            return None
+    for v in features.values():
+        if type(v) is not float and type(v) is not int and type(v) is not str:
+            return None
+    served = data.get("served_by", "champion")
+    stage = data.get("stage")
+    digest = data.get("inputs_digest")
+    if (
+        (served != "champion" and served != "candidate")
+        or (stage is not None and type(stage) is not str)
+        or (digest is not None and type(digest) is not str)
+    ):
+        return None
+    champion = _side(data.get("champion"))
+    candidate = _side(data.get("candidate"))
+    if champion is None or candidate is None:
+        return None
+    return PairRecord(
+        id=rid,
+        ts=ts,
+        champion=champion,
+        candidate=candidate,
+        slices=slices,
+        features=features,
+        label=data.get("label"),
+        inputs_digest=digest or "",
+        stage=stage or "shadow",
+        served_by=served,
+    )
 
 
 def read_labels(path: PathLike) -> Iterator[tuple[str, Label, float | None]]:
@@ -102,8 +241,33 @@ def _valid_label(label: Any) -> bool:
     )
 
 
+def file_mode() -> int:
+    """0666 less the process umask: what ``open()`` would give a new file.
+
+    Files are first written to a ``mkstemp`` file (mode 0600) and renamed into place;
+    they get this mode before the rename so CI artefacts and shared volumes can read
+    them as they could any other file the user writes. The umask is read from
+    /proc/self/status where Linux shows it (setting it to read it is process-wide).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_pairs(path: PathLike, records: Iterable[PairRecord]) -> int:
-    """Write records as JSON Lines (atomically for a file); returns how many."""
+    """Write records as JSON Lines, or Parquet for a ``.parquet`` name (atomically for a
+    file); returns how many."""
+    if str(path).endswith(".parquet"):
+        from storage.columnar import write_parquet
+
+        return write_parquet(path, records)
     if str(path) == "-":
         n = _write(sys.stdout, records)
         sys.stdout.flush()
@@ -123,6 +287,7 @@ def write_pairs(path: PathLike, records: Iterable[PairRecord]) -> int:
             else:
                 with io.TextIOWrapper(raw, encoding="utf-8") as text:
                     n = _write(text, records)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -13,9 +13,11 @@
 #   MIRRORGATE_TORCH        none | cpu | cuda   (default none)
 #       cpu:  torch's CPU-only build from TORCH_INDEX_URL, so no CUDA libraries land in
 #             the CPU image; cuda: the default PyPI build, which bundles the CUDA runtime.
-#   MIRRORGATE_ONNXRUNTIME  cpu | gpu           (default cpu)
-#       gpu swaps onnxruntime for onnxruntime-gpu (the two ship the same module and
-#       must not be installed together).
+#   MIRRORGATE_ONNXRUNTIME  none | cpu | gpu    (default cpu)
+#       cpu: the [onnx] extra (onnxruntime); gpu: the [gpu] extra (onnxruntime-gpu; the
+#       two ship the same module and must not be installed together); none: neither,
+#       the slim gateway that serves `http` backends only.
+#   The [postgres] extra (psycopg) is always installed: images talk to PostgreSQL.
 #   TORCH_VERSION           torch version to pin (default 2.13.0)
 #   TORCH_INDEX_URL         index holding the CPU builds (required when MIRRORGATE_TORCH=cpu)
 #   ONNXRUNTIME_GPU_VERSION onnxruntime-gpu requirement (default >=1.17)
@@ -42,8 +44,8 @@ case "$torch_kind" in none | cpu | cuda) ;; *)
   exit 2
   ;;
 esac
-case "$ort_kind" in cpu | gpu) ;; *)
-  echo "install.sh: MIRRORGATE_ONNXRUNTIME must be cpu or gpu, not '$ort_kind'" >&2
+case "$ort_kind" in none | cpu | gpu) ;; *)
+  echo "install.sh: MIRRORGATE_ONNXRUNTIME must be none, cpu or gpu, not '$ort_kind'" >&2
   exit 2
   ;;
 esac
@@ -58,25 +60,27 @@ pip=("$prefix/bin/python" -m pip --disable-pip-version-check)
 
 # torch first, pinned: the [torch] extra only asks for a range, and an unpinned resolve
 # picks the multi-GB CUDA build even for the CPU image.
-extras=""
+extras="postgres"
 case "$torch_kind" in
   cpu)
     "${pip[@]}" install --index-url "$TORCH_INDEX_URL" "torch==$torch_version"
-    extras="[torch]"
+    extras="$extras,torch"
     ;;
   cuda)
     "${pip[@]}" install "torch==$torch_version"
-    extras="[torch]"
+    extras="$extras,torch"
+    ;;
+esac
+case "$ort_kind" in
+  cpu) extras="$extras,onnx" ;;
+  gpu)
+    "${pip[@]}" install "onnxruntime-gpu${ONNXRUNTIME_GPU_VERSION:->=1.17}"
+    extras="$extras,gpu"
     ;;
 esac
 
 # A regular (non-editable) install: the image must not depend on the source tree.
-"${pip[@]}" install "$src$extras"
-
-if [ "$ort_kind" = gpu ]; then
-  "${pip[@]}" uninstall -y onnxruntime
-  "${pip[@]}" install "onnxruntime-gpu${ONNXRUNTIME_GPU_VERSION:->=1.17}"
-fi
+"${pip[@]}" install "${src}[${extras}]"
 
 # Fail the build now, not at the first request, when the entry point is broken.
 "$prefix/bin/mirrorgate" --version

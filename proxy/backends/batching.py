@@ -277,9 +277,14 @@ class BatchingBackend:
                 bad,
             )
             raise BackendError(f"model {self._model!r} cannot be batched")
-        offsets = np.cumsum([r.rows for r in batch])[:-1]
-        parts = {n: np.split(a, offsets, axis=0) for n, a in out.items()}
-        return [{n: parts[n][i] for n in out} for i in range(len(batch))]
+        # Basic slices are views: no copy per request, and cheaper than np.split's loop.
+        results = []
+        start = 0
+        for r in batch:
+            end = start + r.rows
+            results.append({n: a[start:end] for n, a in out.items()})
+            start = end
+        return results
 
     async def _run_alone(self, request: _Request) -> None:
         if request.future.done():

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.backends.base import Backend
 from proxy.config import BackendSettings
+from proxy.errors import ConfigError
 
 # kind -> "module:Class"; each class has ``async classmethod create(settings) -> Backend``.
 _RUNTIMES = {
@@ -17,6 +18,10 @@ _RUNTIMES = {
 }
 
 
+# runtime module -> the extra that installs it (the core install has only `http`)
+EXTRAS = {"onnxruntime": "onnx", "torch": "torch"}
+
+
 async def create_backend(
     settings: BackendSettings, registry: CollectorRegistry | None = None
 ) -> Backend:
@@ -24,7 +29,16 @@ async def create_backend(
     wrapped in a :class:`~proxy.backends.batching.BatchingBackend` whose batch-size
     histogram goes to ``registry``."""
     module_name, cls_name = _RUNTIMES[settings.kind].split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get(exc.name or "")
+        if extra is None:
+            raise
+        raise ConfigError(
+            f"a {settings.kind} backend needs {exc.name}, which is not installed: "
+            f"pip install 'mirrorgate[{extra}]'"
+        ) from exc
     backend: Backend = await cls.create(settings)
     if settings.kind != "http" and settings.batching.max_batch_size > 1:
         from proxy.backends.batching import BatchingBackend

@@ -149,6 +149,14 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        # The bundled models are ONNX: the core install (http backends only) cannot run them.
+        raise MirrorgateError(
+            "the demo runs bundled ONNX models and needs onnxruntime: "
+            "pip install 'mirrorgate[onnx]'"
+        )
     quiet = () if args.verbose else ("proxy", "storage", "gates", "aiohttp", "alembic")
     previous = {name: logging.getLogger(name).level for name in quiet}
     # The demo's own lines are the output; the proxy's INFO logs would bury them.

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 from typing import Any
 
+from gates.records import PairRecord
 from proxy.commands._storage import add_db_args, open_db
 from proxy.errors import BadRequest, ConfigError, NotFound
+from proxy.progress import add_quiet, enabled, track
 from proxy.suite import export_suite
 from storage.errors import NotFoundError, StorageError
 from storage.files import write_pairs
@@ -21,10 +24,11 @@ from storage.store import Store
 def _add_pairs(sub: Any) -> None:
     p = sub.add_parser("pairs", help="a rollout's pairs as JSON Lines (DESIGN.md format)")
     add_db_args(p)
-    p.add_argument("--rollout", required=True, help="rollout id (see `mirrorgate db status`)")
+    p.add_argument("--rollout", required=True, help="rollout id (see `mirrorgate rollouts list`)")
     p.add_argument("--out", required=True, metavar="FILE", help="output file ('-': stdout)")
     p.add_argument("--since", type=float, help="only pairs with ts >= this (epoch seconds)")
     p.add_argument("--until", type=float, help="only pairs with ts < this (epoch seconds)")
+    add_quiet(p)
     p.set_defaults(func=run_pairs)
 
 
@@ -33,7 +37,12 @@ def run_pairs(args: argparse.Namespace) -> int:
     try:
         store = Store(db)
         store.get_rollout(args.rollout)
-        records = store.iter_pairs(args.rollout, since=args.since, until=args.until)
+        records: Iterable[PairRecord] = store.iter_pairs(
+            args.rollout, since=args.since, until=args.until
+        )
+        if enabled(args):
+            total = store.count_pairs(args.rollout)
+            records = track(records, args, desc="export", unit="pair", total=total)
         n = write_pairs(args.out, records)
     except NotFoundError as exc:
         raise NotFound(str(exc)) from exc

@@ -15,6 +15,7 @@ from typing import Any
 
 from proxy.commands._storage import add_db_args, open_db
 from proxy.errors import BadRequest, ConfigError
+from proxy.progress import add_quiet, track
 from storage.entities import LabelEntry, ModelInfo
 from storage.errors import StorageError
 from storage.files import read_labels, read_pairs
@@ -31,10 +32,12 @@ def register(subparsers: Any) -> None:
         "--rollout",
         help="append to this rollout (created when missing); default: a new rollout",
     )
+    add_quiet(p)
     p.set_defaults(func=run_pairs)
     lb = sub.add_parser("labels", help="load a label file ({id, label, ts} per line)")
-    lb.add_argument("file")
+    lb.add_argument("file", help="label JSON Lines file ('-': stdin; .gz is read as gzip)")
     add_db_args(lb)
+    add_quiet(lb)
     lb.set_defaults(func=run_labels)
 
 
@@ -57,7 +60,7 @@ def run_pairs(args: argparse.Namespace) -> int:
     source = ModelInfo(name=Path(args.file).name, kind="file", digest=digest)
     try:
         rollout_id, n, _created = Store(db).import_pairs(
-            read_pairs(args.file),
+            track(read_pairs(args.file), args, desc="import", unit="pair"),
             source=source,
             rollout_id=args.rollout,
             extra={"imported_from": args.file},
@@ -85,7 +88,7 @@ def run_labels(args: argparse.Namespace) -> int:
                 received_at=now,
                 source="file",
             )
-            for rid, label, ts in read_labels(args.file)
+            for rid, label, ts in track(read_labels(args.file), args, desc="read", unit="label")
         ]
         joined = Store(db).add_labels(entries, now=now)
     except ValueError as exc:

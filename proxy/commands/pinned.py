@@ -31,23 +31,27 @@ def register(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="pinned_cmd", metavar="ACTION", required=True)
     p = sub.add_parser("list", help="cases, newest last")
     add_db_args(p)
-    p.add_argument("--status", choices=PINNED_STATUSES)
+    p.add_argument("--status", choices=PINNED_STATUSES, help="only cases in this status")
     p.add_argument("--task", help="only this served model name")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=run)
     p = sub.add_parser("show", help="one case with its evidence and triage history (JSON)")
     add_db_args(p)
-    p.add_argument("id", type=int)
+    p.add_argument("id", type=int, help="pinned case id (see `mirrorgate pinned list`)")
     p.set_defaults(func=run)
     for action in ACTIONS:
         p = sub.add_parser(action, help=f"{action} a case (recorded with who and why)")
         add_db_args(p)
-        p.add_argument("id", type=int)
-        p.add_argument("--who", required=True)
-        p.add_argument("--why", required=True)
+        p.add_argument("id", type=int, help="pinned case id")
+        p.add_argument("--who", required=True, help="who decides (recorded)")
+        p.add_argument("--why", required=True, help="why (recorded with the triage)")
         if action == "pin":
             p.add_argument("--expected-label", type=_label, help="default: the case's label")
-            p.add_argument("--score-tolerance", type=float)
+            p.add_argument(
+                "--score-tolerance",
+                type=float,
+                help="largest score difference a replay may show and still pass",
+            )
         p.set_defaults(func=run)
 
 

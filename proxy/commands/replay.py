@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from gates.join import LabelJoin
 from gates.replay import ReplayResult, replay
@@ -27,11 +27,10 @@ from proxy.config import (
     ServerSettings,
     SlicesSettings,
     StorageSettings,
-    _apply_env,
-    _format_errors,
     load_config,
 )
 from proxy.errors import ConfigError
+from proxy.progress import add_quiet, track
 from storage.files import read_labels, read_pairs
 
 
@@ -72,6 +71,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--pairs", type=Path, required=True, help="paired-record JSONL file")
     p.add_argument("--labels", type=Path, help='label JSONL file ({"id", "label", "ts"?})')
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_quiet(p)
     p.set_defaults(func=run)
 
 
@@ -98,11 +98,11 @@ def load_replay_config(path: Path | None) -> ReplayConfig:
         gates, rollout, output = full.gates, full.rollout, full.output
         slices, storage = full.slices, full.storage
     else:
-        data = _apply_env(raw, os.environ)
-        try:
-            part = _GatesOnlyConfig.model_validate(data)
-        except ValidationError as exc:
-            raise ConfigError(_format_errors(exc, str(path))) from exc
+        from proxy.settings_load import load_settings
+
+        # Same sources as the full config; the models section is not replay's concern.
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("MIRRORGATE_MODELS")}
+        part = load_settings(_GatesOnlyConfig, path, env=env)
         gates, rollout, output = part.gates, part.rollout, part.output
         slices, storage = part.slices, part.storage
     configured = [*slices.headers, *slices.parameters, *slices.rules]
@@ -119,7 +119,7 @@ def load_replay_config(path: Path | None) -> ReplayConfig:
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_replay_config(args.config)
-        records = list(read_pairs(args.pairs))
+        records = list(track(read_pairs(args.pairs), args, desc="read pairs", unit="pair"))
         labels = list(read_labels(args.labels)) if args.labels else []
         reference = None
         ref_cfg = cfg.gates.drift.input

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from proxy.progress import Steps, add_quiet
+
 
 def register(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
@@ -27,10 +29,16 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--out", metavar="DIR", required=True, help="directory of the pack")
     parser.add_argument("--config", metavar="FILE", help="config naming the store (storage)")
+    add_quiet(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    with Steps(args, 3, "report") as step:
+        return _run(args, step)
+
+
+def _run(args: argparse.Namespace, step: Steps) -> int:
     # Imported here: the report stack (jsonschema) stays off every other command's start-up.
     from proxy.errors import BadRequest
     from proxy.report import source as sources
@@ -54,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         recorded = store.signoffs(args.rollout)
     else:
         raise BadRequest("give --rollout R (read from storage) or --from-json FILE")
+    step("document")
 
     embedded = [
         SignOff.from_dict(s, where=f"$.signoffs[{i}]")
@@ -62,8 +71,10 @@ def run(args: argparse.Namespace) -> int:
     beside = sources.PackSource(args.out).signoffs(rollout) if isinstance(rollout, str) else []
     doc["signoffs"] = [s.to_dict() for s in merge_signoffs(embedded, recorded, beside)]
     pack = write_pack(doc, args.out)
+    step("pack written")
 
     checks = check_all(doc)
+    step("sign-offs checked")
     verdict = doc["verdict"]
     print(f"report:    {pack.html_path}")
     print(f"json:      {pack.json_path}")

@@ -69,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
         update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     )
     config = config.model_copy(update={"server": server})
+    # Model files, URLs and the database URL are checked before any migration or bind.
+    from proxy.preflight import check
+
+    check(config, args.config)
     return asyncio.run(serve(config, sinks=build_sinks(config, args)))
 
 

@@ -15,6 +15,7 @@ import json
 import sys
 from typing import Any
 
+from proxy.progress import add_quiet, track
 from proxy.suite import (
     RESULTS,
     curate,
@@ -30,24 +31,47 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("suite", help="run or curate a pinned never-regress suite")
     sub = parser.add_subparsers(dest="suite_cmd", metavar="ACTION", required=True)
     p = sub.add_parser("run", help="run every pinned case on a model; exit 1 on a regression")
-    p.add_argument("--suite", required=True, metavar="DIR")
+    p.add_argument("--suite", required=True, metavar="DIR", help="suite folder")
     p.add_argument("--model", required=True, metavar="SPEC", help=".onnx, backend YAML or config")
-    p.add_argument("--role", choices=("candidate", "champion"), default="candidate")
+    p.add_argument(
+        "--role",
+        choices=("candidate", "champion"),
+        default="candidate",
+        help="which side the model plays in the recorded result (default candidate)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-record", action="store_true", help="do not append to results.jsonl")
+    add_quiet(p)
     p.set_defaults(func=run)
     p = sub.add_parser("curate", help="cases every recent model passes easily; repeat blockers")
-    p.add_argument("--suite", required=True, metavar="DIR")
+    p.add_argument("--suite", required=True, metavar="DIR", help="suite folder")
     p.add_argument("--recent", type=int, default=5, help="distinct recent models considered")
-    p.add_argument("--wide-margin", type=float, default=0.5)
-    p.add_argument("--min-failures", type=int, default=2)
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--wide-margin",
+        type=float,
+        default=0.5,
+        help="retire cases every recent model passes by at least this margin",
+    )
+    p.add_argument(
+        "--min-failures",
+        type=int,
+        default=2,
+        help="repeat blockers: cases failed in at least this many runs",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_curate)
 
 
 def run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
-    result = asyncio.run(run_suite_on(suite, args.model, role=args.role))
+    result = asyncio.run(
+        run_suite_on(
+            suite,
+            args.model,
+            role=args.role,
+            wrap=lambda cases: track(cases, args, desc="suite", unit="case", total=len(cases)),
+        )
+    )
     if not args.no_record:
         try:
             record_result(suite, result)

@@ -20,6 +20,7 @@ from proxy.errors import BadRequest
 from proxy.report import svg
 from proxy.report.document import canonical_json, report_digest, validate_document
 from proxy.report.signoff import check_all
+from storage.files import file_mode
 
 JSON_NAME = "report.json"
 HTML_NAME = "report.html"
@@ -577,6 +578,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, file_mode())  # mkstemp's 0600 -> what the umask allows
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

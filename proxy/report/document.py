@@ -102,14 +102,18 @@ def _semantic_problems(doc: Mapping[str, Any]) -> list[str]:
 
 
 def canonical_json(doc: Mapping[str, Any]) -> bytes:
-    """UTF-8 JSON with sorted keys and fixed separators: equal documents, equal bytes."""
+    """RFC 8785 (JSON Canonicalization Scheme) bytes: equal documents, equal bytes.
+
+    JCS fixes key order (UTF-16 code units) and number formatting (ECMAScript's shortest
+    round-trip form), so a verifier in any language with a JCS library reproduces the
+    digest. Integers beyond 2**53 and NaN/infinity have no JCS form: BadRequest.
+    """
+    import rfc8785
+
     try:
-        text = json.dumps(
-            doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        )
-    except (TypeError, ValueError) as exc:
+        return rfc8785.dumps(doc)
+    except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
         raise BadRequest(f"report document is not plain JSON: {exc}") from exc
-    return text.encode("utf-8")
 
 
 def load_document(path: str | os.PathLike[str]) -> ReportDoc:

@@ -48,7 +48,7 @@ def test_default_target_is_the_cpu_runtime(dockerfile: Dockerfile) -> None:
     assert ("build-cpu", ["/opt/mirrorgate"], "/opt/mirrorgate") in copies
 
 
-@pytest.mark.parametrize("target", ["runtime", "cuda", "flagger-loadtester"])
+@pytest.mark.parametrize("target", ["runtime", "gateway", "cuda", "flagger-loadtester"])
 def test_images_run_as_a_numeric_non_root_user(dockerfile: Dockerfile, target: str) -> None:
     user = dockerfile.config(target).user
     assert user is not None
@@ -103,7 +103,7 @@ def test_healthcheck_probes_readiness_on_the_configured_port(dockerfile: Dockerf
 
 def test_build_stages_only_run_install_sh(dockerfile: Dockerfile) -> None:
     """test_image_recipe replays the install.sh RUN; any other RUN there would go untested."""
-    for name in ("source", "build-cpu", "build-cuda"):
+    for name in ("source", "build-cpu", "build-gateway", "build-cuda"):
         for run in dockerfile.stage(name).all("RUN"):
             assert re.fullmatch(
                 r"(\w+=\S+ )*deploy/docker/install\.sh /src /opt/mirrorgate", run.value
@@ -131,6 +131,11 @@ def test_cpu_image_gets_cpu_builds_and_cuda_image_gpu_builds(dockerfile: Dockerf
     assert gpu["MIRRORGATE_TORCH"] == "cuda"
     assert gpu["MIRRORGATE_ONNXRUNTIME"] == "gpu"
     assert cpu["TORCH_VERSION"] == gpu["TORCH_VERSION"]
+    slim = _run_env(dockerfile, "build-gateway")
+    assert slim["MIRRORGATE_TORCH"] == "none"
+    assert slim["MIRRORGATE_ONNXRUNTIME"] == "none"
+    copies = [i.copy_parts() for i in dockerfile.stage("gateway").all("COPY")]
+    assert ("build-gateway", ["/opt/mirrorgate"], "/opt/mirrorgate") in copies
 
 
 def test_cuda_library_path_matches_the_python_of_the_base_image(dockerfile: Dockerfile) -> None:

@@ -21,7 +21,7 @@ def _records() -> list[PairRecord]:
     return out
 
 
-@pytest.mark.parametrize("name", ["pairs.jsonl", "pairs.jsonl.gz"])
+@pytest.mark.parametrize("name", ["pairs.jsonl", "pairs.jsonl.gz", "pairs.parquet"])
 def test_write_then_read_preserves_every_field(tmp_path, name):
     path = tmp_path / name
     records = _records()

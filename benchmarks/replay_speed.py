@@ -1,0 +1,141 @@
+"""`mirrorgate replay` end to end versus the gates alone, and `mirrorgate --help` wall time.
+
+One run, one machine state: a paired-record file of N pairs (classification, 10
+classes, two slice values, two features, half labelled; the candidate is the champion
+plus small noise, spaced so the first stage's minimum duration is never reached and
+the replay feeds every pair) is written once, then
+
+- gates only: ``gates.replay.replay`` over records already in memory;
+- end to end: the CLI's own code path (``proxy.commands.replay.run``: read and parse the
+  file, replay, render), stdout discarded;
+- the same end to end over the Parquet form of the file (``mirrorgate export`` writes
+  it with ``--format parquet``) when pyarrow is installed;
+- ``mirrorgate --help`` in a fresh interpreter, best of 5.
+
+Rates are pairs per second; the ratio e2e / gates-only is what docs/benchmarks.md
+quotes. The machine is shared: the load average is printed with the numbers.
+
+    python benchmarks/replay_speed.py                 # 200k pairs
+    python benchmarks/replay_speed.py --pairs 50000
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gates.replay import replay  # noqa: E402
+from proxy.commands import replay as replay_cmd  # noqa: E402
+from storage.files import read_pairs  # noqa: E402
+
+
+def write_file(path: Path, n: int) -> None:
+    import orjson
+
+    rng = np.random.default_rng(0)
+    champ = rng.dirichlet(np.ones(10), size=n)
+    cand = np.clip(champ + rng.normal(0, 0.002, size=champ.shape), 1e-6, None)
+    cand /= cand.sum(axis=1, keepdims=True)
+    labels = champ.argmax(axis=1)
+    ages = rng.integers(18, 80, size=n)
+    income = rng.normal(5e4, 1e4, size=n)
+    with path.open("wb") as fh:
+        for i in range(n):
+            rec = {
+                "id": f"r-{i}",
+                "ts": 1_764_050_000.0 + i * 0.0005,
+                "slices": {"platform": "web" if i % 2 else "mobile"},
+                "features": {"age": int(ages[i]), "income": float(income[i])},
+                "champion": {
+                    "output": champ[i].round(6).tolist(),
+                    "latency_ms": 3.2,
+                    "error": None,
+                },
+                "candidate": {
+                    "output": cand[i].round(6).tolist(),
+                    "latency_ms": 4.1,
+                    "error": None,
+                },
+                "label": int(labels[i]) if i % 2 == 0 else None,
+            }
+            fh.write(orjson.dumps(rec) + b"\n")
+
+
+def gates_only(path: Path) -> tuple[float, int]:
+    cfg = replay_cmd.load_replay_config(None)
+    records = list(read_pairs(path))
+    keys = replay_cmd.slice_keys(records)
+    t0 = time.perf_counter()
+    result = replay(
+        records,
+        [],
+        gates=cfg.gates.with_slice_keys(keys),
+        plan=cfg.rollout,
+        task=cfg.task,
+        join=replay_cmd.LabelJoin(label_window_s=cfg.label_window_s),
+    )
+    return time.perf_counter() - t0, result.pairs_fed
+
+
+def end_to_end(path: Path) -> float:
+    args = argparse.Namespace(config=None, pairs=path, labels=None, json=True, quiet=True)
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        replay_cmd.run(args)
+    return time.perf_counter() - t0
+
+
+def best_of_5(argv: list[str]) -> float:
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        subprocess.run(argv, check=True, capture_output=True, cwd=ROOT)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=200_000, help="pairs in the file")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "pairs.jsonl"
+        write_file(path, args.pairs)
+        print(
+            f"file: {args.pairs} pairs, {path.stat().st_size / 1e6:.1f} MB; load {os.getloadavg()}"
+        )
+        g, fed = gates_only(path)
+        e = end_to_end(path)
+        print(f"gates only : {fed / g:10.0f} pairs/s  ({g:.2f} s, {fed} pairs fed)")
+        print(f"end to end : {args.pairs / e:10.0f} pairs/s  ({e:.2f} s)  ratio {g / e:.2f}")
+        try:
+            from storage.columnar import write_parquet
+        except ImportError:
+            write_parquet = None
+        if write_parquet is not None:
+            pq = Path(tmp) / "pairs.parquet"
+            write_parquet(pq, read_pairs(path))
+            p = end_to_end(pq)
+            print(f"parquet e2e: {args.pairs / p:10.0f} pairs/s  ({p:.2f} s)  ratio {g / p:.2f}")
+    bare = best_of_5([sys.executable, "-c", "pass"])
+    help_s = best_of_5([sys.executable, "-m", "proxy", "--help"])
+    print(
+        f"mirrorgate --help: {help_s * 1000:.0f} ms, bare interpreter start {bare * 1000:.0f} ms "
+        f"(best of 5 each); load {os.getloadavg()}"
+    )
+
+
+if __name__ == "__main__":
+    main()
