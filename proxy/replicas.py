@@ -1,22 +1,30 @@
-"""Several replicas, one decision: snapshots, the decider lease, the shared verdict.
+"""Several replicas, one decision: snapshots, the label ledger, the decider lease.
 
 Hooked into :class:`proxy.rollout.RolloutService` when ``replicas.enabled`` (docs/replicas.md):
 
-* Every replica keeps feeding its pairs and labels into its *local* engine, which in this
-  mode never evaluates. Every ``snapshot_every_s`` the replica saves that engine's
-  **cumulative** state (one ``gate_snapshots`` row per replica, replaced in place). The
-  gates' merge is exact (sums of sufficient statistics), so the merge of the latest
-  snapshot of every replica IS the state of one engine fed the union of their traffic;
-  a replaced snapshot can neither be lost nor counted twice, and a dead replica's last
-  snapshot keeps counting.
+* Every replica feeds its pairs into its *local* engine (built by ``proxy/engines.py``,
+  exactly as a single proxy builds its own), which in this mode never evaluates. Every
+  ``snapshot_every_s`` the replica saves that engine's **cumulative** state (one
+  ``gate_snapshots`` row per replica life, replaced in place). The gates' merge is exact
+  (sums of sufficient statistics), so the merge of the latest snapshot of every replica
+  IS the state of one engine fed the union of their pairs.
+* Labels never wait in a replica's memory: ``POST /v1/feedback`` on any replica commits
+  them to the shared tables (joined to their pair there) before answering 202. The
+  decider feeds labelled pairs to the gates from the ``pairs`` table, exactly once
+  (``pairs.gated_seq``), and keeps that labelled evidence in its own state (the
+  *ledger*): it belongs to the rollout, so a label reaches the gates whichever replica
+  recorded the pair, received the label, died or restarted.
 * The replica holding the decider lease (``storage.replicas.DeciderLease``) merges the
-  snapshots into an engine restored from the decider's own state (stage, pause, hold,
-  past decisions, evaluation cadence), evaluates when the cadence is due, and writes
-  evaluation rows, decisions, the rollout's stage and the new decider state in ONE
-  transaction on the lease's session. Each evaluation carries a sequence number ``seq``.
+  snapshots and the ledger into an engine restored from the decider's own state (stage,
+  pause, hold, past decisions, evaluation cadence), evaluates when the cadence is due,
+  and writes evaluation rows, decisions, the rollout's stage and the new decider state
+  in ONE transaction on the lease's session, fenced: the transaction first checks that
+  this very session holds the advisory lock. Each evaluation carries a sequence
+  number ``seq``.
 * Every replica (the decider too) reads the decider state back and serves that very
   evaluation: ``/v1/rollout``, ``/v1/rollout/verdict``, the gauges and the canary weight
-  are the same everywhere (up to one ``snapshot_every_s`` of lag).
+  are the same everywhere (up to one ``snapshot_every_s`` of lag); a (re)started replica
+  adopts it before serving.
 * Manual actions on any replica run the same transactional step (the decider row's
   ``FOR UPDATE`` lock serialises them with the decider).
 """
@@ -50,6 +58,7 @@ from storage.replicas import (
     require_postgres,
     run_step,
     store_labels,
+    sweep_labels,
 )
 
 if TYPE_CHECKING:
@@ -362,6 +371,8 @@ class ReplicaCoordinator:
                 return
             self.counters.takeovers += 1
             log.info("replica %s holds the decider lease of %s", self.replica_id, self.rollout_id)
+        # Labels whose pair landed in a concurrent transaction: joined now, fed below.
+        await asyncio.to_thread(sweep_labels, self.db, now=now)
         try:
             result = await asyncio.to_thread(
                 self.lease.step,

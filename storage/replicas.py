@@ -1,4 +1,4 @@
-"""Several replicas, one decision: the decider lease and the decider's atomic step.
+"""Several replicas, one decision: the decider lease, the decider's atomic step, the ledger.
 
 The SQL half of ``proxy/replicas.py`` (docs/replicas.md):
 
@@ -6,17 +6,24 @@ The SQL half of ``proxy/replicas.py`` (docs/replicas.md):
   (``pg_try_advisory_lock``) held on one dedicated connection. A replica that dies (even
   by SIGKILL) closes its socket; PostgreSQL ends the session and frees the lock, so a
   follower takes it on its next try. The lease's connection also runs the decider's
-  writes, which fences them: when the session is gone, so are the lock and the writes.
+  steps, and each step's transaction first checks that this very session (its backend
+  pid) still holds the lock (``pg_locks``): a session lost to ``pg_terminate_backend``
+  or a server restart, even one the driver silently reconnected, writes nothing and
+  drops the lease (:class:`LeaseLost`).
 * :func:`decider_step` — ONE transaction: lock the rollout's decider row
   (``SELECT ... FOR UPDATE``: the periodic decider and an operator's manual action on
-  any replica serialise there), read every replica's gate snapshot, let the caller
-  evaluate, then write the evaluation rows, the decisions, the rollout's stage/status
-  and the new decider state together. A crash before the commit writes nothing; after
-  it, everything — so no evaluation is lost or written twice across a takeover.
+  any replica serialise there), read every replica's gate snapshot and the labelled
+  pairs no step fed to the gates yet, let the caller evaluate, then write the
+  evaluation rows, the decisions, the rollout's stage/status, the new decider state and
+  the fed marks (``pairs.gated_seq``) together. A crash before the commit writes
+  nothing; after it, everything — so no evaluation or label is lost or counted twice
+  across a takeover.
+* :func:`store_labels` — labels committed (and joined to their pairs) before the API
+  acknowledges them.
 
 The decider's state lives in ``gate_snapshots`` under the reserved replica id
-:data:`DECIDER_ID` (window_start 0): no schema change, purged by the same retention
-(its ``window_end`` moves with every step, so an active rollout's row stays young).
+:data:`DECIDER_ID` (window_start 0), purged by the same retention (its ``window_end``
+moves with every step, so an active rollout's row stays young).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from storage.schema import (
     DecisionRow,
     GateEvaluationRow,
     GateSnapshotRow,
+    LabelRow,
     PairRow,
     RolloutRow,
 )
@@ -360,6 +368,41 @@ def store_labels(db: Database, entries: Sequence[LabelEntry], *, now: float) -> 
     return present
 
 
+def sweep_labels(db: Database, *, now: float, batch: int = 5000) -> int:
+    """Join pending labels whose pair is stored by now; returns how many ids joined.
+
+    A label and its pair written at the same moment by two replicas' transactions can
+    each miss the other (neither sees the other's uncommitted row). The recorder's
+    periodic sweep (``purge_interval_s``) repairs that eventually; the decider runs
+    this before each step so the gates get such a label within a snapshot period.
+    Only ``pending`` labels (younger than ``label_window_s``): orphans are the
+    recorder's sweep's."""
+    total = 0
+    try:
+        while True:
+            with db.engine.begin() as conn:
+                ids = list(
+                    conn.execute(
+                        select(LabelRow.request_id)
+                        .where(
+                            LabelRow.status == "pending",
+                            select(PairRow.id)
+                            .where(PairRow.request_id == LabelRow.request_id)
+                            .exists(),
+                        )
+                        .distinct()
+                        .limit(batch)
+                    ).scalars()
+                )
+                if ids:
+                    label_join.join_pending(conn, ids, now=now)
+            total += len(ids)
+            if len(ids) < batch:
+                return total
+    except SQLAlchemyError as exc:
+        raise StorageError(f"sweep pending labels: {exc}") from exc
+
+
 def ledger_counts(db: Database, rollout_id: str) -> dict[str, int]:
     """Labelled pairs of a rollout: fed to the gates by a decider step, and waiting."""
     try:
@@ -449,4 +492,5 @@ __all__ = [
     "require_postgres",
     "run_step",
     "store_labels",
+    "sweep_labels",
 ]
