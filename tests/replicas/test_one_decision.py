@@ -23,13 +23,14 @@ from proxy.replicas import control_state, decider_engine, json_safe
 from proxy.rollout import RolloutService
 from storage.entities import GateSnapshot
 
-SNAPSHOT_PAIRS = 150  # one snapshot period, in pairs across the three replicas
+SNAPSHOT_PAIRS = 300  # one snapshot period, in pairs across the three replicas
+STEP = 50  # pairs per batch reaching an engine
 ROLLOUT = {
     "stages": [
         {"name": "shadow", "min_pairs": 400, "min_labels": 200, "min_duration_s": 0},
         {"name": "canary", "canary_weight": 0.1, "min_pairs": 100_000, "min_duration_s": 0},
     ],
-    "evaluate_every_pairs": 50,
+    "evaluate_every_pairs": 100,
     "evaluate_every_s": 1e9,
 }
 
@@ -129,8 +130,8 @@ def test_the_merged_engine_equals_one_proxys_engine_cell_by_cell() -> None:
 
 def _single_decision(config: MirrorgateConfig, traffic: list[PairRecord]) -> tuple[str, int]:
     engine = _proxy_engine(config)
-    for i in range(0, len(traffic), 10):
-        _feed(engine, traffic[i : i + 10])
+    for i in range(0, len(traffic), STEP):
+        _feed(engine, traffic[i : i + STEP])
         if engine.due(0.0):
             ev = engine.evaluate(0.0)
             if ev.verdict in ("promote", "abort"):
@@ -143,9 +144,9 @@ def _replicas_decision(config: MirrorgateConfig, traffic: list[PairRecord]) -> t
     merging them (its state carried through JSON, as stored) and evaluating when due."""
     local = [_proxy_engine(config) for _ in range(3)]
     decider: dict[str, Any] | None = None
-    for i in range(0, len(traffic), 10):
-        _feed(local[(i // 10) % 3], traffic[i : i + 10])
-        if (i + 10) % SNAPSHOT_PAIRS:
+    for i in range(0, len(traffic), STEP):
+        _feed(local[(i // STEP) % 3], traffic[i : i + STEP])
+        if (i + STEP) % SNAPSHOT_PAIRS:
             continue
         snaps = [_snap(f"r{k}", e) for k, e in enumerate(local)]
         engine = decider_engine(config, decider, snaps, start_ts=0.0)
