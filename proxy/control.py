@@ -122,6 +122,10 @@ async def feedback(request: web.Request) -> web.Response:
         raise NotReady("labels have nowhere to go: no candidate (gates) and no storage")
     stored = True
     coordinator = state.rollout.coordinator if state.rollout is not None else None
+    if coordinator is None and state.rollout is not None and state.config.replicas.enabled:
+        # Still loading: a label joined locally now would reach the gates twice (this
+        # replica's snapshot and the decider's ledger). Nothing is taken: retry.
+        raise NotReady("replica starting: labels are taken once it joined the rollout")
     if coordinator is not None:
         # Several replicas: stored in the shared database before this 202, not through
         # the recorder's buffer (a SIGKILL must not lose an acknowledged label).
