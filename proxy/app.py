@@ -461,6 +461,9 @@ async def _load(state: ProxyState) -> None:
                     state.rollout.coordinator = ReplicaCoordinator(
                         config, state.persistence, state.rollout
                     )
+                    # A (re)started replica serves the fleet's decision from its first
+                    # request: stage, canary weight, verdict (applied by _activate).
+                    await state.rollout.coordinator.join()
                 state.rollout.store = state.persistence
                 await _start_harvest(state)
         _activate(state)

@@ -111,7 +111,9 @@ async def feedback(request: web.Request) -> web.Response:
     ``storage.label_window_s``, since a label may arrive before its pair; one that never
     meets its pair is counted and listed in ``GET /v1/rollout`` under
     ``queues.labels_unmatched``/``labels_unmatched_recent``). Malformed labels are a 400
-    naming the fault, and then none of the request's labels is taken.
+    naming the fault, and then none of the request's labels is taken. With several
+    replicas the labels are committed to the shared database before the 202
+    (``"stored": true``) and ``joined`` means their pair is stored (docs/replicas.md).
     """
     state = _state(request)
     events = parse_labels(await _json(request))
@@ -119,13 +121,26 @@ async def feedback(request: web.Request) -> web.Response:
     if state.rollout is None and recorder is None:
         raise NotReady("labels have nowhere to go: no candidate (gates) and no storage")
     stored = True
-    if recorder is not None:
-        stored = all(recorder.submit_label(e.id, e.label, e.ts) for e in events)
-    if state.rollout is not None:
-        statuses = await state.rollout.join_labels(events)
+    coordinator = state.rollout.coordinator if state.rollout is not None else None
+    if coordinator is None and state.rollout is not None and state.config.replicas.enabled:
+        # Still loading: a label joined locally now would reach the gates twice (this
+        # replica's snapshot and the decider's ledger). Nothing is taken: retry.
+        raise NotReady("replica starting: labels are taken once it joined the rollout")
+    if coordinator is not None:
+        # Several replicas: stored in the shared database before this 202, not through
+        # the recorder's buffer (a SIGKILL must not lose an acknowledged label).
+        try:
+            statuses = await coordinator.store_labels(events)
+        except StorageError as exc:
+            raise NotReady(f"labels not stored (database unavailable), retry: {exc}") from exc
     else:
-        # Storage only: the recorder joins them in the database when the pair lands.
-        statuses = ["pending"] * len(events)
+        if recorder is not None:
+            stored = all(recorder.submit_label(e.id, e.label, e.ts) for e in events)
+        if state.rollout is not None:
+            statuses = await state.rollout.join_labels(events)
+        else:
+            # Storage only: the recorder joins them in the database when the pair lands.
+            statuses = ["pending"] * len(events)
     if not stored:
         # The gates have them; the database buffer was full. Retrying is safe: a later
         # label for the same id replaces the earlier one.
@@ -134,6 +149,9 @@ async def feedback(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "accepted": len(events),
+            # True: committed to the database before this answer (several replicas);
+            # False: queued in the recorder's buffer (written within flush_interval_ms).
+            "stored": coordinator is not None,
             "joined": joined,
             "pending": len(events) - joined,
             "labels": [{"id": e.id, "status": s} for e, s in zip(events, statuses, strict=True)],
@@ -160,7 +178,7 @@ async def rollout_status(request: web.Request) -> web.Response:
 
 async def rollout_verdict(request: web.Request) -> web.Response:
     state = _state(request)
-    return web.json_response(_rollout(state).current().verdict_dict())
+    return web.json_response(_rollout(state).verdict_body())
 
 
 async def rollout_action(request: web.Request) -> web.Response:

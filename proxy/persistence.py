@@ -67,6 +67,9 @@ class Persistence:
             ModelInfo.of(candidate.identity) if candidate is not None else None,
             config_digest=self.config.digest(),
             task=self.config.server.model_name,
+            # Several replicas: a restarted one joins the fleet's rollout as it stands,
+            # ended or not (docs/replicas.md); it never opens a new one on its own.
+            resume_ended=self.config.replicas.enabled,
         )
         log.info("recording rollout %s", self.rollout.id)
         self.recorder = SqlRecorder(

@@ -1,22 +1,30 @@
-"""Several replicas, one decision: snapshots, the decider lease, the shared verdict.
+"""Several replicas, one decision: snapshots, the label ledger, the decider lease.
 
 Hooked into :class:`proxy.rollout.RolloutService` when ``replicas.enabled`` (docs/replicas.md):
 
-* Every replica keeps feeding its pairs and labels into its *local* engine, which in this
-  mode never evaluates. Every ``snapshot_every_s`` the replica saves that engine's
-  **cumulative** state (one ``gate_snapshots`` row per replica, replaced in place). The
-  gates' merge is exact (sums of sufficient statistics), so the merge of the latest
-  snapshot of every replica IS the state of one engine fed the union of their traffic;
-  a replaced snapshot can neither be lost nor counted twice, and a dead replica's last
-  snapshot keeps counting.
+* Every replica feeds its pairs into its *local* engine (built by ``proxy/engines.py``,
+  exactly as a single proxy builds its own), which in this mode never evaluates. Every
+  ``snapshot_every_s`` the replica saves that engine's **cumulative** state (one
+  ``gate_snapshots`` row per replica life, replaced in place). The gates' merge is exact
+  (sums of sufficient statistics), so the merge of the latest snapshot of every replica
+  IS the state of one engine fed the union of their pairs.
+* Labels never wait in a replica's memory: ``POST /v1/feedback`` on any replica commits
+  them to the shared tables (joined to their pair there) before answering 202. The
+  decider feeds labelled pairs to the gates from the ``pairs`` table, exactly once
+  (``pairs.gated_seq``), and keeps that labelled evidence in its own state (the
+  *ledger*): it belongs to the rollout, so a label reaches the gates whichever replica
+  recorded the pair, received the label, died or restarted.
 * The replica holding the decider lease (``storage.replicas.DeciderLease``) merges the
-  snapshots into an engine restored from the decider's own state (stage, pause, hold,
-  past decisions, evaluation cadence), evaluates when the cadence is due, and writes
-  evaluation rows, decisions, the rollout's stage and the new decider state in ONE
-  transaction on the lease's session. Each evaluation carries a sequence number ``seq``.
+  snapshots and the ledger into an engine restored from the decider's own state (stage,
+  pause, hold, past decisions, evaluation cadence), evaluates when the cadence is due,
+  and writes evaluation rows, decisions, the rollout's stage and the new decider state
+  in ONE transaction on the lease's session, fenced: the transaction first checks that
+  this very session holds the advisory lock. Each evaluation carries a sequence
+  number ``seq``.
 * Every replica (the decider too) reads the decider state back and serves that very
   evaluation: ``/v1/rollout``, ``/v1/rollout/verdict``, the gauges and the canary weight
-  are the same everywhere (up to one ``snapshot_every_s`` of lag).
+  are the same everywhere (up to one ``snapshot_every_s`` of lag); a (re)started replica
+  adopts it before serving.
 * Manual actions on any replica run the same transactional step (the decider row's
   ``FOR UPDATE`` lock serialises them with the decider).
 """
@@ -34,20 +42,23 @@ from typing import TYPE_CHECKING, Any
 
 from gates.engine import Decision, Evaluation, ManualAction, RolloutEngine
 from gates.join import LabelEvent
+from gates.records import PairRecord
 from gates.result import GateResult, Method, Status
 from gates.settings import GatesSettings, RolloutSettings, Task
 from proxy.config import MirrorgateConfig
+from proxy.engines import engine_from_state, gate_settings, gate_task, new_engine
 from proxy.errors import ConfigError
 from proxy.persistence import Persistence, gate_rows, stored_decision
-from storage.entities import GateSnapshot
+from storage.entities import GateSnapshot, LabelEntry
 from storage.errors import StorageError
 from storage.replicas import (
     DeciderLease,
     StepWrite,
-    labels_for,
     read_decider,
     require_postgres,
     run_step,
+    store_labels,
+    sweep_labels,
 )
 
 if TYPE_CHECKING:
@@ -59,8 +70,9 @@ DECIDER_STATE_VERSION = 1
 # Input drift collects its reference from the first pairs each replica sees: replicas'
 # references differ, so its states merge only while they agree (docs/replicas.md).
 UNMERGEABLE = "drift.input"
-# Pairs waiting for a label looked up in the shared labels table per sync, oldest first.
-MAX_LABEL_LOOKUPS = 20_000
+# Labelled pairs the decider feeds to the gates per step, oldest first. Not a cap: the
+# next step takes the next ones (the ledger's partial index holds only those waiting).
+LEDGER_BATCH = 20_000
 
 
 # ---------------------------------------------------------------------- pure parts
@@ -77,8 +89,11 @@ def merged_engine(
 ) -> RolloutEngine:
     """The decider's engine: its stage machine, every replica's evidence merged in.
 
-    Stage counts restart where the decider's last advance left them: ``stage_pairs`` is
-    the merged total minus the total at the stage's start.
+    The evidence: every replica's cumulative snapshot (its pairs) and the decider's
+    ledger (``decider["ledger"]``: the labelled pairs fed from the shared tables, owned
+    by the rollout rather than by any replica). Stage counts restart where the
+    decider's last advance left them: ``stage_pairs`` is the merged total minus the
+    total at the stage's start.
     """
     control = (decider or {}).get("engine")
     if control:
@@ -89,12 +104,14 @@ def merged_engine(
     base_labels = engine.labels - engine.stage_labels
     pairs = labels = 0
     per_replica_reference = False
-    for snap in snapshots:
-        if not snap.state:
-            continue
-        other = RolloutEngine.from_state(snap.state, gates, plan)
+    sources = [snap.state for snap in snapshots if snap.state]
+    ledger = (decider or {}).get("ledger")
+    for i, state in enumerate([ledger, *sources] if ledger else sources):
+        other = RolloutEngine.from_state(state, gates, plan)
         for family, gate in engine.gates.items():
             if family == UNMERGEABLE:
+                if ledger and i == 0:
+                    continue  # the ledger holds labelled evidence only, no input drift
                 if per_replica_reference:
                     continue
                 try:
@@ -115,6 +132,25 @@ def merged_engine(
     engine.stage_pairs = max(pairs - base_pairs, 0)
     engine.stage_labels = max(labels - base_labels, 0)
     return engine
+
+
+def decider_engine(
+    config: MirrorgateConfig,
+    decider: dict[str, Any] | None,
+    snapshots: Sequence[GateSnapshot],
+    *,
+    start_ts: float,
+) -> RolloutEngine:
+    """The decider's engine built from the same settings as a single proxy's
+    (proxy/engines.py): one decision function, whichever path runs it."""
+    return merged_engine(
+        decider,
+        snapshots,
+        gates=gate_settings(config),
+        plan=config.rollout,
+        task=gate_task(config),
+        start_ts=start_ts,
+    )
 
 
 def control_state(engine: RolloutEngine) -> dict[str, Any]:
@@ -195,6 +231,7 @@ class ReplicaCounters:
     steps: int = 0  # evaluations this replica wrote as the decider
     takeovers: int = 0
     errors: int = 0
+    labels_gated: int = 0  # labelled pairs this replica fed to the gates as the decider
 
 
 class ReplicaCoordinator:
@@ -239,6 +276,15 @@ class ReplicaCoordinator:
 
     # ------------------------------------------------------------------ lifecycle
 
+    async def join(self) -> None:
+        """Adopt the fleet's decision before serving (a restart joins it in force).
+
+        A database that does not answer here is not fatal: the first sync retries."""
+        try:
+            await self._follow()
+        except StorageError as exc:
+            log.warning("replica %s: cannot read the shared decision yet: %s", self.replica_id, exc)
+
     async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -272,35 +318,34 @@ class ReplicaCoordinator:
     async def sync(self, *, force: bool = False) -> None:
         """Snapshot, decide (when holding the lease) and adopt the shared decision."""
         async with self._lock:
-            await self.pull_labels()
             await self.snapshot()
             await self._lead(force=force)
             await self._follow()
 
     # ------------------------------------------------------------------ steps
 
-    async def pull_labels(self) -> int:
-        """Labels other replicas received for pairs this one recorded.
+    async def store_labels(self, events: Sequence[LabelEvent]) -> list[str]:
+        """``POST /v1/feedback`` on any replica: labels stored (and joined to their pairs
+        in the shared tables) before the answer, so a 202 means stored. Per label:
+        ``joined`` (its pair is stored: the decider feeds it to the gates at its next
+        step) or ``pending`` (no pair stored yet: it waits in the shared table).
 
-        Behind a Service, ``POST /v1/feedback`` lands on any replica. The receiving one
-        stores the label (the shared ``labels`` table); the replica that recorded the
-        pair finds it here and joins it locally. Each label reaches the gates once:
-        through the replica holding its pair, whichever replica received it.
+        Labels never go through a replica's memory: whichever replica recorded the pair,
+        whichever received the label and whichever is alive, the decider's ledger feeds
+        each labelled pair to the rollout's gates exactly once (docs/replicas.md).
         """
-        service = self.service
-        # pairs waiting at least one snapshot period: the local path had its chance
-        before = self.clock() - self.settings.snapshot_every_s
-        ids = await service.in_gates(
-            lambda: service.runner.join.waiting_pair_ids(before, MAX_LABEL_LOOKUPS)
-        )
-        if not ids:
-            return 0
-        found = await asyncio.to_thread(labels_for, self.db, ids)
-        if not found:
-            return 0
-        events = [LabelEvent(rid, label, None) for rid, label in found.items()]
         now = self.clock()
-        return await service.in_gates(lambda: service.runner.add_labels(events, now))
+        entries = [
+            LabelEntry(
+                request_id=e.id,
+                label=e.label,
+                ts=now if e.ts is None else float(e.ts),
+                received_at=now,
+            )
+            for e in events
+        ]
+        joined = await asyncio.to_thread(store_labels, self.db, entries, now=now)
+        return ["joined" if e.id in joined else "pending" for e in events]
 
     async def snapshot(self) -> None:
         state = await self.service.in_gates(self.service.engine.state_dict)
@@ -326,36 +371,73 @@ class ReplicaCoordinator:
                 return
             self.counters.takeovers += 1
             log.info("replica %s holds the decider lease of %s", self.replica_id, self.rollout_id)
+        # Labels whose pair landed in a concurrent transaction: joined now, fed below.
+        await asyncio.to_thread(sweep_labels, self.db, now=now)
         try:
             result = await asyncio.to_thread(
                 self.lease.step,
                 self.rollout_id,
-                lambda s, snaps: self._decide(s, snaps, now, force),
+                lambda s, snaps, labelled: self._decide(s, snaps, labelled, now, force),
+                ledger_batch=LEDGER_BATCH,
             )
-        except StorageError:
+        except StorageError as exc:
             if not self.lease.held:
-                log.warning("replica %s lost the decider lease", self.replica_id)
+                # Fenced: the step wrote nothing; this replica stops deciding now and
+                # says so (status "decider": false) until it takes the lease again.
+                log.warning(
+                    "replica %s lost the decider lease of %s, stops deciding: %s",
+                    self.replica_id,
+                    self.rollout_id,
+                    exc,
+                )
+                return
             raise
-        if result.written:
+        if result.written and isinstance(result.result, Evaluation):
             self.counters.steps += 1
+        if result.labelled:
+            self.counters.labels_gated += len(result.labelled)
+            # Harvest rules and other hooks see each labelled pair once, here (after
+            # the commit), like a single proxy's join hands them to its hooks.
+            await self.service.in_gates(lambda: self.service.labelled_elsewhere(result.labelled))
 
     def _engine(self, decider: dict[str, Any] | None, snaps: list[GateSnapshot]) -> RolloutEngine:
-        return merged_engine(
-            decider,
-            snaps,
-            gates=self.config.gates,
-            plan=self.config.rollout,
-            task=self.service.engine.task,
-            start_ts=self.start_ts,
-        )
+        return decider_engine(self.config, decider, snaps, start_ts=self.start_ts)
 
     def _decide(
-        self, decider: dict[str, Any] | None, snaps: list[GateSnapshot], now: float, force: bool
+        self,
+        decider: dict[str, Any] | None,
+        snaps: list[GateSnapshot],
+        labelled: list[PairRecord],
+        now: float,
+        force: bool,
     ) -> StepWrite | None:
         engine = self._engine(decider, snaps)
+        ledger = self._ledger(decider, labelled)
+        if labelled:
+            engine.observe_labelled(labelled)
         if not (force or engine.due(now)):
-            return None
-        return self._write(decider, engine, engine.evaluate(now), ())
+            if not labelled:
+                return None
+            # Not due: only the ledger moves (same seq, same served evaluation).
+            seq = int((decider or {}).get("seq", 0))
+            return StepWrite(state={**(decider or {}), "ledger": ledger}, gated_seq=seq)
+        return self._write(decider, engine, engine.evaluate(now), (), ledger=ledger)
+
+    def _ledger(
+        self, decider: dict[str, Any] | None, labelled: list[PairRecord]
+    ) -> dict[str, Any] | None:
+        """The rollout's labelled evidence with these pairs added (JSON-safe state)."""
+        state = (decider or {}).get("ledger")
+        if not labelled:
+            return state
+        engine = (
+            engine_from_state(self.config, state)
+            if state
+            else new_engine(self.config, start_ts=self.start_ts)
+        )
+        engine.observe_labelled(labelled)
+        result: dict[str, Any] = json_safe(engine.state_dict())
+        return result
 
     def _write(
         self,
@@ -363,6 +445,8 @@ class ReplicaCoordinator:
         engine: RolloutEngine,
         evaluation: Evaluation,
         manual: Sequence[Decision],
+        *,
+        ledger: dict[str, Any] | None,
     ) -> StepWrite:
         seq = int((decider or {}).get("seq", 0)) + 1
         decisions = [*manual]
@@ -374,6 +458,7 @@ class ReplicaCoordinator:
             "by": self.replica_id,
             "engine": control_state(engine),
             "evaluation": json_safe(evaluation.to_dict()),
+            "ledger": ledger,
         }
         return StepWrite(
             state=state,
@@ -382,6 +467,7 @@ class ReplicaCoordinator:
             stage=evaluation.stage,
             verdict=evaluation.verdict,
             result=evaluation,
+            gated_seq=seq,
         )
 
     async def _follow(self) -> None:
@@ -402,10 +488,13 @@ class ReplicaCoordinator:
         """An operator's action, on whichever replica received it (serialised in SQL)."""
         now = self.clock()
 
-        def decide(decider: dict[str, Any] | None, snaps: list[GateSnapshot]) -> StepWrite:
+        def decide(
+            decider: dict[str, Any] | None, snaps: list[GateSnapshot], _: list[PairRecord]
+        ) -> StepWrite:
             engine = self._engine(decider, snaps)
             decision = engine.manual(action, who, why, now)  # InvalidTransition: rollback
-            return self._write(decider, engine, engine.evaluate(now), [decision])
+            ledger = (decider or {}).get("ledger")
+            return self._write(decider, engine, engine.evaluate(now), [decision], ledger=ledger)
 
         async with self._lock:
             result = await asyncio.to_thread(run_step, self.db, self.rollout_id, decide, now=now)
@@ -422,5 +511,7 @@ class ReplicaCoordinator:
             "snapshots": self.counters.snapshots,
             "steps": self.counters.steps,
             "takeovers": self.counters.takeovers,
+            "lease_lost": self.lease.lost,
             "errors": self.counters.errors,
+            "labels_gated": self.counters.labels_gated,
         }

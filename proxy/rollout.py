@@ -27,8 +27,8 @@ from gates.join import LabelEvent, LabelJoin
 from gates.records import PairRecord
 from gates.result import Status
 from gates.runner import GateRunner
-from gates.settings import Task
 from proxy.config import MirrorgateConfig
+from proxy.engines import new_engine
 from proxy.errors import Conflict
 from proxy.metrics import ProxyMetrics
 
@@ -89,10 +89,9 @@ class RolloutService:
         self.apply = apply
         self.store: EvidenceStore | None = None
         # The proxy knows its slice keys up front: the error budget is split over them,
-        # not over the generic ``max_keys``.
-        slices = config.slices
-        gates = config.gates.with_slice_keys([*slices.headers, *slices.parameters, *slices.rules])
-        self.engine = RolloutEngine(gates, config.rollout, task=_task(config), start_ts=clock())
+        # not over the generic ``max_keys``. Built by the same factory as the replicas'
+        # merged engine (proxy/engines.py), so both decide with the same budget.
+        self.engine = new_engine(config, start_ts=clock())
         join = LabelJoin(label_window_s=config.storage.label_window_s)
         self.runner = GateRunner(
             self.engine, join, on_unmatched=self._unmatched, on_labelled=self._labelled
@@ -139,6 +138,10 @@ class RolloutService:
         has emitted is never called missing. Not the live path: the control plane waits
         for the gates' worker here.
         """
+        if self.coordinator is not None:
+            # Several replicas: stored in the shared tables before the answer; the
+            # decider's ledger feeds them to the gates (proxy/replicas.py).
+            return await self.coordinator.store_labels(labels)
         if self._closing:
             self.submit_labels(labels)
             return ["pending"] * len(labels)
@@ -217,15 +220,19 @@ class RolloutService:
             if self.coordinator is not None:
                 # Before the first shared decision: a fresh rollout's first look, never
                 # the local engine's (it must not decide anything in this mode).
-                fresh = RolloutEngine(
-                    self.config.gates,
-                    self.config.rollout,
-                    task=_task(self.config),
-                    start_ts=self.coordinator.start_ts,
-                )
+                fresh = new_engine(self.config, start_ts=self.coordinator.start_ts)
                 return fresh.evaluate(self.clock())
             self.latest = self.engine.evaluate(self.clock())
         return self.latest
+
+    def verdict_body(self) -> dict[str, Any]:
+        """``GET /v1/rollout/verdict``. Several replicas: the shared decision's own body
+        plus its sequence number, identical on every replica that serves that ``seq``
+        (nothing per-replica is mixed in)."""
+        body = self.current().verdict_dict()
+        if self.coordinator is not None:
+            body["seq"] = self.coordinator.seen_seq
+        return body
 
     def adopt(self, evaluation: Evaluation) -> None:
         """Serve and apply an evaluation decided elsewhere (the replicas' decider)."""
@@ -273,6 +280,16 @@ class RolloutService:
         self, pairs: list[PairRecord], labels: list[LabelEvent], now: float, force: bool
     ) -> Evaluation | None:
         self._hook_force = False
+        if self.coordinator is not None:
+            # Several replicas: the local engine takes the pairs' own evidence for this
+            # replica's snapshot; labels never join here (held in memory, they would
+            # die with the process): the decider's ledger joins them from the shared
+            # tables. Never evaluates: the shared decision is what this replica serves.
+            if pairs:
+                self.engine.observe(pairs)
+                for hook in self.hooks:
+                    self._call_hook(hook.on_pairs, pairs, now)
+            return None
         if pairs:
             self.runner.add_pairs(pairs, now)
             for hook in self.hooks:
@@ -280,10 +297,12 @@ class RolloutService:
         if labels:
             self.runner.add_labels(labels, now)
         force = force or self._hook_force
-        if self.coordinator is not None:
-            self.runner.expire(now)
-            return None
         return self.runner.tick(now, force=force)
+
+    def labelled_elsewhere(self, records: list[PairRecord]) -> None:
+        """Labelled pairs the replicas' decider fed to the gates: the hooks (harvest)
+        see each once, on the decider. In the gates' worker thread."""
+        self._labelled(records)
 
     def _labelled(self, records: list[PairRecord]) -> None:
         now = self.clock()
@@ -367,13 +386,6 @@ def _drain(queue: deque[T]) -> list[T]:
     items = list(queue)
     queue.clear()
     return items
-
-
-def _task(config: MirrorgateConfig) -> Task:
-    # The gates' own setting wins; "auto" follows the proxy's declared output task.
-    if config.gates.task != "auto":
-        return config.gates.task
-    return config.output.task
 
 
 def failing(evaluation: Evaluation) -> list[str]:

@@ -98,6 +98,15 @@ def schema_status(db: Database) -> SchemaStatus:
         raise StorageError(f"cannot read the schema of {db.display_url}: {exc}") from exc
 
 
+def _locked_status(db: Database) -> SchemaStatus:
+    try:
+        with db.engine.begin() as conn:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+            return _status(conn)
+    except SQLAlchemyError as exc:
+        raise StorageError(f"cannot read the schema of {db.display_url}: {exc}") from exc
+
+
 def upgrade(db: Database, revision: str = "head") -> SchemaStatus:
     """Upgrade the schema to ``revision``; returns the status after.
 
@@ -122,6 +131,10 @@ def upgrade(db: Database, revision: str = "head") -> SchemaStatus:
 def ensure_schema(db: Database, mode: Literal["upgrade", "refuse"]) -> SchemaStatus:
     """The start-up check: upgrade a behind schema, or refuse with a clear message."""
     status = schema_status(db)
+    if status.state == "unversioned" and db.dialect == "postgresql":
+        # Two reads (version, then tables): a replica upgrading concurrently can commit
+        # between them. Read again under the upgrade lock, where the state is settled.
+        status = _locked_status(db)
     if status.state == "current":
         return status
     if status.state in ("ahead", "unversioned"):

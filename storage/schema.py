@@ -29,6 +29,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import BYTEA, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -82,6 +83,9 @@ class RolloutRow(Base):
     __table_args__ = (Index(None, "status", "created_at"),)
 
 
+_UNGATED = text("label IS NOT NULL AND gated_seq IS NULL")
+
+
 class PairRow(Base):
     """One row of one mirrored request: both models' outputs, and the label once joined."""
 
@@ -106,12 +110,24 @@ class PairRow(Base):
     label_ts: Mapped[float | None]
     stage: Mapped[str] = mapped_column(String(SHORT), default="shadow")
     served_by: Mapped[str] = mapped_column(String(16), default="champion")
+    # Several replicas (storage/replicas.py): the decider step that fed this labelled
+    # pair to the gates, exactly once for the rollout whichever replica recorded it.
+    gated_seq: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (
         # Label joins look up a request id in any rollout; exports and reads in one.
         Index(None, "request_id", "rollout_id"),
         # Time-range reads of a rollout, and the age purge (per rollout).
         Index(None, "rollout_id", "ts"),
+        # The decider's ledger: labelled pairs its gates have not seen yet (partial, so
+        # it holds only the few waiting ones, however long the rollout).
+        Index(
+            "ix_pairs_ungated",
+            "rollout_id",
+            "id",
+            postgresql_where=_UNGATED,
+            sqlite_where=_UNGATED,
+        ),
         # No index on inputs_digest: random 64-hex keys cost more per insert than the
         # rest of the row; digest lookups go to pinned_failures (unique per task).
     )

@@ -156,8 +156,13 @@ class Store:
         task: str = "",
         stage: str = "shadow",
         now: float | None = None,
+        resume_ended: bool = False,
     ) -> Rollout:
         """The active rollout of exactly these models and config, else a new one.
+
+        ``resume_ended`` (several replicas): the latest rollout of these models and
+        config even when it ended (promoted, aborted), so a restarted replica joins the
+        fleet's decision instead of opening ``-2`` on its own.
 
         What a server calls at start: a restart, or a second replica sharing the
         database, continues the same rollout instead of splitting its evidence. The id
@@ -175,11 +180,14 @@ class Store:
             ]
         )
         base = "r-" + hashlib.sha256(basis.encode()).hexdigest()[:12]
+        last: Rollout | None = None
         for n in range(1, 10_000):
             rid = base if n == 1 else f"{base}-{n}"
             try:
                 existing = self.get_rollout(rid)
             except NotFoundError:
+                if resume_ended and last is not None:
+                    return last
                 try:
                     return self.create_rollout(
                         champion,
@@ -194,6 +202,7 @@ class Store:
                     existing = self.get_rollout(rid)  # another replica created it first
             if existing.status == "active":
                 return existing
+            last = existing
         raise StorageError(f"too many ended rollouts with id {base}")
 
     @staticmethod

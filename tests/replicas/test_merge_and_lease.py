@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from gates.engine import RolloutEngine
 from gates.records import PairRecord
@@ -32,6 +32,7 @@ from storage.errors import StorageError
 from storage.migrate import upgrade
 from storage.replicas import (
     DeciderLease,
+    LeaseLost,
     StepWrite,
     read_decider,
     replica_snapshots,
@@ -156,9 +157,50 @@ def test_one_lease_holder_and_takeover_when_its_session_dies(db: Database, rollo
         assert not a.check() and not a.held
         assert b.try_acquire()
         with pytest.raises(StorageError, match="not held"):
-            a.step(rollout_id, lambda s, snaps: None)
+            a.step(rollout_id, lambda s, snaps, labelled: None)
     finally:
         for lease in (a, b, other_rollout):
+            lease.release()
+
+
+def _terminate(db: Database, pid: int) -> None:
+    with db.engine.begin() as conn:
+        assert conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
+
+
+@pytest.mark.postgres
+def test_a_lease_whose_session_was_terminated_is_lost_and_fenced(
+    db: Database, rollout_id: str
+) -> None:
+    """pg_terminate_backend on the lock holder: the driver reconnects the lease's
+    connection transparently, but the new session holds no lock. The holder finds out
+    at its next check or step (which writes nothing), and exactly one lease holds."""
+    a, b = DeciderLease(db, "x", rollout_id), DeciderLease(db, "x", rollout_id)
+    writes: list[int] = []
+
+    def write(state: Any, snaps: Any, labelled: Any) -> StepWrite:
+        writes.append(1)
+        return StepWrite(state={"seq": len(writes)})
+
+    try:
+        assert a.try_acquire() and a.backend_pid is not None
+        assert a.step(rollout_id, write).written
+        _terminate(db, a.backend_pid)
+        assert b.try_acquire()  # the lock went with the session
+        # The step reconnects under the hood; the fence refuses it and nothing is written.
+        with pytest.raises(LeaseLost):
+            a.step(rollout_id, write)
+        assert not a.held and a.lost == 1 and writes == [1]
+        assert not a.try_acquire()  # b holds it: exactly one decider
+        assert [lease.held for lease in (a, b)] == [False, True]
+        assert b.step(rollout_id, write).written
+        # The same through check(): terminate b, check() reconnects and says no.
+        assert b.backend_pid is not None
+        _terminate(db, b.backend_pid)
+        assert not b.check() and not b.held
+        assert a.try_acquire()
+    finally:
+        for lease in (a, b):
             lease.release()
 
 
@@ -166,15 +208,15 @@ def test_one_lease_holder_and_takeover_when_its_session_dies(db: Database, rollo
 def test_a_step_writes_everything_or_nothing(db: Database, rollout_id: str) -> None:
     from storage.entities import Decision
 
-    def failing(state: Any, snaps: Any) -> StepWrite:
+    def failing(state: Any, snaps: Any, labelled: Any) -> StepWrite:
         raise RuntimeError("crash in the middle of a step")
 
     with pytest.raises(RuntimeError):
         run_step(db, rollout_id, failing)
     assert read_decider(db, rollout_id) is None
-    assert run_step(db, rollout_id, lambda s, snaps: None).written is False
+    assert run_step(db, rollout_id, lambda s, snaps, labelled: None).written is False
 
-    def good(state: Any, snaps: Any) -> StepWrite:
+    def good(state: Any, snaps: Any, labelled: Any) -> StepWrite:
         seq = (state or {}).get("seq", 0) + 1
         return StepWrite(
             state={"seq": seq},
@@ -196,7 +238,7 @@ def test_a_step_writes_everything_or_nothing(db: Database, rollout_id: str) -> N
 
 @pytest.mark.postgres
 def test_concurrent_steps_serialise_on_the_decider_row(db: Database, rollout_id: str) -> None:
-    def bump(state: Any, snaps: Any) -> StepWrite:
+    def bump(state: Any, snaps: Any, labelled: Any) -> StepWrite:
         seq = (state or {}).get("seq", 0) + 1
         return StepWrite(
             state={"seq": seq},
