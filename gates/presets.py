@@ -1,10 +1,14 @@
 """Gate presets: which families block, chosen by what kind of change the candidate is.
 
 * ``retrained`` (the default): a retrained model is expected to move its outputs. The
-  output contract, the labelled metric and slice non-inferiority checks, errors and
-  latency block; tolerance (how far outputs moved) and output drift are evidence.
+  output contract, the labelled correctness checks (accuracy overall and per slice,
+  per-class recall), errors and latency block; the score-shape checks are evidence:
+  tolerance (how far outputs moved), output drift and the high-confidence error rate (a
+  retrained model is calibrated differently by construction: replaying the demo's better
+  candidate, it is the one check that holds it back, docs/gates.md "Presets").
 * ``equivalence``: a re-export, quantization or compilation of the same model should not
-  move its outputs, so tolerance and output drift block as well.
+  move its outputs, so tolerance, output drift and the high-confidence error rate block
+  as well.
 
 A preset only fills in what the configuration leaves unsaid: an explicit
 ``tolerance.blocking`` (or any other key) always wins. Applied to the raw ``gates:``
@@ -23,18 +27,20 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "retrained": {
         "tolerance": {"blocking": False},
         "drift": {"output": {"blocking": False}},
+        "metric": {"high_confidence_error": {"blocking": False}},
     },
     "equivalence": {
         "tolerance": {"blocking": True},
         "drift": {"output": {"blocking": True}},
+        "metric": {"high_confidence_error": {"blocking": True}},
     },
 }
 
 DESCRIPTIONS: dict[str, str] = {
-    "retrained": "retrained candidate: contract, labelled metrics and slices, errors and "
-    "latency block; tolerance and output drift are evidence",
-    "equivalence": "equivalent re-export: contract, tolerance, output drift, labelled "
-    "metrics and slices, errors and latency block",
+    "retrained": "retrained candidate: contract, accuracy (overall and per slice), recall, "
+    "errors and latency block; tolerance, output drift and high-confidence errors are evidence",
+    "equivalence": "equivalent re-export: contract, tolerance, output drift, accuracy, "
+    "recall, high-confidence errors, slices, errors and latency block",
 }
 
 
