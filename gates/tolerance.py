@@ -135,10 +135,14 @@ class ToleranceGate(SlicedGate):
         elif kind in ("vector_regression", "scalar_regression"):
             c, a = ch.reshape(batch.n, -1), ca.reshape(batch.n, -1)
             r = t.regression
-            out["regression"] = (np.abs(a - c) > r.atol + r.rtol * np.abs(c)).any(axis=1)
+            out["regression"] = np.asarray(
+                (np.abs(a - c) > r.atol + r.rtol * np.abs(c)).any(axis=1)
+            )
             dist = np.linalg.norm(a - c, axis=1)
-            out["norm"] = dist > t.norm.atol + t.norm.rtol * np.linalg.norm(c, axis=1)
+            out["norm"] = np.asarray(dist > t.norm.atol + t.norm.rtol * np.linalg.norm(c, axis=1))
         elif kind in ("probabilities", "logits"):
+            pc: FloatArray | None
+            pa: FloatArray | None
             if kind == "logits":
                 pc = softmax(ch.reshape(batch.n, -1))
                 pa = softmax(ca.reshape(batch.n, -1))

@@ -513,17 +513,15 @@ class MirrorDispatcher:
         value = gated if row is None else gated[row]
         # The output's descriptor travels with the record: the contract gate compares
         # name, datatype family and per-row shape between the two sides (docs/gates.md).
-        described = {
-            "name": self.gated_output(role) or self._first_output_name(outcome),
-            "datatype": output_datatype(gated),
-            "shape": tuple(int(d) for d in np.shape(value)),
-        }
+        name = self.gated_output(role) or self._first_output_name(outcome)
+        datatype, shape = output_datatype(gated), tuple(int(d) for d in np.shape(value))
         if gated.dtype.kind in "OSU":  # BYTES: compared by exact match, kept as strings
             texts = [
                 v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
                 for v in np.asarray(value, dtype=object).reshape(-1)
             ]
-            return ModelResult(np.array(texts, dtype=object), latency_ms, None, **described)
+            strings = np.array(texts, dtype=object)
+            return ModelResult(strings, latency_ms, None, name, datatype, shape)
         try:
             number = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError):
@@ -533,7 +531,7 @@ class MirrorDispatcher:
         number = number.reshape(-1)
         if self._task == "regression" and number.size == 1:
             number = number.reshape(())
-        return ModelResult(number, latency_ms, None, **described)
+        return ModelResult(number, latency_ms, None, name, datatype, shape)
 
     @staticmethod
     def _first_output_name(outcome: CallOutcome) -> str | None:
