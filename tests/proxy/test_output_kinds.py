@@ -63,6 +63,7 @@ async def mirrored_pairs(
     champion: Path,
     candidate: Path,
     x: np.ndarray,
+    rows: int = ROWS_PER_REQUEST,
     **sections: Any,
 ) -> list[PairRecord]:
     """Every row of ``x`` through the real mirror (shadow mode): the records it writes."""
@@ -88,8 +89,8 @@ async def mirrored_pairs(
         rng=random.Random(0),
     )
     try:
-        for i in range(0, len(x), ROWS_PER_REQUEST):
-            await mirror.infer({"x": x[i : i + ROWS_PER_REQUEST]}, request_id=f"r{i:06d}")
+        for i in range(0, len(x), rows):
+            await mirror.infer({"x": x[i : i + rows]}, request_id=f"r{i:06d}")
         assert await mirror.drain(120.0) == 0
     finally:
         await mirror.champion.aclose()
@@ -312,3 +313,50 @@ async def test_equivalence_re_export_onnx_vs_torch_passes_tolerance(tmp_path: Pa
         assert res[check].status is Status.PASS, res[check].reason
         assert res[check].blocking
     assert res["contract"].status is Status.PASS
+
+
+# ------------------------------------------------------------------------------ strings
+
+
+def build_onnx_strings(path: Path, upper: bool) -> None:
+    """``x`` BYTES [1, n] -> ``y``: unchanged, or upper-cased (StringNormalizer)."""
+    node = (
+        helper.make_node("StringNormalizer", ["x"], ["y"], case_change_action="UPPER", locale="C")
+        if upper
+        else helper.make_node("Identity", ["x"], ["y"])
+    )
+    graph = helper.make_graph(
+        [node],
+        "strings",
+        [helper.make_tensor_value_info("x", TensorProto.STRING, [1, "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.STRING, [1, "n"])],
+    )
+    _save(graph, path)
+
+
+async def test_string_outputs_are_compared_by_exact_match(tmp_path: Path) -> None:
+    build_onnx_strings(tmp_path / "champ.onnx", upper=False)
+    build_onnx_strings(tmp_path / "cand.onnx", upper=True)
+    rng = np.random.default_rng(3)
+    words = ["cat", "DOG", "Cow", "EMU"]  # upper-casing changes 2 of the 4
+    texts = [words[int(k)] for k in rng.integers(0, 4, size=300)]
+    x = np.array([[t.encode()] for t in texts], dtype=object)
+    # the models take one row [1, n] per request
+    records = await mirrored_pairs(tmp_path / "champ.onnx", tmp_path / "cand.onnx", x, rows=1)
+    assert records[0].champion.datatype == "BYTES"
+    assert records[0].champion.output is not None and records[0].champion.output.dtype == object
+    for rec, t in zip(records, texts, strict=True):
+        rec.label = t  # the champion is always right, the candidate only on upper-case words
+    eng = engine({"preset": "equivalence"})
+    eng.observe(records)
+    eng.observe_labelled(records)
+    res = results(eng)
+    assert eng.gates["tolerance"].kind == "string"  # type: ignore[attr-defined]
+    changed = np.mean([t != t.upper() for t in texts])
+    mismatch = res["tolerance.mismatch"]
+    assert mismatch.statistic == pytest.approx(changed) and mismatch.status is Status.FAIL
+    acc = res["metric.accuracy"]
+    assert acc.n == 300
+    assert acc.details["champion"] == 1.0
+    assert acc.details["candidate"] == pytest.approx(1.0 - changed)
+    assert res["contract"].details["violations"] == 0
