@@ -360,3 +360,72 @@ async def test_string_outputs_are_compared_by_exact_match(tmp_path: Path) -> Non
     assert acc.details["champion"] == 1.0
     assert acc.details["candidate"] == pytest.approx(1.0 - changed)
     assert res["contract"].details["violations"] == 0
+
+
+# ------------------------------------------------------------------ logits, multi-label
+
+
+def build_onnx_scores(path: Path, weight: np.ndarray, final: str | None) -> None:
+    """``x`` -> ``y`` = final(x @ weight): raw logits (None), Softmax or Sigmoid."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["z" if final else "y"])]
+    if final == "Softmax":
+        nodes.append(helper.make_node("Softmax", ["z"], ["y"], axis=1))
+    elif final == "Sigmoid":
+        nodes.append(helper.make_node("Sigmoid", ["z"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "scores",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", weight.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", weight.shape[1]])],
+        initializer=[numpy_helper.from_array(weight.astype(np.float32), "W")],
+    )
+    _save(graph, path)
+
+
+async def test_logits_are_compared_after_a_softmax(tmp_path: Path) -> None:
+    rng = np.random.default_rng(21)
+    w_c, w_a = rng.normal(size=(N_FEATURES, 4)), rng.normal(size=(N_FEATURES, 4))
+    for name, w in (("lc", w_c), ("la", w_a)):
+        build_onnx_scores(tmp_path / f"{name}.onnx", w, None)
+    for name, w in (("pc", w_c), ("pa", w_a)):
+        build_onnx_scores(tmp_path / f"{name}.onnx", w, "Softmax")
+    x = _x(300, seed=22)
+    logits = await mirrored_pairs(tmp_path / "lc.onnx", tmp_path / "la.onnx", x)
+    probs = await mirrored_pairs(tmp_path / "pc.onnx", tmp_path / "pa.onnx", x)
+    by_kind = {}
+    for kind, recs in (("logits", logits), ("probabilities", probs)):
+        eng = engine({"preset": "equivalence"}, task="classification")
+        eng.observe(recs)
+        assert eng.gates["tolerance"].kind == kind  # type: ignore[attr-defined]
+        by_kind[kind] = results(eng)
+    # the same models, one exporting logits: the same comparison after the softmax
+    for check in ("tolerance.shift", "tolerance.flip", "tolerance.collapse"):
+        assert by_kind["logits"][check].statistic == pytest.approx(
+            by_kind["probabilities"][check].statistic
+        )
+    assert by_kind["logits"]["tolerance.flip"].statistic > 0.1  # the candidates differ
+
+
+async def test_multilabel_outputs_compare_every_label_decision(tmp_path: Path) -> None:
+    rng = np.random.default_rng(31)
+    weight = rng.normal(size=(N_FEATURES, 5))
+    flipped = weight.copy()
+    flipped[:, 3] *= -1.0  # label 3's decision reverses; labels 0-2 and 4 are identical
+    build_onnx_scores(tmp_path / "champ.onnx", weight, "Sigmoid")
+    build_onnx_scores(tmp_path / "cand.onnx", flipped, "Sigmoid")
+    x = _x(400, seed=32)
+    records = await mirrored_pairs(tmp_path / "champ.onnx", tmp_path / "cand.onnx", x)
+    truth = (x.astype(np.float64) @ weight >= 0).astype(int)  # the champion is right
+    for rec, y in zip(records, truth, strict=True):
+        rec.label = y.tolist()
+    eng = engine({"preset": "equivalence"}, task="classification")
+    eng.observe(records)
+    eng.observe_labelled(records)
+    res = results(eng)
+    assert eng.gates["tolerance"].kind == "multilabel"  # type: ignore[attr-defined]
+    z3 = x.astype(np.float64) @ weight[:, 3]
+    assert res["tolerance.flip"].statistic == pytest.approx(np.mean(z3 != 0))
+    assert res["tolerance.flip"].status is Status.FAIL
+    acc = res["metric.accuracy"]
+    assert acc.n == 400 and acc.details["champion"] == 1.0
+    assert acc.details["candidate"] == pytest.approx(np.mean(z3 == 0))
