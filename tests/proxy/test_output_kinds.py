@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from prometheus_client import CollectorRegistry
 
 from gates.engine import RolloutEngine
+from gates.harvest import rule_masks
 from gates.records import PairRecord
 from gates.result import Status
 from gates.settings import GatesSettings, RolloutSettings
@@ -214,6 +215,9 @@ async def test_class_index_outputs_with_labels_give_the_right_accuracy_on_every_
     assert flip.statistic == pytest.approx(np.mean(pred_c != pred_a))
     # no score-based checks for a class index
     assert "tolerance.shift" not in res and "metric.high_confidence_error" not in res
+    # harvesting reads the class ids too: a pair is a wrong-label case when either is wrong
+    wrong = rule_masks(records, GatesSettings().harvest, task="classification")["wrong_label"]
+    np.testing.assert_array_equal(wrong, (pred_c != truth) | (pred_a != truth))
 
 
 def classifier_truth(x: np.ndarray) -> np.ndarray:
