@@ -359,7 +359,10 @@ class PairBatch:
         key = f"probs:{role}"
         if key not in self._derived:
             arr = self.champion if role == "champion" else self.candidate
-            self._derived[key] = None if arr is None else to_probabilities(np.nan_to_num(arr))
+            if arr is not None and _is_class_index(arr, self.datatype):
+                self._derived[key] = one_hot(arr)
+            else:
+                self._derived[key] = None if arr is None else to_probabilities(np.nan_to_num(arr))
         return self._derived[key]
 
     def raw_labels(self) -> list[Any] | NDArray[Any]:
@@ -407,6 +410,26 @@ def to_probabilities(arr: FloatArray) -> FloatArray:
     soft = np.exp(z)
     soft /= soft.sum(axis=1, keepdims=True)
     out: FloatArray = np.where(is_prob[:, None], x, soft)
+    return out
+
+
+CLASS_INDEX_WIDTH = 64
+
+
+def _is_class_index(arr: FloatArray, datatype: str | None) -> bool:
+    return datatype_family(datatype) == "integer" and arr.reshape(arr.shape[0], -1).shape[1] == 1
+
+
+def one_hot(arr: FloatArray) -> FloatArray:
+    """Class ids as one-hot rows, so class-share statistics (output drift) read them as
+    classes, not as P(class 1). A fixed width (64, or the next power of two above the
+    largest id) keeps per-class counts of successive batches aligned."""
+    ids = np.nan_to_num(arr.reshape(arr.shape[0], -1)[:, 0]).astype(np.int64)
+    ids = np.maximum(ids, 0)
+    top = int(ids.max()) + 1 if ids.size else 1
+    width = CLASS_INDEX_WIDTH if top <= CLASS_INDEX_WIDTH else 1 << (top - 1).bit_length()
+    out: FloatArray = np.zeros((arr.shape[0], width))
+    out[np.arange(arr.shape[0]), ids] = 1.0
     return out
 
 

@@ -215,6 +215,13 @@ async def test_class_index_outputs_with_labels_give_the_right_accuracy_on_every_
     assert flip.statistic == pytest.approx(np.mean(pred_c != pred_a))
     # no score-based checks for a class index
     assert "tolerance.shift" not in res and "metric.high_confidence_error" not in res
+    # output drift reads the class ids as classes (one-hot), not as P(class 1)
+    eng.evaluate(now=1.0)
+    drift = eng.gates["drift.output"]
+    np.testing.assert_array_equal(
+        drift.counts["champion"][:3],  # type: ignore[attr-defined]
+        np.bincount(pred_c, minlength=3),
+    )
     # harvesting reads the class ids too: a pair is a wrong-label case when either is wrong
     wrong = rule_masks(records, GatesSettings().harvest, task="classification")["wrong_label"]
     np.testing.assert_array_equal(wrong, (pred_c != truth) | (pred_a != truth))
