@@ -115,8 +115,8 @@ def rule_masks(
             wrong |= has_cls & ch_vec & (ch_top != cls_int)
             wrong |= has_cls & ca_vec & (ca_top != cls_int)
             # class-index outputs (an integer datatype, one class id per row)
-            for side, out in (("champion", ch_out), ("candidate", ca_out)):
-                ids = _scalars(out)
+            for side, side_out in (("champion", ch_out), ("candidate", ca_out)):
+                ids = _scalars(side_out)
                 index = np.array(
                     [datatype_family(getattr(r, side).datatype) == "integer" for r in records]
                 )
