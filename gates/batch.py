@@ -39,6 +39,16 @@ def describe_output(m: ModelResult) -> str:
     return f"{m.name or '?'} {m.datatype or '?'} {dims} per row"
 
 
+def _descriptor_key(m: ModelResult) -> tuple[Any, ...]:
+    """Everything :func:`contract_violation` reads of one side (errors by full text)."""
+    out = m.output
+    if m.shape is not None and m.datatype is not None and out is not None:
+        return (m.error, m.name, m.datatype, m.shape)  # the descriptor says it all
+    return (m.error, m.name, m.datatype, m.shape, out is None) + (
+        () if out is None else (out.shape, out.dtype.kind)
+    )
+
+
 def contract_violation(ch: ModelResult, ca: ModelResult) -> str | None:
     """Why the candidate's output breaks the champion's contract, or None.
 
@@ -97,14 +107,14 @@ def _stack(outputs: list[np.ndarray | None], n: int) -> tuple[FloatArray | None,
 
 
 def _numeric(m: ModelResult) -> np.ndarray | None:
-    if m.error is not None or m.output is None or m.output.dtype == object:
+    if m.error is not None or m.output is None or m.output.dtype.kind == "O":
         return None
     return m.output
 
 
 def _texts(side: list[ModelResult]) -> list[str | None] | None:
     """One string per row for BYTES outputs (None elsewhere); None when no row has text."""
-    if not any(m.output is not None and m.output.dtype == object for m in side):
+    if not any(m.output is not None and m.output.dtype.kind == "O" for m in side):
         return None
     return [
         "\x1f".join(str(v) for v in m.output.reshape(-1))
@@ -174,8 +184,15 @@ class PairBatch:
             ca_ok = ca_ok | np.array([t is not None for t in ca_text or [None] * n], dtype=bool)
         fault = np.zeros(n, dtype=bool)
         example: tuple[str, str, str] | None = None
+        # Pairs of a batch nearly always share their descriptors: judge each distinct
+        # (champion, candidate) descriptor pair once.
+        seen: dict[tuple[Any, Any], str | None] = {}
         for i, (a, b) in enumerate(zip(ch, ca, strict=True)):
-            why = contract_violation(a, b)
+            key = (_descriptor_key(a), _descriptor_key(b))
+            if key in seen:
+                why = seen[key]
+            else:
+                why = seen[key] = contract_violation(a, b)
             if why is not None:
                 fault[i] = True
                 if example is None:
