@@ -83,8 +83,12 @@ def _is_timeout(err: str) -> bool:
     return "timeout" in e or "timed out" in e or "deadline" in e
 
 
-def _stack(outputs: list[np.ndarray | None], n: int) -> tuple[FloatArray | None, BoolArray]:
-    """Stack per-row outputs of the batch's most common shape; other rows are masked."""
+def _stack(
+    outputs: list[np.ndarray | None], n: int, prefer: tuple[int, ...] | None = None
+) -> tuple[FloatArray | None, BoolArray]:
+    """Stack per-row outputs of the batch's most common shape (``prefer`` when any row has
+    it: the champion's, so that candidate rows keeping the contract stay comparable);
+    other rows are masked."""
     if n and all(o is not None for o in outputs):
         try:  # the common case: every row has an output of the same shape
             arr = np.array(outputs, dtype=np.float64)
@@ -96,7 +100,7 @@ def _stack(outputs: list[np.ndarray | None], n: int) -> tuple[FloatArray | None,
     ok = np.zeros(n, dtype=bool)
     if not shapes:
         return None, ok
-    shape = shapes.most_common(1)[0][0]
+    shape = prefer if prefer is not None and prefer in shapes else shapes.most_common(1)[0][0]
     rows = [i for i, o in enumerate(outputs) if o is not None and o.shape == shape]
     full = np.full((n, *shape), np.nan, dtype=np.float64)
     if rows:
@@ -177,7 +181,8 @@ class PairBatch:
         ch_err_s = [m.error for m in ch]
         ca_err_s = [m.error for m in ca]
         champion, ch_ok = _stack([_numeric(m) for m in ch], n)
-        candidate, ca_ok = _stack([_numeric(m) for m in ca], n)
+        prefer = None if champion is None else tuple(champion.shape[1:])
+        candidate, ca_ok = _stack([_numeric(m) for m in ca], n, prefer)
         ch_text, ca_text = _texts(ch), _texts(ca)
         if ch_text is not None or ca_text is not None:
             ch_ok = ch_ok | np.array([t is not None for t in ch_text or [None] * n], dtype=bool)
