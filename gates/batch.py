@@ -2,7 +2,10 @@
 
 Gates never loop over records; they read the arrays here. Rows whose outputs cannot be
 compared (an error, a missing output, a shape that differs from the batch's) are masked
-out of the output-based gates and still count for the error gate.
+out of the output-based gates and still count for the error gate. A row whose candidate
+output breaks the output contract (docs/gates.md: name, datatype family, per-row shape of
+the champion's) is a candidate output fault: ``contract_fault`` is set, the row counts as a
+candidate error, and the contract gate counts it; it is never silently skipped.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from gates.records import PairRecord
+from gates.kinds import configured_kind, datatype_family, infer_kind
+from gates.records import ModelResult, PairRecord
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -24,6 +28,54 @@ BoolArray = NDArray[np.bool_]
 # Errors that mean "no observation" rather than "the model failed": a record written
 # without one side (``ModelResult.from_dict(None)``) or a shadow call that never ran.
 NOT_OBSERVED = frozenset({"missing", "dropped", "not_mirrored", "skipped"})
+# Candidate errors that are a broken output contract rather than a failed call.
+CONTRACT_ERRORS = frozenset({"missing_output", "shape_mismatch", "non_numeric_output"})
+
+
+def describe_output(m: ModelResult) -> str:
+    """``name DATATYPE [shape]`` of one side's output, as the report shows it."""
+    shape = m.shape if m.shape is not None else (None if m.output is None else m.output.shape)
+    dims = "?" if shape is None else "[" + ", ".join(str(d) for d in shape) + "]"
+    return f"{m.name or '?'} {m.datatype or '?'} {dims} per row"
+
+
+def _descriptor_key(m: ModelResult) -> tuple[Any, ...]:
+    """Everything :func:`contract_violation` reads of one side (errors by full text)."""
+    out = m.output
+    if m.shape is not None and m.datatype is not None and out is not None:
+        return (m.error, m.name, m.datatype, m.shape)  # the descriptor says it all
+    return (m.error, m.name, m.datatype, m.shape, out is None) + (
+        () if out is None else (out.shape, out.dtype.kind)
+    )
+
+
+def contract_violation(ch: ModelResult, ca: ModelResult) -> str | None:
+    """Why the candidate's output breaks the champion's contract, or None.
+
+    Only judged when the champion answered: a champion failure says nothing about the
+    candidate's interface.
+    """
+    if ch.error is not None or ch.output is None:
+        return None
+    if ca.error is not None:
+        token = ca.error.split(":", 1)[0].strip()
+        return f"candidate {ca.error}" if token in CONTRACT_ERRORS else None
+    if ca.output is None:
+        return "candidate returned no output"
+    if ch.name is not None and ca.name is not None and ch.name != ca.name:
+        return f"output name {ca.name!r} instead of {ch.name!r}"
+    fam_c, fam_a = datatype_family(ch.datatype), datatype_family(ca.datatype)
+    if (ch.output.dtype == object) != (ca.output.dtype == object):
+        fam_c = fam_c or ("bytes" if ch.output.dtype == object else "numeric")
+        fam_a = fam_a or ("bytes" if ca.output.dtype == object else "numeric")
+    if fam_c is not None and fam_a is not None and fam_c != fam_a:
+        return f"datatype {ca.datatype or fam_a} instead of {ch.datatype or fam_c}"
+    shape_c = ch.shape if ch.shape is not None and ca.shape is not None else ch.output.shape
+    shape_a = ca.shape if ch.shape is not None and ca.shape is not None else ca.output.shape
+    if tuple(shape_c) != tuple(shape_a):
+        what = "class count" if len(shape_c) == len(shape_a) == 1 else "shape"
+        return f"{what}: candidate {list(shape_a)} vs champion {list(shape_c)} per row"
+    return None
 
 
 def _is_timeout(err: str) -> bool:
@@ -31,8 +83,12 @@ def _is_timeout(err: str) -> bool:
     return "timeout" in e or "timed out" in e or "deadline" in e
 
 
-def _stack(outputs: list[np.ndarray | None], n: int) -> tuple[FloatArray | None, BoolArray]:
-    """Stack per-row outputs of the batch's most common shape; other rows are masked."""
+def _stack(
+    outputs: list[np.ndarray | None], n: int, prefer: tuple[int, ...] | None = None
+) -> tuple[FloatArray | None, BoolArray]:
+    """Stack per-row outputs of the batch's most common shape (``prefer`` when any row has
+    it: the champion's, so that candidate rows keeping the contract stay comparable);
+    other rows are masked."""
     if n and all(o is not None for o in outputs):
         try:  # the common case: every row has an output of the same shape
             arr = np.array(outputs, dtype=np.float64)
@@ -44,7 +100,7 @@ def _stack(outputs: list[np.ndarray | None], n: int) -> tuple[FloatArray | None,
     ok = np.zeros(n, dtype=bool)
     if not shapes:
         return None, ok
-    shape = shapes.most_common(1)[0][0]
+    shape = prefer if prefer is not None and prefer in shapes else shapes.most_common(1)[0][0]
     rows = [i for i, o in enumerate(outputs) if o is not None and o.shape == shape]
     full = np.full((n, *shape), np.nan, dtype=np.float64)
     if rows:
@@ -52,6 +108,24 @@ def _stack(outputs: list[np.ndarray | None], n: int) -> tuple[FloatArray | None,
         ok[rows] = True
     ok &= np.isfinite(full.reshape(n, -1)).all(axis=1)
     return full, ok
+
+
+def _numeric(m: ModelResult) -> np.ndarray | None:
+    if m.error is not None or m.output is None or m.output.dtype.kind == "O":
+        return None
+    return m.output
+
+
+def _texts(side: list[ModelResult]) -> list[str | None] | None:
+    """One string per row for BYTES outputs (None elsewhere); None when no row has text."""
+    if not any(m.output is not None and m.output.dtype.kind == "O" for m in side):
+        return None
+    return [
+        "\x1f".join(str(v) for v in m.output.reshape(-1))
+        if m.error is None and m.output is not None and m.output.dtype == object
+        else None
+        for m in side
+    ]
 
 
 def _slice_codes(dicts: list[dict[str, str]]) -> dict[str, tuple[list[str], IntArray]]:
@@ -76,6 +150,7 @@ class PairBatch:
     champion: FloatArray | None
     candidate: FloatArray | None
     comparable: BoolArray  # both outputs present, finite, same shape
+    contract_fault: BoolArray  # the candidate's output breaks the champion's contract
     champion_error: BoolArray
     candidate_error: BoolArray
     champion_timeout: BoolArray
@@ -87,6 +162,14 @@ class PairBatch:
     # Column form (simulations build batches without records): labels and features.
     labels: list[Any] | NDArray[Any] | None = None
     feature_columns: dict[str, NDArray[Any]] | None = None
+    # BYTES outputs: one string per row (the row's strings joined), None where not text
+    champion_text: list[str | None] | None = None
+    candidate_text: list[str | None] | None = None
+    # descriptors (most common on the champion side): what kinds are inferred from
+    output_name: str | None = None
+    datatype: str | None = None
+    # first contract violation seen in this batch: (reason, champion, candidate) text
+    contract_example: tuple[str, str, str] | None = None
     _features: dict[str, tuple[FloatArray, NDArray[Any] | None]] = field(default_factory=dict)
     _derived: dict[str, Any] = field(default_factory=dict)
 
@@ -97,14 +180,37 @@ class PairBatch:
         ca = [r.candidate for r in records]
         ch_err_s = [m.error for m in ch]
         ca_err_s = [m.error for m in ca]
-        champion, ch_ok = _stack([m.output if m.error is None else None for m in ch], n)
-        candidate, ca_ok = _stack([m.output if m.error is None else None for m in ca], n)
-        comparable = ch_ok & ca_ok
+        champion, ch_ok = _stack([_numeric(m) for m in ch], n)
+        prefer = None if champion is None else tuple(champion.shape[1:])
+        candidate, ca_ok = _stack([_numeric(m) for m in ca], n, prefer)
+        ch_text, ca_text = _texts(ch), _texts(ca)
+        if ch_text is not None or ca_text is not None:
+            ch_ok = ch_ok | np.array([t is not None for t in ch_text or [None] * n], dtype=bool)
+            ca_ok = ca_ok | np.array([t is not None for t in ca_text or [None] * n], dtype=bool)
+        fault = np.zeros(n, dtype=bool)
+        example: tuple[str, str, str] | None = None
+        # Pairs of a batch nearly always share their descriptors: judge each distinct
+        # (champion, candidate) descriptor pair once.
+        seen: dict[tuple[Any, Any], str | None] = {}
+        for i, (a, b) in enumerate(zip(ch, ca, strict=True)):
+            key = (_descriptor_key(a), _descriptor_key(b))
+            if key in seen:
+                why = seen[key]
+            else:
+                why = seen[key] = contract_violation(a, b)
+            if why is not None:
+                fault[i] = True
+                if example is None:
+                    example = (why, describe_output(a), describe_output(b))
+        comparable = ch_ok & ca_ok & ~fault
         if champion is not None and candidate is not None:
             if champion.shape[1:] != candidate.shape[1:]:
-                comparable[:] = False
+                # rows of other shapes are contract faults above; these are not comparable
+                comparable &= ch_text is not None and ca_text is not None
         ch_err = np.array([e is not None for e in ch_err_s], dtype=bool)
-        ca_err = np.array([e is not None for e in ca_err_s], dtype=bool)
+        ca_err = np.array([e is not None for e in ca_err_s], dtype=bool) | fault
+        names = Counter(m.name for m in ch if m.name is not None)
+        dtypes = Counter(m.datatype for m in ch if m.datatype is not None)
         no = np.zeros(n, dtype=bool)
         ch_to, ca_to, observed = no, no.copy(), np.ones(n, dtype=bool)
         if ch_err.any() or ca_err.any():
@@ -124,6 +230,7 @@ class PairBatch:
             champion=champion,
             candidate=candidate,
             comparable=comparable,
+            contract_fault=fault,
             champion_error=ch_err,
             candidate_error=ca_err,
             champion_timeout=ch_to,
@@ -133,6 +240,11 @@ class PairBatch:
             champion_latency=np.array([m.latency_ms for m in ch], dtype=np.float64),
             candidate_latency=np.array([m.latency_ms for m in ca], dtype=np.float64),
             slices=_slice_codes([r.slices for r in records]),
+            champion_text=ch_text,
+            candidate_text=ca_text,
+            output_name=names.most_common(1)[0][0] if names else None,
+            datatype=dtypes.most_common(1)[0][0] if dtypes else None,
+            contract_example=example,
         )
 
     # ----------------------------------------------------------------- derived columns
@@ -168,6 +280,7 @@ class PairBatch:
             champion=champion,
             candidate=candidate,
             comparable=ok & ~ch_err & ~ca_err,
+            contract_fault=no,
             champion_error=ch_err,
             candidate_error=ca_err,
             champion_timeout=no,
@@ -200,6 +313,7 @@ class PairBatch:
             champion=cut(self.champion),
             candidate=cut(self.candidate),
             comparable=self.comparable[rows],
+            contract_fault=self.contract_fault[rows],
             champion_error=self.champion_error[rows],
             candidate_error=self.candidate_error[rows],
             champion_timeout=self.champion_timeout[rows],
@@ -212,6 +326,15 @@ class PairBatch:
             feature_columns=None
             if self.feature_columns is None
             else {k: v[rows] for k, v in self.feature_columns.items()},
+            champion_text=None
+            if self.champion_text is None
+            else [self.champion_text[i] for i in rows],
+            candidate_text=None
+            if self.candidate_text is None
+            else [self.candidate_text[i] for i in rows],
+            output_name=self.output_name,
+            datatype=self.datatype,
+            contract_example=self.contract_example,
         )
 
     def feature_values(self, name: str, rows: int) -> list[Any]:
@@ -258,7 +381,10 @@ class PairBatch:
         key = f"probs:{role}"
         if key not in self._derived:
             arr = self.champion if role == "champion" else self.candidate
-            self._derived[key] = None if arr is None else to_probabilities(np.nan_to_num(arr))
+            if arr is not None and _is_class_index(arr, self.datatype):
+                self._derived[key] = one_hot(arr)
+            else:
+                self._derived[key] = None if arr is None else to_probabilities(np.nan_to_num(arr))
         return self._derived[key]
 
     def raw_labels(self) -> list[Any] | NDArray[Any]:
@@ -309,6 +435,26 @@ def to_probabilities(arr: FloatArray) -> FloatArray:
     return out
 
 
+CLASS_INDEX_WIDTH = 64
+
+
+def _is_class_index(arr: FloatArray, datatype: str | None) -> bool:
+    return datatype_family(datatype) == "integer" and arr.reshape(arr.shape[0], -1).shape[1] == 1
+
+
+def one_hot(arr: FloatArray) -> FloatArray:
+    """Class ids as one-hot rows, so class-share statistics (output drift) read them as
+    classes, not as P(class 1). A fixed width (64, or the next power of two above the
+    largest id) keeps per-class counts of successive batches aligned."""
+    ids = np.nan_to_num(arr.reshape(arr.shape[0], -1)[:, 0]).astype(np.int64)
+    ids = np.maximum(ids, 0)
+    top = int(ids.max()) + 1 if ids.size else 1
+    width = CLASS_INDEX_WIDTH if top <= CLASS_INDEX_WIDTH else 1 << (top - 1).bit_length()
+    out: FloatArray = np.zeros((arr.shape[0], width))
+    out[np.arange(arr.shape[0]), ids] = 1.0
+    return out
+
+
 def class_labels(raw: list[Any] | NDArray[Any], n_classes: int) -> IntArray:
     """Integer class per row; -1 where the label is missing or not a valid class index."""
     if not isinstance(raw, np.ndarray) and raw and all(type(v) is int for v in raw):
@@ -344,3 +490,26 @@ def numeric_labels(raw: list[Any] | NDArray[Any]) -> FloatArray:
             continue
     out[~np.isfinite(out)] = np.nan
     return out
+
+
+def batch_kind(batch: PairBatch, kind: str, kinds: dict[str, str], task: str) -> str | None:
+    """The output kind of this batch: the configured one, else inferred (gates/kinds.py).
+
+    None while the batch has nothing to infer from (no champion output yet).
+    """
+    fixed = configured_kind(batch.output_name, kind, kinds)
+    if fixed is not None:
+        return fixed
+    key = f"kind:{task}"
+    if key not in batch._derived:
+        values = batch.champion if batch.champion is not None else batch.candidate
+        rows = batch.comparable if values is not None else None
+        strings = batch.champion_text is not None or batch.candidate_text is not None
+        batch._derived[key] = infer_kind(
+            None if values is None or rows is None or not rows.any() else values[rows],
+            datatype=batch.datatype,
+            task=task,
+            strings=strings,
+        )
+    inferred: str | None = batch._derived[key]
+    return inferred

@@ -28,7 +28,9 @@ from typing import Any, Literal
 
 from gates.base import Gate
 from gates.batch import PairBatch, as_batch
+from gates.contract import ContractGate
 from gates.drift import InputDriftGate, OutputDriftGate
+from gates.kinds import task_for
 from gates.latency import ErrorGate, LatencyGate
 from gates.metric import MetricGate
 from gates.pinned import PinnedGate
@@ -188,6 +190,7 @@ def family_budgets(settings: GatesSettings) -> dict[str, float]:
     over time bound the probability of any false FAIL during the rollout by ``alpha``.
     """
     fams = {
+        "contract": settings.contract,
         "tolerance": settings.tolerance,
         "metric": settings.metric,
         "drift.output": settings.drift.output,
@@ -201,7 +204,10 @@ def family_budgets(settings: GatesSettings) -> dict[str, float]:
     }
 
 
+# Order is evaluation order: the output contract decides first (an incomparable candidate
+# aborts on ``contract`` before any gate that needs comparable outputs could wait forever).
 GATE_CLASSES: dict[str, type[Gate]] = {
+    "contract": ContractGate,
     "tolerance": ToleranceGate,
     "metric": MetricGate,
     "drift.output": OutputDriftGate,
@@ -234,6 +240,7 @@ class RolloutEngine:
         self.settings = gates
         self.plan = plan
         self.task: Task = gates.task if task == "auto" else task
+        self.task = task_for(gates.kind, gates.kinds, self.task)  # type: ignore[assignment]
         self.gates: dict[str, Gate] = {
             fam: cls(gates, alpha=_budget(gates, fam), task=self.task)
             for fam, cls in GATE_CLASSES.items()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gates.kinds import datatype_family
 from gates.records import Label, PairRecord
 from gates.settings import HarvestSettings, Task
 
@@ -113,6 +114,14 @@ def rule_masks(
         if classify:
             wrong |= has_cls & ch_vec & (ch_top != cls_int)
             wrong |= has_cls & ca_vec & (ca_top != cls_int)
+            # class-index outputs (an integer datatype, one class id per row)
+            for side, side_out in (("champion", ch_out), ("candidate", ca_out)):
+                ids = _scalars(side_out)
+                index = np.array(
+                    [datatype_family(getattr(r, side).datatype) == "integer" for r in records]
+                )
+                with np.errstate(invalid="ignore"):
+                    wrong |= has_cls & index & np.isfinite(ids) & (ids != cls_int)
         if task in ("auto", "regression"):
             num = np.array(
                 [

@@ -15,6 +15,14 @@ PASS when it is no worse than the margin with confidence):
   (squares for rmse), bounded by the clip, Fan-mixture e-process; FAIL when the clipped
   candidate error is confidently above (1+r) times the champion's.
 
+Labels are matched to the output kind (gates/kinds.py): a class id for ``probabilities``,
+``logits`` and ``class_index`` (accuracy and per-class recall; the high-confidence error
+rate needs scores, so not for class indices), a 0/1 vector for ``multilabel`` and a string
+for ``string`` (accuracy = exact match of the whole label set / string), a number for
+``scalar_regression`` and a vector of the output's width for ``vector_regression`` (the
+row's error is its root-mean-square error over the elements; MAE and RMSE of that).
+``embedding`` outputs have no labelled metric.
+
 Evidence only, never blocking: ``macro_f1``, ``precision`` (macro) and ``ece`` are ratios of
 sums over the whole sample, not means of per-request terms, so no per-request martingale
 exists for them; they are reported as point estimates against their margins.
@@ -30,9 +38,15 @@ from gates.base import status_of
 from gates.batch import (
     FloatArray,
     PairBatch,
+    batch_kind,
     class_labels,
-    numeric_labels,
-    scalars,
+)
+from gates.kinds import (
+    SCORED,
+    class_predictions,
+    multilabel_decisions,
+    string_labels,
+    vector_labels,
 )
 from gates.result import AGGREGATE, GateResult, Method, Status, fmt
 from gates.sliced import CheckSpec, SlicedGate, where
@@ -82,17 +96,105 @@ class MetricGate(SlicedGate):
         self.calibration: list[float] = []
         self.confusion: dict[str, FloatArray] = {}
         self.calib: dict[str, FloatArray] = {}
+        self.kind: str | None = None  # fixed by the first labelled batch with outputs
 
     # ------------------------------------------------------------------ update
 
     def _update(self, batch: PairBatch) -> None:
-        if batch.champion is None or batch.candidate is None:
+        if self.kind is None and batch.comparable.any():
+            self.kind = batch_kind(batch, self.settings.kind, self.settings.kinds, self.task)
+        kind = self.kind
+        if kind == "string":
+            self._update_exact(batch)
+            return
+        if batch.champion is None or batch.candidate is None or kind is None:
             self.unusable += batch.n
             return
-        if self.task == "classification":
+        if batch.champion.shape[1:] != batch.candidate.shape[1:]:
+            self.unusable += batch.n  # contract faults: the contract gate counts them
+            return
+        if kind in SCORED:
             self._update_classification(batch)
-        elif self.task == "regression":
+        elif kind == "class_index":
+            self._update_class_index(batch)
+        elif kind == "multilabel":
+            self._update_exact(batch)
+        elif kind in ("scalar_regression", "vector_regression"):
             self._update_regression(batch)
+        else:
+            self.unusable += batch.n  # embeddings: no labelled metric
+
+    def _add_correct(
+        self,
+        batch: PairBatch,
+        mask: np.ndarray,
+        ok_c: FloatArray,
+        ok_a: FloatArray,
+        recall: tuple[list[str], np.ndarray] | None = None,
+    ) -> None:
+        """Accuracy (and per-class recall) from each model's 0/1 correctness per row."""
+        m = self.settings.metric
+        d = ok_a - ok_c
+        ones = np.ones(batch.n)
+        tern = np.stack([ones, d, d * d], axis=1)
+        parts = np.stack([ones, ok_c, ok_a], axis=1)
+        assignment = self.cells.assign(batch, mask)
+        if m.accuracy.enabled:
+            self._add("accuracy", tern, mask, assignment)
+            self._add("accuracy_parts", parts, mask, assignment, like="accuracy")
+        if m.recall.enabled and recall is not None:
+            self._add("recall", tern, mask, assignment, cells=recall)
+            self._add("recall_parts", parts, mask, assignment, cells=recall)
+
+    def _update_class_index(self, batch: PairBatch) -> None:
+        """One class id per row: accuracy and recall; the class count is not in the
+        output, so class ids up to ``recall.max_classes`` get their own recall cell."""
+        assert batch.champion is not None and batch.candidate is not None
+        cap = self.settings.metric.recall.max_classes
+        if self.n_classes is None:
+            self.n_classes = cap
+        y = class_labels(batch.raw_labels(), 1 << 62)
+        mask = batch.comparable & (y >= 0)
+        self.unusable += int(batch.n - mask.sum())
+        if not mask.any():
+            return
+        pred_c = class_predictions(np.nan_to_num(batch.champion), "class_index")
+        pred_a = class_predictions(np.nan_to_num(batch.candidate), "class_index")
+        ok_c = (pred_c == y).astype(np.float64)
+        ok_a = (pred_a == y).astype(np.float64)
+        names = [f"class={k}" for k in range(cap - 1)] + ["class=__other__"]
+        codes = np.minimum(np.where(mask, y, 0), cap - 1)
+        self._add_correct(batch, mask, ok_c, ok_a, recall=(names, codes))
+        c = cap
+        yc = np.where(mask, np.minimum(y, c - 1), 0)
+        for role, pred in (("champion", pred_c), ("candidate", pred_a)):
+            p = np.clip(pred[mask], 0, c - 1)
+            flat = np.bincount(yc[mask] * c + p, minlength=c * c).astype(float)
+            cur = self.confusion.get(role)
+            self.confusion[role] = flat if cur is None else cur + flat
+
+    def _update_exact(self, batch: PairBatch) -> None:
+        """String outputs and multi-label sets: correct when the whole answer matches."""
+        raw = batch.raw_labels()
+        if self.kind == "string":
+            if batch.champion_text is None or batch.candidate_text is None:
+                self.unusable += batch.n
+                return
+            ys = string_labels(raw)
+            mask = batch.comparable & np.array([v is not None for v in ys], dtype=bool)
+            ok_c = np.array([a == b for a, b in zip(batch.champion_text, ys, strict=True)])
+            ok_a = np.array([a == b for a, b in zip(batch.candidate_text, ys, strict=True)])
+        else:
+            assert batch.champion is not None and batch.candidate is not None
+            width = batch.champion.reshape(batch.n, -1).shape[1]
+            yv = vector_labels(raw, width)
+            mask = batch.comparable & np.isfinite(yv).all(axis=1)
+            truth = np.nan_to_num(yv) >= 0.5
+            ok_c = (multilabel_decisions(np.nan_to_num(batch.champion)) == truth).all(axis=1)
+            ok_a = (multilabel_decisions(np.nan_to_num(batch.candidate)) == truth).all(axis=1)
+        self.unusable += int(batch.n - mask.sum())
+        if mask.any():
+            self._add_correct(batch, mask, ok_c.astype(np.float64), ok_a.astype(np.float64))
 
     def _update_classification(self, batch: PairBatch) -> None:
         m = self.settings.metric
@@ -174,13 +276,18 @@ class MetricGate(SlicedGate):
     def _update_regression(self, batch: PairBatch) -> None:
         m = self.settings.metric
         assert batch.champion is not None and batch.candidate is not None
-        y = numeric_labels(batch.raw_labels())
-        mask = batch.comparable & np.isfinite(y)
+        ch = np.nan_to_num(batch.champion).reshape(batch.n, -1)
+        ca = np.nan_to_num(batch.candidate).reshape(batch.n, -1)
+        width = ch.shape[1]
+        y = vector_labels(batch.raw_labels(), width)
+        mask = batch.comparable & np.isfinite(y).all(axis=1)
         self.unusable += int(batch.n - mask.sum())
         if not mask.any():
             return
-        e_c = np.abs(np.nan_to_num(scalars(batch.champion)) - np.nan_to_num(y))
-        e_a = np.abs(np.nan_to_num(scalars(batch.candidate)) - np.nan_to_num(y))
+        # the row's error: |e| for a scalar, the root-mean-square over a vector's elements
+        yn = np.nan_to_num(y)
+        e_c = np.sqrt(np.mean((ch - yn) ** 2, axis=1))
+        e_a = np.sqrt(np.mean((ca - yn) ** 2, axis=1))
         if self.clip is None:
             # Calibrate the clip on the first labelled pairs; they are then not tested, so
             # the bound is fixed before the data it is applied to.
@@ -226,13 +333,22 @@ class MetricGate(SlicedGate):
 
     def _active(self) -> list[str]:
         m = self.settings.metric
-        if self.task == "classification":
+        if self.kind in ("string", "multilabel"):
+            checks: dict[str, Any] = {"accuracy": m.accuracy}
+        elif self.kind == "class_index":
+            checks = {"accuracy": m.accuracy, "recall": m.recall}
+        elif self.kind == "embedding":
+            return []
+        elif self.task == "classification" and self.kind not in (
+            "scalar_regression",
+            "vector_regression",
+        ):
             checks = {
                 "accuracy": m.accuracy,
                 "recall": m.recall,
                 "high_confidence_error": m.high_confidence_error,
             }
-        elif self.task == "regression":
+        elif self.task == "regression" or self.kind in ("scalar_regression", "vector_regression"):
             checks = {"mae": m.mae, "rmse": m.rmse}
         else:
             return []
@@ -245,7 +361,7 @@ class MetricGate(SlicedGate):
         alpha_check = self.alpha / len(active)
         specs = [(c, spec) for c in active if (spec := self._spec(c, alpha_check)) is not None]
         out = self._results(specs)
-        if self.task == "classification":
+        if self.task == "classification" and self.kind in (None, *SCORED, "class_index"):
             out.extend(self._evidence())
         return out
 
@@ -424,6 +540,10 @@ class MetricGate(SlicedGate):
     # ------------------------------------------------------------------ state
 
     def _merge(self, other: MetricGate) -> None:
+        if self.kind is None:
+            self.kind = other.kind
+        elif other.kind not in (None, self.kind):
+            raise ValueError(f"metric: cannot merge kind {other.kind} into {self.kind}")
         if self.n_classes is None:
             self.n_classes = other.n_classes
         elif other.n_classes not in (None, self.n_classes):
@@ -447,6 +567,7 @@ class MetricGate(SlicedGate):
         return {
             **self._tables_state(),
             "n_classes": self.n_classes,
+            "kind": self.kind,
             "unusable": self.unusable,
             "clip": self.clip,
             "calibration": list(self.calibration),
@@ -457,6 +578,7 @@ class MetricGate(SlicedGate):
     def _load(self, state: dict[str, Any]) -> None:
         self._load_tables(state)
         self.n_classes = state.get("n_classes")
+        self.kind = state.get("kind")
         self.unusable = int(state.get("unusable", 0))
         self.clip = state.get("clip")
         self.calibration = [float(v) for v in state.get("calibration", [])]

@@ -18,11 +18,20 @@ Label = int | float | str | list[float] | None
 
 @dataclass(slots=True)
 class ModelResult:
-    """One model's answer for one row: output vector (probabilities, embedding) or scalar."""
+    """One model's answer for one row: output vector (probabilities, embedding) or scalar.
+
+    ``output`` is float64, or an object array of ``str`` for a BYTES output. The output
+    descriptor (``name``, V2 ``datatype``, per-row ``shape`` before flattening) is what the
+    contract gate compares between the two sides; None where the producer did not say
+    (records written before descriptors existed).
+    """
 
     output: np.ndarray | None = None
     latency_ms: float | None = None
     error: str | None = None
+    name: str | None = None
+    datatype: str | None = None
+    shape: tuple[int, ...] | None = None
 
     @property
     def ok(self) -> bool:
@@ -33,7 +42,15 @@ class ModelResult:
         if self.output is not None:
             arr = np.asarray(self.output)
             out = arr.item() if arr.ndim == 0 else arr.tolist()
-        return {"output": out, "latency_ms": self.latency_ms, "error": self.error}
+        data: dict[str, Any] = {"output": out, "latency_ms": self.latency_ms, "error": self.error}
+        # optional keys, written only when known: older readers ignore them
+        if self.name is not None:
+            data["output_name"] = self.name
+        if self.datatype is not None:
+            data["datatype"] = self.datatype
+        if self.shape is not None:
+            data["shape"] = list(self.shape)
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, *, where: str) -> ModelResult:
@@ -44,21 +61,46 @@ class ModelResult:
         raw = data.get("output")
         output = None
         if raw is not None:
-            try:
-                output = np.asarray(raw, dtype=np.float64)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"{where}.output: not a number or list of numbers") from exc
-            if output.ndim > 1:
-                raise ValueError(f"{where}.output: expected a number or a flat list")
+            output = _parse_output(raw, where)
         latency = data.get("latency_ms")
         if latency is not None and not isinstance(latency, int | float):
             raise ValueError(f"{where}.latency_ms: expected a number")
         error = data.get("error")
         if error is not None and not isinstance(error, str):
             raise ValueError(f"{where}.error: expected a string or null")
+        name, datatype, shape = data.get("output_name"), data.get("datatype"), data.get("shape")
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"{where}.output_name: expected a string")
+        if datatype is not None and not isinstance(datatype, str):
+            raise ValueError(f"{where}.datatype: expected a string")
+        if shape is not None and (
+            not isinstance(shape, list)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise ValueError(f"{where}.shape: expected a list of non-negative integers")
         return cls(
-            output=output, latency_ms=None if latency is None else float(latency), error=error
+            output=output,
+            latency_ms=None if latency is None else float(latency),
+            error=error,
+            name=name,
+            datatype=datatype,
+            shape=None if shape is None else tuple(shape),
         )
+
+
+def _parse_output(raw: Any, where: str) -> np.ndarray:
+    """Numbers become float64; a string or a flat list of strings (BYTES) an object array."""
+    if isinstance(raw, str) or (
+        isinstance(raw, list) and raw and all(isinstance(v, str) for v in raw)
+    ):
+        return np.array(raw if isinstance(raw, list) else [raw], dtype=object)
+    try:
+        output = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}.output: not a number, a string or a flat list of them") from exc
+    if output.ndim > 1:
+        raise ValueError(f"{where}.output: expected a number or a flat list")
+    return output
 
 
 @dataclass(slots=True)

@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gates.kinds import check_kind
+from gates.presets import DEFAULT_PRESET, Preset, apply_preset
 
 Task = Literal["auto", "classification", "regression", "embedding"]
 
@@ -63,6 +66,20 @@ class CosineLimit(RateLimit):
     max_rate: float = Field(0.05, gt=0, lt=1)
 
 
+class NormTolerance(RateLimit):
+    """vector_regression: the whole row at once (the per-element check is ``regression``)."""
+
+    atol: float = Field(0.01, ge=0, description="out if ||cand - champ|| > atol + rtol*||champ||")
+    rtol: float = Field(0.10, ge=0)
+    max_rate: float = Field(0.10, gt=0, lt=1)
+
+
+class MismatchLimit(RateLimit):
+    """string outputs: pairs whose strings differ at all."""
+
+    max_rate: float = Field(0.05, gt=0, lt=1)
+
+
 class ToleranceSettings(_Family):
     """Label-free, per pair: anytime-valid bounds on out-of-tolerance rates."""
 
@@ -71,7 +88,25 @@ class ToleranceSettings(_Family):
     flip: FlipLimit = FlipLimit()
     collapse: CollapseLimit = CollapseLimit()
     regression: RegressionTolerance = RegressionTolerance()
+    norm: NormTolerance = NormTolerance()
     cosine: CosineLimit = CosineLimit()
+    mismatch: MismatchLimit = MismatchLimit()
+
+
+class ContractSettings(_Family):
+    """The candidate's gated output must match the champion's name, datatype family and
+    per-row shape (gates/contract.py). Blocking, and it decides before any other gate."""
+
+    max_rate: float = Field(
+        0.01, gt=0, lt=1, description="rate of contract-breaking pairs tolerated"
+    )
+    min_samples: int = Field(1, ge=1)
+    alpha_weight: float = Field(
+        0.1,
+        gt=0,
+        description="small share: a broken contract shows on (nearly) every pair, so a "
+        "tenth of a family's budget still fails within a few pairs",
+    )
 
 
 # ------------------------------------------------------------------------------- metric
@@ -318,7 +353,18 @@ class HarvestSettings(_Strict):
 class GatesSettings(_Strict):
     """Which gates run, their limits, and the error budget shared by the blocking ones."""
 
+    preset: Preset = Field(
+        DEFAULT_PRESET,
+        description="retrained: tolerance and output drift are evidence; equivalence: they "
+        "block (gates/presets.py); explicit keys always win",
+    )
     task: Task = Field("auto", description="auto: scalar outputs regression, else classes")
+    kind: str = Field(
+        "auto", description="output kind of the gated output (gates/kinds.py); auto: inferred"
+    )
+    kinds: dict[str, str] = Field(
+        default_factory=dict, description="per output name: its kind (wins over 'kind')"
+    )
     alpha: float = Field(
         0.05,
         gt=0,
@@ -329,6 +375,7 @@ class GatesSettings(_Strict):
     alpha_pass: float = Field(
         0.05, gt=0, lt=0.5, description="per-gate error of a PASS (promotion: all must PASS)"
     )
+    contract: ContractSettings = ContractSettings()
     tolerance: ToleranceSettings = ToleranceSettings()
     metric: MetricSettings = MetricSettings()
     slices: SliceSettings = SliceSettings()
@@ -337,6 +384,21 @@ class GatesSettings(_Strict):
     errors: ErrorSettings = ErrorSettings()
     pinned: PinnedSettings = PinnedSettings()
     harvest: HarvestSettings = HarvestSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: object) -> object:
+        return apply_preset(data)
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, value: str) -> str:
+        return value if value == "auto" else check_kind(value, "gates.kind")
+
+    @field_validator("kinds")
+    @classmethod
+    def _kinds(cls, value: dict[str, str]) -> dict[str, str]:
+        return {name: check_kind(k, f"gates.kinds.{name}") for name, k in value.items()}
 
     def with_slice_keys(self, keys: Iterable[str]) -> GatesSettings:
         """A copy that gates exactly these slice keys, unless keys are configured already.

@@ -10,6 +10,13 @@ confidently below. Checks per task:
   candidate's is < low);
 * regression: ``regression`` (``|cand - champ| > atol + rtol * |champ|``);
 * embedding: ``cosine`` (cosine distance > tol).
+
+Which checks run is decided by the output kind (gates/kinds.py): ``class_index`` has only
+``flip``; ``multilabel`` has ``shift`` (largest change of any label's probability) and
+``flip`` (any label's decision at 0.5 differs); ``vector_regression`` applies
+``regression`` to every element (a row is out when any element is) and adds ``norm``
+(``||cand - champ|| > atol + rtol * ||champ||``); ``string`` has ``mismatch`` (the strings
+differ at all).
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from gates.batch import FloatArray, PairBatch, scalars
+from gates.batch import FloatArray, PairBatch, batch_kind
+from gates.kinds import class_predictions, multilabel_decisions, softmax
 from gates.result import GateResult, Method, fmt
 from gates.settings import RateLimit
 from gates.sliced import CheckSpec, SlicedGate, where
@@ -35,12 +43,25 @@ _DESCRIPTIONS = {
     "collapse": "pairs where the champion is >= {high} sure and the candidate < {low}",
     "regression": "pairs with |candidate - champion| > {atol} + {rtol}*|champion|",
     "cosine": "pairs with cosine distance > {tol}",
+    "norm": "pairs with ||candidate - champion|| > {atol} + {rtol}*||champion||",
+    "mismatch": "pairs whose output strings differ",
 }
 
 TASK_CHECKS = {
     "classification": ("shift", "flip", "collapse"),
     "regression": ("regression",),
     "embedding": ("cosine",),
+}
+
+KIND_CHECKS = {
+    "probabilities": ("shift", "flip", "collapse"),
+    "logits": ("shift", "flip", "collapse"),
+    "class_index": ("flip",),
+    "multilabel": ("shift", "flip"),
+    "scalar_regression": ("regression",),
+    "vector_regression": ("regression", "norm"),
+    "embedding": ("cosine",),
+    "string": ("mismatch",),
 }
 
 
@@ -61,6 +82,10 @@ class ToleranceGate(SlicedGate):
 
     waiting_for = "no comparable pairs yet"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kind: str | None = None  # fixed by the first batch with outputs
+
     def _limits(self) -> dict[str, RateLimit]:
         t = self.settings.tolerance
         return {
@@ -69,22 +94,60 @@ class ToleranceGate(SlicedGate):
             "collapse": t.collapse,
             "regression": t.regression,
             "cosine": t.cosine,
+            "norm": t.norm,
+            "mismatch": t.mismatch,
         }
 
     def _active(self) -> list[str]:
         limits = self._limits()
-        return [c for c in TASK_CHECKS.get(self.task, ()) if limits[c].enabled]
+        checks = KIND_CHECKS[self.kind] if self.kind else TASK_CHECKS.get(self.task, ())
+        return [c for c in checks if limits[c].enabled]
 
     def _update(self, batch: PairBatch) -> None:
-        if batch.champion is None or batch.candidate is None or not batch.comparable.any():
+        if not batch.comparable.any():
             return
+        if self.kind is None:
+            self.kind = batch_kind(batch, self.settings.kind, self.settings.kinds, self.task)
         mask = batch.comparable
-        ch = np.nan_to_num(batch.champion)
-        ca = np.nan_to_num(batch.candidate)
         t = self.settings.tolerance
         out: dict[str, np.ndarray] = {}
-        if self.task == "classification":
-            pc, pa = batch.probabilities("champion"), batch.probabilities("candidate")
+        kind = self.kind
+        if kind == "string":
+            if batch.champion_text is None or batch.candidate_text is None:
+                return
+            out["mismatch"] = np.array(
+                [a != b for a, b in zip(batch.champion_text, batch.candidate_text, strict=True)]
+            )
+            self._add_checks(batch, mask, out)
+            return
+        if batch.champion is None or batch.candidate is None:
+            return
+        if batch.champion.shape[1:] != batch.candidate.shape[1:]:
+            return  # contract faults: counted by the contract gate, not comparable here
+        ch = np.nan_to_num(batch.champion)
+        ca = np.nan_to_num(batch.candidate)
+        if kind == "class_index":
+            out["flip"] = class_predictions(ch, kind) != class_predictions(ca, kind)
+        elif kind == "multilabel":
+            c, a = ch.reshape(batch.n, -1), ca.reshape(batch.n, -1)
+            out["shift"] = np.abs(a - c).max(axis=1) > t.shift.tol
+            out["flip"] = (multilabel_decisions(c) != multilabel_decisions(a)).any(axis=1)
+        elif kind in ("vector_regression", "scalar_regression"):
+            c, a = ch.reshape(batch.n, -1), ca.reshape(batch.n, -1)
+            r = t.regression
+            out["regression"] = np.asarray(
+                (np.abs(a - c) > r.atol + r.rtol * np.abs(c)).any(axis=1)
+            )
+            dist = np.linalg.norm(a - c, axis=1)
+            out["norm"] = np.asarray(dist > t.norm.atol + t.norm.rtol * np.linalg.norm(c, axis=1))
+        elif kind in ("probabilities", "logits"):
+            pc: FloatArray | None
+            pa: FloatArray | None
+            if kind == "logits":
+                pc = softmax(ch.reshape(batch.n, -1))
+                pa = softmax(ca.reshape(batch.n, -1))
+            else:
+                pc, pa = batch.probabilities("champion"), batch.probabilities("candidate")
             if pc is None or pa is None or pc.shape != pa.shape:
                 return
             out["shift"] = np.abs(pa - pc).max(axis=1) > t.shift.tol
@@ -92,15 +155,15 @@ class ToleranceGate(SlicedGate):
             out["collapse"] = (pc.max(axis=1) >= t.collapse.high) & (
                 pa.max(axis=1) < t.collapse.low
             )
-        elif self.task == "regression":
-            c, a = scalars(ch), scalars(ca)
-            out["regression"] = np.abs(a - c) > t.regression.atol + t.regression.rtol * np.abs(c)
-        elif self.task == "embedding":
+        elif kind == "embedding":
             c = ch.reshape(batch.n, -1)
             a = ca.reshape(batch.n, -1)
             norms = np.linalg.norm(c, axis=1) * np.linalg.norm(a, axis=1)
             cos = np.einsum("ij,ij->i", c, a) / np.where(norms > 0, norms, 1.0)
             out["cosine"] = (1.0 - np.where(norms > 0, cos, 1.0)) > t.cosine.tol
+        self._add_checks(batch, mask, out)
+
+    def _add_checks(self, batch: PairBatch, mask: np.ndarray, out: dict[str, np.ndarray]) -> None:
         assignment = self.cells.assign(batch, mask)
         ones = np.ones(batch.n)
         for check in self._active():
@@ -118,6 +181,8 @@ class ToleranceGate(SlicedGate):
         for check in active:
             limit = limits[check]
             text = _DESCRIPTIONS[check].format(**limit.model_dump())
+            if check == "regression" and self.kind == "vector_regression":
+                text += " in any element"
 
             def describe(
                 cell: str,
@@ -149,8 +214,16 @@ class ToleranceGate(SlicedGate):
             specs.append((check, spec))
         return self._results(specs)
 
+    def _merge(self, other: ToleranceGate) -> None:
+        if self.kind is None:
+            self.kind = other.kind
+        elif other.kind not in (None, self.kind):
+            raise ValueError(f"tolerance: cannot merge kind {other.kind} into {self.kind}")
+        self._merge_tables(other)
+
     def _state(self) -> dict[str, Any]:
-        return self._tables_state()
+        return {**self._tables_state(), "kind": self.kind}
 
     def _load(self, state: dict[str, Any]) -> None:
         self._load_tables(state)
+        self.kind = state.get("kind")

@@ -49,6 +49,7 @@ import numpy as np
 from gates.records import ModelResult, PairRecord
 from proxy import context
 from proxy.backends.base import Backend
+from proxy.backends.datatypes import v2_datatype
 from proxy.config import MirrorgateConfig
 from proxy.digest import inputs_digest
 from proxy.errors import BackendError, BackendTimeout, BadRequest, ConfigError, MirrorgateError
@@ -141,6 +142,14 @@ def _nbytes(inputs: Mapping[str, np.ndarray]) -> int:
         else:
             total += array.nbytes
     return total
+
+
+def output_datatype(array: np.ndarray) -> str | None:
+    """The V2 datatype of an output array (None for a dtype V2 has no name for)."""
+    try:
+        return v2_datatype(array.dtype)
+    except MirrorgateError:
+        return None
 
 
 def input_rows(inputs: Mapping[str, np.ndarray]) -> int | None:
@@ -604,6 +613,17 @@ class MirrorDispatcher:
                 None, latency_ms, f"shape_mismatch: output has {got} rows for {rows} input rows"
             )
         value = gated if row is None else gated[row]
+        # The output's descriptor travels with the record: the contract gate compares
+        # name, datatype family and per-row shape between the two sides (docs/gates.md).
+        name = self.gated_output(role) or self._first_output_name(outcome)
+        datatype, shape = output_datatype(gated), tuple(int(d) for d in np.shape(value))
+        if gated.dtype.kind in "OSU":  # BYTES: compared by exact match, kept as strings
+            texts = [
+                v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+                for v in np.asarray(value, dtype=object).reshape(-1)
+            ]
+            strings = np.array(texts, dtype=object)
+            return ModelResult(strings, latency_ms, None, name, datatype, shape)
         try:
             number = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError):
@@ -613,7 +633,11 @@ class MirrorDispatcher:
         number = number.reshape(-1)
         if self._task == "regression" and number.size == 1:
             number = number.reshape(())
-        return ModelResult(number, latency_ms, None)
+        return ModelResult(number, latency_ms, None, name, datatype, shape)
+
+    @staticmethod
+    def _first_output_name(outcome: CallOutcome) -> str | None:
+        return None if not outcome.outputs else next(iter(outcome.outputs))
 
     def _rows(
         self,

@@ -46,6 +46,8 @@ PROGRESS_EVERY_S = 1.0
 # champion (softmax regression) and the candidates (MLPs) are calibrated differently by
 # construction; per-class recall needs ~10x this traffic to decide.
 DEMO_GATES: dict[str, Any] = {
+    # A retrained candidate (docs/gates.md "Presets"); the keys below say it explicitly.
+    "preset": "retrained",
     "metric": {
         "accuracy": {"margin": 0.02},
         "recall": {"blocking": False},

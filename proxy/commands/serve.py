@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gates.presets import DESCRIPTIONS as PRESET_TEXT
 from proxy.app import STATE, create_app
 from proxy.config import MirrorgateConfig, load_config
 from proxy.errors import ConfigError, MirrorgateError
@@ -108,6 +109,9 @@ async def serve(
             ) from exc
         host, port = runner.addresses[0][:2]
         announce(f"mirrorgate: listening on http://{host}:{port}")
+        announce(
+            f"mirrorgate: gates preset {config.gates.preset}: {PRESET_TEXT[config.gates.preset]}"
+        )
         stopper = loop.create_task(stop.wait())
         waiting: set[asyncio.Future[Any]] = {stopper}
         if state.loading is not None:

@@ -25,6 +25,7 @@ from storage.files import file_mode
 JSON_NAME = "report.json"
 HTML_NAME = "report.html"
 STATUS_ORDER = {"fail": 0, "inconclusive": 1, "pass": 2}
+STATUS_ORDER_NAMES = {v: k for k, v in STATUS_ORDER.items()}
 
 
 def _e(value: object) -> str:
@@ -96,8 +97,45 @@ def _verdict(doc: Mapping[str, Any]) -> str:
         f'<section class="verdict verdict-{_e(v["verdict"])}" id="verdict">'
         f'<div class="verdict-word">{_e(v["verdict"].upper())}</div>'
         f'<div><p class="reason">{_e(v["reason"])}</p>'
-        f'<p class="when">{_e(at)}{when} · stage {_e(r["stage"])}</p></div></section>'
+        f'<p class="when">{_e(at)}{when} · stage {_e(r["stage"])}</p>'
+        f"{_at_a_glance(doc)}</div></section>"
     )
+
+
+def _at_a_glance(doc: Mapping[str, Any]) -> str:
+    """One line under the verdict: the blocking cells by status and the advisory failures.
+
+    Cells below their minimum sample size wait without deciding; they are counted apart.
+    """
+    gates = doc["gates"]
+    blocking = [g for g in gates if g.get("blocking", True)]
+    small = [
+        g
+        for g in blocking
+        if g["status"] == "inconclusive" and g.get("min_n") is not None and g["n"] < g["min_n"]
+    ]
+    counts = {k: sum(g["status"] == k for g in blocking) for k in ("pass", "fail", "inconclusive")}
+    advisory = [g for g in gates if not g.get("blocking", True) and g["status"] == "fail"]
+    parts = [
+        f"blocking cells: {counts['pass']} pass, {counts['fail']} fail, "
+        f"{counts['inconclusive']} waiting"
+        + (f" ({len(small)} below their minimum sample)" if small else "")
+    ]
+    preset = doc["rollout"].get("preset")
+    if preset:
+        parts.append(f"preset {preset}")
+    line = f'<p class="glance">{_e(" · ".join(parts))}</p>'
+    if advisory:
+        names = ", ".join(
+            g["name"] + ("" if g["slice"] == "all" else f"[{g['slice']}]") for g in advisory
+        )
+        word = "despite" if doc["verdict"]["verdict"] == "promote" else "also"
+        line += (
+            f'<p class="advisory-fails">{len(advisory)} advisory '
+            f"{'failure' if len(advisory) == 1 else 'failures'} ({word}: evidence only, "
+            f"never blocking): {_e(names)}</p>"
+        )
+    return line
 
 
 def _summary(doc: Mapping[str, Any], digest: str) -> str:
@@ -110,6 +148,7 @@ def _summary(doc: Mapping[str, Any], digest: str) -> str:
         ("ended", fmt_ts(r.get("ended_at"))),
         ("evidence as of", fmt_ts(r["as_of"])),
         ("plan", plan),
+        ("gate preset", r.get("preset") or "—"),
         ("pairs", fmt_num(c["pairs"])),
         ("labels", fmt_num(c["labels"])),
         ("candidate errors", fmt_num(c.get("candidate_errors"))),
@@ -157,49 +196,63 @@ def _signoffs(doc: Mapping[str, Any], digest: str) -> str:
     return _section("signoffs", "Sign-offs", table, note)
 
 
+CONFIDENCE_NOTE = (
+    "confidence: the level of the anytime-valid test behind the row's status, 1 - alpha: "
+    "for PASS, alpha is the per-gate PASS error (alpha_pass); for FAIL and undecided rows, "
+    "alpha is "
+    "this cell's share of the rollout's false-abort budget. It is not a probability that "
+    "the candidate is good. Empty for evidence-only rows (point estimates)."
+)
+
+
+def _gate_row(g: Mapping[str, Any]) -> list[str]:
+    return [
+        _e(g["name"]) + ("" if g.get("blocking", True) else ' <span class="tag">advisory</span>'),
+        _e(g["slice"]),
+        _status(g["status"]),
+        _e(fmt_num(g["statistic"])),
+        _e(fmt_num(g["threshold"])),
+        _e(fmt_num(g["n"]))
+        + (
+            f' <span class="muted">/ min {_e(fmt_num(g["min_n"]))}</span>'
+            if g.get("min_n") is not None
+            else ""
+        ),
+        _e(fmt_num(g["confidence"])),
+        _e(g["reason"]),
+    ]
+
+
 def _gates(doc: Mapping[str, Any]) -> str:
-    # Failing first, and among equals the blocking gates (what decided) before advisory ones.
-    gates = sorted(
-        doc["gates"],
-        key=lambda g: (STATUS_ORDER[g["status"]], not g.get("blocking", True)),
+    # Grouped by gate family (collapsible, no scripts); the method is named once per
+    # family. Inside a family: failing first, blocking before advisory.
+    families: dict[str, list[Mapping[str, Any]]] = {}
+    for g in doc["gates"]:
+        families.setdefault(g.get("kind") or g["name"].split(".")[0], []).append(g)
+
+    def worst(rows: list[Mapping[str, Any]]) -> int:
+        return min(STATUS_ORDER[g["status"]] for g in rows)
+
+    headers = ["gate", "slice", "status", "statistic", "threshold", "n", "confidence", "reason"]
+    blocks = []
+    for family, rows in sorted(families.items(), key=lambda kv: (worst(kv[1]), kv[0])):
+        rows = sorted(rows, key=lambda g: (STATUS_ORDER[g["status"]], not g.get("blocking", True)))
+        counts = {k: sum(g["status"] == k for g in rows) for k in ("fail", "inconclusive", "pass")}
+        methods = ", ".join(dict.fromkeys(g["method"] for g in rows))
+        head = _status(STATUS_ORDER_NAMES[worst(rows)])
+        summary = (
+            f'<summary><span class="family">{_e(family)}</span> {head} '
+            f"{counts['fail']} fail · {counts['inconclusive']} undecided · {counts['pass']} pass"
+            f' — <span class="method">{_e(methods)}</span></summary>'
+        )
+        open_ = " open" if counts["fail"] else ""
+        table = _table(headers, [_gate_row(g) for g in rows], "gates")
+        blocks.append(f'<details class="gate-family"{open_}>{summary}{table}</details>')
+    note = (
+        "Every gate's evidence, grouped by family (failing families first and open); "
+        "the method is named once per family. " + CONFIDENCE_NOTE
     )
-    rows = [
-        [
-            _e(g["name"])
-            + ("" if g.get("blocking", True) else ' <span class="tag">advisory</span>'),
-            _e(g["slice"]),
-            _status(g["status"]),
-            _e(fmt_num(g["statistic"])),
-            _e(fmt_num(g["threshold"])),
-            _e(fmt_num(g["n"]))
-            + (
-                f' <span class="muted">/ min {_e(fmt_num(g["min_n"]))}</span>'
-                if g.get("min_n") is not None
-                else ""
-            ),
-            _e(fmt_num(g["confidence"])),
-            f'<span class="method">{_e(g["method"])}</span>',
-            _e(g["reason"]),
-        ]
-        for g in gates
-    ]
-    headers = [
-        "gate",
-        "slice",
-        "status",
-        "statistic",
-        "threshold",
-        "n",
-        "confidence",
-        "method",
-        "reason",
-    ]
-    return _section(
-        "gates",
-        "Gates",
-        _table(headers, rows, "gates"),
-        "Every gate's evidence; failing gates first, blocking before advisory.",
-    )
+    return _section("gates", "Gates", "".join(blocks) or '<p class="none">none</p>', _e(note))
 
 
 def _series(doc: Mapping[str, Any]) -> str:
@@ -373,6 +426,10 @@ def _pinned(doc: Mapping[str, Any]) -> str:
             f'<span class="state state-{_e(c["state"])}">{_e(c["state"])}</span>',
             _e(", ".join(f"{k}={v}" for k, v in sorted(c["slices"].items())) or "—"),
             _e(fmt_value(c["label"])),
+            _e(fmt_value(c.get("champion_prediction"))),
+            _e(fmt_value(c.get("candidate_prediction"))),
+            f'<span class="wrong wrong-{_e(str(c.get("wrong", "unknown")).replace(" ", "-"))}">'
+            f"{_e(c.get('wrong', 'unknown'))}</span>",
             _e(fmt_value(c["champion_output"])),
             _e(fmt_value(c["candidate_output"])),
             _e(fmt_num(c.get("recurrences", 1))),
@@ -386,6 +443,9 @@ def _pinned(doc: Mapping[str, Any]) -> str:
         "state",
         "slices",
         "label",
+        "champion predicted",
+        "candidate predicted",
+        "wrong",
         "champion output",
         "candidate output",
         "seen",
@@ -502,6 +562,14 @@ td.none, p.none { color: #57606a; font-style: italic; }
 .decision-approve { color: #1a7f37; font-weight: 600; }
 .decision-reject { color: #cf222e; font-weight: 600; }
 .state-pinned { font-weight: 600; }
+.glance { margin: 6px 0 0; font-weight: 600; }
+.advisory-fails { margin: 4px 0 0; }
+details.gate-family { margin: 6px 0; border: 1px solid #eaeef2; border-radius: 6px;
+  padding: 4px 8px; }
+details.gate-family summary { cursor: pointer; padding: 2px 0; }
+.family { font-weight: 700; margin-right: 4px; }
+.wrong-candidate, .wrong-both { color: #cf222e; font-weight: 700; }
+.wrong-champion { color: #1a7f37; font-weight: 600; }
 .state-dismissed { color: #57606a; text-decoration: line-through; }
 code { font: 12px ui-monospace, "DejaVu Sans Mono", monospace; overflow-wrap: anywhere; }
 .charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 12px; }

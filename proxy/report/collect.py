@@ -239,6 +239,7 @@ def _rollout(rollout: Rollout, config: MirrorgateConfig | None, as_of: float) ->
     }
     if config is not None:
         out["plan"] = [s.name for s in config.rollout.stages]
+        out["preset"] = config.gates.preset
     return out
 
 
@@ -425,6 +426,11 @@ def _slice_table(
         scored = stats.scored if metric == "accuracy" else 0
         champion = stats.champion_right / scored if scored else None
         candidate = stats.candidate_right / scored if scored else None
+        v = _values(cell) if cell is not None else {}
+        if cell is not None and _num(v.get("champion")) is not None:
+            # The deciding cell's own numbers: the same n for both models and the
+            # difference (pairs the gate used, not every labelled pair of the slice).
+            champion, candidate = _num(v.get("champion")), _num(v.get("candidate"))
         row: dict[str, Any] = {
             "key": key,
             "value": value,
@@ -498,10 +504,59 @@ def _alpha(values: dict[str, Any]) -> float | None:
 def _output(value: Any) -> Any:
     if value is None:
         return None
+    if isinstance(value, np.ndarray) and value.dtype == object:  # BYTES: strings
+        return [str(x) for x in value.ravel()]
     arr = np.asarray(value, dtype=np.float64)
     if arr.ndim == 0:
         return _num(arr)
     return [_num(x) or 0.0 for x in arr.ravel()]
+
+
+def _prediction(output: Any) -> Any:
+    """What a model answered, as a person reads it: a class id (argmax of scores, or the
+    class index itself), a number (regression), a string; a vector stays a vector."""
+    if output is None:
+        return None
+    if isinstance(output, np.ndarray) and output.dtype == object:
+        return " ".join(str(x) for x in output.ravel())
+    arr = np.asarray(output, dtype=np.float64).ravel()
+    if arr.size == 0 or not np.isfinite(arr).all():
+        return None
+    if arr.size == 1:
+        v = float(arr[0])
+        return int(v) if v.is_integer() else _num(v)
+    if (arr >= -1e-9).all() and abs(float(arr.sum()) - 1.0) <= 1e-3:
+        return int(np.argmax(arr))
+    return None  # logits, multi-label, vectors: the output column shows them
+
+
+def _wrong(prediction: Any, label: Any, config: MirrorgateConfig | None) -> bool | None:
+    if prediction is None or label is None or isinstance(label, bool):
+        return None
+    if isinstance(prediction, str) or isinstance(label, str):
+        return str(prediction) != str(label)
+    if isinstance(label, list):
+        return None
+    if isinstance(prediction, int) and isinstance(label, int):
+        return prediction != label
+    h = config.gates.harvest if config is not None else None
+    atol, rtol = (h.regression_atol, h.regression_rtol) if h is not None else (0.0, 0.1)
+    return abs(float(prediction) - float(label)) > atol + rtol * abs(float(label))
+
+
+def _predictions(
+    champion: Any, candidate: Any, label: Any, config: MirrorgateConfig | None
+) -> dict[str, Any]:
+    """Each model's predicted class / value and which of them was wrong."""
+    pc, pa = _prediction(champion), _prediction(candidate)
+    wc, wa = _wrong(pc, label, config), _wrong(pa, label, config)
+    if wc is None or wa is None:
+        wrong = "unknown" if label is not None else "no label"
+    else:
+        wrong = {(True, True): "both", (True, False): "champion", (False, True): "candidate"}.get(
+            (wc, wa), "neither"
+        )
+    return {"champion_prediction": pc, "candidate_prediction": pa, "wrong": wrong}
 
 
 def _pinned(
@@ -529,6 +584,7 @@ def _pinned(
                 "label": label,
                 "champion_output": _output(ev.champion.output),
                 "candidate_output": _output(ev.candidate.output),
+                **_predictions(ev.champion.output, ev.candidate.output, label, config),
                 "inputs_digest": c.inputs_digest,
                 # No recurrence count: it is global to the case and keeps rising with
                 # later rollouts' traffic, so a finished rollout's report (and the digest

@@ -11,13 +11,14 @@ import pytest
 from gates.records import ModelResult, PairRecord
 from gates.settings import GatesSettings, RolloutSettings, StageSettings
 
-ALL_FAMILIES = ("tolerance", "metric", "latency", "errors")
+ALL_FAMILIES = ("contract", "tolerance", "metric", "latency", "errors")
 
 
 def only(*families: str, **overrides: Any) -> GatesSettings:
     """Default gates with every family not named switched off (drift: 'drift.output',
-    'drift.input'; pinned: 'pinned')."""
-    data: dict[str, Any] = {}
+    'drift.input'; pinned: 'pinned'). The ``equivalence`` preset: a family named here is
+    tested as it blocks (override with ``preset="retrained"``)."""
+    data: dict[str, Any] = {"preset": "equivalence"}
     for fam in ALL_FAMILIES:
         data[fam] = {"enabled": fam in families}
     data["drift"] = {

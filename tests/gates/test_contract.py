@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from gates.base import Gate
+from gates.contract import ContractGate
 from gates.drift import InputDriftGate, OutputDriftGate
 from gates.engine import GATE_CLASSES
 from gates.latency import ErrorGate, LatencyGate
@@ -37,6 +38,7 @@ SETTINGS = GatesSettings.model_validate(
     }
 )
 CLASSES: list[type[Gate]] = [
+    ContractGate,
     ToleranceGate,
     MetricGate,
     OutputDriftGate,

@@ -19,7 +19,10 @@ def test_default_gate_set_is_the_documented_one():
     assert g.metric.accuracy.margin == 0.01 and g.metric.accuracy.blocking
     assert g.tolerance.flip.max_rate == 0.10 and g.tolerance.collapse.max_rate == 0.02
     assert g.slices.keys is None and g.slices.min_samples == 300
-    assert g.drift.input.psi == 0.2 and g.drift.output.blocking
+    assert g.drift.input.psi == 0.2
+    # the retrained preset: outputs may move, tolerance and output drift are evidence
+    assert g.preset == "retrained" and not g.drift.output.blocking and not g.tolerance.blocking
+    assert g.contract.blocking and g.metric.blocking and g.latency.blocking and g.errors.blocking
     assert g.latency.max_ratio == 1.5 and g.errors.max_excess_error_rate == 0.01
     stages = RolloutSettings().stages
     assert [s.name for s in stages] == ["shadow", "canary-5", "canary-25"]
@@ -29,9 +32,11 @@ def test_default_gate_set_is_the_documented_one():
 def test_budget_split_over_enabled_families_sums_to_alpha():
     budgets = family_budgets(GatesSettings())
     assert sum(budgets.values()) == pytest.approx(0.05)
-    # labelled metrics weigh 3, every other family 1 (docs/gates.md, "Error budget")
+    # labelled metrics weigh 3, the contract a tenth (a broken contract shows on every
+    # pair), every other family 1 (docs/gates.md, "Error budget")
     assert budgets["metric"] == pytest.approx(3 * budgets["tolerance"])
-    assert len({round(v, 12) for k, v in budgets.items() if k != "metric"}) == 1
+    assert budgets["contract"] == pytest.approx(budgets["tolerance"] / 10)
+    assert len({round(v, 12) for k, v in budgets.items() if k not in ("metric", "contract")}) == 1
     g = GatesSettings.model_validate(
         {"latency": {"enabled": False}, "metric": {"alpha_weight": 1.0}}
     )

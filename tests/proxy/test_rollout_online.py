@@ -52,8 +52,12 @@ def _config(candidate: str, **rollout):
                 "latency": {"blocking": False},
             },
             "rollout": {
+                # 2,000 labels (~400 mobile, above the slices' 300 minimum) before the
+                # stage may end: a slice cell below its minimum is exempt, so a smaller
+                # stage could promote before the mobile cell may decide (as in the demo's
+                # plan, proxy/commands/demo.py).
                 "stages": [
-                    {"name": "shadow", "min_pairs": 500, "min_labels": 200, "min_duration_s": 0}
+                    {"name": "shadow", "min_pairs": 500, "min_labels": 2000, "min_duration_s": 0}
                 ],
                 "evaluate_every_pairs": 500,
                 **rollout,
@@ -118,7 +122,12 @@ async def test_regressed_candidate_is_aborted_on_its_slice_and_replay_agrees(tmp
                 },
                 "rollout": {
                     "stages": [
-                        {"name": "shadow", "min_pairs": 500, "min_labels": 200, "min_duration_s": 0}
+                        {
+                            "name": "shadow",
+                            "min_pairs": 500,
+                            "min_labels": 2000,
+                            "min_duration_s": 0,
+                        }
                     ],
                     "evaluate_every_pairs": 500,
                 },

@@ -35,7 +35,7 @@ def test_reads_the_design_example_and_skips_blank_lines(tmp_path):
         ('{"id": "x", "ts": "soon"}', "record.ts"),
         ('{"id": "", "ts": 1}', "record.id"),
         ("[1, 2]", "expected a JSON object"),
-        (json.dumps({**GOOD, "champion": {"output": "high"}}), "record.champion.output"),
+        (json.dumps({**GOOD, "champion": {"output": {"high": 1}}}), "record.champion.output"),
     ],
 )
 def test_bad_records_name_the_line(tmp_path, line, message):

@@ -137,3 +137,27 @@ def test_a_rollout_without_its_config_digest_is_refused(store: Store) -> None:
     )
     with pytest.raises(BadRequest, match="config digest"):
         build_document(store, rollout.id)
+
+
+def test_slice_table_numbers_are_the_deciding_cells(store: Store) -> None:
+    """The gate used 16 of the 20 labelled mobile pairs (say 4 came before the error clip
+    or the class count was known): the table shows its n and its two accuracies, whose
+    difference is the cell's statistic, not the 20 the pair summary would count."""
+    rollout = store.create_rollout(
+        ModelInfo("champ", "onnx", "c" * 64),
+        ModelInfo("cand", "onnx", "d" * 64),
+        config_digest=CONFIG_DIGEST,
+        now=T0,
+    )
+    rid = rollout.id
+    pairs = [_pair(i, "mobile", 2, 2, 2 if i % 2 else 0) for i in range(20)]
+    store.write_pairs(rid, pairs)
+    row = _row(ACC, MOBILE, "FAIL", -0.5625, -0.8, -0.2, 16, T0 + 20)
+    row.details["values"] = {"min_samples": 10, "champion": 1.0, "candidate": 0.4375}
+    store.record_gate_evaluations(rid, [row])
+    doc = build_document(store, rid)
+    validate_document(doc)
+    mobile = next(r for r in doc["slice_table"]["rows"] if r["value"] == "mobile")
+    assert mobile["labels"] == 16
+    assert (mobile["champion"], mobile["candidate"]) == (1.0, 0.4375)
+    assert mobile["difference"] == mobile["candidate"] - mobile["champion"] == -0.5625

@@ -69,11 +69,18 @@ def test_every_section_and_plot_is_rendered(sample_doc: dict[str, Any]) -> None:
     assert len(tags.with_class("rect", "bar-candidate")) > 10
     assert 'class="verdict-word">ABORT<' in page
     assert "platform=android" in page.split('id="verdict"')[1].split("</section>")[0]
-    # Every gate row, with its method.
+    # Every gate row, grouped by family (one collapsible table each, a header row each),
+    # the method named once per family rather than on every row.
     gates_html = page.split('id="gates"')[1].split("</section>")[0]
-    assert gates_html.count("<tr>") == len(sample_doc["gates"]) + 1
+    families = {g["kind"] for g in sample_doc["gates"]}
+    assert gates_html.count("<details") == len(families)
+    assert gates_html.count("<tr>") == len(sample_doc["gates"]) + len(families)
     for g in sample_doc["gates"]:
         assert escape(g["method"]) in gates_html
+    for method in {g["method"] for g in sample_doc["gates"]}:
+        same = {g["kind"] for g in sample_doc["gates"] if g["method"] == method}
+        assert gates_html.count(escape(method)) == len(same)
+    assert "confidence: the level of the anytime-valid test" in gates_html
     # Failing gates first.
     assert gates_html.index("status-fail") < gates_html.index("status-pass")
 
