@@ -170,6 +170,11 @@ async def health_ready(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if not state.ready or state.draining:
         raise NotReady(state.not_ready_reason())
+    unpersisted = len(state.rollout.unpersisted) if state.rollout is not None else 0
+    if unpersisted:
+        # Still ready (the live path is fine), but a decision waits for the database:
+        # a restart now would forget it. Said here, in the log and in the metrics.
+        return web.json_response({"ready": True, "decisions_unpersisted": unpersisted})
     return web.json_response({"ready": True})
 
 
@@ -330,6 +335,9 @@ async def _load(state: ProxyState) -> None:
                         config, state.persistence, state.rollout
                     )
                 state.rollout.store = state.persistence
+                # A restart resumes the rollout (stage, evidence, verdict: an abort holds)
+                # before the first request is served.
+                await state.rollout.resume()
                 await _start_harvest(state)
         _activate(state)
         if state.rollout is not None and state.rollout.coordinator is not None:
@@ -507,6 +515,15 @@ def _apply_evaluation(state: ProxyState, evaluation: Evaluation) -> None:
         if evaluation.verdict == "abort" and not state.config.mirror.shadow_after_abort:
             # An aborted candidate gets no more traffic, mirrored or served (unless the
             # operator asked to keep collecting evidence: the weight is 0 either way).
+            state.mirror.stop_candidate()
+        lifecycle = state.config.lifecycle
+        if (
+            evaluation.verdict == "promote"
+            and evaluation.canary_weight == 0
+            and not lifecycle.mirror_after_promote
+        ):
+            # Promoted: the controller now replaces the stable service and scales the
+            # canary down; a candidate that is gone must cost nothing per request.
             state.mirror.stop_candidate()
 
 

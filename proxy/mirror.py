@@ -218,6 +218,11 @@ class MirrorDispatcher:
         self._weight = 0.0
         self.metrics.rollout_canary_weight.set(0.0)
 
+    def restart_candidate(self) -> None:
+        """A new rollout started for a new candidate revision: it may be called again
+        (at the weight its first stage sets)."""
+        self._candidate_stopped = False
+
     @property
     def candidate_stopped(self) -> bool:
         return self._candidate_stopped

@@ -22,7 +22,7 @@ from proxy.config import MirrorgateConfig
 from proxy.errors import ConfigError
 from storage.db import Database, normalize_url
 from storage.entities import Decision as StoredDecision
-from storage.entities import GateEvaluation, ModelInfo, Rollout
+from storage.entities import GateEvaluation, GateSnapshot, ModelInfo, Rollout
 from storage.errors import SchemaError, StorageError
 from storage.migrate import open_database
 from storage.recorder import SqlRecorder
@@ -31,6 +31,14 @@ from storage.store import Store
 log = logging.getLogger(__name__)
 
 _ROLLOUT_STATUS = {"promote": "promoted", "abort": "aborted"}
+# The revision judged before any controller started a rollout.
+INITIAL_REVISION = "initial"
+# gate_snapshots.replica_id of a single proxy's resume state (replicas use their ids).
+RESUME_SNAPSHOT = "__resume__"
+
+
+def revision_of(rollout: Rollout) -> str:
+    return str(rollout.extra.get("revision") or INITIAL_REVISION)
 
 
 @dataclass
@@ -41,6 +49,8 @@ class Persistence:
     registry: CollectorRegistry
     rollout: Rollout | None = None
     recorder: SqlRecorder | None = None
+    champion_info: ModelInfo | None = None
+    candidate_info: ModelInfo | None = None
     _last_stage: str | None = field(default=None, repr=False)
 
     @classmethod
@@ -60,20 +70,109 @@ class Persistence:
         return cls(config=config, db=db, store=Store(db), registry=registry)
 
     async def attach(self, champion: Backend, candidate: Backend | None) -> SqlRecorder:
-        """Open (or continue) the rollout of these models and start the recorder."""
-        self.rollout = await asyncio.to_thread(
-            self.store.open_rollout,
-            ModelInfo.of(champion.identity),
-            ModelInfo.of(candidate.identity) if candidate is not None else None,
-            config_digest=self.config.digest(),
-            task=self.config.server.model_name,
+        """Resume the rollout of these models (or open the first one); start the recorder.
+
+        A restart resumes the newest rollout of the same experiment whatever its status:
+        an aborted candidate stays aborted until a person starts a new rollout. A new
+        one opens only for a first start or when ``lifecycle.revision`` names another
+        revision than the newest rollout's.
+        """
+        self.champion_info = ModelInfo.of(champion.identity)
+        self.candidate_info = ModelInfo.of(candidate.identity) if candidate is not None else None
+        self.rollout = await asyncio.to_thread(self._resume_or_start)
+        log.info(
+            "recording rollout %s (revision %s, %s)",
+            self.rollout.id,
+            revision_of(self.rollout),
+            self.rollout.status,
         )
-        log.info("recording rollout %s", self.rollout.id)
         self.recorder = SqlRecorder(
             self.db, self.rollout.id, self.config.storage, registry=self.registry
         )
         await self.recorder.start()
         return self.recorder
+
+    def _resume_or_start(self) -> Rollout:
+        assert self.champion_info is not None, "attach() sets the models first"
+        wanted = self.config.lifecycle.revision
+        latest = self.store.latest_rollout(
+            self.champion_info,
+            self.candidate_info,
+            config_digest=self.config.digest(),
+            task=self.config.server.model_name,
+        )
+        if latest is not None and (wanted is None or revision_of(latest) == wanted):
+            return latest
+        return self._start(wanted or INITIAL_REVISION, {"started_by": "config"})
+
+    def _start(self, revision: str, extra: dict[str, Any]) -> Rollout:
+        assert self.champion_info is not None, "attach() sets the models first"
+        return self.store.start_rollout(
+            self.champion_info,
+            self.candidate_info,
+            revision=revision,
+            config_digest=self.config.digest(),
+            task=self.config.server.model_name,
+            stage=self.config.rollout.stages[0].name,
+            extra=extra,
+        )
+
+    def start_rollout(self, revision: str, extra: dict[str, Any]) -> Rollout:
+        """Blocking: end the current rollout (if still active) and start one for
+        ``revision``; pairs recorded from now on belong to it."""
+        previous = self.rollout
+        if previous is not None and previous.status == "active":
+            self.store.update_rollout(
+                previous.id, status="ended", extra={"superseded_by_revision": revision}
+            )
+        rollout = self._start(revision, extra)
+        self.switch(rollout)
+        return rollout
+
+    def switch(self, rollout: Rollout) -> None:
+        self.rollout = rollout
+        self._last_stage = None
+        if self.recorder is not None:
+            self.recorder.rollout_id = rollout.id
+
+    def close_rollout(self, extra: dict[str, Any]) -> Rollout:
+        """Blocking: the controller's post-rollout hook. An undecided rollout ends
+        (``ended``); a promoted or aborted one keeps its status. Its verdict stays."""
+        rollout = self.rollout
+        if rollout is None:
+            raise RuntimeError("no rollout attached yet")
+        status = "ended" if rollout.status == "active" else None
+        self.rollout = self.store.update_rollout(rollout.id, status=status, extra=extra)
+        return self.rollout
+
+    def refresh(self) -> Rollout:
+        """Blocking: re-read the current rollout's row (status, stage, extra)."""
+        self.rollout = self.store.get_rollout(self.rollout_id)
+        return self.rollout
+
+    def load_resume(self) -> tuple[dict[str, Any] | None, list[Decision]]:
+        """Blocking: the last saved engine state of the current rollout and every
+        decision recorded for it (replayed over the state: a decision whose state save
+        failed is still applied)."""
+        snapshots = [
+            s for s in self.store.gate_snapshots(self.rollout_id) if s.replica_id == RESUME_SNAPSHOT
+        ]
+        state = snapshots[-1].state if snapshots else None
+        decisions = [engine_decision(d) for d in self.store.decisions(self.rollout_id)]
+        return state, decisions
+
+    def save_state(self, state: dict[str, Any], now: float) -> None:
+        """Blocking: the engine's resume state (one row per rollout, replaced)."""
+        self.store.save_gate_snapshot(
+            GateSnapshot(
+                rollout_id=self.rollout_id,
+                replica_id=RESUME_SNAPSHOT,
+                window_start=0.0,
+                window_end=now,
+                state=state,
+                ts=now,
+            )
+        )
 
     @property
     def rollout_id(self) -> str:
@@ -168,6 +267,24 @@ def stored_decision(decision: Decision) -> StoredDecision:
             "labels": decision.labels,
             "gates": decision.evidence,
         },
+    )
+
+
+def engine_decision(stored: StoredDecision) -> Decision:
+    """A stored decision back as the engine's (what :func:`stored_decision` wrote)."""
+    evidence = stored.evidence or {}
+    return Decision(
+        ts=stored.ts,
+        action=str(evidence.get("action") or stored.verdict),
+        verdict=evidence.get("verdict") or "continue",
+        from_stage=stored.from_stage or "",
+        to_stage=stored.to_stage or stored.from_stage or "",
+        who=stored.actor,
+        why=stored.reason,
+        pairs=int(evidence.get("pairs") or 0),
+        labels=int(evidence.get("labels") or 0),
+        manual=stored.actor_kind == "operator",
+        evidence=list(evidence.get("gates") or []),
     )
 
 
