@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -195,11 +196,27 @@ class RolloutLifecycle:
             extra = {"started_by": who, "reason": why}
             persistence = self.state.persistence
             if persistence is not None:
-                try:
-                    rollout = await asyncio.to_thread(persistence.start_rollout, revision, extra)
-                except Exception as exc:
-                    raise NotReady(f"cannot start the rollout: storage: {exc}") from exc
-                new = _info(rollout)
+                # Created before the switch: a database that refuses leaves the current
+                # rollout untouched (503, the controller retries).
+                verdict = service.current().verdict
+                created: list[Rollout] = []
+
+                async def switch() -> None:
+                    try:
+                        created.append(
+                            await asyncio.to_thread(
+                                functools.partial(
+                                    persistence.start_rollout, revision, extra, verdict=verdict
+                                )
+                            )
+                        )
+                    except Exception as exc:
+                        raise NotReady(f"cannot start the rollout: storage: {exc}") from exc
+                    if self.state.mirror is not None:
+                        self.state.mirror.restart_candidate()
+
+                await service.reset(time.time(), switch)
+                new = _info(created[0])
             else:
                 if self._memory:
                     self._memory[-1].status = (
@@ -214,13 +231,13 @@ class RolloutLifecycle:
                     extra=extra,
                 )
                 self._memory.append(new)
+                if self.state.mirror is not None:
+                    self.state.mirror.restart_candidate()
+                await service.reset(time.time())
             harvester = self.state.extras.get(HARVESTER)
             if harvester is not None and hasattr(harvester, "rollout_id"):
                 harvester.rollout_id = new.id
-            if self.state.mirror is not None:
-                self.state.mirror.restart_candidate()
             self._wire = None  # the new revision's identity is learnt at the next poll
-            await service.reset(time.time())
             self.ops.set_rollout(new.id, new.revision)
             log.info("rollout %s started for revision %s by %s: %s", new.id, revision, who, why)
             return self.current(), True
@@ -237,7 +254,11 @@ class RolloutLifecycle:
             persistence = self.state.persistence
             if persistence is not None:
                 try:
-                    await asyncio.to_thread(persistence.close_rollout, extra)
+                    await asyncio.to_thread(
+                        functools.partial(
+                            persistence.close_rollout, extra, verdict=self.service.current().verdict
+                        )
+                    )
                 except Exception as exc:
                     raise NotReady(f"cannot close the rollout: storage: {exc}") from exc
             else:

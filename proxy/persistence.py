@@ -117,13 +117,17 @@ class Persistence:
             extra=extra,
         )
 
-    def start_rollout(self, revision: str, extra: dict[str, Any]) -> Rollout:
-        """Blocking: end the current rollout (if still active) and start one for
-        ``revision``; pairs recorded from now on belong to it."""
+    def start_rollout(self, revision: str, extra: dict[str, Any], *, verdict: str) -> Rollout:
+        """Blocking: end the current rollout and start one for ``revision``; pairs
+        recorded from now on belong to it. ``verdict`` is the current rollout's live
+        verdict (its row may lag one evaluation): a promote or abort is kept as its
+        status, an undecided rollout ends (``ended``)."""
         previous = self.rollout
-        if previous is not None and previous.status == "active":
+        if previous is not None:
             self.store.update_rollout(
-                previous.id, status="ended", extra={"superseded_by_revision": revision}
+                previous.id,
+                status=_ROLLOUT_STATUS.get(verdict, "ended"),
+                extra={"superseded_by_revision": revision},
             )
         rollout = self._start(revision, extra)
         self.switch(rollout)
@@ -135,14 +139,12 @@ class Persistence:
         if self.recorder is not None:
             self.recorder.rollout_id = rollout.id
 
-    def close_rollout(self, extra: dict[str, Any]) -> Rollout:
+    def close_rollout(self, extra: dict[str, Any], *, verdict: str) -> Rollout:
         """Blocking: the controller's post-rollout hook. An undecided rollout ends
-        (``ended``); a promoted or aborted one keeps its status. Its verdict stays."""
-        rollout = self.rollout
-        if rollout is None:
-            raise RuntimeError("no rollout attached yet")
-        status = "ended" if rollout.status == "active" else None
-        self.rollout = self.store.update_rollout(rollout.id, status=status, extra=extra)
+        (``ended``); a promoted or aborted one keeps that status (``verdict`` is the
+        live one). Its verdict stays."""
+        status = _ROLLOUT_STATUS.get(verdict, "ended")
+        self.rollout = self.store.update_rollout(self.rollout_id, status=status, extra=extra)
         return self.rollout
 
     def refresh(self) -> Rollout:
@@ -186,11 +188,13 @@ class Persistence:
         self.store.record_gate_evaluations(self.rollout_id, gate_rows(evaluation))
         if evaluation.stage != self._last_stage or evaluation.verdict in _ROLLOUT_STATUS:
             self._last_stage = evaluation.stage
-            self.store.update_rollout(
+            updated = self.store.update_rollout(
                 self.rollout_id,
                 stage=evaluation.stage,
                 status=_ROLLOUT_STATUS.get(evaluation.verdict),
             )
+            if self.rollout is not None and updated.id == self.rollout.id:
+                self.rollout = updated  # not if a new rollout started meanwhile
 
     def record_decision(self, decision: Decision) -> None:
         self.store.record_decision(self.rollout_id, stored_decision(decision))

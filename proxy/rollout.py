@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -145,6 +145,7 @@ class RolloutService:
         self.unpersisted: deque[Decision] = deque()
         self.observer: DecisionObserver | None = None
         self._state_saved_at = 0.0
+        self._step_lock = asyncio.Lock()
 
     # -------------------------------------------------------------- PairSink
 
@@ -219,16 +220,26 @@ class RolloutService:
 
     # -------------------------------------------------------------- lifecycle
 
-    async def reset(self, start_ts: float) -> Evaluation:
+    async def reset(
+        self, start_ts: float, switch: Callable[[], Awaitable[T]] | None = None
+    ) -> Evaluation:
         """A new rollout: a fresh engine (no evidence, first stage), queues emptied (the
-        pairs and labels waiting belong to the previous candidate), judging resumed."""
-        _drain(self._pairs)
-        _drain(self._labels)
+        pairs and labels waiting belong to the previous candidate), judging resumed.
 
-        def fresh() -> None:
-            self._replace_engine(self._new_engine(start_ts))
+        ``switch`` (the storage's switch to the new rollout) runs with the engine swap
+        while no evaluation is in flight, so no evaluation of one rollout is written
+        under the other's id.
+        """
+        async with self._step_lock:
+            if switch is not None:
+                await switch()
+            _drain(self._pairs)
+            _drain(self._labels)
 
-        await self.in_gates(fresh)
+            def fresh() -> None:
+                self._replace_engine(self._new_engine(start_ts))
+
+            await self.in_gates(fresh)
         self.suspended = None
         self.latest = None
         self._state_saved_at = 0.0
@@ -368,6 +379,10 @@ class RolloutService:
                 return
 
     async def _step(self, *, force: bool) -> Evaluation:
+        async with self._step_lock:
+            return await self._step_locked(force=force)
+
+    async def _step_locked(self, *, force: bool) -> Evaluation:
         pairs = _drain(self._pairs)
         labels = _drain(self._labels)
         now = self.clock()
