@@ -13,8 +13,10 @@ proxy either stops judging (``refuse``: verdicts 409, pairs not counted, the can
 not called) until a rollout is started for the new revision, or opens one itself
 (``new_rollout``).
 
-With several replicas (``replicas.enabled``) rollouts are started by restarting the
-replicas with ``lifecycle.revision`` set; the API answers 409 there (docs/deploy.md).
+With several replicas (``replicas.enabled``) the replica that receives the start creates
+the rollout; the others follow within ``replicas.snapshot_every_s`` (they poll the
+newest rollout of the experiment), each handing the old rollout's decider lease back
+and joining the new rollout's shared decision.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -88,6 +91,10 @@ def _info(rollout: Rollout) -> RolloutInfo:
         ended_at=rollout.ended_at,
         extra=dict(rollout.extra),
     )
+
+
+def _same(rollout: Rollout) -> Rollout:
+    return rollout
 
 
 def parse_revision(value: Any, where: str = "revision") -> str:
@@ -188,35 +195,18 @@ class RolloutLifecycle:
             info = self.current()
             if info.revision == revision and not info.closed:
                 return info, False
-            if self.state.config.replicas.enabled:
-                raise Conflict(
-                    "with replicas.enabled a rollout starts by restarting the replicas "
-                    f"with MIRRORGATE_LIFECYCLE__REVISION={revision} (docs/deploy.md)"
-                )
             extra = {"started_by": who, "reason": why}
             persistence = self.state.persistence
             if persistence is not None:
                 # Created before the switch: a database that refuses leaves the current
                 # rollout untouched (503, the controller retries).
                 verdict = service.current().verdict
-                created: list[Rollout] = []
 
-                async def switch() -> None:
-                    try:
-                        created.append(
-                            await asyncio.to_thread(
-                                functools.partial(
-                                    persistence.start_rollout, revision, extra, verdict=verdict
-                                )
-                            )
-                        )
-                    except Exception as exc:
-                        raise NotReady(f"cannot start the rollout: storage: {exc}") from exc
-                    if self.state.mirror is not None:
-                        self.state.mirror.restart_candidate()
+                def create() -> Rollout:
+                    assert persistence is not None
+                    return persistence.start_rollout(revision, extra, verdict=verdict)
 
-                await service.reset(time.time(), switch)
-                new = _info(created[0])
+                new = _info(await self._switch(create))
             else:
                 if self._memory:
                     self._memory[-1].status = (
@@ -241,6 +231,79 @@ class RolloutLifecycle:
             self.ops.set_rollout(new.id, new.revision)
             log.info("rollout %s started for revision %s by %s: %s", new.id, revision, who, why)
             return self.current(), True
+
+    async def _switch(self, rollout: Callable[[], Rollout]) -> Rollout:
+        """Move this proxy to another rollout (``rollout`` creates or finds it, blocking):
+        fresh engine, recorder and harvester on the new id, candidate callable again;
+        with replicas, the old rollout's coordinator hands back its lease and a new one
+        joins the new rollout's decision."""
+        service = self.service
+        persistence = self.state.persistence
+        assert persistence is not None
+        got: list[Rollout] = []
+
+        async def switch() -> None:
+            try:
+                found = await asyncio.to_thread(rollout)
+            except Exception as exc:
+                raise NotReady(f"cannot start the rollout: storage: {exc}") from exc
+            got.append(found)
+            if service.coordinator is not None:
+                old, service.coordinator = service.coordinator, None
+                try:
+                    await old.aclose()
+                except Exception:
+                    log.exception("closing the previous rollout's replica coordinator failed")
+            persistence.switch(found)
+            if self.state.mirror is not None:
+                self.state.mirror.restart_candidate()
+
+        await service.reset(time.time(), switch)
+        if self.state.config.replicas.enabled:
+            from proxy.replicas import ReplicaCoordinator
+
+            coordinator = ReplicaCoordinator(self.state.config, persistence, service)
+            service.coordinator = coordinator
+            await coordinator.start()
+        return got[0]
+
+    async def _follow_replicas(self) -> None:
+        """Replicas: another replica started (or closed) a rollout; follow it."""
+        persistence = self.state.persistence
+        assert persistence is not None
+        config = self.state.config
+        while True:
+            await asyncio.sleep(config.replicas.snapshot_every_s)
+            try:
+                current = persistence.rollout
+                assert current is not None and persistence.champion_info is not None
+                latest = await asyncio.to_thread(
+                    persistence.store.latest_rollout,
+                    persistence.champion_info,
+                    persistence.candidate_info,
+                    config_digest=config.digest(),
+                    task=config.server.model_name,
+                )
+                if latest is None:
+                    continue
+                if latest.id != current.id and latest.created_at >= current.created_at:
+                    async with self._lock:
+                        if persistence.rollout is current:
+                            log.info("following rollout %s started on another replica", latest.id)
+                            await self._switch(functools.partial(_same, latest))
+                            self.ops.set_rollout(latest.id, revision_of(latest))
+                            harvester = self.state.extras.get(HARVESTER)
+                            if harvester is not None and hasattr(harvester, "rollout_id"):
+                                harvester.rollout_id = latest.id
+                elif latest.id == current.id and "closed_at" in latest.extra:
+                    if "closed_at" not in current.extra:
+                        persistence.rollout = latest
+                        if self.state.mirror is not None:
+                            self.state.mirror.stop_candidate()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("following the replicas' rollout failed", exc_info=True)
 
     async def close(self, revision: str, *, who: str, why: str) -> RolloutInfo:
         """The controller is done with ``revision`` (Flagger's post-rollout hook): the
@@ -317,6 +380,8 @@ class RolloutLifecycle:
         self.ops.set_rollout(info.id, info.revision)
         if info.closed and state.mirror is not None:
             state.mirror.stop_candidate()  # a restart keeps a closed rollout's candidate idle
+        if state.config.replicas.enabled and state.persistence is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._follow_replicas()))
         if self.settings.identity_poll_s > 0 and hasattr(state.candidate, "base_url"):
             await self._watch_identity()
 
