@@ -434,3 +434,16 @@ def test_flagger_metric_templates_read_blocking_gates_only(promtool: str, tmp_pa
     assert "mirrorgate_gate_blocking_status" in queries["mirrorgate-gate-status"]
     assert refs["mirrorgate-gate-status"]["thresholdRange"]["max"] == 1
     assert refs["mirrorgate-aborted"]["thresholdRange"]["max"] == 0
+
+
+def test_canary_pods_carry_the_candidates_peak_load() -> None:
+    """Argo without a traffic router: the canary ReplicaSet's share of pods (setWeight)
+    must cover what mirrorgate sends the candidate at the plan's largest canary weight w:
+    w served plus (1 - w) x sample_rate mirrored."""
+    config = shipped_config()
+    sample = config["mirror"]["sample_rate"]
+    weights = [s.get("canary_weight", 0.0) for s in config["rollout"]["stages"]]
+    peak = max(w + (1 - w) * sample for w in weights)
+    steps = ROLLOUT["spec"]["strategy"]["canary"]["steps"]
+    pod_share = max(s["setWeight"] for s in steps if "setWeight" in s) / 100
+    assert peak <= pod_share, (peak, pod_share)
