@@ -1,9 +1,13 @@
-"""The control plane (``/v1/...``): labels in, rollout state out, operator overrides.
+"""The control plane (``/v1/...``): labels in, rollout state out, rollouts started and
+closed, operator overrides.
 
-Every route needs ``Authorization: Bearer <server.control_token>`` (compared in constant
-time); with no token configured the control plane answers 401 — a proxy that can promote
-a model never does so for an anonymous caller. Errors leave through the app's one error
-middleware as ``{"error": ...}``.
+Every route needs ``Authorization: Bearer <token>`` (compared in constant time) of the
+right scope (proxy/auth.py): the read token for verdicts and state, the write token for
+actions; with no token configured the control plane answers 401 — a proxy that can
+promote a model never does so for an anonymous caller. Flagger's webhooks
+(``/v1/flagger/<hook>``) may carry the token in their metadata instead (Flagger sends no
+headers). Verdicts answer for one candidate revision (proxy/lifecycle.py). Errors leave
+through the app's one error middleware as ``{"error": ...}``.
 """
 
 from __future__ import annotations
@@ -163,6 +167,7 @@ async def rollout_status(request: web.Request) -> web.Response:
     body["rollout_id"] = info.id
     body["revision"] = info.revision
     body["closed"] = info.closed
+    body["candidate_wire_identity"] = request.app[LIFECYCLE].wire_identity
     if state.champion is not None:
         body["champion"] = _identity(state.champion.identity)
     if state.candidate is not None:

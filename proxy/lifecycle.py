@@ -123,6 +123,11 @@ class RolloutLifecycle:
     # ------------------------------------------------------------------ state
 
     @property
+    def wire_identity(self) -> str | None:
+        """The candidate's identity as last seen on the wire (None: not yet learnt)."""
+        return self._wire
+
+    @property
     def service(self) -> RolloutService:
         if self.state.rollout is None:
             raise NotReady("no rollout: this proxy has no candidate configured")

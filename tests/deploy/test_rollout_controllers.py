@@ -171,6 +171,16 @@ def _wait(predicate: Callable[[], bool], what: str) -> None:
         time.sleep(0.05)
 
 
+def _learnt(live: Live, revision: str) -> None:
+    """Wait until the identity watcher has seen the candidate announce ``revision``."""
+
+    def seen() -> bool:
+        status = _get(live, f"/v1/rollout?revision={revision}")
+        return bool(status["candidate_wire_identity"] == f"revision:{revision}")
+
+    _wait(seen, f"the watcher to learn {revision}")
+
+
 def traffic(live: Live, requests: int = 8, rows: int = 8) -> None:
     body = json.dumps(
         {
@@ -343,8 +353,7 @@ def test_a_new_model_behind_the_same_url_is_not_judged_as_the_old_one(serve: Ser
     assert call_webhook(mirrorgate_webhook("pre-rollout"), live, "v1", "Progressing") == 200
     check = mirrorgate_webhook("rollout")
     assert call_webhook(check, live, "v1", "Progressing") == 200
-    _wait(lambda: _get(live, "/v1/rollouts")["rollouts"][0]["revision"] == "v1", "the rollout")
-    time.sleep(0.5)  # let the identity watcher learn v1's identity (it polls every 0.2 s)
+    _learnt(live, "v1")
     v2_upstream.REVISIONS[CANDIDATE] = "v2"
     _wait(lambda: call_webhook(check, live, "v1", "Progressing") == 409, "judging refused")
     assert call_webhook(mirrorgate_webhook("pre-rollout"), live, "v2", "Progressing") == 200
@@ -447,3 +456,24 @@ def test_canary_pods_carry_the_candidates_peak_load() -> None:
     steps = ROLLOUT["spec"]["strategy"]["canary"]["steps"]
     pod_share = max(s["setWeight"] for s in steps if "setWeight" in s) / 100
     assert peak <= pod_share, (peak, pod_share)
+
+
+def test_new_rollout_mode_opens_a_rollout_for_a_new_model(serve: Serve) -> None:
+    """lifecycle.on_identity_change: new_rollout: the changed revision header opens a
+    rollout for the new revision by itself; the old revision's verdict is then stale."""
+    v2_upstream.REVISIONS[CANDIDATE] = "v1"
+    live = serve.start({"MIRRORGATE_LIFECYCLE__ON_IDENTITY_CHANGE": "new_rollout"})
+    assert call_webhook(mirrorgate_webhook("pre-rollout"), live, "v1", "Progressing") == 200
+    check = mirrorgate_webhook("rollout")
+    _learnt(live, "v1")
+    v2_upstream.REVISIONS[CANDIDATE] = "v2"
+
+    def current() -> str:
+        rollouts = _get(live, "/v1/rollouts")["rollouts"]
+        return str(next(r["revision"] for r in rollouts if r["current"]))
+
+    _wait(lambda: current() == "v2", "a rollout for v2")
+    assert call_webhook(check, live, "v2", "Progressing") == 200
+    assert call_webhook(check, live, "v1", "Progressing") == 409
+    metrics = urllib.request.urlopen(f"{live.base_url}/metrics", timeout=10).read().decode()
+    assert 'mirrorgate_rollout_identity_changes_total{action="new_rollout"} 1.0' in metrics
