@@ -38,6 +38,7 @@ from aiohttp import web
 
 from proxy.app import HARVESTER, STATE, ProxyState
 from proxy.errors import BadRequest, Conflict, MirrorgateError, NotReady
+from proxy.harvest import Harvester
 from proxy.ops_metrics import OpsMetrics
 from proxy.persistence import INITIAL_REVISION, revision_of
 from proxy.rollout import RolloutService
@@ -270,7 +271,24 @@ class RolloutLifecycle:
             coordinator = ReplicaCoordinator(self.state.config, persistence, service)
             service.coordinator = coordinator
             await coordinator.start()
+        await self._check_pinned()
         return got[0]
+
+    async def _check_pinned(self) -> None:
+        """The new revision meets the pinned-failure set first, as a fresh start does
+        (docs/pinned.md): a miss aborts the new rollout before it is judged on traffic."""
+        harvester = self.state.extras.get(HARVESTER)
+        candidate = self.state.candidate
+        if not isinstance(harvester, Harvester) or candidate is None:
+            return
+        if not self.state.config.gates.pinned.enabled:
+            return
+        try:
+            cases = await asyncio.to_thread(harvester.load_pinned)
+            if cases:
+                await harvester.check_candidate(candidate, self.service, cases)
+        except Exception:
+            log.exception("checking the new revision against the pinned set failed")
 
     async def _follow_replicas(self) -> None:
         """Replicas: another replica started (or closed) a rollout; follow it."""
