@@ -26,6 +26,7 @@ from storage.entities import GateEvaluation, GateSnapshot, ModelInfo, Rollout
 from storage.errors import SchemaError, StorageError
 from storage.migrate import open_database
 from storage.recorder import SqlRecorder
+from storage.replicas import RESUME_ID
 from storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ log = logging.getLogger(__name__)
 _ROLLOUT_STATUS = {"promote": "promoted", "abort": "aborted"}
 # The revision judged before any controller started a rollout.
 INITIAL_REVISION = "initial"
-# gate_snapshots.replica_id of a single proxy's resume state (replicas use their ids).
-RESUME_SNAPSHOT = "__resume__"
+# gate_snapshots.replica_id of a single proxy's resume state (replicas skip it).
+RESUME_SNAPSHOT = RESUME_ID
 
 
 def revision_of(rollout: Rollout) -> str:
