@@ -261,16 +261,19 @@ class RolloutLifecycle:
                 except Exception:
                     log.exception("closing the previous rollout's replica coordinator failed")
             persistence.switch(found)
+            if self.state.config.replicas.enabled:
+                from proxy.replicas import ReplicaCoordinator
+
+                # In the same step as the switch (no await between): from the moment
+                # this replica answers for the new rollout, a manual action on it goes
+                # to the shared decision, never to the local engine alone.
+                service.coordinator = ReplicaCoordinator(self.state.config, persistence, service)
             if self.state.mirror is not None:
                 self.state.mirror.restart_candidate()
 
         await service.reset(time.time(), switch)
-        if self.state.config.replicas.enabled:
-            from proxy.replicas import ReplicaCoordinator
-
-            coordinator = ReplicaCoordinator(self.state.config, persistence, service)
-            service.coordinator = coordinator
-            await coordinator.start()
+        if service.coordinator is not None:
+            await service.coordinator.start()
         await self._check_pinned()
         return got[0]
 
