@@ -162,7 +162,7 @@ async def feedback(request: web.Request) -> web.Response:
 async def rollout_status(request: web.Request) -> web.Response:
     state = _read(request)
     service = _rollout(state)
-    info = request.app[LIFECYCLE].check_revision(_revision_query(request))
+    info = request.app[LIFECYCLE].check_revision(_revision_query(request), verdict=False)
     body = service.status()
     body["rollout_id"] = info.id
     body["revision"] = info.revision

@@ -161,11 +161,13 @@ class RolloutLifecycle:
                 info.status = "promoted" if evaluation.verdict == "promote" else "aborted"
         return info
 
-    def check_revision(self, revision: str | None) -> RolloutInfo:
-        """The current rollout, if ``revision`` names it; a stale revision is a 409."""
+    def check_revision(self, revision: str | None, *, verdict: bool = True) -> RolloutInfo:
+        """The current rollout, if ``revision`` names it; a stale revision is a 409.
+        ``lifecycle.require_revision`` applies to verdicts (what controllers act on),
+        not to a person reading the state."""
         info = self.current()
         if revision is None:
-            if self.settings.require_revision:
+            if verdict and self.settings.require_revision:
                 raise BadRequest("name the candidate revision: ?revision=<revision>")
             return info
         if revision != info.revision:

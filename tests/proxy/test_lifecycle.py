@@ -123,6 +123,8 @@ async def test_require_revision_refuses_an_unnamed_verdict() -> None:
     try:
         body = await _json(await client.get("/v1/rollout/verdict", headers=R), 400)
         assert "revision" in body["error"]
+        # a person reading the state need not name it
+        await _json(await client.get("/v1/rollout", headers=R), 200)
     finally:
         await client.close()
 
