@@ -248,7 +248,7 @@ class Store:
 
         The id derives from the experiment and the revision (``r-<hash>``, then ``-2``,
         ``-3``... when that revision is judged again), so replicas racing to start the
-        same revision agree on it.
+        same revision agree on it: the one that loses the insert joins the winner's row.
         """
         basis = "|".join(
             [
@@ -278,11 +278,11 @@ class Store:
                         extra={**(extra or {}), "revision": revision},
                         now=now,
                     )
-                except InvalidError:
-                    continue  # another replica took this id first: try the next
-                except StorageError:
-                    self.get_rollout(rid)  # re-raises when the database is the problem
-                    continue
+                except (InvalidError, StorageError):
+                    # Another replica created this very id a moment ago: the same
+                    # revision of the same experiment, so it is the rollout to join.
+                    # (get_rollout re-raises when the database itself is the problem.)
+                    return self.get_rollout(rid)
         raise StorageError(f"too many rollouts with id {base}")
 
     @staticmethod
