@@ -104,9 +104,10 @@ class Persistence:
         )
         if latest is not None and (wanted is None or revision_of(latest) == wanted):
             return latest
-        return self._start(wanted or INITIAL_REVISION, {"started_by": "config"})
+        # join_existing: replicas starting together all land on the first one's row
+        return self._start(wanted or INITIAL_REVISION, {"started_by": "config"}, join=True)
 
-    def _start(self, revision: str, extra: dict[str, Any]) -> Rollout:
+    def _start(self, revision: str, extra: dict[str, Any], *, join: bool = False) -> Rollout:
         assert self.champion_info is not None, "attach() sets the models first"
         return self.store.start_rollout(
             self.champion_info,
@@ -116,6 +117,7 @@ class Persistence:
             task=self.config.server.model_name,
             stage=self.config.rollout.stages[0].name,
             extra=extra,
+            join_existing=join,
         )
 
     def start_rollout(self, revision: str, extra: dict[str, Any], *, verdict: str) -> Rollout:

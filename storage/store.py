@@ -243,8 +243,12 @@ class Store:
         stage: str = "shadow",
         extra: dict[str, Any] | None = None,
         now: float | None = None,
+        join_existing: bool = False,
     ) -> Rollout:
         """A new rollout of one candidate revision (``extra["revision"]``).
+
+        ``join_existing``: return the latest rollout of this revision when there is one
+        (replicas starting together from the configuration join one rollout).
 
         The id derives from the experiment and the revision (``r-<hash>``, then ``-2``,
         ``-3``... when that revision is judged again), so replicas racing to start the
@@ -262,11 +266,14 @@ class Store:
             ]
         )
         base = "r-" + hashlib.sha256(basis.encode()).hexdigest()[:12]
+        previous: Rollout | None = None
         for n in range(1, 10_000):
             rid = base if n == 1 else f"{base}-{n}"
             try:
-                self.get_rollout(rid)
+                previous = self.get_rollout(rid)
             except NotFoundError:
+                if join_existing and previous is not None:
+                    return previous
                 try:
                     return self.create_rollout(
                         champion,
