@@ -63,6 +63,7 @@ MAX_REQUEST_ID_LEN = 256
 # Bodies/outputs larger than this are decoded/encoded in a worker thread.
 OFFLOAD_BYTES = 1 << 20
 SERVER_EXTENSIONS = ["binary_tensor_data", "statistics", "model_repository"]
+UNPERSISTED_HEADER = "X-Mirrorgate-Decisions-Unpersisted"
 NOT_READY_HEADER = "X-Mirrorgate-Not-Ready"  # why, since Triton's not-ready body is empty
 
 
@@ -195,9 +196,14 @@ async def health_ready(request: web.Request) -> web.StreamResponse:
     if not state.ready or state.draining:
         return _not_ready(state)
     remote = _remote(state)
-    if remote is not None:
-        return await _forward(request, remote)
-    return web.Response(status=200)
+    response = await _forward(request, remote) if remote is not None else web.Response(status=200)
+    unpersisted = len(state.rollout.unpersisted) if state.rollout is not None else 0
+    if unpersisted:
+        # Still ready (the live path is fine), but a decision waits for the database: a
+        # restart now would forget it. Said here (a header: Triton's health bodies are
+        # empty), in the log, in the metrics and in GET /v1/rollout.
+        response.headers[UNPERSISTED_HEADER] = str(unpersisted)
+    return response
 
 
 async def server_metadata(request: web.Request) -> web.StreamResponse:
@@ -465,6 +471,9 @@ async def _load(state: ProxyState) -> None:
                     # request: stage, canary weight, verdict (applied by _activate).
                     await state.rollout.coordinator.join()
                 state.rollout.store = state.persistence
+                # A restart resumes the rollout (stage, evidence, verdict: an abort holds)
+                # before the first request is served.
+                await state.rollout.resume()
                 await _start_harvest(state)
         _activate(state)
         if state.rollout is not None and state.rollout.coordinator is not None:
@@ -647,6 +656,15 @@ def _apply_evaluation(state: ProxyState, evaluation: Evaluation) -> None:
         if evaluation.verdict == "abort" and not state.config.mirror.shadow_after_abort:
             # An aborted candidate gets no more traffic, mirrored or served (unless the
             # operator asked to keep collecting evidence: the weight is 0 either way).
+            state.mirror.stop_candidate()
+        lifecycle = state.config.lifecycle
+        if (
+            evaluation.verdict == "promote"
+            and evaluation.canary_weight == 0
+            and not lifecycle.mirror_after_promote
+        ):
+            # Promoted: the controller now replaces the stable service and scales the
+            # canary down; a candidate that is gone must cost nothing per request.
             state.mirror.stop_candidate()
 
 

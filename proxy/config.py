@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from gates.settings import GatesSettings, RolloutSettings
+from proxy.lifecycle_settings import ControlSettings, LifecycleSettings
 from storage.settings import StorageSettings
 
 ENV_PREFIX = "MIRRORGATE_"
@@ -194,12 +195,38 @@ class MirrorgateConfig(_Strict):
     gates: GatesSettings = GatesSettings()
     rollout: RolloutSettings = RolloutSettings()
     replicas: ReplicasSettings = ReplicasSettings()
+    lifecycle: LifecycleSettings = LifecycleSettings()
+    control: ControlSettings = ControlSettings()
 
     def digest(self) -> str:
-        """sha256 of the effective configuration (secrets excluded), for reproducibility."""
-        # ``replicas`` names this process: replicas of one rollout differ there and must
-        # still agree on the digest (it identifies the rollout they share).
-        data = self.model_dump(mode="json", exclude={"server": {"control_token"}, "replicas": True})
+        """sha256 of what defines the experiment: the rollout's identity.
+
+        Only the models (name, kind, upstream model name, factory), the gates, the plan
+        and what the gates read (task, output, slices, features, served model name).
+        Never secrets (tokens, the storage URL's password), addresses (host, port,
+        backend URLs and paths: the models' own digests identify them) or tuning knobs
+        (mirror, storage, timeouts, threads, batching, replicas): a password rotation, a
+        port change or a ``max_in_flight`` change must neither restart the evidence nor
+        split the replicas of a rolling update into different rollouts.
+        """
+        models = {
+            role: None
+            if backend is None
+            else backend.model_dump(mode="json", include={"name", "kind", "model", "factory"})
+            for role, backend in (
+                ("champion", self.models.champion),
+                ("candidate", self.models.candidate),
+            )
+        }
+        data = {
+            "models": models,
+            "gates": self.gates.model_dump(mode="json"),
+            "rollout": self.rollout.model_dump(mode="json"),
+            "slices": self.slices.model_dump(mode="json"),
+            "features": self.features.model_dump(mode="json"),
+            "output": self.output.model_dump(mode="json"),
+            "model_name": self.server.model_name,
+        }
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 

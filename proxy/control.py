@@ -1,9 +1,13 @@
-"""The control plane (``/v1/...``): labels in, rollout state out, operator overrides.
+"""The control plane (``/v1/...``): labels in, rollout state out, rollouts started and
+closed, operator overrides.
 
-Every route needs ``Authorization: Bearer <server.control_token>`` (compared in constant
-time); with no token configured the control plane answers 401 — a proxy that can promote
-a model never does so for an anonymous caller. Errors leave through the app's one error
-middleware as ``{"error": ...}``.
+Every route needs ``Authorization: Bearer <token>`` (compared in constant time) of the
+right scope (proxy/auth.py): the read token for verdicts and state, the write token for
+actions; with no token configured the control plane answers 401 — a proxy that can
+promote a model never does so for an anonymous caller. Flagger's webhooks
+(``/v1/flagger/<hook>``) may carry the token in their metadata instead (Flagger sends no
+headers). Verdicts answer for one candidate revision (proxy/lifecycle.py). Errors leave
+through the app's one error middleware as ``{"error": ...}``.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from aiohttp import web
 from gates.engine import ManualAction
 from gates.join import LabelEvent
 from proxy.app import HARVESTER, STATE, ProxyState
-from proxy.auth import check_bearer
-from proxy.errors import BadRequest, NotFound, NotReady
+from proxy.auth import Scope, bearer_of, check_scope
+from proxy.errors import BadRequest, Conflict, NotFound, NotReady
 from proxy.harvest import Harvester
+from proxy.lifecycle import LIFECYCLE, parse_revision, setup_lifecycle
 from proxy.pinned import case_to_dict, parse_triage
 from proxy.rollout import RolloutService
 from storage.entities import PINNED_STATUSES
@@ -33,10 +38,19 @@ MAX_ID_LEN = 256
 MANUAL_ACTIONS = ("promote", "abort", "pause", "resume")
 
 
-def _state(request: web.Request) -> ProxyState:
+def _state(request: web.Request, scope: Scope = "write") -> ProxyState:
     state = request.app[STATE]
-    check_bearer(request, state.config.server.control_token)
+    check_scope(state.config, scope, bearer_of(request))
     return state
+
+
+def _read(request: web.Request) -> ProxyState:
+    return _state(request, "read")
+
+
+def _revision_query(request: web.Request) -> str | None:
+    raw = request.query.get("revision")
+    return None if raw is None else parse_revision(raw)
 
 
 def _rollout(state: ProxyState) -> RolloutService:
@@ -146,6 +160,9 @@ async def feedback(request: web.Request) -> web.Response:
         # label for the same id replaces the earlier one.
         raise NotReady("labels reached the gates but the recorder buffer is full: retry")
     joined = statuses.count("joined")
+    ops = request.app[LIFECYCLE].ops
+    ops.labels.labels("joined").inc(joined)
+    ops.labels.labels("pending").inc(len(events) - joined)
     return web.json_response(
         {
             "accepted": len(events),
@@ -161,11 +178,14 @@ async def feedback(request: web.Request) -> web.Response:
 
 
 async def rollout_status(request: web.Request) -> web.Response:
-    state = _state(request)
+    state = _read(request)
     service = _rollout(state)
+    info = request.app[LIFECYCLE].check_revision(_revision_query(request), verdict=False)
     body = service.status()
-    if state.persistence is not None and state.persistence.rollout is not None:
-        body["rollout_id"] = state.persistence.rollout.id
+    body["rollout_id"] = info.id
+    body["revision"] = info.revision
+    body["closed"] = info.closed
+    body["candidate_wire_identity"] = request.app[LIFECYCLE].wire_identity
     if state.champion is not None:
         body["champion"] = _identity(state.champion.identity)
     if state.candidate is not None:
@@ -177,8 +197,111 @@ async def rollout_status(request: web.Request) -> web.Response:
 
 
 async def rollout_verdict(request: web.Request) -> web.Response:
+    """The verdict for ``?revision=`` (the one being judged; another revision: 409)."""
+    _rollout(_read(request))
+    return web.json_response(request.app[LIFECYCLE].verdict(_revision_query(request)))
+
+
+def _who_why(body: dict[str, Any], default_who: str, default_why: str) -> tuple[str, str]:
+    who, why = body.get("who", default_who), body.get("why", default_why)
+    if not isinstance(who, str) or not who.strip() or len(who) > 200:
+        raise BadRequest("'who' must be a non-empty string of <= 200 characters")
+    if not isinstance(why, str) or not why.strip() or len(why) > 2000:
+        raise BadRequest("'why' must be a non-empty string of <= 2000 characters")
+    return who, why
+
+
+async def rollouts_start(request: web.Request) -> web.Response:
+    """Start judging a candidate revision: 201 with the new rollout, or 200 with the
+    current one when it already judges that revision (controllers retry)."""
     state = _state(request)
-    return web.json_response(_rollout(state).verdict_body())
+    _rollout(state)
+    body = await _json(request)
+    if not isinstance(body, dict):
+        raise BadRequest("expected a JSON object {'revision': ..., 'who'?, 'why'?}")
+    unknown = set(body) - {"revision", "who", "why"}
+    if unknown:
+        raise BadRequest(f"unknown field(s) {', '.join(sorted(unknown))}")
+    revision = parse_revision(body.get("revision"))
+    who, why = _who_why(body, "controller", "rollout started by a controller")
+    info, created = await request.app[LIFECYCLE].start(revision, who=who, why=why)
+    return web.json_response({**info.to_dict(), "created": created}, status=201 if created else 200)
+
+
+async def rollouts_list(request: web.Request) -> web.Response:
+    _read(request)
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError as exc:
+        raise BadRequest("limit must be an integer") from exc
+    if not 1 <= limit <= 1000:
+        raise BadRequest("limit must lie in [1, 1000]")
+    return web.json_response({"rollouts": await request.app[LIFECYCLE].list(limit)})
+
+
+async def rollouts_close(request: web.Request) -> web.Response:
+    """Close the rollout of ``revision`` (a post-rollout hook). 409 when stale."""
+    _rollout(_state(request))
+    body = await _json(request) if request.can_read_body else {}
+    if not isinstance(body, dict):
+        raise BadRequest("expected a JSON object {'who'?, 'why'?}")
+    revision = parse_revision(request.match_info["revision"])
+    who, why = _who_why(body, "controller", "rollout closed by a controller")
+    info = await request.app[LIFECYCLE].close(revision, who=who, why=why)
+    return web.json_response(info.to_dict())
+
+
+# Flagger calls its webhooks with {"name", "namespace", "phase", "checksum", "metadata"}
+# and no way to add headers: the token travels in the webhook's metadata (docs/deploy.md).
+FLAGGER_HOOKS: dict[str, Scope] = {
+    "pre-rollout": "write",
+    "rollout": "read",
+    "confirm-promotion": "read",
+    "rollback": "read",
+    "post-rollout": "write",
+}
+
+
+async def flagger_webhook(request: web.Request) -> web.Response:
+    """Flagger's webhooks, the revision being the payload's ``checksum``.
+
+    pre-rollout starts the rollout; rollout answers 200 unless aborted (a failed check);
+    confirm-promotion answers 200 only on promote (Flagger waits otherwise); rollback
+    answers 200 on abort (Flagger rolls back at once); post-rollout closes it.
+    """
+    hook = request.match_info["hook"]
+    if hook not in FLAGGER_HOOKS:
+        raise NotFound(f"unknown Flagger hook {hook!r}; one of {', '.join(FLAGGER_HOOKS)}")
+    state = request.app[STATE]
+    body = await _json(request)
+    if not isinstance(body, dict):
+        raise BadRequest("expected Flagger's webhook payload (a JSON object)")
+    metadata = body.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise BadRequest("metadata: expected an object")
+    token = bearer_of(request) or metadata.get("token")
+    check_scope(state.config, FLAGGER_HOOKS[hook], token if isinstance(token, str) else None)
+    _rollout(state)
+    revision = parse_revision(body.get("checksum"), "checksum")
+    canary = f"{body.get('namespace', '?')}/{body.get('name', '?')}"
+    lifecycle = request.app[LIFECYCLE]
+    who = f"flagger:{canary}"
+    if hook == "pre-rollout":
+        info, created = await lifecycle.start(revision, who=who, why="Flagger pre-rollout hook")
+        return web.json_response({**info.to_dict(), "created": created})
+    if hook == "post-rollout":
+        phase = body.get("phase", "?")
+        info = await lifecycle.close(revision, who=who, why=f"Flagger post-rollout ({phase})")
+        return web.json_response(info.to_dict())
+    verdict = lifecycle.verdict(revision)
+    ok = {
+        "rollout": verdict["verdict"] != "abort",
+        "confirm-promotion": verdict["verdict"] == "promote",
+        "rollback": verdict["verdict"] == "abort",
+    }[hook]
+    if not ok:
+        raise Conflict(f"{hook}: verdict {verdict['verdict']} for revision {revision}")
+    return web.json_response(verdict)
 
 
 async def rollout_action(request: web.Request) -> web.Response:
@@ -194,8 +317,20 @@ async def rollout_action(request: web.Request) -> web.Response:
         raise BadRequest("'who' is required: the operator taking this action")
     if not isinstance(why, str) or not why.strip():
         raise BadRequest("'why' is required: the reason, recorded with the decision")
-    evaluation = await _rollout(state).manual(cast(ManualAction, action), who, why)
-    return web.json_response(evaluation.verdict_dict())
+    if "revision" in body:
+        request.app[LIFECYCLE].check_revision(parse_revision(body["revision"]))
+    service = _rollout(state)
+    evaluation = await service.manual(cast(ManualAction, action), who, why)
+    info = request.app[LIFECYCLE].current()
+    return web.json_response(
+        {
+            **evaluation.verdict_dict(),
+            "rollout_id": info.id,
+            "revision": info.revision,
+            # False: the decision holds here but waits for the database (retried)
+            "persisted": not service.unpersisted,
+        }
+    )
 
 
 def _identity(identity: Any) -> dict[str, str]:
@@ -226,7 +361,7 @@ async def _blocking(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 async def pinned_list(request: web.Request) -> web.Response:
-    state = _state(request)
+    state = _read(request)
     store = _store(state)
     status = request.query.get("status") or None
     if status is not None and status not in PINNED_STATUSES:
@@ -251,7 +386,7 @@ def _case_id(request: web.Request) -> int:
 
 
 async def pinned_show(request: web.Request) -> web.Response:
-    state = _state(request)
+    state = _read(request)
     store = _store(state)
     cid = _case_id(request)
     case = await _blocking(store.get_pinned, cid)
@@ -281,7 +416,12 @@ async def pinned_triage(request: web.Request) -> web.Response:
 
 
 def add_control_routes(app: web.Application) -> None:
+    setup_lifecycle(app)
     app.router.add_post("/v1/feedback", feedback)
+    app.router.add_get("/v1/rollouts", rollouts_list)
+    app.router.add_post("/v1/rollouts", rollouts_start)
+    app.router.add_post("/v1/rollouts/{revision}/close", rollouts_close)
+    app.router.add_post("/v1/flagger/{hook}", flagger_webhook)
     app.router.add_get("/v1/rollout", rollout_status)
     app.router.add_get("/v1/rollout/verdict", rollout_verdict)
     app.router.add_post("/v1/rollout/{action}", rollout_action)

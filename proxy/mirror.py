@@ -235,6 +235,11 @@ class MirrorDispatcher:
         self._weight = 0.0
         self.metrics.rollout_canary_weight.set(0.0)
 
+    def restart_candidate(self) -> None:
+        """A new rollout started for a new candidate revision: it may be called again
+        (at the weight its first stage sets)."""
+        self._candidate_stopped = False
+
     @property
     def candidate_stopped(self) -> bool:
         return self._candidate_stopped
@@ -615,7 +620,7 @@ class MirrorDispatcher:
         value = gated if row is None else gated[row]
         # The output's descriptor travels with the record: the contract gate compares
         # name, datatype family and per-row shape between the two sides (docs/gates.md).
-        name = self.gated_output(role) or self._first_output_name(outcome)
+        name = name or self._first_output_name(outcome)
         datatype, shape = output_datatype(gated), tuple(int(d) for d in np.shape(value))
         if gated.dtype.kind in "OSU":  # BYTES: compared by exact match, kept as strings
             texts = [

@@ -22,15 +22,24 @@ from proxy.config import MirrorgateConfig
 from proxy.errors import ConfigError
 from storage.db import Database, normalize_url
 from storage.entities import Decision as StoredDecision
-from storage.entities import GateEvaluation, ModelInfo, Rollout
+from storage.entities import GateEvaluation, GateSnapshot, ModelInfo, Rollout
 from storage.errors import SchemaError, StorageError
 from storage.migrate import open_database
 from storage.recorder import SqlRecorder
+from storage.replicas import RESUME_ID
 from storage.store import Store
 
 log = logging.getLogger(__name__)
 
 _ROLLOUT_STATUS = {"promote": "promoted", "abort": "aborted"}
+# The revision judged before any controller started a rollout.
+INITIAL_REVISION = "initial"
+# gate_snapshots.replica_id of a single proxy's resume state (replicas skip it).
+RESUME_SNAPSHOT = RESUME_ID
+
+
+def revision_of(rollout: Rollout) -> str:
+    return str(rollout.extra.get("revision") or INITIAL_REVISION)
 
 
 @dataclass
@@ -41,6 +50,8 @@ class Persistence:
     registry: CollectorRegistry
     rollout: Rollout | None = None
     recorder: SqlRecorder | None = None
+    champion_info: ModelInfo | None = None
+    candidate_info: ModelInfo | None = None
     _last_stage: str | None = field(default=None, repr=False)
 
     @classmethod
@@ -60,23 +71,113 @@ class Persistence:
         return cls(config=config, db=db, store=Store(db), registry=registry)
 
     async def attach(self, champion: Backend, candidate: Backend | None) -> SqlRecorder:
-        """Open (or continue) the rollout of these models and start the recorder."""
-        self.rollout = await asyncio.to_thread(
-            self.store.open_rollout,
-            ModelInfo.of(champion.identity),
-            ModelInfo.of(candidate.identity) if candidate is not None else None,
-            config_digest=self.config.digest(),
-            task=self.config.server.model_name,
-            # Several replicas: a restarted one joins the fleet's rollout as it stands,
-            # ended or not (docs/replicas.md); it never opens a new one on its own.
-            resume_ended=self.config.replicas.enabled,
+        """Resume the rollout of these models (or open the first one); start the recorder.
+
+        A restart resumes the newest rollout of the same experiment whatever its status:
+        an aborted candidate stays aborted until a person starts a new rollout. A new
+        one opens only for a first start or when ``lifecycle.revision`` names another
+        revision than the newest rollout's.
+        """
+        self.champion_info = ModelInfo.of(champion.identity)
+        self.candidate_info = ModelInfo.of(candidate.identity) if candidate is not None else None
+        self.rollout = await asyncio.to_thread(self._resume_or_start)
+        log.info(
+            "recording rollout %s (revision %s, %s)",
+            self.rollout.id,
+            revision_of(self.rollout),
+            self.rollout.status,
         )
-        log.info("recording rollout %s", self.rollout.id)
         self.recorder = SqlRecorder(
             self.db, self.rollout.id, self.config.storage, registry=self.registry
         )
         await self.recorder.start()
         return self.recorder
+
+    def _resume_or_start(self) -> Rollout:
+        assert self.champion_info is not None, "attach() sets the models first"
+        wanted = self.config.lifecycle.revision
+        latest = self.store.latest_rollout(
+            self.champion_info,
+            self.candidate_info,
+            config_digest=self.config.digest(),
+            task=self.config.server.model_name,
+        )
+        if latest is not None and (wanted is None or revision_of(latest) == wanted):
+            return latest
+        # join_existing: replicas starting together all land on the first one's row
+        return self._start(wanted or INITIAL_REVISION, {"started_by": "config"}, join=True)
+
+    def _start(self, revision: str, extra: dict[str, Any], *, join: bool = False) -> Rollout:
+        assert self.champion_info is not None, "attach() sets the models first"
+        return self.store.start_rollout(
+            self.champion_info,
+            self.candidate_info,
+            revision=revision,
+            config_digest=self.config.digest(),
+            task=self.config.server.model_name,
+            stage=self.config.rollout.stages[0].name,
+            extra=extra,
+            join_existing=join,
+        )
+
+    def start_rollout(self, revision: str, extra: dict[str, Any], *, verdict: str) -> Rollout:
+        """Blocking: end the current rollout and start one for ``revision``; pairs
+        recorded from now on belong to it. ``verdict`` is the current rollout's live
+        verdict (its row may lag one evaluation): a promote or abort is kept as its
+        status, an undecided rollout ends (``ended``)."""
+        previous = self.rollout
+        if previous is not None:
+            self.store.update_rollout(
+                previous.id,
+                status=_ROLLOUT_STATUS.get(verdict, "ended"),
+                extra={"superseded_by_revision": revision},
+            )
+        rollout = self._start(revision, extra)
+        self.switch(rollout)
+        return rollout
+
+    def switch(self, rollout: Rollout) -> None:
+        self.rollout = rollout
+        self._last_stage = None
+        if self.recorder is not None:
+            self.recorder.rollout_id = rollout.id
+
+    def close_rollout(self, extra: dict[str, Any], *, verdict: str) -> Rollout:
+        """Blocking: the controller's post-rollout hook. An undecided rollout ends
+        (``ended``); a promoted or aborted one keeps that status (``verdict`` is the
+        live one). Its verdict stays."""
+        status = _ROLLOUT_STATUS.get(verdict, "ended")
+        self.rollout = self.store.update_rollout(self.rollout_id, status=status, extra=extra)
+        return self.rollout
+
+    def refresh(self) -> Rollout:
+        """Blocking: re-read the current rollout's row (status, stage, extra)."""
+        self.rollout = self.store.get_rollout(self.rollout_id)
+        return self.rollout
+
+    def load_resume(self) -> tuple[dict[str, Any] | None, list[Decision]]:
+        """Blocking: the last saved engine state of the current rollout and every
+        decision recorded for it (replayed over the state: a decision whose state save
+        failed is still applied)."""
+        snapshots = [
+            s for s in self.store.gate_snapshots(self.rollout_id) if s.replica_id == RESUME_SNAPSHOT
+        ]
+        state = snapshots[-1].state if snapshots else None
+        decisions = [engine_decision(d) for d in self.store.decisions(self.rollout_id)]
+        return state, decisions
+
+    def save_state(self, state: dict[str, Any], now: float) -> None:
+        """Blocking: the engine's resume state (one row per rollout, replaced)."""
+        self.store.save_gate_snapshot(
+            GateSnapshot(
+                rollout_id=self.rollout_id,
+                replica_id=RESUME_SNAPSHOT,
+                window_start=0.0,
+                window_end=now,
+                state=state,
+                ts=now,
+            )
+        )
 
     @property
     def rollout_id(self) -> str:
@@ -90,11 +191,13 @@ class Persistence:
         self.store.record_gate_evaluations(self.rollout_id, gate_rows(evaluation))
         if evaluation.stage != self._last_stage or evaluation.verdict in _ROLLOUT_STATUS:
             self._last_stage = evaluation.stage
-            self.store.update_rollout(
+            updated = self.store.update_rollout(
                 self.rollout_id,
                 stage=evaluation.stage,
                 status=_ROLLOUT_STATUS.get(evaluation.verdict),
             )
+            if self.rollout is not None and updated.id == self.rollout.id:
+                self.rollout = updated  # not if a new rollout started meanwhile
 
     def record_decision(self, decision: Decision) -> None:
         self.store.record_decision(self.rollout_id, stored_decision(decision))
@@ -171,6 +274,24 @@ def stored_decision(decision: Decision) -> StoredDecision:
             "labels": decision.labels,
             "gates": decision.evidence,
         },
+    )
+
+
+def engine_decision(stored: StoredDecision) -> Decision:
+    """A stored decision back as the engine's (what :func:`stored_decision` wrote)."""
+    evidence = stored.evidence or {}
+    return Decision(
+        ts=stored.ts,
+        action=str(evidence.get("action") or stored.verdict),
+        verdict=evidence.get("verdict") or "continue",
+        from_stage=stored.from_stage or "",
+        to_stage=stored.to_stage or stored.from_stage or "",
+        who=stored.actor,
+        why=stored.reason,
+        pairs=int(evidence.get("pairs") or 0),
+        labels=int(evidence.get("labels") or 0),
+        manual=stored.actor_kind == "operator",
+        evidence=list(evidence.get("gates") or []),
     )
 
 

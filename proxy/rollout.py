@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -62,12 +63,38 @@ class EvidenceStore(Protocol):
     def record_decision(self, decision: Decision) -> None: ...
 
 
+class ResumableStore(EvidenceStore, Protocol):
+    """A store that can also bring a rollout back after a restart (single proxy)."""
+
+    def load_resume(self) -> tuple[dict[str, Any] | None, list[Decision]]: ...
+
+    def save_state(self, state: dict[str, Any], now: float) -> None: ...
+
+
 @dataclass(slots=True)
 class RolloutCounters:
     pairs_dropped: int = 0
     labels_dropped: int = 0
     persist_errors: int = 0
     evaluations: int = 0
+    pairs_refused: int = 0  # pairs of an unjudged candidate identity (lifecycle: refuse)
+
+
+# A decision write is retried this many times at once (with these pauses), then on every
+# tick until it lands: an abort the database never saw would be forgotten by a restart.
+DECISION_RETRY_PAUSES_S = (0.05, 0.2, 0.5)
+# How often the engine's resume state is saved besides after every decision.
+STATE_SAVE_EVERY_S = 5.0
+
+
+class DecisionObserver(Protocol):
+    """Told about decisions that are not (yet) persisted (metrics, readiness)."""
+
+    def decisions_unpersisted(self, n: int) -> None: ...
+
+    def decision_persist_failed(self) -> None: ...
+
+    def evaluated(self, evaluation: Evaluation) -> None: ...
 
 
 class RolloutService:
@@ -110,10 +137,22 @@ class RolloutService:
         # Several replicas (proxy/replicas.py): the local engine only accumulates
         # evidence; the coordinator's shared decision is what this replica serves.
         self.coordinator: ReplicaCoordinator | None = None
+        # Rollout lifecycle (proxy/lifecycle.py): why judging is refused right now (the
+        # candidate's identity changed under a running rollout), decisions waiting for
+        # the database, and who hears about them.
+        self.suspended: str | None = None
+        self.unpersisted: deque[Decision] = deque()
+        self.observer: DecisionObserver | None = None
+        self._state_saved_at = 0.0
+        self._step_lock = asyncio.Lock()
 
     # -------------------------------------------------------------- PairSink
 
     def submit(self, record: PairRecord) -> bool:
+        if self.suspended is not None:
+            # Not this rollout's candidate: its pairs must not count for (or against) it.
+            self.counters.pairs_refused += 1
+            return True
         if len(self._pairs) >= MAX_PENDING:
             self._pairs.popleft()
             self.counters.pairs_dropped += 1
@@ -181,6 +220,90 @@ class RolloutService:
             except Exception:
                 log.exception("closing the replica coordinator failed")
         self._pool.shutdown(wait=True)
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def reset(
+        self, start_ts: float, switch: Callable[[], Awaitable[T]] | None = None
+    ) -> Evaluation:
+        """A new rollout: a fresh engine (no evidence, first stage), queues emptied (the
+        pairs and labels waiting belong to the previous candidate), judging resumed.
+
+        ``switch`` (the storage's switch to the new rollout) runs with the engine swap
+        while no evaluation is in flight, so no evaluation of one rollout is written
+        under the other's id.
+        """
+        async with self._step_lock:
+            if switch is not None:
+                await switch()
+            _drain(self._pairs)
+            _drain(self._labels)
+
+            def fresh() -> None:
+                self._replace_engine(self._new_engine(start_ts))
+
+            await self.in_gates(fresh)
+        self.suspended = None
+        self.latest = None
+        self._state_saved_at = 0.0
+        return await self._step(force=True)
+
+    async def resume(self) -> Evaluation | None:
+        """After a restart: the rollout's saved engine state with every recorded
+        decision replayed over it, so its stage, evidence and verdict (an abort
+        included) hold from the first request. Single proxy only (replicas restore
+        from the shared decider state)."""
+        store = self.store
+        if self.coordinator is not None or store is None or not hasattr(store, "load_resume"):
+            return None
+        resumable: ResumableStore = store  # type: ignore[assignment]
+        try:
+            state, decisions = await asyncio.to_thread(resumable.load_resume)
+        except Exception:
+            # The rollout starts over from its first stage rather than not at all; the
+            # decisions table still holds what was decided.
+            log.exception("resuming the rollout's state failed: starting from scratch")
+            return None
+
+        def restore() -> int:
+            engine = self.engine
+            if state:
+                try:
+                    engine = RolloutEngine.from_state(
+                        state, self.engine.settings, self.config.rollout
+                    )
+                except (KeyError, TypeError, ValueError):
+                    log.exception("the saved engine state is unusable: replaying decisions")
+            replay = decisions[len(engine.decisions) :]
+            for decision in replay:
+                engine._apply(decision)
+                engine.decisions.append(decision)
+            self._replace_engine(engine)
+            return len(replay)
+
+        replayed = await self.in_gates(restore)
+        if decisions or state:
+            log.info(
+                "resumed the rollout: stage %s, verdict %s (%d decisions, %d replayed)",
+                self.engine.stage.name,
+                self.engine.verdict,
+                len(decisions),
+                replayed,
+            )
+        self.latest = None
+        return await self._step(force=True)
+
+    def _new_engine(self, start_ts: float) -> RolloutEngine:
+        # The one factory (proxy/engines.py): replicas' merged engine is built the same way.
+        return new_engine(self.config, start_ts=start_ts)
+
+    def _replace_engine(self, engine: RolloutEngine) -> None:
+        # On the gates' thread: the runner owns the label join, which goes with it.
+        self.engine = engine
+        join = LabelJoin(label_window_s=self.config.storage.label_window_s)
+        self.runner = GateRunner(
+            engine, join, on_unmatched=self._unmatched, on_labelled=self._labelled
+        )
 
     # -------------------------------------------------------------- control
 
@@ -262,6 +385,10 @@ class RolloutService:
                 return
 
     async def _step(self, *, force: bool) -> Evaluation:
+        async with self._step_lock:
+            return await self._step_locked(force=force)
+
+    async def _step_locked(self, *, force: bool) -> Evaluation:
         pairs = _drain(self._pairs)
         labels = _drain(self._labels)
         now = self.clock()
@@ -274,7 +401,28 @@ class RolloutService:
             self.latest = evaluation
             self._apply(evaluation)
             await self._persist(evaluation)
+        if self.unpersisted:
+            await self._retry_unpersisted()
+        if self.coordinator is None and (
+            (evaluation is not None and evaluation.decision is not None)
+            or now - self._state_saved_at >= STATE_SAVE_EVERY_S
+        ):
+            await self._save_state(now)
         return self.latest if self.latest is not None else self.current()
+
+    async def _save_state(self, now: float) -> None:
+        store = self.store
+        if store is None or not hasattr(store, "save_state"):
+            return
+        resumable: ResumableStore = store  # type: ignore[assignment]
+        self._state_saved_at = now
+        loop = asyncio.get_running_loop()
+        state = await loop.run_in_executor(self._pool, self.engine.state_dict)
+        try:
+            await asyncio.to_thread(resumable.save_state, state, now)
+        except Exception:
+            # The decisions table is the durable record; the state only saves evidence.
+            log.warning("saving the rollout's resume state failed", exc_info=True)
 
     def _advance(
         self, pairs: list[PairRecord], labels: list[LabelEvent], now: float, force: bool
@@ -323,8 +471,17 @@ class RolloutService:
             return False
 
     def _apply(self, evaluation: Evaluation) -> None:
+        if evaluation.verdict == "promote":
+            # What the candidate serves after a promote is configured (default 0: the
+            # controller switches the stable service; the proxy keeps the champion).
+            evaluation = dataclasses.replace(
+                evaluation, canary_weight=self.config.lifecycle.canary_weight_after_promote
+            )
+            self.latest = evaluation
         if self.metrics is not None:
             self.metrics.set_samples(evaluation.metric_samples())
+        if self.observer is not None:
+            self.observer.evaluated(evaluation)
         if self.apply is not None:
             self.apply(evaluation)
         if evaluation.decision is not None:
@@ -343,13 +500,58 @@ class RolloutService:
             await self._persist_decision(evaluation.decision)
 
     async def _persist_decision(self, decision: Decision) -> None:
+        """Write a decision, retrying: at once a few times, then on every tick until it
+        lands (in order: a later decision waits behind an earlier one). Until then it
+        is reported in readiness, the log and ``mirrorgate_rollout_decisions_unpersisted``.
+        """
         if self.store is None:
             return
-        try:
-            await asyncio.to_thread(self.store.record_decision, decision)
-        except Exception:
-            self.counters.persist_errors += 1
-            log.exception("persisting a decision failed")
+        if self.unpersisted:
+            self.unpersisted.append(decision)
+            self._report_unpersisted()
+            return
+        if not await self._write_decision(decision, DECISION_RETRY_PAUSES_S):
+            self.unpersisted.append(decision)
+            self._report_unpersisted()
+            log.error(
+                "decision %s (%s) is NOT persisted yet: retrying every %.1f s; a restart "
+                "before it lands would forget it",
+                decision.action,
+                decision.why[:200],
+                self.tick_s,
+            )
+
+    async def _write_decision(self, decision: Decision, pauses: Sequence[float]) -> bool:
+        assert self.store is not None
+        for attempt, pause in enumerate((*pauses, None)):
+            try:
+                await asyncio.to_thread(self.store.record_decision, decision)
+                return True
+            except Exception:
+                self.counters.persist_errors += 1
+                if self.observer is not None:
+                    self.observer.decision_persist_failed()
+                log.warning(
+                    "persisting decision %s failed (attempt %d)",
+                    decision.action,
+                    attempt + 1,
+                    exc_info=attempt == 0,
+                )
+            if pause is not None:
+                await asyncio.sleep(pause)
+        return False
+
+    async def _retry_unpersisted(self) -> None:
+        while self.unpersisted:
+            if not await self._write_decision(self.unpersisted[0], ()):
+                break
+            done = self.unpersisted.popleft()
+            log.info("decision %s persisted after retrying", done.action)
+        self._report_unpersisted()
+
+    def _report_unpersisted(self) -> None:
+        if self.observer is not None:
+            self.observer.decisions_unpersisted(len(self.unpersisted))
 
     def _unmatched(self, labels: list[tuple[LabelEvent, str]]) -> None:
         for event, reason in labels[:20]:
@@ -376,6 +578,9 @@ class RolloutService:
         }
         if self.coordinator is not None:
             body["replica"] = self.coordinator.status()
+        body["decisions_unpersisted"] = len(self.unpersisted)
+        if self.suspended is not None:
+            body["judging"] = {"refused": True, "reason": self.suspended}
         return body
 
 

@@ -54,6 +54,9 @@ from storage.schema import (
 )
 
 DECIDER_ID = "__decider__"
+# A single proxy's resume state (proxy/persistence.py): never a replica's evidence, even
+# when the same rollout later runs with replicas.enabled.
+RESUME_ID = "__resume__"
 _FINAL = {"promote": "promoted", "abort": "aborted"}
 
 
@@ -439,7 +442,7 @@ def _replica_snapshots(conn: Connection, rollout_id: str) -> list[GateSnapshot]:
     t = GateSnapshotRow
     rows = conn.execute(
         select(t.rollout_id, t.replica_id, t.window_start, t.window_end, t.state, t.ts)
-        .where(t.rollout_id == rollout_id, t.replica_id != DECIDER_ID)
+        .where(t.rollout_id == rollout_id, t.replica_id.not_in((DECIDER_ID, RESUME_ID)))
         .order_by(t.replica_id, t.window_start)
     ).all()
     return [
@@ -480,6 +483,7 @@ def _decision_values(rollout_id: str, d: Decision) -> dict[str, Any]:
 
 __all__ = [
     "DECIDER_ID",
+    "RESUME_ID",
     "DeciderLease",
     "LeaseLost",
     "StepResult",

@@ -205,6 +205,102 @@ class Store:
             last = existing
         raise StorageError(f"too many ended rollouts with id {base}")
 
+    def latest_rollout(
+        self,
+        champion: ModelInfo,
+        candidate: ModelInfo | None,
+        *,
+        config_digest: str,
+        task: str,
+    ) -> Rollout | None:
+        """The newest rollout of exactly these models and experiment, whatever its status.
+
+        What a restarting proxy resumes: an aborted rollout stays aborted (its candidate
+        is not mirrored again) until a person starts a new one (issue 14).
+        """
+        t = RolloutRow
+        stmt = (
+            select(t)
+            .where(
+                t.champion_name == champion.name,
+                t.champion_digest == champion.digest,
+                t.config_digest == config_digest,
+                t.task == task,
+            )
+            .order_by(t.created_at.desc(), t.id.desc())
+        )
+        if candidate is None:
+            stmt = stmt.where(t.candidate_name.is_(None))
+        else:
+            stmt = stmt.where(
+                t.candidate_name == candidate.name, t.candidate_digest == candidate.digest
+            )
+        row: Rollout | None = self._run(
+            "find rollout",
+            lambda c: next((_rollout(r) for r in c.execute(stmt.limit(1)).scalars()), None),
+        )
+        return row
+
+    def start_rollout(
+        self,
+        champion: ModelInfo,
+        candidate: ModelInfo | None,
+        *,
+        revision: str,
+        config_digest: str = "",
+        task: str = "",
+        stage: str = "shadow",
+        extra: dict[str, Any] | None = None,
+        now: float | None = None,
+        join_existing: bool = False,
+    ) -> Rollout:
+        """A new rollout of one candidate revision (``extra["revision"]``).
+
+        ``join_existing``: return the latest rollout of this revision when there is one
+        (replicas starting together from the configuration join one rollout).
+
+        The id derives from the experiment and the revision (``r-<hash>``, then ``-2``,
+        ``-3``... when that revision is judged again), so replicas racing to start the
+        same revision agree on it: the one that loses the insert joins the winner's row.
+        """
+        basis = "|".join(
+            [
+                champion.digest,
+                champion.name,
+                candidate.digest if candidate else "",
+                candidate.name if candidate else "",
+                config_digest,
+                task,
+                revision,
+            ]
+        )
+        base = "r-" + hashlib.sha256(basis.encode()).hexdigest()[:12]
+        previous: Rollout | None = None
+        for n in range(1, 10_000):
+            rid = base if n == 1 else f"{base}-{n}"
+            try:
+                previous = self.get_rollout(rid)
+            except NotFoundError:
+                if join_existing and previous is not None:
+                    return previous
+                try:
+                    return self.create_rollout(
+                        champion,
+                        candidate,
+                        rollout_id=rid,
+                        config_digest=config_digest,
+                        task=task,
+                        stage=stage,
+                        extra={**(extra or {}), "revision": revision},
+                        now=now,
+                    )
+                except (InvalidError, StorageError):
+                    # Another replica created this very id a moment ago: the same
+                    # revision of the same experiment, so it is the rollout to join.
+                    # (get_rollout re-raises when the database itself is the problem.)
+                    return self.get_rollout(rid)
+        raise StorageError(f"too many rollouts with id {base}")
+
     @staticmethod
     def _get_rollout(conn: Session, rollout_id: str) -> Rollout:
         row = conn.execute(select(RolloutRow).where(RolloutRow.id == rollout_id)).scalar()
@@ -232,9 +328,11 @@ class Store:
         *,
         status: str | None = None,
         stage: str | None = None,
+        extra: dict[str, Any] | None = None,
         now: float | None = None,
     ) -> Rollout:
-        """Move a rollout's stage or status; a final status (not active) sets ended_at."""
+        """Move a rollout's stage or status; a final status (not active) sets ended_at.
+        ``extra`` is merged into the rollout's extra fields."""
         values: dict[str, Any] = {}
         if status is not None:
             if status not in ROLLOUT_STATUSES:
@@ -245,7 +343,9 @@ class Store:
             values["stage"] = stage
 
         def go(conn: Session) -> Rollout:
-            self._get_rollout(conn, rollout_id)
+            current = self._get_rollout(conn, rollout_id)
+            if extra:
+                values["extra"] = {**current.extra, **extra}
             if values:
                 conn.execute(update(RolloutRow).where(RolloutRow.id == rollout_id).values(values))
             return self._get_rollout(conn, rollout_id)

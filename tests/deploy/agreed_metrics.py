@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from proxy.ops_metrics import OpsMetrics
+
 
 @dataclass(frozen=True)
 class Agreed:
@@ -44,6 +46,15 @@ AGREED: tuple[Agreed, ...] = (
     Agreed("mirrorgate_rollout_verdict", "gauge", ("verdict",)),
     Agreed("mirrorgate_rollout_stage", "gauge", ("stage",)),
     Agreed("mirrorgate_rollout_canary_weight", "gauge"),
+    # rollout lifecycle (proxy/ops_metrics.py)
+    Agreed("mirrorgate_gate_blocking_status", "gauge", ("gate", "slice")),
+    Agreed("mirrorgate_build_info", "gauge", ("version", "rollout_id", "revision")),
+    Agreed("mirrorgate_rollout_decisions_unpersisted", "gauge"),
+    Agreed("mirrorgate_rollout_decision_persist_failures_total", "counter"),
+    Agreed("mirrorgate_rollout_identity_changes_total", "counter", ("action",)),
+    Agreed("mirrorgate_proxy_live_duration_seconds", "histogram", ("code_class",)),
+    Agreed("mirrorgate_labels_total", "counter", ("status",)),
+    Agreed("mirrorgate_labels_unmatched", "gauge"),
 )
 
 SERIES_NAMES: frozenset[str] = frozenset(n for a in AGREED for n in a.series_names())
@@ -152,4 +163,12 @@ def sample_registry() -> CollectorRegistry:
     for name in ("shadow", "canary-5%", "canary-25%", "promote"):
         stage.labels(stage=name).set(1 if name == "shadow" else 0)
     weight.set(0.0)
+    # the lifecycle's metrics, from the proxy's own class
+    ops = OpsMetrics(registry)
+    ops.set_rollout("r-0123456789ab", "6d4f7b9c8")
+    ops.gate_blocking_status.labels(gate="tolerance", slice="all").set(1)
+    ops.identity_changes.labels(action="refused").inc()
+    ops.live_duration.labels(code_class="2xx").observe(0.004)
+    ops.labels.labels(status="joined").inc(3)
+    ops.labels_unmatched.set(0)
     return registry

@@ -55,3 +55,12 @@ def manifests(folder: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
             continue
         for doc in load_yaml_documents(path):
             yield path, doc
+
+
+def config_checksum(configmap: dict[str, Any]) -> str:
+    """sha256 of a ConfigMap's data, as deployment.yaml's checksum annotation holds it."""
+    import hashlib
+    import json
+
+    blob = json.dumps(configmap.get("data", {}), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()

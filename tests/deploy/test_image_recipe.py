@@ -30,8 +30,14 @@ from typing import Any
 import pytest
 
 from proxy.config import load_config
-from tests.deploy.controllers import VERDICTS, run_template, run_webhook, webhooks
-from tests.deploy.helpers import require_tool, run_tool
+from tests.deploy.controllers import (
+    VERDICTS,
+    Live,
+    call_webhook,
+    mirrorgate_webhook,
+    run_template,
+)
+from tests.deploy.helpers import run_tool
 from tests.deploy.image_replay import BASE_PATH, ImageRoot, build
 from tests.deploy.v2_upstream import PROBS, running_upstream
 
@@ -207,23 +213,28 @@ def test_live_metrics_pass_promtool(server: Server, promtool: str) -> None:
 
 
 def test_control_api_answers_argo_rollouts_and_flagger(server: Server) -> None:
-    """deploy/argo-rollouts and deploy/flagger read the real verdict endpoints."""
-    require_tool("curl")
-    status, body = server.get("/v1/rollout/verdict", {"Authorization": f"Bearer {TOKEN}"})
+    """deploy/argo-rollouts and deploy/flagger drive the real lifecycle endpoints."""
+    live = Live(server.base_url, {"read-token": TOKEN, "write-token": TOKEN})
+    revision = "recipe0001"
+    assert run_template("mirrorgate-start", live, {"revision": revision}) == ["Successful"]
+    status, body = server.get(
+        f"/v1/rollout/verdict?revision={revision}", {"Authorization": f"Bearer {TOKEN}"}
+    )
     assert status == 200, body
     verdict = json.loads(body)["verdict"]
-    assert verdict in VERDICTS
+    assert verdict in VERDICTS and json.loads(body)["revision"] == revision
     expected = {"promote": "Successful", "abort": "Failed", "continue": "Inconclusive"}[verdict]
-    assert run_template("mirrorgate-verdict", server.base_url, TOKEN) == [expected]
-    assert run_template("mirrorgate-verdict", server.base_url, "wrong-token") == ["Error"]
-    # the stage steps need GET /v1/rollout's "stage" (Inconclusive or Successful, never Error)
+    assert run_template("mirrorgate-verdict", live, {"revision": revision}) == [expected]
+    wrong = Live(server.base_url, {"read-token": "wrong", "write-token": "wrong"})
+    assert run_template("mirrorgate-verdict", wrong, {"revision": revision}) == ["Error"]
+    # another revision's verdict is refused, never this one's
+    assert run_template("mirrorgate-verdict", live, {"revision": "other"}) == ["Error"]
     stage_phase = run_template(
-        "mirrorgate-stage", server.base_url, TOKEN, {"stages-after": "'promote'"}
+        "mirrorgate-stage", live, {"revision": revision, "stages-after": "'canary-25'"}
     )
     assert stage_phase in (["Inconclusive"], ["Successful"])
-    hook = run_webhook(webhooks()["rollout"], server.base_url, TOKEN)
-    assert (hook.returncode == 0) == (verdict != "abort"), hook.stderr
-    assert hook.stdout.strip() == verdict
+    status_code = call_webhook(mirrorgate_webhook("rollout"), live, revision, "Progressing")
+    assert (status_code == 200) == (verdict != "abort")
 
 
 def test_sigterm_drains_and_exits_cleanly(server: Server) -> None:

@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 
 from proxy.config import BackendSettings, MirrorgateConfig, load_config
 from tests.deploy.dockerfile import parse
-from tests.deploy.helpers import DEPLOY, REPO, load_yaml_documents, manifests
+from tests.deploy.helpers import DEPLOY, REPO, config_checksum, load_yaml_documents, manifests
 
 K8S_VERSIONS = ("1.27.0", "1.37.0")
 SCHEMAS = Path(__file__).parent / "schemas"
@@ -231,10 +231,63 @@ def test_pod_is_locked_down() -> None:
 def test_environment_comes_from_keys_the_secret_has() -> None:
     container = _container()
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
-    assert set(env) == {"MIRRORGATE_SERVER__CONTROL_TOKEN", "MIRRORGATE_STORAGE__URL"}
+    assert set(env) == {
+        "MIRRORGATE_CONTROL__READ_TOKEN",
+        "MIRRORGATE_CONTROL__WRITE_TOKEN",
+        "MIRRORGATE_STORAGE__URL",
+    }
     for ref in env.values():
         secret = _find("Secret", ref["name"])
         assert ref["key"] in secret["stringData"]
+    # two tokens, two scopes: reading a verdict must not allow forcing a promote
+    assert (
+        env["MIRRORGATE_CONTROL__READ_TOKEN"]["key"]
+        != env["MIRRORGATE_CONTROL__WRITE_TOKEN"]["key"]
+    )
+
+
+def test_config_changes_roll_the_pods() -> None:
+    """The pod template carries the ConfigMap's checksum: a config edit rolls the pods."""
+    template = _find("Deployment", "mirrorgate", K8S)["spec"]["template"]
+    annotation = template["metadata"]["annotations"]["mirrorgate.io/config-checksum"]
+    assert annotation == config_checksum(_find("ConfigMap", "mirrorgate-config")), (
+        "configmap.yaml changed: put its new checksum in deployment.yaml"
+    )
+
+
+def test_proxy_survives_disruptions_and_spreads_over_nodes() -> None:
+    deployment = _find("Deployment", "mirrorgate", K8S)
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    pdb = _find("PodDisruptionBudget", "mirrorgate", K8S)
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert 1 <= pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]
+    spread = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert {c["topologyKey"] for c in spread} >= {"kubernetes.io/hostname"}
+    for constraint in spread:
+        assert constraint["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_network_policies_select_the_pods_and_admit_the_controllers() -> None:
+    deployment = _find("Deployment", "mirrorgate", K8S)
+    policy = _find("NetworkPolicy", "mirrorgate", K8S)
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    port = _config().server.port
+    (rule,) = policy["spec"]["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [port]
+    namespaces = {
+        f["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for f in rule["from"]
+        if "namespaceSelector" in f
+    }
+    assert {"argo-rollouts", "flagger-system", "monitoring"} <= namespaces
+    egress_ports = {p["port"] for r in policy["spec"]["egress"] for p in r["ports"]}
+    assert {53, 8000, 5432} <= egress_ports
+    loadtester = _find("NetworkPolicy", "mirrorgate-loadtester", DEPLOY / "flagger")
+    (only,) = loadtester["spec"]["ingress"]
+    assert only["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "flagger-system"}}}
+    ]
 
 
 def test_database_url_matches_the_example_postgres() -> None:
@@ -313,7 +366,10 @@ def test_loadtester_runs_the_dockerfile_loadtester_target() -> None:
     assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == uid
     service = _find("Service", "mirrorgate-loadtester")
     for hook in _find("Canary", "classifier")["spec"]["analysis"]["webhooks"]:
-        assert hook["url"].startswith(f"http://{service['metadata']['name']}.")
+        if hook["metadata"].get("type") == "bash":  # loadtester tasks
+            assert hook["url"].startswith(f"http://{service['metadata']['name']}.")
+        else:  # mirrorgate's own webhook endpoints, by the Service's FQDN
+            assert hook["url"].startswith("http://mirrorgate.ml-serving.svc.cluster.local:")
     for volume in deployment["spec"]["template"]["spec"]["volumes"]:
         if "configMap" in volume:
             _find("ConfigMap", volume["configMap"]["name"])

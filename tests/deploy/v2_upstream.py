@@ -22,6 +22,10 @@ INPUT = {"name": "INPUT0", "datatype": "FP32", "shape": [-1, 4]}
 OUTPUT = {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}
 PROBS = {"classifier": [0.25, 0.75], "classifier-candidate": [0.375, 0.625]}
 HEADER = "Inference-Header-Content-Length"
+# Per model: the revision named in its metadata's X-Model-Revision header (none: no
+# header), and the inference calls answered (tests change and read these).
+REVISIONS: dict[str, str] = {}
+CALLS: dict[str, int] = {}
 
 
 def _model(request: web.Request) -> str:
@@ -45,6 +49,7 @@ async def _server(request: web.Request) -> web.Response:
 
 async def _metadata(request: web.Request) -> web.Response:
     name = _model(request)
+    revision = REVISIONS.get(name)
     return web.json_response(
         {
             "name": name,
@@ -52,7 +57,8 @@ async def _metadata(request: web.Request) -> web.Response:
             "platform": "test",
             "inputs": [INPUT],
             "outputs": [OUTPUT],
-        }
+        },
+        headers={"X-Model-Revision": revision} if revision else None,
     )
 
 
@@ -68,6 +74,7 @@ def _rows(tensor: dict[str, Any]) -> int:
 
 async def _infer(request: web.Request) -> web.Response:
     name = _model(request)
+    CALLS[name] = CALLS.get(name, 0) + 1
     body = await request.read()
     header_len = request.headers.get(HEADER)
     head = body[: int(header_len)] if header_len is not None else body

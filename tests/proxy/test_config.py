@@ -63,5 +63,24 @@ def test_env_override_of_unknown_key_is_an_error():
 def test_digest_excludes_secrets_and_tracks_changes():
     a = load_config(data=_minimal(), env={"MIRRORGATE_SERVER__CONTROL_TOKEN": "a"})
     b = load_config(data=_minimal(), env={"MIRRORGATE_SERVER__CONTROL_TOKEN": "b"})
-    c = load_config(data=_minimal(), env={"MIRRORGATE_SERVER__PORT": "1"})
+    c = load_config(data=_minimal(), env={"MIRRORGATE_GATES__ALPHA": "0.01"})
     assert a.digest() == b.digest() != c.digest()
+
+
+def test_digest_ignores_addresses_passwords_and_tuning():
+    """The digest identifies the experiment (models, gates, plan): a password rotation,
+    another port or a tuning knob must not open a new rollout (issue 15/17)."""
+    base = load_config(data=_minimal())
+    for env in (
+        {"MIRRORGATE_SERVER__PORT": "1"},
+        {"MIRRORGATE_SERVER__HOST": "0.0.0.0"},
+        {"MIRRORGATE_STORAGE__URL": "postgresql+psycopg://u:secret1@db:5432/m"},
+        {"MIRRORGATE_STORAGE__URL": "postgresql+psycopg://u:secret2@db:5432/m"},
+        {"MIRRORGATE_MIRROR__MAX_IN_FLIGHT": "7"},
+        {"MIRRORGATE_MIRROR__SAMPLE_RATE": "0.5"},
+        {"MIRRORGATE_CONTROL__READ_TOKEN": "r"},
+        {"MIRRORGATE_LIFECYCLE__REVISION": "abc"},
+    ):
+        assert load_config(data=_minimal(), env=env).digest() == base.digest(), env
+    plan = {"MIRRORGATE_ROLLOUT__EVALUATE_EVERY_PAIRS": "5"}
+    assert load_config(data=_minimal(), env=plan).digest() != base.digest()

@@ -111,8 +111,10 @@ async def test_manual_actions_on_any_replica_are_shared(pg_server: PostgresServe
             again = await c.post("/v1/rollout/promote", headers=AUTH, json={"who": "x", "why": "y"})
             assert again.status == 409
             body = await get(c, "/v1/rollout")
-            assert body["canary_weight"] == 1.0
-            assert c.app[STATE].mirror.canary_weight == 1.0  # type: ignore[union-attr]
+            # lifecycle.canary_weight_after_promote (default 0: the champion serves until
+            # the controller switches the stable service)
+            assert body["canary_weight"] == 0.0
+            assert c.app[STATE].mirror.canary_weight == 0.0  # type: ignore[union-attr]
 
         rollout_id = clients[0].app[STATE].persistence.rollout_id  # type: ignore[union-attr]
         db = Database(url)

@@ -247,3 +247,26 @@ def test_model_info_of_an_identity():
 
     identity = ModelIdentity(name="m", kind="onnx", digest="sha256:x", device="cuda")
     assert ModelInfo.of(identity) == ModelInfo("m", "onnx", "sha256:x", "cuda")
+
+
+def test_rollouts_per_revision_and_the_newest_of_an_experiment(store):
+    """The lifecycle's storage: one rollout per start of a revision (ids derived from the
+    experiment and the revision), the newest whatever its status, and replicas starting
+    together from the configuration joining one row."""
+    start = {"config_digest": "d", "task": "t"}
+    a = store.start_rollout(CHAMPION, CANDIDATE, revision="a", now=1.0, **start)
+    assert a.extra["revision"] == "a" and a.status == "active"
+    store.update_rollout(a.id, status="aborted")
+    again = store.start_rollout(CHAMPION, CANDIDATE, revision="a", now=2.0, **start)
+    assert again.id == f"{a.id}-2"  # a second judgement of the same revision
+    joined = store.start_rollout(CHAMPION, CANDIDATE, revision="a", join_existing=True, **start)
+    assert joined.id == again.id
+    b = store.start_rollout(CHAMPION, CANDIDATE, revision="b", now=3.0, **start)
+    assert b.id not in (a.id, again.id)
+    newest = store.latest_rollout(CHAMPION, CANDIDATE, **start)
+    assert newest is not None and newest.id == b.id
+    store.update_rollout(b.id, status="aborted", extra={"closed_at": 4.0})
+    newest = store.latest_rollout(CHAMPION, CANDIDATE, **start)
+    assert newest is not None and newest.status == "aborted"  # an abort is resumed, not replaced
+    assert newest.extra == {"revision": "b", "closed_at": 4.0}
+    assert store.latest_rollout(CHAMPION, CANDIDATE, config_digest="other", task="t") is None
