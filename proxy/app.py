@@ -363,6 +363,7 @@ async def _start_harvest(state: ProxyState) -> None:
         candidate=ModelInfo.of(state.candidate.identity) if state.candidate else None,
         recorder=persistence.recorder,
         output_name=state.config.output.output,
+        registry=state.registry,
     )
     state.extras[HARVESTER] = harvester
     service.hooks.append(harvester)
