@@ -266,12 +266,16 @@ class HarvestSettings(_Strict):
     )
     regression_rtol: float = Field(0.1, ge=0)
     max_cases_per_rollout: int = Field(
-        10_000, ge=0, description="harvested cases sent to the database per rollout; "
-        "past it matches are counted (skipped_rollout_cap), not stored"
+        10_000,
+        ge=0,
+        description="harvested cases sent to the database per rollout; "
+        "past it matches are counted (skipped_rollout_cap), not stored",
     )
     max_cases_per_window: int = Field(
-        100, ge=0, description="per rule and per window_s: a burst (a dead candidate "
-        "turning every pair into candidate_error) is counted, not stored"
+        100,
+        ge=0,
+        description="per rule and per window_s: a burst (a dead candidate "
+        "turning every pair into candidate_error) is counted, not stored",
     )
     window_s: float = Field(60.0, gt=0, description="the window of max_cases_per_window")
 

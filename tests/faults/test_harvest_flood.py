@@ -75,7 +75,7 @@ def _rows(store: Store) -> int:
 
 def test_flood_is_capped_per_window_and_counted(tmp_path: Path) -> None:
     settings = HarvestSettings(max_cases_per_window=30, window_s=60, max_cases_per_rollout=45)
-    store, harvester, commits, (clock, registry) = _setup(tmp_path, settings)
+    store, harvester, _commits, (clock, registry) = _setup(tmp_path, settings)
     records = [_failed(i) for i in range(500)]
     harvester.on_pairs(records[:250], None, 0.0)  # type: ignore[arg-type]
     assert harvester.flush(60)
@@ -120,7 +120,8 @@ def test_database_failure_is_counted_not_raised(tmp_path: Path) -> None:
     assert harvester.flush(60)
     assert harvester.counters.errors == 10
     assert harvester.counters.harvested == 0
-    assert registry.get_sample_value(
-        "mirrorgate_harvest_cases_total", {"outcome": "write_error"}
-    ) == 10.0
+    assert (
+        registry.get_sample_value("mirrorgate_harvest_cases_total", {"outcome": "write_error"})
+        == 10.0
+    )
     harvester.close()
