@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from gates.settings import GatesSettings, RolloutSettings
+from proxy.breaker import CircuitSettings
 from proxy.errors import ConfigError
 from storage.settings import StorageSettings
 
@@ -97,6 +98,7 @@ class MirrorSettings(_Strict):
         description="keep mirroring to an aborted candidate (never serving it): more "
         "evidence and harvested failures, at the candidate's cost",
     )
+    circuit: CircuitSettings = CircuitSettings()
 
 
 class SlicesSettings(_Strict):
