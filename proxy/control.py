@@ -155,6 +155,9 @@ async def rollout_status(request: web.Request) -> web.Response:
     harvester = state.extras.get(HARVESTER)
     if isinstance(harvester, Harvester):
         body["harvest"] = {**asdict(harvester.counters), "pinned_cases": len(harvester.pinned)}
+    recorder = state.persistence.recorder if state.persistence is not None else None
+    if recorder is not None:
+        body["storage"] = {"file_problem": recorder.file_problem, "buffered": recorder.buffered}
     return web.json_response(body)
 
 
