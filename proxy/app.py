@@ -41,6 +41,7 @@ from proxy.codec import (
 )
 from proxy.config import BackendSettings, MirrorgateConfig
 from proxy.errors import BadRequest, ConfigError, MirrorgateError, NotFound, NotReady
+from proxy.limits import make_expect_handler, make_limits_middleware
 from proxy.metrics import ProxyMetrics
 from proxy.mirror import MirrorDispatcher
 from proxy.persistence import Persistence
@@ -124,7 +125,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response: web.StreamResponse = await handler(request)
         return response
     except MirrorgateError as exc:
-        return _error_response(exc.status, exc.message, request)
+        response = _error_response(exc.status, exc.message, request)
+        response.headers.update(exc.headers)  # e.g. WWW-Authenticate on a 401
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -141,7 +144,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        # %r: the path is the client's bytes; escaped, it cannot forge log lines.
+        log.exception("unhandled error on %s %r", request.method, request.raw_path)
         return _error_response(500, f"internal error: {type(exc).__name__}", request)
 
 
@@ -204,6 +208,9 @@ def _request_id(parsed: InferRequest, request: web.Request) -> str:
         # JSON allows a lone surrogate escape ("\ud800"); no database, log or header can
         # carry it, and the pair would be lost at the recorder: refuse it up front.
         raise BadRequest("request id is not valid Unicode text (lone surrogate)") from None
+    if not rid.isprintable():
+        # CR/LF, NUL, escapes: the id is echoed in a header, logged and stored.
+        raise BadRequest("request id may contain printable characters only") from None
     return rid
 
 
@@ -438,14 +445,23 @@ async def _on_shutdown(app: web.Application) -> None:
 # --------------------------------------------------------------------------- assembly
 
 
+def _count_rejected(request: web.Request, status: int) -> None:
+    # Refused at the boundary (size, coding, deadline) before any model ran: an infer
+    # request is live traffic answered on the champion's path, as in infer().
+    state = request.app.get(STATE)
+    if state is not None and request.path.endswith("/infer"):
+        state.metrics.observe_call("champion", status, None)
+
+
 def add_data_plane_routes(app: web.Application) -> None:
+    expect = make_expect_handler(app[STATE].config.server.max_body_bytes, _count_rejected)
     app.router.add_get("/v2/health/live", health_live)
     app.router.add_get("/v2/health/ready", health_ready)
     app.router.add_get("/v2", server_metadata)
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         app.router.add_get(prefix, model_metadata)
         app.router.add_get(prefix + "/ready", model_ready)
-        app.router.add_post(prefix + "/infer", infer)
+        app.router.add_post(prefix + "/infer", infer, expect_handler=expect)
     app.router.add_get("/metrics", metrics_endpoint)
 
 
@@ -474,8 +490,11 @@ def create_app(
     if config.replicas.enabled and not storage:
         raise ConfigError("replicas.enabled needs the shared database: run with storage on")
     registry = registry if registry is not None else CollectorRegistry()
+    limits = make_limits_middleware(
+        config.server.limits, config.server.max_body_bytes, on_reject=_count_rejected
+    )
     app = web.Application(
-        client_max_size=config.server.max_body_bytes, middlewares=[error_middleware]
+        client_max_size=config.server.max_body_bytes, middlewares=[error_middleware, limits]
     )
     app[STATE] = ProxyState(
         config=config,

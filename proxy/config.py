@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from gates.settings import GatesSettings, RolloutSettings
 from proxy.breaker import CircuitSettings
 from proxy.errors import ConfigError
+from proxy.limits import ServerLimits
 from storage.settings import StorageSettings
 
 ENV_PREFIX = "MIRRORGATE_"
@@ -80,6 +81,7 @@ class ServerSettings(_Strict):
         description="after SIGTERM, keep serving with readiness 503 this long (or until a "
         "second signal) so load balancers stop routing before the listener closes",
     )
+    limits: ServerLimits = ServerLimits()
 
 
 class MirrorSettings(_Strict):

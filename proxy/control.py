@@ -229,10 +229,10 @@ async def pinned_list(request: web.Request) -> web.Response:
 
 def _case_id(request: web.Request) -> int:
     raw = request.match_info["id"]
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise NotFound(f"no pinned case {raw!r}") from exc
+    # ASCII digits that fit the database's 64-bit id; anything else names no case.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+        raise NotFound(f"no pinned case {raw[:40]!r}")
+    return int(raw)
 
 
 async def pinned_show(request: web.Request) -> web.Response:

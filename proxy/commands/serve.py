@@ -25,6 +25,12 @@ from aiohttp import web
 from proxy.app import STATE, create_app
 from proxy.config import MirrorgateConfig, load_config
 from proxy.errors import ConfigError, MirrorgateError
+from proxy.limits import (
+    GuardedAppRunner,
+    default_max_connections,
+    install_log_limits,
+    remove_log_limits,
+)
 from storage.sink import PairSink
 
 log = logging.getLogger("mirrorgate.serve")
@@ -87,10 +93,15 @@ async def serve(
     # config.storage; a schema or database it cannot use stops the start (exit code 2).
     app = create_app(config, sinks=sinks, storage=True)
     state = app[STATE]
-    runner = web.AppRunner(
+    limits = config.server.limits
+    log_limiter = install_log_limits(limits.log_lines_per_minute)
+    runner = GuardedAppRunner(
         app,
+        max_connections=limits.max_connections or default_max_connections(),
+        registry=state.registry,
         handle_signals=False,
         shutdown_timeout=config.server.shutdown_timeout_s,
+        keepalive_timeout=limits.keepalive_timeout_s,
         access_log=None,
     )
     await runner.setup()
@@ -134,5 +145,6 @@ async def serve(
         await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        remove_log_limits(log_limiter)
     log.info("stopped")
     return 0
