@@ -154,6 +154,11 @@ def make_limits_middleware(
         except (MirrorgateError, web.HTTPException) as exc:
             if on_reject is not None:
                 on_reject(request, exc.status)
+            if isinstance(exc, LimitError) and exc.status == 408:
+                from proxy.codec import error_body
+
+                # The rest of the body is not wanted: answer, then close.
+                return _json(408, exc.message, error_body)
             raise
         return await handler(request)
 
@@ -173,8 +178,6 @@ def make_limits_middleware(
             # read() returns the cached bytes.
             await asyncio.wait_for(request.read(), limits.body_timeout_s)
         except TimeoutError:
-            if request.transport is not None:
-                request.transport.close()  # the rest of the body is not wanted
             raise LimitError(
                 f"request body not received within {limits.body_timeout_s:g} s "
                 "(server.limits.body_timeout_s)",
@@ -213,12 +216,20 @@ class GuardedServer(web.Server):
 
     max_connections: int
     shed: Counter
+    # Handlers made but not yet connected: asyncio calls the protocol factory for a
+    # burst of accepted sockets before any of their connection_made runs.
+    opening: int
 
     def __call__(self) -> Any:
-        if len(self._connections) >= self.max_connections:
+        if len(self._connections) + self.opening >= self.max_connections:
             self.shed.inc()
             return _Shed()
+        self.opening += 1
         return super().__call__()
+
+    def connection_made(self, handler: Any, transport: asyncio.Transport) -> None:
+        self.opening = max(0, self.opening - 1)
+        super().connection_made(handler, transport)
 
 
 class GuardedAppRunner(web.AppRunner):
@@ -247,6 +258,7 @@ class GuardedAppRunner(web.AppRunner):
         assert isinstance(server, GuardedServer)
         server.max_connections = self._max_connections
         server.shed = self._shed
+        server.opening = 0
         return server
 
 
