@@ -357,6 +357,9 @@ class MirrorDispatcher:
         if self.candidate is not None and not self._candidate_stopped:
             live = CallOutcome(out, time.perf_counter() - start)
             self._mirror_later(request_id, ts, inputs, slices, stage, "champion", live)
+        elif self.candidate is not None:
+            # Aborted: no pair by design; counted so answered = pairs + drops holds.
+            self._drop("candidate_stopped")
         return LiveResult(out, "champion")
 
     @staticmethod
