@@ -40,9 +40,9 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.faults.helpers import body, ready, start_serve, stop, until  # noqa: E402
-from tests.proxy.conftest import N_CLASSES, N_FEATURES  # noqa: E402
-from tests.proxy.upstream import Upstream, UpstreamModel  # noqa: E402
+from tests.faults.helpers import body, ready, start_serve, stop, until
+from tests.proxy.conftest import N_CLASSES, N_FEATURES
+from tests.proxy.upstream import Upstream, UpstreamModel
 
 
 class Server:
@@ -143,7 +143,13 @@ async def main(rate: float, phase_s: float) -> dict[str, Any]:
     db_path = tmp / "pairs.sqlite"
 
     def model(name: str, url: str, timeout_ms: float) -> dict[str, Any]:
-        return {"name": name, "kind": "http", "url": url, "model": "model", "timeout_ms": timeout_ms}
+        return {
+            "name": name,
+            "kind": "http",
+            "url": url,
+            "model": "model",
+            "timeout_ms": timeout_ms,
+        }
 
     config = {
         "server": {"model_name": "classifier", "shutdown_timeout_s": 15},
@@ -200,9 +206,7 @@ async def main(rate: float, phase_s: float) -> dict[str, Any]:
         load.running = False
         await runner
         answered = sum(1 for _, status, _ in load.results if status == 200)
-        await until(
-            lambda: _settled(base), "shadow work and recorder buffer settled", tries=3000
-        )
+        await until(lambda: _settled(base), "shadow work and recorder buffer settled", tries=3000)
         m = await metrics(base)
         accounting = {
             "answered": answered,
@@ -287,7 +291,8 @@ if __name__ == "__main__":
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{'phase':22s} {'n':>5s} {'fail':>5s} {'p50 ms':>8s} {'p99 ms':>8s} {'p99/base':>8s}")
+        head = ("phase", "n", "fail", "p50 ms", "p99 ms", "p99/base")
+        print("{:22s} {:>5s} {:>5s} {:>8s} {:>8s} {:>8s}".format(*head))
         for p in report["phases"]:
             print(
                 f"{p['phase']:22s} {p['requests']:5d} {p['live_failures']:5d} "
