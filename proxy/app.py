@@ -53,6 +53,7 @@ from storage.sink import PairSink
 log = logging.getLogger(__name__)
 
 HARVESTER = "harvester"  # ProxyState.extras key of the proxy.harvest.Harvester
+CONTROL_APP = "control_app"  # ProxyState.extras key of the control plane's own app
 REQUEST_ID_HEADER = "X-Request-Id"
 SERVED_BY_HEADER = "X-Mirrorgate-Served-By"
 MAX_REQUEST_ID_LEN = 256
@@ -270,7 +271,12 @@ async def infer(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    registry = request.app[STATE].registry
+    state = request.app[STATE]
+    if state.config.server.metrics_token is not None:
+        from proxy.auth import check_bearer
+
+        check_bearer(request, state.config.server.metrics_token)
+    registry = state.registry
     return web.Response(
         body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
@@ -462,7 +468,8 @@ def add_data_plane_routes(app: web.Application) -> None:
         app.router.add_get(prefix, model_metadata)
         app.router.add_get(prefix + "/ready", model_ready)
         app.router.add_post(prefix + "/infer", infer, expect_handler=expect)
-    app.router.add_get("/metrics", metrics_endpoint)
+    if app[STATE].config.server.control_port is None:
+        app.router.add_get("/metrics", metrics_endpoint)
 
 
 def setup_control_plane(app: web.Application) -> None:
@@ -515,8 +522,22 @@ def create_app(
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_on_shutdown)
     add_data_plane_routes(app)
-    setup_control_plane(app)
+    if config.server.control_port is None:
+        setup_control_plane(app)
+    else:
+        state.extras[CONTROL_APP] = _control_app(state)
     return app
+
+
+def _control_app(state: ProxyState) -> web.Application:
+    """The control plane's own application (``server.control_port``): /v1/... and
+    /metrics, sharing the data app's state; ``serve`` gives it its own listener. The
+    data app owns the lifecycle; this one has none."""
+    control = web.Application(client_max_size=1 << 20, middlewares=[error_middleware])
+    control[STATE] = state
+    setup_control_plane(control)
+    control.router.add_get("/metrics", metrics_endpoint)
+    return control
 
 
 def _apply_evaluation(state: ProxyState, evaluation: Evaluation) -> None:

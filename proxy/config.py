@@ -82,6 +82,16 @@ class ServerSettings(_Strict):
         "second signal) so load balancers stop routing before the listener closes",
     )
     limits: ServerLimits = ServerLimits()
+    control_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="serve the control plane (/v1/...) and /metrics on their own listener "
+        "at this port (0: any free port), not on the data port; unset: one listener",
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description="when set, /metrics wants Authorization: Bearer <metrics_token>"
+    )
 
 
 class MirrorSettings(_Strict):

@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.app import STATE, create_app
+from proxy.app import CONTROL_APP, STATE, create_app
 from proxy.config import MirrorgateConfig, load_config
 from proxy.errors import ConfigError, MirrorgateError
 from proxy.limits import (
@@ -105,6 +105,7 @@ async def serve(
         access_log=None,
     )
     await runner.setup()
+    control_runner: web.AppRunner | None = None
     try:
         site = web.TCPSite(runner, config.server.host, config.server.port)
         try:
@@ -115,6 +116,25 @@ async def serve(
             ) from exc
         host, port = runner.addresses[0][:2]
         announce(f"mirrorgate: listening on http://{host}:{port}")
+        control_app = state.extras.get(CONTROL_APP)
+        if isinstance(control_app, web.Application):
+            control_runner = web.AppRunner(
+                control_app,
+                handle_signals=False,
+                keepalive_timeout=limits.keepalive_timeout_s,
+                access_log=None,
+            )
+            await control_runner.setup()
+            control_port = config.server.control_port or 0
+            try:
+                await web.TCPSite(control_runner, config.server.host, control_port).start()
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {config.server.host}:{control_port} "
+                    f"(server.control_port): {exc.strerror}"
+                ) from exc
+            chost, cport = control_runner.addresses[0][:2]
+            announce(f"mirrorgate: control plane on http://{chost}:{cport}")
         stopper = loop.create_task(stop.wait())
         waiting: set[asyncio.Future[Any]] = {stopper}
         if state.loading is not None:
@@ -142,6 +162,8 @@ async def serve(
             config.server.shutdown_timeout_s,
         )
     finally:
+        if control_runner is not None:
+            await control_runner.cleanup()
         await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
