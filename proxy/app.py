@@ -533,7 +533,11 @@ def _control_app(state: ProxyState) -> web.Application:
     """The control plane's own application (``server.control_port``): /v1/... and
     /metrics, sharing the data app's state; ``serve`` gives it its own listener. The
     data app owns the lifecycle; this one has none."""
-    control = web.Application(client_max_size=1 << 20, middlewares=[error_middleware])
+    server = state.config.server
+    limits = make_limits_middleware(server.limits, server.max_body_bytes)
+    control = web.Application(
+        client_max_size=server.max_body_bytes, middlewares=[error_middleware, limits]
+    )
     control[STATE] = state
     setup_control_plane(control)
     control.router.add_get("/metrics", metrics_endpoint)

@@ -6,7 +6,9 @@ signal, so a load balancer stops routing first), the listening socket closes (no
 connections), in-flight live requests finish (bounded by ``server.shutdown_timeout_s``),
 mirrored work drains or is cut and counted (same bound), backends close, sinks flush.
 Prints ``mirrorgate: listening on http://HOST:PORT`` on stdout once the socket is bound
-(``--port 0`` picks a free port).
+(``--port 0`` picks a free port), then, with ``server.control_port`` set,
+``mirrorgate: control plane on http://HOST:PORT`` for the control listener. Connection
+limits, timeouts and log rate limits come from ``server.limits`` (proxy/limits.py).
 """
 
 from __future__ import annotations
