@@ -74,8 +74,10 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-async def run_one(url: str, n: int, with_inputs: bool, batch_size: int) -> dict[str, Any]:
-    db = Database(url)
+async def run_one(
+    url: str, n: int, with_inputs: bool, batch_size: int, journal: str = "truncate"
+) -> dict[str, Any]:
+    db = Database(url, sqlite_journal=journal)
     upgrade(db)
     store = Store(db)
     rollout = store.create_rollout(
@@ -142,6 +144,9 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=50_000)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--sqlite-journal", choices=["truncate", "wal"], default="truncate", help="SQLite mode"
+    )
     args = parser.parse_args()
 
     load_before = os.getloadavg()
@@ -152,7 +157,9 @@ def main() -> int:
             for with_inputs in (False, True):
                 if backend == "sqlite":
                     url = f"sqlite:///{tmp}/bench-{int(with_inputs)}.sqlite"
-                    res = asyncio.run(run_one(url, args.pairs, with_inputs, args.batch_size))
+                    res = asyncio.run(
+                        run_one(url, args.pairs, with_inputs, args.batch_size, args.sqlite_journal)
+                    )
                 else:
                     from tests.support.postgres import PostgresServer
 

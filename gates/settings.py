@@ -345,6 +345,19 @@ class HarvestSettings(_Strict):
         0.0, ge=0, description="regression: wrong when |output - label| > atol + rtol*|label|"
     )
     regression_rtol: float = Field(0.1, ge=0)
+    max_cases_per_rollout: int = Field(
+        10_000,
+        ge=0,
+        description="harvested cases sent to the database per rollout; "
+        "past it matches are counted (skipped_rollout_cap), not stored",
+    )
+    max_cases_per_window: int = Field(
+        100,
+        ge=0,
+        description="per rule and per window_s: a burst (a dead candidate "
+        "turning every pair into candidate_error) is counted, not stored",
+    )
+    window_s: float = Field(60.0, gt=0, description="the window of max_cases_per_window")
 
 
 # -------------------------------------------------------------------------------- gates

@@ -44,6 +44,7 @@ from proxy.codec import (
 from proxy.config import BackendSettings, MirrorgateConfig
 from proxy.errors import BadRequest, ConfigError, MirrorgateError, NotFound, NotReady
 from proxy.headers import client_request_headers
+from proxy.limits import make_expect_handler, make_limits_middleware
 from proxy.metrics import ProxyMetrics
 from proxy.mirror import MirrorDispatcher, input_rows
 from proxy.persistence import Persistence
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 
 HARVESTER = "harvester"  # ProxyState.extras key of the proxy.harvest.Harvester
 STATS = "stats"  # ProxyState.extras key of the in-process proxy.stats.ModelStats
+CONTROL_APP = "control_app"  # ProxyState.extras key of the control plane's own app
 REQUEST_ID_HEADER = "X-Request-Id"
 SERVED_BY_HEADER = "X-Mirrorgate-Served-By"
 MAX_REQUEST_ID_LEN = 256
@@ -131,7 +133,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response: web.StreamResponse = await handler(request)
         return response
     except MirrorgateError as exc:
-        return _error_response(exc.status, exc.message, request)
+        response = _error_response(exc.status, exc.message, request)
+        response.headers.update(exc.headers)  # e.g. WWW-Authenticate on a 401
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -148,7 +152,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        # %r: the path is the client's bytes; escaped, it cannot forge log lines.
+        log.exception("unhandled error on %s %r", request.method, request.raw_path)
         return _error_response(500, f"internal error: {type(exc).__name__}", request)
 
 
@@ -296,6 +301,9 @@ def _request_id(parsed: InferRequest, request: web.Request) -> str:
         # JSON allows a lone surrogate escape ("\ud800"); no database, log or header can
         # carry it, and the pair would be lost at the recorder: refuse it up front.
         raise BadRequest("request id is not valid Unicode text (lone surrogate)") from None
+    if not rid.isprintable():
+        # CR/LF, NUL, escapes: the id is echoed in a header, logged and stored.
+        raise BadRequest("request id may contain printable characters only") from None
     return rid
 
 
@@ -401,7 +409,12 @@ async def infer(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    registry = request.app[STATE].registry
+    state = request.app[STATE]
+    if state.config.server.metrics_token is not None:
+        from proxy.auth import check_bearer
+
+        check_bearer(request, state.config.server.metrics_token)
+    registry = state.registry
     return web.Response(
         body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
@@ -507,6 +520,7 @@ async def _start_harvest(state: ProxyState) -> None:
         candidate=ModelInfo.of(state.candidate.identity) if state.candidate else None,
         recorder=persistence.recorder,
         output_name=state.config.output.output,
+        registry=state.registry,
     )
     state.extras[HARVESTER] = harvester
     service.hooks.append(harvester)
@@ -581,7 +595,16 @@ async def _on_shutdown(app: web.Application) -> None:
 # --------------------------------------------------------------------------- assembly
 
 
+def _count_rejected(request: web.Request, status: int) -> None:
+    # Refused at the boundary (size, coding, deadline) before any model ran: an infer
+    # request is live traffic answered on the champion's path, as in infer().
+    state = request.app.get(STATE)
+    if state is not None and request.path.endswith("/infer"):
+        state.metrics.observe_call("champion", status, None)
+
+
 def add_data_plane_routes(app: web.Application) -> None:
+    expect = make_expect_handler(app[STATE].config.server.max_body_bytes, _count_rejected)
     app.router.add_get("/v2/health/live", health_live)
     app.router.add_get("/v2/health/ready", health_ready)
     app.router.add_get("/v2", server_metadata)
@@ -591,8 +614,9 @@ def add_data_plane_routes(app: web.Application) -> None:
         app.router.add_get(prefix, model_metadata)
         app.router.add_get(prefix + "/ready", model_ready)
         app.router.add_get(prefix + "/stats", model_stats)
-        app.router.add_post(prefix + "/infer", infer)
-    app.router.add_get("/metrics", metrics_endpoint)
+        app.router.add_post(prefix + "/infer", infer, expect_handler=expect)
+    if app[STATE].config.server.control_port is None:
+        app.router.add_get("/metrics", metrics_endpoint)
     # Last: everything else under /v2 goes to a remote champion as it came.
     app.router.add_route("*", "/v2/{tail:.*}", v2_other)
 
@@ -622,8 +646,11 @@ def create_app(
     if config.replicas.enabled and not storage:
         raise ConfigError("replicas.enabled needs the shared database: run with storage on")
     registry = registry if registry is not None else CollectorRegistry()
+    limits = make_limits_middleware(
+        config.server.limits, config.server.max_body_bytes, on_reject=_count_rejected
+    )
     app = web.Application(
-        client_max_size=config.server.max_body_bytes, middlewares=[error_middleware]
+        client_max_size=config.server.max_body_bytes, middlewares=[error_middleware, limits]
     )
     app[STATE] = ProxyState(
         config=config,
@@ -644,8 +671,26 @@ def create_app(
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_on_shutdown)
     add_data_plane_routes(app)
-    setup_control_plane(app)
+    if config.server.control_port is None:
+        setup_control_plane(app)
+    else:
+        state.extras[CONTROL_APP] = _control_app(state)
     return app
+
+
+def _control_app(state: ProxyState) -> web.Application:
+    """The control plane's own application (``server.control_port``): /v1/... and
+    /metrics, sharing the data app's state; ``serve`` gives it its own listener. The
+    data app owns the lifecycle; this one has none."""
+    server = state.config.server
+    limits = make_limits_middleware(server.limits, server.max_body_bytes)
+    control = web.Application(
+        client_max_size=server.max_body_bytes, middlewares=[error_middleware, limits]
+    )
+    control[STATE] = state
+    setup_control_plane(control)
+    control.router.add_get("/metrics", metrics_endpoint)
+    return control
 
 
 def _apply_evaluation(state: ProxyState, evaluation: Evaluation) -> None:

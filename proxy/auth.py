@@ -38,8 +38,14 @@ def check_bearer(request: web.Request, token: SecretStr | str | None) -> None:
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not given:
         raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
-    if not hmac.compare_digest(given.strip().encode(), secret.encode()):
-        raise Unauthorized("invalid bearer token")
+    # surrogateescape: header bytes that are not UTF-8 arrive as lone surrogates; they
+    # must compare unequal (401), not raise (500).
+    given_bytes = given.strip().encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(given_bytes, secret.encode("utf-8")):
+        raise Unauthorized(
+            "invalid bearer token",
+            headers={"WWW-Authenticate": 'Bearer realm="mirrorgate", error="invalid_token"'},
+        )
 
 
 def bearer_auth(token: SecretStr | str | None) -> Callable[[Handler], Handler]:

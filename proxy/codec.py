@@ -35,6 +35,7 @@ from proxy.backends.base import ModelMetadata, TensorSpec
 from proxy.errors import BackendError, BadRequest
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_HEADER_DIGITS = 18  # any length a body can have, far below int64
 
 # V2 datatype -> numpy dtype (little-endian, which is also the wire order).
 DATATYPES: dict[str, np.dtype[Any]] = {
@@ -148,8 +149,17 @@ def _parse_header_length(value: str | int | None, body_len: int) -> int | None:
         return None
     if isinstance(value, str):
         text = value.strip()
-        if not text.isdigit():
-            raise _Fault(f"{HEADER_LENGTH} must be a non-negative integer, got {value[:40]!r}")
+        # ASCII digits only ("²".isdigit() is True and int() refuses it), bounded length
+        # (int() of thousands of digits is quadratic work for one header).
+        if not (text.isascii() and text.isdigit()):
+            raise _Fault(
+                f"{HEADER_LENGTH} must be a non-negative integer in ASCII digits, "
+                f"got {value[:40]!r}"
+            )
+        if len(text) > MAX_HEADER_DIGITS:
+            raise _Fault(
+                f"{HEADER_LENGTH} has {len(text)} digits but the body has only {body_len} bytes"
+            )
         length = int(text)
     else:
         length = int(value)
@@ -160,7 +170,19 @@ def _parse_header_length(value: str | int | None, body_len: int) -> int | None:
     return length
 
 
-def _load_json(blob: bytes | memoryview, what: str) -> dict[str, Any]:
+def _refuse_constant(name: str) -> Any:
+    raise _Fault(f"non-finite number {name} is not JSON (RFC 8259) and not accepted")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Fault(f"number {text[:40]} overflows to infinity")
+    return value
+
+
+def _load_json(blob: bytes | memoryview, what: str, *, finite: bool = False) -> dict[str, Any]:
+    """``finite``: refuse NaN/Infinity and overflowing numbers (requests from clients)."""
     try:
         text = bytes(blob).decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -168,7 +190,10 @@ def _load_json(blob: bytes | memoryview, what: str) -> dict[str, Any]:
     if not text.strip():
         raise _Fault(f"{what} is empty")
     try:
-        doc = json.loads(text)
+        if finite:
+            doc = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        else:
+            doc = json.loads(text)
     except RecursionError:
         raise _Fault(f"{what} is nested too deeply") from None
     except ValueError as exc:
@@ -422,13 +447,17 @@ def _decode_requested_outputs(raw: Any) -> list[RequestedOutput] | None:
 
 
 def _split_body(
-    body: bytes | bytearray | memoryview, header_length: str | int | None, what: str
+    body: bytes | bytearray | memoryview,
+    header_length: str | int | None,
+    what: str,
+    *,
+    finite: bool = False,
 ) -> tuple[dict[str, Any], memoryview]:
     view = memoryview(body)
     length = _parse_header_length(header_length, len(view))
     if length is None:
-        return _load_json(view, what), view[len(view) :]
-    return _load_json(view[:length], what), view[length:]
+        return _load_json(view, what, finite=finite), view[len(view) :]
+    return _load_json(view[:length], what, finite=finite), view[length:]
 
 
 def _optional_id(value: Any) -> str | None:
@@ -447,7 +476,7 @@ def parse_infer_request(
 ) -> InferRequest:
     """Parse a V2 infer request body (JSON, or JSON header + binary tensors)."""
     try:
-        doc, binary = _split_body(body, header_length, "request JSON")
+        doc, binary = _split_body(body, header_length, "request JSON", finite=True)
         params = doc.get("parameters") or {}
         if not isinstance(params, dict):
             raise _Fault("'parameters' must be an object")
@@ -504,6 +533,10 @@ def validate_request(request: InferRequest, metadata: ModelMetadata) -> None:
         missing = [name for name in specs if name not in request.inputs]
         if missing:
             raise BadRequest(f"missing input(s) {', '.join(missing)}; model takes: {expected}")
+    for name, array in request.inputs.items():
+        if 0 in array.shape:
+            # Nothing to infer; a model would be called (twice) for an empty answer.
+            raise BadRequest(f"input {name!r} has shape {list(array.shape)}: an empty batch")
     if metadata.outputs and request.outputs is not None:
         known = {s.name for s in metadata.outputs}
         for out in request.outputs:
@@ -542,6 +575,10 @@ def _tensor_json_data(array: np.ndarray, datatype: str) -> list[Any] | None:
             return [b.decode("utf-8") for b in _bytes_elements(array)]
         except UnicodeDecodeError:
             return None
+    if array.dtype.kind in "fc" and array.size and not np.isfinite(array).all():
+        # NaN/Infinity are not JSON: such a tensor goes binary (IEEE bits, exact),
+        # never as a bare NaN token that JSON parsers reject.
+        return None
     flat: list[Any] = array.reshape(-1).tolist()
     return flat
 

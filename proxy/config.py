@@ -20,7 +20,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from gates.settings import GatesSettings, RolloutSettings
+from proxy.breaker import CircuitSettings
 from proxy.lifecycle_settings import ControlSettings, LifecycleSettings
+from proxy.limits import ServerLimits
 from storage.settings import StorageSettings
 
 ENV_PREFIX = "MIRRORGATE_"
@@ -104,6 +106,17 @@ class ServerSettings(_Strict):
         description="after SIGTERM, keep serving with readiness 503 this long (or until a "
         "second signal) so load balancers stop routing before the listener closes",
     )
+    limits: ServerLimits = ServerLimits()
+    control_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="serve the control plane (/v1/...) and /metrics on their own listener "
+        "at this port (0: any free port), not on the data port; unset: one listener",
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description="when set, /metrics wants Authorization: Bearer <metrics_token>"
+    )
 
 
 class MirrorSettings(_Strict):
@@ -122,6 +135,7 @@ class MirrorSettings(_Strict):
         description="keep mirroring to an aborted candidate (never serving it): more "
         "evidence and harvested failures, at the candidate's cost",
     )
+    circuit: CircuitSettings = CircuitSettings()
 
 
 class SlicesSettings(_Strict):

@@ -193,6 +193,9 @@ async def rollout_status(request: web.Request) -> web.Response:
     harvester = state.extras.get(HARVESTER)
     if isinstance(harvester, Harvester):
         body["harvest"] = {**asdict(harvester.counters), "pinned_cases": len(harvester.pinned)}
+    recorder = state.persistence.recorder if state.persistence is not None else None
+    if recorder is not None:
+        body["storage"] = {"file_problem": recorder.file_problem, "buffered": recorder.buffered}
     return web.json_response(body)
 
 
@@ -379,10 +382,10 @@ async def pinned_list(request: web.Request) -> web.Response:
 
 def _case_id(request: web.Request) -> int:
     raw = request.match_info["id"]
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise NotFound(f"no pinned case {raw!r}") from exc
+    # ASCII digits that fit the database's 64-bit id; anything else names no case.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+        raise NotFound(f"no pinned case {raw[:40]!r}")
+    return int(raw)
 
 
 async def pinned_show(request: web.Request) -> web.Response:

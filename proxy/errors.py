@@ -10,12 +10,17 @@ from __future__ import annotations
 
 class MirrorgateError(Exception):
     status: int = 500
+    headers: dict[str, str] = {}  # read-only class default; instances copy theirs
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         if status is not None:
             self.status = status
+        if headers is not None:
+            self.headers = dict(headers)
 
 
 class BadRequest(MirrorgateError):
@@ -25,7 +30,10 @@ class BadRequest(MirrorgateError):
 
 
 class Unauthorized(MirrorgateError):
+    """401 with ``WWW-Authenticate: Bearer`` (RFC 6750 section 3)."""
+
     status = 401
+    headers = {"WWW-Authenticate": 'Bearer realm="mirrorgate"'}
 
 
 class NotFound(MirrorgateError):

@@ -11,9 +11,15 @@ the live path:
 
 Matches become :class:`storage.entities.HarvestedCase` (inputs from the record's capture
 or the recorder's cache, both outputs, label, ts, slices, rollout, identities, rule) and
-are written by ``Store.harvest`` on the harvester's own writer thread (dedup by inputs
-digest, recurrences counted). The write queue is bounded: past ``MAX_PENDING`` cases
-are dropped and counted, never queued without bound.
+are written by ``Store.harvest_many`` on the harvester's own writer thread, up to
+``BATCH`` cases per transaction (dedup by inputs digest, recurrences counted): a flood
+of failures costs one commit per batch, never one per case (one transaction per case
+took the GIL and CPU from the live loop). What reaches the queue is capped: per rule
+``max_cases_per_window`` per ``window_s`` and ``max_cases_per_rollout`` in all (a dead
+candidate turns every pair into ``candidate_error``: those must not flood the pinned
+table), and the queue itself holds at most ``MAX_PENDING`` cases. Everything not stored
+is counted by reason (``counters`` in ``GET /v1/rollout``,
+``mirrorgate_harvest_cases_total{outcome}``), never queued without bound.
 
 At rollout start (:meth:`check_candidate`, before the mirror activates) the candidate is
 run over every pinned case; any miss aborts before a single request is mirrored.
@@ -24,10 +30,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter
 
 from gates.engine import RolloutEngine
 from gates.harvest import LABEL_FREE, WRONG_LABEL, case_outcome, match_rules
@@ -43,6 +51,16 @@ from storage.store import Store
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 1000  # harvested cases waiting for the database
+BATCH = 200  # cases per transaction
+FLUSH_S = 0.5  # a partial batch waits at most this long
+OUTCOMES = (
+    "harvested",
+    "recurrence",
+    "skipped_window",
+    "skipped_rollout_cap",
+    "dropped_queue_full",
+    "write_error",
+)
 SEEN_IDS = 100_000  # record ids already harvested (one case per pair, whatever the rules)
 
 
@@ -58,8 +76,10 @@ class HarvestCounters:
     matched: int = 0
     harvested: int = 0
     recurrences: int = 0
-    dropped: int = 0
-    errors: int = 0
+    dropped: int = 0  # the write queue was full
+    errors: int = 0  # cases in a batch the database did not take
+    skipped_window: int = 0  # over max_cases_per_window for their rule
+    skipped_rollout_cap: int = 0  # over max_cases_per_rollout
     pinned_checked: int = 0
     pinned_missed: int = 0
 
@@ -78,6 +98,7 @@ class Harvester:
         recorder: SqlRecorder | None = None,
         output_name: str | None = None,
         clock: Callable[[], float] | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -93,9 +114,23 @@ class Harvester:
         # always reads a consistent map while triage updates it on the event loop.
         self.pinned: dict[str, Expectation] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self._pending = 0
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirrorgate-harvest")
+        self._clock = clock or time.monotonic
+        self._window_start = self._clock()
+        self._window_counts: dict[str, int] = {}
+        self._per_rollout: dict[str | None, int] = {}
+        self._queue: deque[HarvestedCase] = deque()
+        self._writing = 0
+        self._cv = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._outcomes = Counter(
+            "mirrorgate_harvest_cases_total",
+            "Harvest matches by outcome: stored (harvested, recurrence) or not (why)",
+            ["outcome"],
+            registry=registry if registry is not None else CollectorRegistry(),
+        )
+        for outcome in OUTCOMES:
+            self._outcomes.labels(outcome)
 
     # ------------------------------------------------------------------ pinned set
 
@@ -208,6 +243,8 @@ class Harvester:
             inputs = record.inputs
             if not inputs and self.recorder is not None:
                 inputs = self.recorder.inputs_for(record.id)
+            if not self._admit(rule):
+                continue
             if self.recorder is not None:
                 # The pair's row keeps its inputs too (capture: failures).
                 self.recorder.mark_failure(record.id)
@@ -220,33 +257,93 @@ class Harvester:
                 champion=self.champion,
                 candidate=self.candidate,
             )
-            with self._lock:
-                if self._pending >= MAX_PENDING:
+            with self._cv:
+                if len(self._queue) >= MAX_PENDING:
                     self.counters.dropped += 1
+                    self._outcomes.labels("dropped_queue_full").inc()
                     continue
-                self._pending += 1
-            self._pool.submit(self._write, case).add_done_callback(self._done)
+                self._queue.append(case)
+                if len(self._queue) >= BATCH:
+                    self._cv.notify_all()
+            self._ensure_writer()
 
-    def _write(self, case: HarvestedCase) -> None:
-        result = self.store.harvest(case)
-        if result.created:
-            self.counters.harvested += 1
-        else:
-            self.counters.recurrences += 1
+    def _admit(self, rule: str) -> bool:
+        """The caps: per rule per window, then per rollout. Counted when refused."""
+        s = self.settings
+        now = self._clock()
+        if now - self._window_start >= s.window_s:
+            self._window_start, self._window_counts = now, {}
+        if self._window_counts.get(rule, 0) >= s.max_cases_per_window:
+            self.counters.skipped_window += 1
+            self._outcomes.labels("skipped_window").inc()
+            return False
+        if self._per_rollout.get(self.rollout_id, 0) >= s.max_cases_per_rollout:
+            self.counters.skipped_rollout_cap += 1
+            self._outcomes.labels("skipped_rollout_cap").inc()
+            return False
+        self._window_counts[rule] = self._window_counts.get(rule, 0) + 1
+        self._per_rollout[self.rollout_id] = self._per_rollout.get(self.rollout_id, 0) + 1
+        return True
 
-    def _done(self, future: Future[None]) -> None:
-        with self._lock:
-            self._pending -= 1
-        exc = future.exception()
-        if exc is not None:
-            self.counters.errors += 1
-            log.error("harvesting a case failed: %s", exc)
+    # ------------------------------------------------------------------ writer thread
+
+    def _ensure_writer(self) -> None:
+        if self._thread is None and not self._closing:
+            self._thread = threading.Thread(
+                target=self._run, name="mirrorgate-harvest", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                if not self._queue:
+                    if self._closing:
+                        return
+                    self._cv.wait(FLUSH_S)
+                elif len(self._queue) < BATCH and not self._closing:
+                    self._cv.wait(FLUSH_S)  # let a partial batch fill a little
+                batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
+                self._writing = len(batch)
+            try:
+                if batch:
+                    self._write(batch)
+            finally:
+                with self._cv:
+                    self._writing = 0
+                    self._cv.notify_all()
+
+    def _write(self, batch: list[HarvestedCase]) -> None:
+        try:
+            results = self.store.harvest_many(batch)
+        except Exception as exc:  # the database is down or refused: count, never raise
+            self.counters.errors += len(batch)
+            self._outcomes.labels("write_error").inc(len(batch))
+            log.error("harvesting %d case(s) failed: %s", len(batch), exc)
+            return
+        for result in results:
+            if result.created:
+                self.counters.harvested += 1
+                self._outcomes.labels("harvested").inc()
+            else:
+                self.counters.recurrences += 1
+                self._outcomes.labels("recurrence").inc()
 
     # ------------------------------------------------------------------ lifecycle
 
-    def flush(self) -> None:
-        """Blocking: wait for the queued writes (tests, shutdown)."""
-        self._pool.submit(lambda: None).result()
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Blocking: wait for the queued writes (tests, shutdown); True when done."""
+        with self._cv:
+            self._cv.notify_all()
+            return self._cv.wait_for(lambda: not self._queue and not self._writing, timeout_s)
+
+    def close(self) -> None:
+        """Blocking: write what is queued, stop the writer thread."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
 
     async def aclose(self) -> None:
-        await asyncio.to_thread(self._pool.shutdown, True)
+        await asyncio.to_thread(self.close)

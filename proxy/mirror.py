@@ -50,6 +50,7 @@ from gates.records import ModelResult, PairRecord
 from proxy import context
 from proxy.backends.base import Backend
 from proxy.backends.datatypes import v2_datatype
+from proxy.breaker import CircuitBreaker
 from proxy.config import MirrorgateConfig
 from proxy.digest import inputs_digest
 from proxy.errors import BackendError, BackendTimeout, BadRequest, ConfigError, MirrorgateError
@@ -199,6 +200,7 @@ class MirrorDispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._stopped = False
+        self.breaker = CircuitBreaker(self._mirror.circuit, registry=metrics.registry)
         try:
             self.set_canary_weight(
                 self._mirror.canary_weight if self._mirror.mode == "canary" else 0
@@ -342,7 +344,10 @@ class MirrorDispatcher:
         ts = self._clock()
         slices = dict(slices or {})
         stage = self._stage
-        if self._routes_to_candidate(sticky_key) if to_candidate is None else to_candidate:
+        routes = self._routes_to_candidate(sticky_key) if to_candidate is None else to_candidate
+        if routes and self.breaker.allow():
+            # (An open circuit sends canary requests to the champion: a dead candidate
+            # must not cost the live path its timeout first.)
             start = time.perf_counter()
             try:
                 out = await self._call(
@@ -353,9 +358,11 @@ class MirrorDispatcher:
                     request_id,
                 )
             except asyncio.CancelledError:
+                self.breaker.cancelled()
                 raise
             except Exception as exc:
                 failed = self._failed(exc, time.perf_counter() - start)
+                self.breaker.record(False, failed.reason)
                 self.metrics.shadow_failures.labels(reason=failed.reason).inc()
                 log.warning(
                     "candidate failed on a canary request; champion answers: %s", failed.error
@@ -371,6 +378,7 @@ class MirrorDispatcher:
                 both = CallOutcome(champ, time.perf_counter() - start)
                 self._record_now(request_id, ts, inputs, slices, stage, both, failed)
                 return LiveResult(champ, "champion")
+            self.breaker.record(True)
             live = CallOutcome(out, time.perf_counter() - start)
             self._mirror_later(
                 request_id,
@@ -403,6 +411,9 @@ class MirrorDispatcher:
                 live,
                 self._wanted(outputs, "champion"),
             )
+        elif self.candidate is not None:
+            # Aborted: no pair by design; counted so answered = pairs + drops holds.
+            self._drop("candidate_stopped")
         return LiveResult(out, "champion")
 
     @staticmethod
@@ -427,6 +438,9 @@ class MirrorDispatcher:
         if rate < 1.0 and self._rng.random() >= rate:
             return
         todo: Role = "candidate" if served_by == "champion" else "champion"
+        if todo == "candidate" and self.breaker.rejecting():
+            self._drop("circuit_open")  # costs a counter, nothing else
+            return
         job = _Job(request_id, ts, inputs, slices, stage, served_by, live, todo, _nbytes(inputs))
         job.outputs = outputs
         job.headers = context.client_headers.get()
@@ -443,10 +457,17 @@ class MirrorDispatcher:
     ) -> None:
         """A remote champion answered the client directly (pass-through): queue the pair,
         whose request and answer ``decode`` reads from the raw bytes off the live path."""
-        if self.candidate is None or self._candidate_stopped:
+        if self.candidate is None:
+            return
+        if self._candidate_stopped:
+            # Aborted: no pair by design; counted so answered = pairs + drops holds.
+            self._drop("candidate_stopped")
             return
         rate = self._mirror.sample_rate
         if rate < 1.0 and self._rng.random() >= rate:
+            return
+        if self.breaker.rejecting():
+            self._drop("circuit_open")  # a dead candidate costs a counter, nothing else
             return
         live = CallOutcome(None, latency_s)
         job = _Job(
@@ -531,6 +552,9 @@ class MirrorDispatcher:
                 log.warning("pair %s dropped: %s", job.request_id, exc.message)
                 return
         if other is None and job.todo is not None:
+            if job.todo == "candidate" and not self.breaker.allow():
+                self._drop("circuit_open")  # it opened while this job waited
+                return
             other = await self._mirrored_call(job)
         assert other is not None
         if job.served_by == "champion":
@@ -557,12 +581,18 @@ class MirrorDispatcher:
                 job.request_id,
             )
         except asyncio.CancelledError:
+            if role == "candidate":
+                self.breaker.cancelled()
             raise
         except Exception as exc:
             failed = self._failed(exc, time.perf_counter() - start)
             assert failed.reason is not None
+            if role == "candidate":
+                self.breaker.record(False, failed.reason)
             self.metrics.shadow_failures.labels(reason=failed.reason).inc()
             return failed
+        if role == "candidate":
+            self.breaker.record(True)
         return CallOutcome(out, time.perf_counter() - start)
 
     def _emit(self, records: list[PairRecord]) -> None:

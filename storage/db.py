@@ -1,10 +1,19 @@
 """Opening a database: SQLite by file path (WAL) or PostgreSQL by URL, one code path.
 
-``Database`` owns the SQLAlchemy engine. SQLite gets WAL (readers never block the
-recorder's writer), ``synchronous=NORMAL`` (durable across process crashes; a power
-cut may lose the last transactions, the usual trade for a WAL log), foreign keys and a
-busy timeout. PostgreSQL gets pre-ping, so connections killed by a server restart are
-replaced instead of failing the next write.
+``Database`` owns the SQLAlchemy engine. SQLite gets a rollback journal in
+``TRUNCATE`` mode by default (``storage.sqlite_journal``), ``synchronous=NORMAL``,
+foreign keys and a busy timeout. Not WAL by default: WAL's index lives in the ``-shm``
+file, which SQLite maps into memory, and when that file is truncated, cannot be
+extended (disk full) or is swapped under the process, touching the mapping raises
+SIGBUS, which kills the whole proxy, live path included (an unwritable ``-shm`` did
+exactly that in the fault probes). A rollback journal uses plain reads and writes, so
+the same faults are I/O errors the recorder counts as drops. The cost: a reader waits
+(``busy_timeout``) while a batch commits; the recorder writes large batches, so the
+waits are short (docs/faults.md has the measured throughput of both). ``wal`` stays
+available for a database on a disk the operator trusts.
+
+PostgreSQL gets pre-ping, so connections killed by a server restart are replaced
+instead of failing the next write.
 """
 
 from __future__ import annotations
@@ -47,9 +56,18 @@ def is_memory_sqlite(url: URL) -> bool:
 class Database:
     """An engine plus what the rest of ``storage`` needs to know about its dialect."""
 
-    def __init__(self, url: str, *, busy_timeout_ms: int = 5000, echo: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        busy_timeout_ms: int = 5000,
+        echo: bool = False,
+        sqlite_journal: str = "truncate",
+    ) -> None:
         self.url = normalize_url(url)
-        self.engine = _make_engine(self.url, busy_timeout_ms=busy_timeout_ms, echo=echo)
+        self.engine = _make_engine(
+            self.url, busy_timeout_ms=busy_timeout_ms, echo=echo, journal=sqlite_journal
+        )
 
     @property
     def dialect(self) -> str:
@@ -68,7 +86,7 @@ class Database:
         return f"Database({self.display_url!r})"
 
 
-def _make_engine(url: URL, *, busy_timeout_ms: int, echo: bool) -> Engine:
+def _make_engine(url: URL, *, busy_timeout_ms: int, echo: bool, journal: str) -> Engine:
     kwargs: dict[str, Any] = {"echo": echo}
     if url.get_backend_name() == "sqlite":
         memory = is_memory_sqlite(url)
@@ -83,7 +101,9 @@ def _make_engine(url: URL, *, busy_timeout_ms: int, echo: bool) -> Engine:
             except OSError as exc:
                 raise StorageError(f"cannot create the folder of {url.database}: {exc}") from exc
         engine = create_engine(url, **kwargs)
-        _sqlite_pragmas(engine, wal=not memory, busy_timeout_ms=busy_timeout_ms)
+        _sqlite_pragmas(
+            engine, journal=None if memory else journal, busy_timeout_ms=busy_timeout_ms
+        )
         return engine
     connect_args: dict[str, Any] = {}
     if "connect_timeout" not in url.query:
@@ -105,13 +125,18 @@ def _make_engine(url: URL, *, busy_timeout_ms: int, echo: bool) -> Engine:
         ) from exc
 
 
-def _sqlite_pragmas(engine: Engine, *, wal: bool, busy_timeout_ms: int) -> None:
+def _sqlite_pragmas(engine: Engine, *, journal: str | None, busy_timeout_ms: int) -> None:
+    if journal is not None and journal not in ("wal", "truncate"):
+        raise StorageError(f"storage.sqlite_journal must be wal or truncate, not {journal!r}")
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         cur = dbapi_conn.cursor()
         try:
-            if wal:
-                cur.execute("PRAGMA journal_mode=WAL")
+            if journal is not None:
+                # The busy timeout first: leaving WAL needs a moment of exclusive access.
+                cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+                cur.execute(f"PRAGMA journal_mode={journal.upper()}")
                 cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")

@@ -149,7 +149,7 @@ def ensure_schema(db: Database, mode: Literal["upgrade", "refuse"]) -> SchemaSta
 
 def open_database(settings: StorageSettings) -> Database:
     """Open ``settings.url`` and make its schema current per ``settings.migrate``."""
-    db = Database(settings.url)
+    db = Database(settings.url, sqlite_journal=settings.sqlite_journal)
     try:
         ensure_schema(db, settings.migrate)
     except BaseException:

@@ -17,8 +17,19 @@ row by row so one bad record costs only itself (``reason="rejected"``).
 if the database stays down for ``close_timeout_s`` the rest is dropped and counted
 (``reason="shutdown"``) so shutdown always ends.
 
-Other drop reasons: ``encode`` (a record that cannot be serialized), ``error`` (a bug:
-logged with its traceback). Labels have their own counters
+Other drop reasons: ``encode`` (a record that cannot be serialized), ``error`` (a bug,
+or a database error of a kind nobody foresaw: logged with its traceback, counted, the
+writer keeps going), ``db_file_gone`` (SQLite: the database file was deleted or
+replaced under the running process; see below).
+
+A deleted or replaced SQLite file is the silent fault: the open connections keep
+writing to the unlinked inode, every commit succeeds and nothing reaches the disk. The
+writer remembers the file's (device, inode) at start and checks it after every commit:
+once the path is missing or names another file, those rows and every later one are
+dropped and counted as ``db_file_gone`` (never as written), the problem is logged
+(rate-limited), ``mirrorgate_recorder_database_file_ok`` turns 0 and
+``file_problem`` says why (``GET /v1/rollout``: ``storage``). Restarting the server
+opens the file at the path again. Labels have their own counters
 (``mirrorgate_recorder_labels_written_total``, ``..._labels_dropped_total{reason}``).
 """
 
@@ -26,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -59,7 +71,15 @@ from storage.settings import StorageSettings
 log = logging.getLogger(__name__)
 
 TRANSIENT = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout)
-DROP_REASONS = ("buffer_full", "closed", "shutdown", "rejected", "encode", "error")
+DROP_REASONS = (
+    "buffer_full",
+    "closed",
+    "shutdown",
+    "rejected",
+    "encode",
+    "error",
+    "db_file_gone",
+)
 
 _PAIR, _LABEL, _CAPTURE = 0, 1, 2
 _YIELD_EVERY = 32
@@ -153,6 +173,12 @@ class SqlRecorder:
         self._done_cv = threading.Condition()
         self._drop_log = _Throttled()
         self._error_log = _Throttled()
+        # SQLite: the file's path and (device, inode) at start; None for a server.
+        self._db_path: str | None = None
+        if db.dialect == "sqlite" and db.url.database:
+            self._db_path = os.path.abspath(db.url.database)
+        self._file_id: tuple[int, int] | None = None
+        self.file_problem: str | None = None
 
         registry = registry if registry is not None else CollectorRegistry()
         self.registry = registry
@@ -195,6 +221,13 @@ class SqlRecorder:
             self._labels_dropped.labels(reason)
         for kind in ("transient", "rejected"):
             self._errors.labels(kind)
+        file_ok = Gauge(
+            "mirrorgate_recorder_database_file_ok",
+            "1 while the SQLite file the recorder writes is still the one at its path "
+            "(0: deleted or replaced, pairs are dropped as db_file_gone)",
+            registry=registry,
+        )
+        file_ok.set_function(lambda: 0.0 if self.file_problem else 1.0)
 
     # -- the live path: never blocks, never raises ------------------------------------
 
@@ -273,6 +306,7 @@ class SqlRecorder:
             return
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._check_rollout)
+        self._file_id = self._stat_file()
         self._thread = threading.Thread(target=self._run, name="mirrorgate-recorder", daemon=True)
         self._thread.start()
         self._maintenance = threading.Thread(
@@ -439,7 +473,12 @@ class SqlRecorder:
                 self._write_batch(batch)
         except Exception:
             log.exception("recorder: unexpected error writing %d item(s)", len(items))
-            self._drop("error", sum(1 for item in items if item[0] == _PAIR))
+            pairs = sum(1 for item in items if item[0] == _PAIR)
+            labels = sum(1 for item in items if item[0] == _LABEL)
+            if pairs:
+                self._drop("error", pairs)
+            if labels:
+                self._drop_label("error", labels)
         finally:
             self._inflight = 0
             self._mark_done(len(items))
@@ -479,7 +518,39 @@ class SqlRecorder:
                 batch.captures.append({"q": record_id, "blob": blob})
         return batch
 
+    def _stat_file(self) -> tuple[int, int] | None:
+        if self._db_path is None:
+            return None
+        try:
+            st = os.stat(self._db_path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def _file_gone(self) -> bool:
+        """SQLite only: is the file this process writes no longer the one at the path?"""
+        if self._db_path is None or self._file_id is None:
+            return False
+        if self.file_problem is None:
+            now = self._stat_file()
+            if now == self._file_id:
+                return False
+            self.file_problem = (
+                f"the database file {self._db_path} was deleted"
+                if now is None
+                else f"the database file {self._db_path} was replaced by another file"
+            )
+        self._error_log(
+            logging.ERROR,
+            "recorder: %s; pairs are dropped (db_file_gone) until a restart",
+            self.file_problem,
+        )
+        return True
+
     def _write_batch(self, batch: _Batch) -> None:
+        if self._file_gone():
+            self._drop_batch(batch, "db_file_gone")
+            return
         outcome = self._attempt(batch)
         if outcome == "rejected":
             if len(batch) == 1:
@@ -521,6 +592,10 @@ class SqlRecorder:
                     logging.ERROR, "recorder: database rejected a write: %s", _short(exc)
                 )
                 return "rejected"
+            if self._file_gone():
+                # Committed to an unlinked inode: nothing reached the disk.
+                self._drop_batch(batch, "db_file_gone")
+                return "ok"
             self._written.inc(len(batch.pairs))
             self._labels_written.inc(len(batch.labels))
             if joined:

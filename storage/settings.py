@@ -19,6 +19,11 @@ class StorageSettings(BaseModel):
         description="SQLAlchemy URL: sqlite:///PATH (relative to the working directory) "
         "or postgresql+psycopg://user:pass@host:port/db",
     )
+    sqlite_journal: Literal["truncate", "wal"] = Field(
+        "truncate",
+        description="SQLite journal: truncate (rollback journal, no memory-mapped index: "
+        "a damaged or full disk is an error, never a SIGBUS) or wal (faster readers)",
+    )
     migrate: Literal["upgrade", "refuse"] = Field(
         "upgrade",
         description="at server start, when the schema is behind: upgrade it (under a lock "

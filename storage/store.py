@@ -792,78 +792,62 @@ class Store:
         """Insert a harvested failure, or count a recurrence of the same (task, inputs
         digest). The first occurrence's evidence is kept: a case never changes except
         by triage."""
-        record = case.record
-        inputs = case.inputs if case.inputs is not None else record.inputs
-        digest = record.inputs_digest
-        if not digest:
-            if not inputs:
-                raise InvalidError("a harvested case needs an inputs digest or its inputs")
-            digest = inputs_digest(inputs)
+        return self.harvest_many([case], now=now)[0]
+
+    def harvest_many(
+        self, cases: Sequence[HarvestedCase], *, now: float | None = None
+    ) -> list[HarvestResult]:
+        """``harvest`` for a batch in ONE transaction (the online harvester's writer:
+        one commit per batch, never one per case). Raises InvalidError before writing
+        anything when a case has neither an inputs digest nor inputs."""
         ts = time.time() if now is None else now
-        values = {
-            "task": case.task,
-            "inputs_digest": digest,
-            "status": "candidate",
-            "rule": case.rule,
-            "inputs": encode_inputs(inputs) if inputs else None,
-            "champion_output": encode_output(record.champion.output),
-            "candidate_output": encode_output(record.candidate.output),
-            "champion_error": record.champion.error,
-            "candidate_error": record.candidate.error,
-            "label": clean_label(record.label),
-            "slices": dict(record.slices),
-            "request_id": record.id,
-            "rollout_id": case.rollout_id,
-            "champion_identity": case.champion.to_dict() if case.champion else None,
-            "candidate_identity": case.candidate.to_dict() if case.candidate else None,
-            "seen_at": record.ts,
-            "first_seen": record.ts,
-            "last_seen": record.ts,
-            "recurrence_count": 1,
-            "expected_label": None,
-            "score_tolerance": None,
-            "updated_at": ts,
-        }
+        rows = [(case, _harvest_values(case, ts)) for case in cases]
         t = PinnedFailureRow
+        sqlite_dialect = self.db.dialect == "sqlite"
 
-        def go(conn: Session) -> HarvestResult:
-            ins = (postgresql.insert if self.db.dialect == "postgresql" else sqlite.insert)(t)
-            stmt = (
-                ins.values(values)
-                .on_conflict_do_update(
-                    index_elements=["task", "inputs_digest"],
-                    set_={
-                        "recurrence_count": t.recurrence_count + 1,
-                        "last_seen": func.max(t.last_seen, ins.excluded.last_seen)
-                        if self.db.dialect == "sqlite"
-                        else func.greatest(t.last_seen, ins.excluded.last_seen),
-                        "first_seen": func.min(t.first_seen, ins.excluded.first_seen)
-                        if self.db.dialect == "sqlite"
-                        else func.least(t.first_seen, ins.excluded.first_seen),
-                        # The evidence keeps its inputs; fill them if the first had none.
-                        "inputs": func.coalesce(t.inputs, ins.excluded.inputs),
-                        "updated_at": ins.excluded.updated_at,
-                    },
-                )
-                .returning(t.id, t.recurrence_count, t.status)
-            )
-            cid, count, status = conn.execute(stmt).one()
-            if count == 1:
-                conn.execute(
-                    insert(PinnedTriageRow).values(
-                        pinned_id=cid,
-                        actor="harvest",
-                        reason=f"caught by rule {case.rule}",
-                        from_status=None,
-                        to_status="candidate",
-                        expected_label=None,
-                        score_tolerance=None,
-                        ts=ts,
+        def go(conn: Session) -> list[HarvestResult]:
+            out: list[HarvestResult] = []
+            for case, values in rows:
+                ins = (sqlite.insert if sqlite_dialect else postgresql.insert)(t)
+                stmt = (
+                    ins.values(values)
+                    .on_conflict_do_update(
+                        index_elements=["task", "inputs_digest"],
+                        set_={
+                            "recurrence_count": t.recurrence_count + 1,
+                            "last_seen": func.max(t.last_seen, ins.excluded.last_seen)
+                            if sqlite_dialect
+                            else func.greatest(t.last_seen, ins.excluded.last_seen),
+                            "first_seen": func.min(t.first_seen, ins.excluded.first_seen)
+                            if sqlite_dialect
+                            else func.least(t.first_seen, ins.excluded.first_seen),
+                            # The evidence keeps its inputs; fill them if the first had none.
+                            "inputs": func.coalesce(t.inputs, ins.excluded.inputs),
+                            "updated_at": ins.excluded.updated_at,
+                        },
                     )
+                    .returning(t.id, t.recurrence_count, t.status)
                 )
-            return HarvestResult(int(cid), count == 1, int(count), str(status))
+                cid, count, status = conn.execute(stmt).one()
+                if count == 1:
+                    conn.execute(
+                        insert(PinnedTriageRow).values(
+                            pinned_id=cid,
+                            actor="harvest",
+                            reason=f"caught by rule {case.rule}",
+                            from_status=None,
+                            to_status="candidate",
+                            expected_label=None,
+                            score_tolerance=None,
+                            ts=ts,
+                        )
+                    )
+                out.append(HarvestResult(int(cid), count == 1, int(count), str(status)))
+            return out
 
-        result: HarvestResult = self._run("harvest failure", go)
+        if not rows:
+            return []
+        result: list[HarvestResult] = self._run("harvest failures", go)
         return result
 
     def get_pinned(self, case_id: int, *, with_inputs: bool = True) -> PinnedCase:
@@ -1094,3 +1078,37 @@ def _pinned(r: PinnedFailureRow, *, with_inputs: bool) -> PinnedCase:
 
 
 __all__ = ["Store", "new_rollout_id"]
+
+
+def _harvest_values(case: HarvestedCase, ts: float) -> dict[str, Any]:
+    record = case.record
+    inputs = case.inputs if case.inputs is not None else record.inputs
+    digest = record.inputs_digest
+    if not digest:
+        if not inputs:
+            raise InvalidError("a harvested case needs an inputs digest or its inputs")
+        digest = inputs_digest(inputs)
+    return {
+        "task": case.task,
+        "inputs_digest": digest,
+        "status": "candidate",
+        "rule": case.rule,
+        "inputs": encode_inputs(inputs) if inputs else None,
+        "champion_output": encode_output(record.champion.output),
+        "candidate_output": encode_output(record.candidate.output),
+        "champion_error": record.champion.error,
+        "candidate_error": record.candidate.error,
+        "label": clean_label(record.label),
+        "slices": dict(record.slices),
+        "request_id": record.id,
+        "rollout_id": case.rollout_id,
+        "champion_identity": case.champion.to_dict() if case.champion else None,
+        "candidate_identity": case.candidate.to_dict() if case.candidate else None,
+        "seen_at": record.ts,
+        "first_seen": record.ts,
+        "last_seen": record.ts,
+        "recurrence_count": 1,
+        "expected_label": None,
+        "score_tolerance": None,
+        "updated_at": ts,
+    }

@@ -6,7 +6,9 @@ signal, so a load balancer stops routing first), the listening socket closes (no
 connections), in-flight live requests finish (bounded by ``server.shutdown_timeout_s``),
 mirrored work drains or is cut and counted (same bound), backends close, sinks flush.
 Prints ``mirrorgate: listening on http://HOST:PORT`` on stdout once the socket is bound
-(``--port 0`` picks a free port).
+(``--port 0`` picks a free port), then, with ``server.control_port`` set,
+``mirrorgate: control plane on http://HOST:PORT`` for the control listener. Connection
+limits, timeouts and log rate limits come from ``server.limits`` (proxy/limits.py).
 """
 
 from __future__ import annotations
@@ -23,9 +25,15 @@ from typing import Any
 from aiohttp import web
 
 from gates.presets import DESCRIPTIONS as PRESET_TEXT
-from proxy.app import STATE, create_app
+from proxy.app import CONTROL_APP, STATE, create_app
 from proxy.config import MirrorgateConfig, load_config
 from proxy.errors import ConfigError, MirrorgateError
+from proxy.limits import (
+    GuardedAppRunner,
+    default_max_connections,
+    install_log_limits,
+    remove_log_limits,
+)
 from storage.sink import PairSink
 
 log = logging.getLogger("mirrorgate.serve")
@@ -92,13 +100,19 @@ async def serve(
     # config.storage; a schema or database it cannot use stops the start (exit code 2).
     app = create_app(config, sinks=sinks, storage=True)
     state = app[STATE]
-    runner = web.AppRunner(
+    limits = config.server.limits
+    log_limiter = install_log_limits(limits.log_lines_per_minute)
+    runner = GuardedAppRunner(
         app,
+        max_connections=limits.max_connections or default_max_connections(),
+        registry=state.registry,
         handle_signals=False,
         shutdown_timeout=config.server.shutdown_timeout_s,
+        keepalive_timeout=limits.keepalive_timeout_s,
         access_log=None,
     )
     await runner.setup()
+    control_runner: web.AppRunner | None = None
     try:
         site = web.TCPSite(runner, config.server.host, config.server.port)
         try:
@@ -112,6 +126,25 @@ async def serve(
         announce(
             f"mirrorgate: gates preset {config.gates.preset}: {PRESET_TEXT[config.gates.preset]}"
         )
+        control_app = state.extras.get(CONTROL_APP)
+        if isinstance(control_app, web.Application):
+            control_runner = web.AppRunner(
+                control_app,
+                handle_signals=False,
+                keepalive_timeout=limits.keepalive_timeout_s,
+                access_log=None,
+            )
+            await control_runner.setup()
+            control_port = config.server.control_port or 0
+            try:
+                await web.TCPSite(control_runner, config.server.host, control_port).start()
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {config.server.host}:{control_port} "
+                    f"(server.control_port): {exc.strerror}"
+                ) from exc
+            chost, cport = control_runner.addresses[0][:2]
+            announce(f"mirrorgate: control plane on http://{chost}:{cport}")
         stopper = loop.create_task(stop.wait())
         waiting: set[asyncio.Future[Any]] = {stopper}
         if state.loading is not None:
@@ -139,8 +172,11 @@ async def serve(
             config.server.shutdown_timeout_s,
         )
     finally:
+        if control_runner is not None:
+            await control_runner.cleanup()
         await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        remove_log_limits(log_limiter)
     log.info("stopped")
     return 0

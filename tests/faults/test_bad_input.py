@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import socket
 import struct
 import threading
 from collections.abc import Iterator
@@ -320,6 +321,129 @@ def test_malformed_request_is_a_4xx_with_a_message(
     assert isinstance(error, str) and error.strip()
     assert word in error.lower(), error
     assert served.champion.stats.started == started  # no model ran
+
+
+def _nonfinite(token: str) -> bytes:
+    data = ", ".join(["0.5"] * (N_FEATURES - 1) + [token])
+    return b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, %d], "data": [%s]}]}' % (
+        N_FEATURES,
+        data.encode(),
+    )
+
+
+def _gzip(raw: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(raw)
+
+
+GOOD = json.dumps(_good(0)).encode()
+# (case, body, headers, status, a word the message must contain): the boundary rules of
+# docs/faults.md "Input hygiene", each with its exact status.
+HOSTILE: list[tuple[str, bytes, dict[str, str], int, str]] = [
+    ("id with CR LF", _with_id_raw(b'"a\\r\\nX-Forged: 1"'), {}, 400, "printable"),
+    ("id with NUL", _with_id_raw(b'"a\\u0000b"'), {}, 400, "printable"),
+    ("id with ESC", _with_id_raw(b'"\\u001b[31mred"'), {}, 400, "printable"),
+    ("header length superscript two", *_binary(_good(0), b"", "\u00b2"), 400, "ascii digits"),
+    ("header length 5000 digits", *_binary(_good(0), b"", "9" * 5000), 400, "5000 digits"),
+    ("NaN in data", _nonfinite("NaN"), {}, 400, "non-finite"),
+    ("Infinity in data", _nonfinite("Infinity"), {}, 400, "non-finite"),
+    ("-Infinity in data", _nonfinite("-Infinity"), {}, 400, "non-finite"),
+    ("1e999 in data", _nonfinite("1e999"), {}, 400, "infinity"),
+    (
+        "empty batch",
+        json.dumps(
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [0, N_FEATURES], "data": []}]}
+        ).encode(),
+        {},
+        400,
+        "empty batch",
+    ),
+    ("unknown coding", GOOD, {"Content-Encoding": "x-bogus"}, 415, "content-encoding"),
+    ("two codings", _gzip(GOOD), {"Content-Encoding": "gzip, gzip"}, 415, "content-encoding"),
+    ("gzip that is not gzip", GOOD, {"Content-Encoding": "gzip"}, 400, "gzip"),
+    ("deflate that is not deflate", GOOD, {"Content-Encoding": "deflate"}, 400, "deflate"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "word"),
+    [c[1:] for c in HOSTILE],
+    ids=[c[0] for c in HOSTILE],
+)
+def test_hostile_request_gets_its_exact_status_and_no_model_runs(
+    served: Served, body: bytes, headers: dict[str, str], status: int, word: str
+) -> None:
+    started = served.champion.stats.started
+    recorded = len(served.sink.records)
+    got, raw = served.request("POST", INFER, body, headers)
+    assert got == status, (got, raw[:300])
+    error = json.loads(raw)["error"]
+    assert word in error.lower(), error
+    assert served.champion.stats.started == started  # no model ran
+    assert len(served.sink.records) == recorded
+
+
+def test_good_gzip_body_is_served(served: Served) -> None:
+    status, raw = served.request(
+        "POST", INFER, _gzip(json.dumps(_good(5)).encode()), {"Content-Encoding": "gzip"}
+    )
+    assert status == 200, raw
+
+
+def test_declared_length_over_the_limit_is_413_before_the_body(served: Served) -> None:
+    # Only the head is sent: the answer cannot depend on reading the body.
+    url = urlsplit(served.base)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(
+            f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {2**31}\r\n\r\n".encode()
+        )
+        head = _read_head(sock)
+    assert head.startswith(b"HTTP/1.1 413"), head
+
+
+@pytest.mark.parametrize(
+    ("length", "expect", "status"),
+    [(2**31, "100-continue", b"413"), (100, "something-else", b"417")],
+)
+def test_expect_over_the_limit_is_refused_not_continued(
+    served: Served, length: int, expect: str, status: bytes
+) -> None:
+    started = served.champion.stats.started
+    url = urlsplit(served.base)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(
+            f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n"
+            f"Expect: {expect}\r\n\r\n".encode()
+        )
+        head = _read_head(sock)
+    assert head.startswith(b"HTTP/1.1 " + status), head
+    assert b"100 Continue" not in head
+    assert served.champion.stats.started == started
+
+
+def test_expect_within_the_limit_continues_and_is_served(served: Served) -> None:
+    url = urlsplit(served.base)
+    body = json.dumps(_good(6)).encode()
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(
+            f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+            "Expect: 100-continue\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert _read_head(sock).startswith(b"HTTP/1.1 100")
+        sock.sendall(body)
+        assert _read_head(sock).startswith(b"HTTP/1.1 200")
+
+
+def _read_head(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def test_huge_body_is_refused_without_reading_it_all(served: Served) -> None:

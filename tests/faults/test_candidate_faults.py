@@ -41,7 +41,8 @@ async def _run(start_upstream: Any, start_proxy: Any, mode: str, **fault: Any) -
         champion.url,
         candidate.url,
         server={"control_token": TOKEN},
-        mirror={"timeout_ms": MIRROR_TIMEOUT_MS},
+        # The breaker stays closed here: every call must reach the failing candidate.
+        mirror={"timeout_ms": MIRROR_TIMEOUT_MS, "circuit": {"failure_threshold": 1000}},
     )
     proxy = await start_proxy(config)
     if mode == "down":

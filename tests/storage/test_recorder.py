@@ -53,7 +53,9 @@ class Outage:
             self._pg.stop()
         else:
             self._lock = sqlite3.connect(str(self.db.url.database), timeout=0)
-            self._lock.execute("BEGIN EXCLUSIVE")
+            # IMMEDIATE: the write lock (what a stuck writer holds). EXCLUSIVE would
+            # also lock readers out under the rollback journal (storage.sqlite_journal).
+            self._lock.execute("BEGIN IMMEDIATE")
         self.is_down = True
 
     def up(self) -> None:
