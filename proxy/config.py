@@ -79,6 +79,12 @@ class ServerSettings(_Strict):
         description="after SIGTERM, keep serving with readiness 503 this long (or until a "
         "second signal) so load balancers stop routing before the listener closes",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="live-path processes sharing the port (SO_REUSEPORT); serve only",
+    )
 
 
 class MirrorSettings(_Strict):
@@ -159,6 +165,25 @@ class ReplicasSettings(_Strict):
         return self.replica_id or f"{socket.gethostname()}-{os.getpid()}"
 
 
+class ShadowSettings(_Strict):
+    """Where ``mirrorgate serve`` does the shadow work (docs/proxy.md, "Shadow worker").
+
+    ``process: true``: the candidate call, the pair's decoding, recording and the gates run
+    in a separate worker process fed through a bounded hand-off; the live processes only
+    forward, answer and hand off. ``false``: all in the serving process (today's
+    in-process dispatcher; what ``create_app`` always does).
+    """
+
+    process: bool = True
+    handoff_max_jobs: int = Field(
+        4096, ge=1, description="jobs handed off and not yet taken in by the worker"
+    )
+    handoff_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="bytes handed off and not yet taken in"
+    )
+    restart: bool = Field(True, description="restart a shadow worker that died")
+
+
 class MirrorgateConfig(_Strict):
     server: ServerSettings = ServerSettings()
     models: ModelsSettings
@@ -170,12 +195,17 @@ class MirrorgateConfig(_Strict):
     gates: GatesSettings = GatesSettings()
     rollout: RolloutSettings = RolloutSettings()
     replicas: ReplicasSettings = ReplicasSettings()
+    shadow: ShadowSettings = ShadowSettings()
 
     def digest(self) -> str:
         """sha256 of the effective configuration (secrets excluded), for reproducibility."""
         # ``replicas`` names this process: replicas of one rollout differ there and must
         # still agree on the digest (it identifies the rollout they share).
-        data = self.model_dump(mode="json", exclude={"server": {"control_token"}, "replicas": True})
+        # ``shadow`` and ``server.workers`` say how this process serves, not what it rolls out.
+        data = self.model_dump(
+            mode="json",
+            exclude={"server": {"control_token", "workers"}, "replicas": True, "shadow": True},
+        )
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 

@@ -69,7 +69,13 @@ def run(args: argparse.Namespace) -> int:
         update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     )
     config = config.model_copy(update={"server": server})
-    return asyncio.run(serve(config, sinks=build_sinks(config, args)))
+    from proxy.shadow.supervisor import split_mode
+    from proxy.shadow.worker import run_loop
+
+    if split_mode(config):
+        # The sinks live in the shadow worker process (proxy/shadow/worker.py).
+        return run_loop(serve(config, pairs_out=getattr(args, "pairs_out", None)))
+    return run_loop(serve(config, sinks=build_sinks(config, args)))
 
 
 async def serve(
@@ -77,15 +83,35 @@ async def serve(
     *,
     sinks: Sequence[PairSink] = (),
     announce: Callable[[str], None] = lambda line: print(line, flush=True),
+    pairs_out: str | None = None,
 ) -> int:
-    """Serve until SIGTERM/SIGINT; returns the exit code. Raises on a failed start."""
+    """Serve until SIGTERM/SIGINT; returns the exit code. Raises on a failed start.
+
+    With a candidate (and ``shadow.process``), this process is a live process and the
+    shadow work runs in a worker process (proxy/shadow/supervisor.py); ``pairs_out`` is
+    then the worker's JSON Lines sink.
+    """
+    from proxy.shadow.supervisor import ShadowSupervisor, split_mode
+
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # Storage on: pairs, labels, evaluations and decisions are recorded in
-    # config.storage; a schema or database it cannot use stops the start (exit code 2).
-    app = create_app(config, sinks=sinks, storage=True)
+    supervisor: ShadowSupervisor | None = None
+    if split_mode(config):
+        supervisor = ShadowSupervisor(config, pairs_out=pairs_out)
+        try:
+            await supervisor.start()
+        except BaseException:
+            await supervisor.stop()
+            raise
+        app = supervisor.live_app()
+    elif config.server.workers > 1:
+        raise ConfigError("server.workers > 1 needs a candidate and shadow.process: true")
+    else:
+        # Storage on: pairs, labels, evaluations and decisions are recorded in
+        # config.storage; a schema or database it cannot use stops the start (exit 2).
+        app = create_app(config, sinks=sinks, storage=True)
     state = app[STATE]
     runner = web.AppRunner(
         app,
@@ -95,7 +121,9 @@ async def serve(
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.server.host, config.server.port)
+        site = web.TCPSite(
+            runner, config.server.host, config.server.port, reuse_port=supervisor is not None
+        )
         try:
             await site.start()
         except OSError as exc:
@@ -103,12 +131,19 @@ async def serve(
                 f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}"
             ) from exc
         host, port = runner.addresses[0][:2]
+        if supervisor is not None:
+            supervisor.start_live(host, port)
         announce(f"mirrorgate: listening on http://{host}:{port}")
         stopper = loop.create_task(stop.wait())
         waiting: set[asyncio.Future[Any]] = {stopper}
         if state.loading is not None:
             waiting.add(state.loading)
+        if supervisor is not None and supervisor.failed is not None:
+            waiting.add(supervisor.failed)  # the worker's model load failed
         done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if supervisor is not None and supervisor.failed in done:
+            stopper.cancel()
+            raise MirrorgateError(supervisor.failed.result())
         if state.loading is not None and state.loading in done:
             error = state.loading.exception()
             if error is not None:
@@ -118,6 +153,8 @@ async def serve(
                 raise MirrorgateError(f"model load failed: {error!r}") from error
             await stopper
         state.draining = True
+        if supervisor is not None:
+            supervisor.signal_live()  # the other live processes turn 503 too
         delay = config.server.drain_delay_s
         if delay > 0:
             # Readiness is 503 now; keep serving while load balancers notice, until the
@@ -131,7 +168,13 @@ async def serve(
             config.server.shutdown_timeout_s,
         )
     finally:
+        if supervisor is not None:
+            # SIGTERM the other live processes now: they drain alongside this one.
+            supervisor.signal_live()
         await runner.cleanup()
+        if supervisor is not None:
+            # Every live process has drained into the worker: now it drains and stops.
+            await supervisor.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     log.info("stopped")
