@@ -170,11 +170,15 @@ class ShadowSettings(_Strict):
 
     ``process: true``: the candidate call, the pair's decoding, recording and the gates run
     in a separate worker process fed through a bounded hand-off; the live processes only
-    forward, answer and hand off. ``false``: all in the serving process (today's
-    in-process dispatcher; what ``create_app`` always does).
+    forward, answer and hand off. ``false``: all in the serving process (the in-process
+    dispatcher; what ``create_app`` always does). ``auto`` (default): a worker process
+    when the candidate is a remote (``http``) model; in-process models stay in one
+    process, because the live process must hold the candidate to serve canary traffic (a
+    second copy of the model) and the latency gate would compare calls made under two
+    processes' CPU contention.
     """
 
-    process: bool = True
+    process: bool | Literal["auto"] = "auto"
     handoff_max_jobs: int = Field(
         4096, ge=1, description="jobs handed off and not yet taken in by the worker"
     )

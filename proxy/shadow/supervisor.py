@@ -36,7 +36,7 @@ from proxy.app import STATE, create_app
 from proxy.config import MirrorgateConfig
 from proxy.errors import ConfigError, MirrorgateError
 from proxy.shadow.live import ShadowChannel
-from proxy.shadow.worker import run_loop, worker_entry
+from proxy.shadow.worker import die_with_parent, run_loop, worker_entry
 
 log = logging.getLogger("mirrorgate.serve")
 
@@ -46,7 +46,10 @@ START_TIMEOUT_S = 120.0
 
 def split_mode(config: MirrorgateConfig) -> bool:
     """Whether ``serve`` runs the shadow work in its own process."""
-    return config.models.candidate is not None and config.shadow.process
+    candidate = config.models.candidate
+    if candidate is None or config.shadow.process is False:
+        return False
+    return config.shadow.process is True or candidate.kind == "http"
 
 
 class ShadowSupervisor:
@@ -216,6 +219,7 @@ def live_entry(
     )
     # The supervisor stops this process (SIGTERM) after its own listener closed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
     sys.exit(run_loop(_live(config, socket_path, host, port)))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from proxy.shadow import wire
 from storage.sink import PairSink
 
 log = logging.getLogger("mirrorgate.shadow")
+PR_SET_PDEATHSIG = 1
 
 
 class _Intake(asyncio.Protocol):
@@ -140,6 +142,7 @@ def worker_entry(
         level=log_level, format="%(asctime)s %(levelname)s %(name)s[shadow]: %(message)s"
     )
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
     try:
         code = run_loop(_worker(config, socket_path, pairs_out, conn))
     except MirrorgateError as exc:
@@ -150,6 +153,19 @@ def worker_entry(
         conn.send(("error", f"shadow worker failed: {exc!r}"))
         code = 2
     sys.exit(code)
+
+
+def die_with_parent() -> None:
+    """SIGTERM this process when the serving process dies (Linux ``PR_SET_PDEATHSIG``):
+    a killed ``serve`` must not leave a worker holding the store or the decider lease.
+    It then drains and flushes as on any SIGTERM."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        log.warning("cannot tie the worker's life to serve's on this platform")
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_loop(main: Any) -> int:
