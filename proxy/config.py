@@ -85,6 +85,9 @@ class ServerSettings(_Strict):
         le=64,
         description="live-path processes sharing the port (SO_REUSEPORT); serve only",
     )
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", description="serve's event loop; uvloop falls back to asyncio if missing"
+    )
 
 
 class MirrorSettings(_Strict):
@@ -208,7 +211,11 @@ class MirrorgateConfig(_Strict):
         # ``shadow`` and ``server.workers`` say how this process serves, not what it rolls out.
         data = self.model_dump(
             mode="json",
-            exclude={"server": {"control_token", "workers"}, "replicas": True, "shadow": True},
+            exclude={
+                "server": {"control_token", "workers", "event_loop"},
+                "replicas": True,
+                "shadow": True,
+            },
         )
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()

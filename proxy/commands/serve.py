@@ -74,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
 
     if split_mode(config):
         # The sinks live in the shadow worker process (proxy/shadow/worker.py).
-        return run_loop(serve(config, pairs_out=getattr(args, "pairs_out", None)))
-    return run_loop(serve(config, sinks=build_sinks(config, args)))
+        pairs_out = getattr(args, "pairs_out", None)
+        return run_loop(serve(config, pairs_out=pairs_out), config.server.event_loop)
+    return run_loop(serve(config, sinks=build_sinks(config, args)), config.server.event_loop)
 
 
 async def serve(

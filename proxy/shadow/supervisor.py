@@ -220,7 +220,7 @@ def live_entry(
     # The supervisor stops this process (SIGTERM) after its own listener closed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
-    sys.exit(run_loop(_live(config, socket_path, host, port)))
+    sys.exit(run_loop(_live(config, socket_path, host, port), config.server.event_loop))
 
 
 async def _live(config: MirrorgateConfig, socket_path: str, host: str, port: int) -> int:

@@ -144,7 +144,7 @@ def worker_entry(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
     try:
-        code = run_loop(_worker(config, socket_path, pairs_out, conn))
+        code = run_loop(_worker(config, socket_path, pairs_out, conn), config.server.event_loop)
     except MirrorgateError as exc:
         conn.send(("error", exc.message))
         code = 2
@@ -168,13 +168,16 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def run_loop(main: Any) -> int:
-    """``asyncio.run`` on uvloop when it is installed (measured in docs/benchmarks.md)."""
-    try:
-        import uvloop
-    except ImportError:
-        return int(asyncio.run(main))
-    return int(uvloop.run(main))
+def run_loop(main: Any, event_loop: str = "uvloop") -> int:
+    """``asyncio.run``, on uvloop when asked for and installed (docs/benchmarks.md)."""
+    if event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return int(uvloop.run(main))
+    return int(asyncio.run(main))
 
 
 def _sinks(config: MirrorgateConfig, pairs_out: str | None) -> list[PairSink]:
