@@ -103,10 +103,10 @@ async def serve(
         supervisor = ShadowSupervisor(config, pairs_out=pairs_out)
         try:
             await supervisor.start()
+            app = supervisor.live_app()
         except BaseException:
             await supervisor.stop()
             raise
-        app = supervisor.live_app()
     elif config.server.workers > 1:
         raise ConfigError("server.workers > 1 needs a candidate and shadow.process: true")
     else:
@@ -120,7 +120,12 @@ async def serve(
         shutdown_timeout=config.server.shutdown_timeout_s,
         access_log=None,
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except BaseException:
+        if supervisor is not None:
+            await supervisor.stop()
+        raise
     try:
         site = web.TCPSite(
             runner, config.server.host, config.server.port, reuse_port=supervisor is not None

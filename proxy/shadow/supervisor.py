@@ -99,23 +99,37 @@ class ShadowSupervisor:
         if message is None or message[0] != "listening":
             with contextlib.suppress(Exception):
                 proc.kill()
-            reason = message[1] if message else "the shadow worker did not start"
-            raise MirrorgateError(str(reason))
+            reason = message[1] if message and message[0] == "error" else None
+            raise MirrorgateError(str(reason or "the shadow worker did not start"))
 
-    async def _recv(self, wait_s: float) -> tuple[str, Any] | None:
+    async def _recv(self, wait_s: float | None) -> tuple[str, Any] | None:
+        """The worker's next message, ``("eof", None)`` once it exited, None on timeout.
+
+        Waits on the pipe's descriptor in the event loop (no thread left blocked when
+        serve stops)."""
         conn = self._conn
         assert conn is not None
+        loop = asyncio.get_running_loop()
+        readable: asyncio.Future[None] = loop.create_future()
 
-        def wait() -> tuple[str, Any] | None:
-            try:
-                if conn.poll(wait_s):
-                    value: tuple[str, Any] = conn.recv()
-                    return value
-            except (EOFError, OSError):
-                return None
+        def wake() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        fd = conn.fileno()
+        loop.add_reader(fd, wake)
+        try:
+            async with asyncio.timeout(wait_s):
+                await readable
+        except TimeoutError:
             return None
-
-        return await asyncio.to_thread(wait)
+        finally:
+            loop.remove_reader(fd)
+        try:
+            message: tuple[str, Any] = conn.recv()
+        except (EOFError, OSError):
+            return ("eof", None)
+        return message
 
     async def _watch_worker(self) -> None:
         while not self._stopping:
@@ -123,7 +137,7 @@ class ShadowSupervisor:
             assert proc is not None and conn is not None
             loop = asyncio.get_running_loop()
             # Wakes on a message (a load error) or on the process's end (pipe EOF).
-            message = await self._recv(3600.0)
+            message = await self._recv(None)
             if self._stopping:
                 return
             if message is not None and message[0] == "error":
@@ -131,12 +145,13 @@ class ShadowSupervisor:
                 if not self.failed.done():
                     self.failed.set_result(str(message[1]))
                 return
-            if message is None and proc.is_alive():
+            if message is not None and message[0] != "eof":
                 continue
             await loop.run_in_executor(None, proc.join, 5.0)
             if self._stopping:
                 return
             log.error("the shadow worker exited (code %s)", proc.exitcode)
+            conn.close()
             if not self.config.shadow.restart:
                 return
             await asyncio.sleep(RESTART_DELAY_S)

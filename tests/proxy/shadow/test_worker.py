@@ -99,10 +99,15 @@ async def _serve(tmp_path: Path, champion: str, candidate: str, **extra: Any) ->
         stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode()
-    assert line.startswith("mirrorgate: listening on "), line
-    served = Served(proc, line.split()[-1])
-    await until(lambda: _status(served.base, "/v2/health/ready", 200), "proxy ready")
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode()
+        assert line.startswith("mirrorgate: listening on "), line
+        served = Served(proc, line.split()[-1])
+        await until(lambda: _status(served.base, "/v2/health/ready", 200), "proxy ready")
+    except BaseException:
+        proc.kill()  # its worker follows (it dies with serve)
+        await proc.wait()
+        raise
     return served
 
 
