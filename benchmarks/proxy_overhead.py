@@ -5,8 +5,8 @@ champion and two candidate upstreams (one for nginx, one for the mirrorgates, so
 candidate calls are attributable), a minimal aiohttp pass-through proxy (the Python
 floor, benchmarks/passthrough_floor.py), nginx with ``mirror`` to the candidate (when
 ``nginx`` is installed: Debian's nginx-light), and ``mirrorgate serve`` four ways: no
-candidate; shadow in-process (the design before the worker process); shadow in a worker
-process on the asyncio loop; and the default (worker process, uvloop). Every mirrorgate
+candidate; shadow in-process (the design before the worker process); the default
+(shadow in a worker process, asyncio loop); and the same on uvloop. Every mirrorgate
 records pairs to SQLite and runs the gates. Targets are driven in interleaved rounds (a
 shared machine's drift hits all alike) with binary-tensor FP32 [1, F] bodies: p50/p99 at
 concurrency 1, throughput at 32, then the candidate calls made, dropped and failed by
@@ -187,10 +187,10 @@ def _pct(values: list[float], q: float) -> float:
 
 MIRRORGATES = {
     # name: (candidate?, shadow.process, server.event_loop)
-    "mirrorgate, no candidate": (False, "auto", "uvloop"),
+    "mirrorgate, no candidate": (False, "auto", "asyncio"),
     "mirrorgate shadow, in-process (before)": (True, False, "asyncio"),
-    "mirrorgate shadow, worker process, asyncio loop": (True, True, "asyncio"),
-    "mirrorgate shadow, worker process, uvloop (default)": (True, True, "uvloop"),
+    "mirrorgate shadow, worker process (default)": (True, True, "asyncio"),
+    "mirrorgate shadow, worker process, uvloop": (True, True, "uvloop"),
 }
 SHADOWED = [name for name, (cand, _, _) in MIRRORGATES.items() if cand]
 
@@ -377,7 +377,7 @@ def _markdown(report: dict[str, Any]) -> str:
         )
     c1 = report["results"]["concurrency 1"]
     c32 = report["results"]["concurrency 32"]
-    shadow = "mirrorgate shadow, worker process, uvloop (default)"
+    shadow = "mirrorgate shadow, worker process (default)"
     if "nginx mirror" in c1:
         out.append("")
         for q in ("p50", "p99"):

@@ -85,8 +85,10 @@ class ServerSettings(_Strict):
         le=64,
         description="live-path processes sharing the port (SO_REUSEPORT); serve only",
     )
-    event_loop: Literal["uvloop", "asyncio"] = Field(
-        "uvloop", description="serve's event loop; uvloop falls back to asyncio if missing"
+    event_loop: Literal["asyncio", "uvloop"] = Field(
+        "asyncio",
+        description="serve's event loop; uvloop (if installed) measured slower here: "
+        "docs/benchmarks.md",
     )
 
 

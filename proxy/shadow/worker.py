@@ -168,7 +168,7 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def run_loop(main: Any, event_loop: str = "uvloop") -> int:
+def run_loop(main: Any, event_loop: str = "asyncio") -> int:
     """``asyncio.run``, on uvloop when asked for and installed (docs/benchmarks.md)."""
     if event_loop == "uvloop":
         try:
