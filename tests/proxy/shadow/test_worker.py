@@ -268,11 +268,13 @@ async def test_a_crashed_worker_is_restarted_and_the_live_path_keeps_serving(
             await until(mirrored_again, "requests mirrored by the new worker")
             await until(lambda: _idle(session, served.base), "worker idle")
             m = await _metrics(session, served.base)
-            lost = m.get('mirrorgate_shadow_dropped_total{reason="worker_down"}', 0)
+            assert m['mirrorgate_shadow_dropped_total{reason="worker_down"}'] >= 1
+            # worker_down (live side) and worker_loading (the new worker, before its
+            # models loaded) are the reasons a restart can cost
+            lost = sum(v for k, v in m.items() if k.startswith("mirrorgate_shadow_dropped_total"))
             mirrored = set(sent) & _finished(candidate.upstream)
             # Every answered request was mirrored or counted as dropped; r0 may be neither
             # (taken in, then killed with the worker mid-call: the one uncounted case).
-            assert lost >= 1
             assert len(sent) - 1 <= lost + len(mirrored) <= len(sent)
         assert await served.stop() == 0
     finally:
