@@ -6,7 +6,8 @@ candidate calls are attributable), a minimal aiohttp pass-through proxy (the Pyt
 floor, benchmarks/passthrough_floor.py), nginx with ``mirror`` to the candidate (when
 ``nginx`` is installed: Debian's nginx-light), and ``mirrorgate serve`` four ways: no
 candidate; shadow in-process (the design before the worker process); the default
-(shadow in a worker process, asyncio loop); and the same on uvloop. Every mirrorgate
+(shadow in a worker process); the same with two live processes (``server.workers: 2``);
+and, with ``BENCH_UVLOOP=1``, the default on uvloop. Every mirrorgate
 records pairs to SQLite and runs the gates. Targets are driven in interleaved rounds (a
 shared machine's drift hits all alike) with binary-tensor FP32 [1, F] bodies: p50/p99 at
 concurrency 1, throughput at 32, then the candidate calls made, dropped and failed by
@@ -81,7 +82,8 @@ def _proxy_config(
     storage_url: str,
     *,
     process: bool | str = "auto",
-    event_loop: str = "uvloop",
+    event_loop: str = "asyncio",
+    workers: int = 1,
 ) -> dict[str, Any]:
     def model(name: str, url: str) -> dict[str, Any]:
         return {"name": name, "kind": "http", "url": url, "model": "model", "timeout_ms": 10000}
@@ -95,6 +97,7 @@ def _proxy_config(
             "model_name": "model",
             "shutdown_timeout_s": 5,
             "event_loop": event_loop,
+            "workers": workers,
         },
         "models": models,
         "mirror": {
@@ -186,13 +189,15 @@ def _pct(values: list[float], q: float) -> float:
 
 
 MIRRORGATES = {
-    # name: (candidate?, shadow.process, server.event_loop)
-    "mirrorgate, no candidate": (False, "auto", "asyncio"),
-    "mirrorgate shadow, in-process (before)": (True, False, "asyncio"),
-    "mirrorgate shadow, worker process (default)": (True, True, "asyncio"),
-    "mirrorgate shadow, worker process, uvloop": (True, True, "uvloop"),
+    # name: (candidate?, shadow.process, server.event_loop, server.workers)
+    "mirrorgate, no candidate": (False, "auto", "asyncio", 1),
+    "mirrorgate shadow, in-process (before)": (True, False, "asyncio", 1),
+    "mirrorgate shadow, worker process (default)": (True, True, "asyncio", 1),
+    "mirrorgate shadow, worker process, 2 live processes": (True, True, "asyncio", 2),
 }
-SHADOWED = [name for name, (cand, _, _) in MIRRORGATES.items() if cand]
+if os.environ.get("BENCH_UVLOOP"):  # runs A/B of docs/benchmarks.md
+    MIRRORGATES["mirrorgate shadow, worker process, uvloop"] = (True, True, "uvloop", 1)
+SHADOWED = [name for name, (cand, *_) in MIRRORGATES.items() if cand]
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -229,11 +234,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             )
             procs.append(nginx_proc)
             targets["nginx mirror"] = f"http://127.0.0.1:{port}"
-        for name, (with_cand, process, loop) in MIRRORGATES.items():
+        for name, (with_cand, process, loop, workers) in MIRRORGATES.items():
             path = tmp / f"{len(targets)}.yaml"
             db = f"sqlite:///{tmp / f'{len(targets)}.sqlite'}"
             config = _proxy_config(
-                champion, candidate if with_cand else None, db, process=process, event_loop=loop
+                champion,
+                candidate if with_cand else None,
+                db,
+                process=process,
+                event_loop=loop,
+                workers=workers,
             )
             path.write_text(yaml.safe_dump(config))
             proc, base = await _spawn(
@@ -249,6 +259,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             )
             procs.append(proc)
             targets[name] = base
+        # extra live processes (server.workers) bind a few seconds after the first one
+        await asyncio.sleep(10 if any(w > 1 for *_, w in MIRRORGATES.values()) else 0)
         rng = np.random.default_rng(0)
         n = max(args.requests, args.throughput_requests)
         bodies = []
