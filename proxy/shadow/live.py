@@ -84,6 +84,7 @@ class ShadowChannel:
         self._transport: asyncio.WriteTransport | None = None
         self._sent = self._sent_bytes = self._acked_jobs = self._acked_bytes = 0
         self._closing = False
+        self._unpicklable_logged = False
         self._task: asyncio.Task[None] | None = None
         self._progress = asyncio.Event()
         self._proxy_state: ProxyState | None = None
@@ -99,7 +100,16 @@ class ShadowChannel:
         if self._sent - self._acked_jobs >= self.settings.handoff_max_jobs:
             self._drop("handoff_full")
             return
-        payload = pickle.dumps((job, other), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            payload = pickle.dumps((job, other), protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, AttributeError, TypeError):
+            # e.g. a job carrying a closure: never an error on the live path; the job
+            # must carry data (raw bytes, arrays) and module-level callables only.
+            if not self._unpicklable_logged:
+                self._unpicklable_logged = True
+                log.exception("a mirrored job cannot be handed off (dropped, counted)")
+            self._drop("unpicklable")
+            return
         if self._sent_bytes - self._acked_bytes + len(payload) > self.settings.handoff_max_bytes:
             self._drop("handoff_bytes")
             return
