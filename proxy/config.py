@@ -183,7 +183,10 @@ class ShadowSettings(_Strict):
     processes' CPU contention.
     """
 
-    process: bool | Literal["auto"] = "auto"
+    process: bool | Literal["auto"] = Field(
+        "auto",
+        description="shadow work in a worker process: auto (remote candidates), true, false",
+    )
     handoff_max_jobs: int = Field(
         4096, ge=1, description="jobs handed off and not yet taken in by the worker"
     )
