@@ -1,16 +1,22 @@
-"""Live-path overhead of the proxy: upstream called directly vs through mirrorgate.
+"""Live-path overhead of the proxy, side by side with nginx ``mirror`` and a Python floor.
 
-Starts, as separate processes on loopback: two V2 upstreams (the test upstream server,
-``softmax(x @ W)``: champion and candidate), a proxy with no candidate (shadow off) and a
-proxy with the candidate mirrored (shadow on). Then it drives the three targets side by
-side in interleaved rounds (so drift of a shared machine hits all three alike) with the
-tritonclient default encoding (binary tensors), and prints p50/p99 latency, requests/s and
-the latency the proxy adds over the direct call.
+Starts, as separate processes on loopback: the V2 test upstream (``softmax(x @ W)``) as
+champion and two candidate upstreams (one for nginx, one for the mirrorgates, so
+candidate calls are attributable), a minimal aiohttp pass-through proxy (the Python
+floor, benchmarks/passthrough_floor.py), nginx with ``mirror`` to the candidate (when
+``nginx`` is installed: Debian's nginx-light), and ``mirrorgate serve`` four ways: no
+candidate; shadow in-process (the design before the worker process); the default
+(shadow in a worker process); the same with two live processes (``server.workers: 2``);
+and, with ``BENCH_UVLOOP=1``, the default on uvloop. Every mirrorgate
+records pairs to SQLite and runs the gates. Targets are driven in interleaved rounds (a
+shared machine's drift hits all alike) with binary-tensor FP32 [1, F] bodies: p50/p99 at
+concurrency 1, throughput at 32, then the candidate calls made, dropped and failed by
+each mirroring target over the whole run.
 
-    python benchmarks/proxy_overhead.py [--rounds 5] [--requests 300] [--concurrency 1 8]
+    python benchmarks/proxy_overhead.py [--rounds 3] [--requests 200] [--throughput-requests 400]
 
-Measured in one process on a shared machine, the numbers are indicative; the table says
-which CPU count it ran on. Nothing here is asserted.
+Numbers from one loaded machine are indicative; the output states the load average.
+Nothing here is asserted.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import json
 import os
 import platform
 import re
-import statistics
+import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -70,7 +77,13 @@ async def _wait_ready(session: aiohttp.ClientSession, base: str) -> None:
 
 
 def _proxy_config(
-    champion: str, candidate: str | None, features: int, storage_url: str | None = None
+    champion: str,
+    candidate: str | None,
+    storage_url: str,
+    *,
+    process: bool | str = "auto",
+    event_loop: str = "asyncio",
+    workers: int = 1,
 ) -> dict[str, Any]:
     def model(name: str, url: str) -> dict[str, Any]:
         return {"name": name, "kind": "http", "url": url, "model": "model", "timeout_ms": 10000}
@@ -79,7 +92,13 @@ def _proxy_config(
     if candidate:
         models["candidate"] = model("candidate", candidate)
     return {
-        "server": {"host": "127.0.0.1", "model_name": "model", "shutdown_timeout_s": 5},
+        "server": {
+            "host": "127.0.0.1",
+            "model_name": "model",
+            "shutdown_timeout_s": 5,
+            "event_loop": event_loop,
+            "workers": workers,
+        },
         "models": models,
         "mirror": {
             "mode": "shadow",
@@ -89,9 +108,55 @@ def _proxy_config(
             # this measures the cost of shadow work, not of a stopped candidate
             "shadow_after_abort": True,
         },
-        # serve records pairs to storage: a throwaway SQLite file, never the source tree
-        "storage": {"capture": "never", **({"url": storage_url} if storage_url else {})},
+        "shadow": {"process": process},
+        # storage on (pairs recorded, inputs captured per the default policy) in a
+        # throwaway SQLite file; gates on (a candidate is configured)
+        "storage": {"url": storage_url},
     }
+
+
+NGINX_CONF = """
+worker_processes auto;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    client_max_body_size 16m;
+    upstream champion {{ server {champion}; keepalive 64; }}
+    upstream candidate {{ server {candidate}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location = /v2/health/ready {{ return 200 "ok"; }}
+        location / {{
+            mirror /_mirror;
+            mirror_request_body on;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass http://champion;
+        }}
+        location = /_mirror {{
+            internal;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass http://candidate$request_uri;
+        }}
+    }}
+}}
+"""
+
+
+def _nginx() -> str | None:
+    """Debian's nginx-light (``apt-get install nginx-light``) lives in /usr/sbin."""
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 async def _drive(
@@ -123,19 +188,64 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values) * 1000.0, q))
 
 
+MIRRORGATES = {
+    # name: (candidate?, shadow.process, server.event_loop, server.workers)
+    "mirrorgate, no candidate": (False, "auto", "asyncio", 1),
+    "mirrorgate shadow, in-process (before)": (True, False, "asyncio", 1),
+    "mirrorgate shadow, worker process (default)": (True, True, "asyncio", 1),
+    "mirrorgate shadow, worker process, 2 live processes": (True, True, "asyncio", 2),
+}
+if os.environ.get("BENCH_UVLOOP"):  # runs A/B of docs/benchmarks.md
+    MIRRORGATES["mirrorgate shadow, worker process, uvloop"] = (True, True, "uvloop", 1)
+SHADOWED = [name for name, (cand, *_) in MIRRORGATES.items() if cand]
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     procs: list[asyncio.subprocess.Process] = []
     tmp = Path(tempfile.mkdtemp(prefix="mirrorgate-bench-"))
+    load_start = os.getloadavg()
     try:
         up = ["-m", "tests.proxy.upstream", "--features", str(args.features), "--classes", "4"]
         champ_proc, champion = await _spawn(*up, "--seed", "1")
+        # one candidate upstream for nginx, one for the mirrorgates: calls are attributable
+        nginx_cand_proc, nginx_candidate = await _spawn(*up, "--seed", "2")
         cand_proc, candidate = await _spawn(*up, "--seed", "2")
-        procs += [champ_proc, cand_proc]
-        targets = {"direct": f"{champion}/v2/models/model/infer"}
-        for name, cand in (("proxy, shadow off", None), ("proxy, shadow on", candidate)):
+        procs += [champ_proc, nginx_cand_proc, cand_proc]
+        targets = {"direct": champion}
+        floor_proc, floor = await _spawn(
+            str(ROOT / "benchmarks" / "passthrough_floor.py"), "--upstream", champion
+        )
+        procs.append(floor_proc)
+        targets["aiohttp pass-through (floor)"] = floor
+        nginx = _nginx()
+        if nginx:
+            port = _free_port()
+            conf = tmp / "nginx.conf"
+            conf.write_text(
+                NGINX_CONF.format(
+                    tmp=tmp,
+                    port=port,
+                    champion=champion.removeprefix("http://"),
+                    candidate=nginx_candidate.removeprefix("http://"),
+                )
+            )
+            nginx_proc = await asyncio.create_subprocess_exec(
+                nginx, "-c", str(conf), "-p", str(tmp), "-g", "daemon off;"
+            )
+            procs.append(nginx_proc)
+            targets["nginx mirror"] = f"http://127.0.0.1:{port}"
+        for name, (with_cand, process, loop, workers) in MIRRORGATES.items():
             path = tmp / f"{len(targets)}.yaml"
             db = f"sqlite:///{tmp / f'{len(targets)}.sqlite'}"
-            path.write_text(yaml.safe_dump(_proxy_config(champion, cand, args.features, db)))
+            config = _proxy_config(
+                champion,
+                candidate if with_cand else None,
+                db,
+                process=process,
+                event_loop=loop,
+                workers=workers,
+            )
+            path.write_text(yaml.safe_dump(config))
             proc, base = await _spawn(
                 "-m",
                 "proxy",
@@ -148,34 +258,41 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 "0",
             )
             procs.append(proc)
-            targets[name] = f"{base}/v2/models/model/infer"
+            targets[name] = base
+        # extra live processes (server.workers) bind a few seconds after the first one
+        await asyncio.sleep(10 if any(w > 1 for *_, w in MIRRORGATES.values()) else 0)
         rng = np.random.default_rng(0)
+        n = max(args.requests, args.throughput_requests)
         bodies = []
-        for i in range(args.requests):
+        for i in range(n):
             x = rng.normal(size=(1, args.features)).astype(np.float32)
             body, hl = encode_infer_request({"x": x}, request_id=f"b{i}")
             bodies.append((body, {HEADER_LENGTH: str(hl)}))
+        sent = dict.fromkeys(targets, 0)
         connector = aiohttp.TCPConnector(limit=0)
         results: dict[str, Any] = {}
         async with aiohttp.ClientSession(connector=connector) as session:
             for base in targets.values():
-                await _wait_ready(session, base.split("/v2/")[0])
-            for concurrency in args.concurrency:
+                await _wait_ready(session, base)
+            infer = {name: f"{base}/v2/models/model/infer" for name, base in targets.items()}
+            plan = ((1, args.requests, args.rounds), (32, args.throughput_requests, args.rounds))
+            for concurrency, count, rounds in plan:
                 lat: dict[str, list[float]] = {t: [] for t in targets}
                 wall: dict[str, float] = dict.fromkeys(targets, 0.0)
-                for url in targets.values():  # warm-up: connections, caches
+                for name, url in infer.items():  # warm-up: connections, caches
                     await _drive(session, url, bodies[:50], concurrency)
-                for _ in range(args.rounds):
-                    for name, url in targets.items():
-                        got, seconds = await _drive(session, url, bodies, concurrency)
+                    sent[name] += 50
+                for _ in range(rounds):
+                    for name, url in infer.items():
+                        got, seconds = await _drive(session, url, bodies[:count], concurrency)
                         lat[name] += got
                         wall[name] += seconds
+                        sent[name] += count
                 rows = {}
                 for name in targets:
                     rows[name] = {
                         "p50_ms": _pct(lat[name], 50),
                         "p99_ms": _pct(lat[name], 99),
-                        "mean_ms": statistics.fmean(lat[name]) * 1000,
                         "req_per_s": len(lat[name]) / wall[name],
                         "n": len(lat[name]),
                     }
@@ -184,24 +301,43 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                         rows[name]["added_p50_ms"] = rows[name]["p50_ms"] - rows["direct"]["p50_ms"]
                         rows[name]["added_p99_ms"] = rows[name]["p99_ms"] - rows["direct"]["p99_ms"]
                 results[f"concurrency {concurrency}"] = rows
-            metrics_url = targets["proxy, shadow on"].split("/v2/")[0] + "/metrics"
-            async with session.get(metrics_url) as resp:
-                text = await resp.text()
-        shadow = {
-            "candidate_calls_ok": _metric(
-                text, 'mirrorgate_proxy_requests_total{code="200",role="candidate"}'
-            ),
-            "shadow_dropped": sum(_all(text, "mirrorgate_shadow_dropped_total")),
-            "shadow_failures": sum(_all(text, "mirrorgate_shadow_failures_total")),
-        }
+            counters: dict[str, dict[str, float]] = {}
+            for name in SHADOWED:
+                # let the last mirrored calls finish before reading the counters
+                for _ in range(100):
+                    async with session.get(f"{targets[name]}/metrics") as resp:
+                        text = await resp.text()
+                    if _metric(text, "mirrorgate_shadow_in_flight") == 0:
+                        break
+                    await asyncio.sleep(0.1)
+                counters[name] = {
+                    "sent": sent[name],
+                    "candidate_ok": _metric(
+                        text, 'mirrorgate_proxy_requests_total{code="200",role="candidate"}'
+                    ),
+                    "dropped": sum(_all(text, "mirrorgate_shadow_dropped_total")),
+                    "failed": sum(_all(text, "mirrorgate_shadow_failures_total")),
+                }
+            if "nginx mirror" in targets:
+                await asyncio.sleep(1.0)
+                async with session.get(f"{nginx_candidate}/_stats") as resp:
+                    stats = await resp.json()
+                counters["nginx mirror"] = {
+                    "sent": sent["nginx mirror"],
+                    "candidate_ok": float(stats["finished"]),
+                    "dropped": float(sent["nginx mirror"] - stats["started"]),
+                    "failed": float(stats["started"] - stats["finished"]),
+                }
         return {
             "machine": (
                 f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
             ),
-            "load": os.getloadavg()[0],
+            "load_before": load_start,
+            "load_after": os.getloadavg(),
             "results": results,
-            "shadow_on_counters": shadow,
+            "counters": counters,
             "features": args.features,
+            "nginx": nginx is not None,
         }
     finally:
         for proc in procs:
@@ -223,7 +359,12 @@ def _all(text: str, prefix: str) -> list[float]:
 
 
 def _markdown(report: dict[str, Any]) -> str:
-    out = [f"Machine: {report['machine']}; 1-min load average at the end {report['load']:.1f}.", ""]
+    lb, la = report["load_before"], report["load_after"]
+    out = [
+        f"Machine: {report['machine']}; load average (1/5/15 min) before "
+        f"{lb[0]:.1f}/{lb[1]:.1f}/{lb[2]:.1f}, after {la[0]:.1f}/{la[1]:.1f}/{la[2]:.1f}.",
+        "",
+    ]
     for label, rows in report["results"].items():
         out += [
             f"**{label}** ({rows['direct']['n']} requests per target, interleaved rounds)",
@@ -239,19 +380,45 @@ def _markdown(report: dict[str, Any]) -> str:
                 f"| {added50} | {added99} |"
             )
         out.append("")
-    s = report["shadow_on_counters"]
-    out.append(
-        f"Shadow-on proxy counters: {s['candidate_calls_ok']:.0f} candidate calls OK, "
-        f"{s['shadow_dropped']:.0f} dropped, {s['shadow_failures']:.0f} failed."
-    )
+    out += ["| mirroring target | requests sent | candidate calls OK | dropped | failed |"]
+    out += ["|---|---:|---:|---:|---:|"]
+    for name, c in report["counters"].items():
+        out.append(
+            f"| {name} | {c['sent']} | {c['candidate_ok']:.0f} | {c['dropped']:.0f} "
+            f"| {c['failed']:.0f} |"
+        )
+    c1 = report["results"]["concurrency 1"]
+    c32 = report["results"]["concurrency 32"]
+    shadow = "mirrorgate shadow, worker process (default)"
+    floor = "aiohttp pass-through (floor)"
+    out.append("")
+
+    def added_ratio(name: str, base: str, q: str, target: str) -> str:
+        mine, theirs = c1[name][f"added_{q}_ms"], c1[base][f"added_{q}_ms"]
+        if theirs <= 0:
+            # the reference added nothing measurable: neighbours' noise, no ratio
+            return f"- {name} vs {base}, added {q} (c=1): {mine:+.2f} vs {theirs:+.2f} ms, no ratio"
+        return f"- {name} / {base}, added {q} (c=1): {mine / theirs:.2f} ({target})"
+
+    if "nginx mirror" in c1:
+        for q in ("p50", "p99"):
+            out.append(added_ratio(shadow, "nginx mirror", q, "target <= 1.5"))
+        ratio = c32[shadow]["req_per_s"] / c32["nginx mirror"]["req_per_s"]
+        out.append(f"- {shadow} / nginx mirror, req/s (c=32): {ratio:.2f} (target >= 0.75)")
+    for q in ("p50", "p99"):
+        out.append(added_ratio("mirrorgate, no candidate", floor, q, "target <= 1.2"))
+    ratio = c32["mirrorgate, no candidate"]["req_per_s"] / c32[floor]["req_per_s"]
+    out.append(f"- mirrorgate, no candidate / {floor}, req/s (c=32): {ratio:.2f}")
     return "\n".join(out)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--requests", type=int, default=300, help="per target per round")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=200, help="c=1: per target per round")
+    parser.add_argument(
+        "--throughput-requests", type=int, default=400, help="c=32: per target per round"
+    )
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--json", action="store_true", help="print the raw report as JSON")
     ns = parser.parse_args()

@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from aiohttp import web
@@ -54,11 +55,15 @@ from proxy.stats import ModelStats
 from storage.entities import ModelInfo
 from storage.sink import PairSink
 
+if TYPE_CHECKING:
+    from proxy.shadow.live import ShadowChannel
+
 log = logging.getLogger(__name__)
 
 HARVESTER = "harvester"  # ProxyState.extras key of the proxy.harvest.Harvester
 STATS = "stats"  # ProxyState.extras key of the in-process proxy.stats.ModelStats
 CONTROL_APP = "control_app"  # ProxyState.extras key of the control plane's own app
+HANDOFF = "shadow_handoff"  # ProxyState.extras key of a live process's ShadowChannel
 REQUEST_ID_HEADER = "X-Request-Id"
 SERVED_BY_HEADER = "X-Mirrorgate-Served-By"
 MAX_REQUEST_ID_LEN = 256
@@ -414,10 +419,11 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
         from proxy.auth import check_bearer
 
         check_bearer(request, state.config.server.metrics_token)
-    registry = state.registry
-    return web.Response(
-        body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+    body = generate_latest(state.registry)
+    channel = state.extras.get(HANDOFF)
+    if channel is not None:  # a live process: the shadow worker's metrics merged in
+        body = await channel.metrics_text(body)  # type: ignore[attr-defined]
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 # --------------------------------------------------------------------------- lifecycle
@@ -437,7 +443,12 @@ def _activate(state: ProxyState) -> None:
         # An abort decided before serving (the pinned check at start) holds from the
         # first request on: the candidate is never mirrored.
         _apply_evaluation(state, state.rollout.latest)
-    state.ready = True
+    channel = state.extras.get(HANDOFF)
+    if channel is not None:
+        # Mirrored work goes to the shadow worker; ready once the worker is.
+        channel.attach(state)  # type: ignore[attr-defined]
+    else:
+        state.ready = True
     log.info(
         "serving %r: champion %s%s",
         state.config.server.model_name,
@@ -636,14 +647,19 @@ def create_app(
     registry: CollectorRegistry | None = None,
     storage: bool = False,
     gates: bool = True,
+    handoff: ShadowChannel | None = None,
 ) -> web.Application:
     """Build the proxy. Backends not injected are built from ``config.models``.
 
     ``storage``: record pairs, labels, evaluations and decisions in ``config.storage``
     (``serve`` and ``demo`` turn it on; tests inject sinks instead). ``gates``: run the
-    rollout engine on the pairs when a candidate is configured or injected.
+    rollout engine on the pairs when a candidate is configured or injected. ``handoff``:
+    a live process of ``mirrorgate serve`` (proxy/shadow/): mirrored work, gates, storage
+    and the control plane are the shadow worker's, reached through this channel.
     """
-    if config.replicas.enabled and not storage:
+    if handoff is not None:
+        storage = gates = False
+    elif config.replicas.enabled and not storage:
         raise ConfigError("replicas.enabled needs the shared database: run with storage on")
     registry = registry if registry is not None else CollectorRegistry()
     limits = make_limits_middleware(
@@ -671,7 +687,11 @@ def create_app(
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_on_shutdown)
     add_data_plane_routes(app)
-    if config.server.control_port is None:
+    if handoff is not None:
+        # A live process: /v1 is forwarded to the shadow worker, which owns the rollout.
+        state.extras[HANDOFF] = handoff
+        handoff.install(app)
+    elif config.server.control_port is None:
         setup_control_plane(app)
     else:
         state.extras[CONTROL_APP] = _control_app(state)

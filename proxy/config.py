@@ -117,6 +117,17 @@ class ServerSettings(_Strict):
     metrics_token: SecretStr | None = Field(
         None, description="when set, /metrics wants Authorization: Bearer <metrics_token>"
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="live-path processes sharing the port (SO_REUSEPORT); serve only",
+    )
+    event_loop: Literal["asyncio", "uvloop"] = Field(
+        "asyncio",
+        description="serve's event loop; uvloop (if installed) measured slower here: "
+        "docs/benchmarks.md",
+    )
 
 
 class MirrorSettings(_Strict):
@@ -198,6 +209,34 @@ class ReplicasSettings(_Strict):
         return self.replica_id or f"{socket.gethostname()}-{os.getpid()}"
 
 
+class ShadowSettings(_Strict):
+    """Where ``mirrorgate serve`` does the shadow work (docs/proxy.md, "Shadow worker").
+
+    ``process: true``: the candidate call, the pair's decoding, recording and the gates run
+    in a separate worker process fed through a bounded hand-off; the live processes only
+    forward, answer and hand off. ``false``: all in the serving process (the in-process
+    dispatcher; what ``create_app`` always does; the default). ``auto``: a worker process
+    when the candidate is a remote (``http``) model; in-process models stay in one
+    process, because the live process must hold the candidate to serve canary traffic (a
+    second copy of the model) and the latency gate would compare calls made under two
+    processes' CPU contention. Off by default for now: on the 2-core machine it was
+    measured on it bought no throughput (docs/benchmarks.md), and the control plane is
+    then reached through the data port (no ``server.control_port``).
+    """
+
+    process: bool | Literal["auto"] = Field(
+        False,
+        description="shadow work in a worker process: auto (remote candidates), true, false",
+    )
+    handoff_max_jobs: int = Field(
+        4096, ge=1, description="jobs handed off and not yet taken in by the worker"
+    )
+    handoff_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="bytes handed off and not yet taken in"
+    )
+    restart: bool = Field(True, description="restart a shadow worker that died")
+
+
 class MirrorgateConfig(_Strict):
     server: ServerSettings = ServerSettings()
     models: ModelsSettings
@@ -211,6 +250,7 @@ class MirrorgateConfig(_Strict):
     replicas: ReplicasSettings = ReplicasSettings()
     lifecycle: LifecycleSettings = LifecycleSettings()
     control: ControlSettings = ControlSettings()
+    shadow: ShadowSettings = ShadowSettings()
 
     def digest(self) -> str:
         """sha256 of what defines the experiment: the rollout's identity.

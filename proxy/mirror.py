@@ -42,7 +42,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -102,6 +102,12 @@ class _Job:
     # Pass-through (remote champion): fills inputs and live.outputs from the raw bytes,
     # off the live path; raises MirrorgateError when they cannot be decoded.
     decode: Callable[[_Job], None] | None = None
+
+
+class Handoff(Protocol):
+    """Where a live process sends mirrored work it does not run itself."""
+
+    def submit(self, job: _Job, other: CallOutcome | None) -> None: ...
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -201,6 +207,9 @@ class MirrorDispatcher:
         self._closing = False
         self._stopped = False
         self.breaker = CircuitBreaker(self._mirror.circuit, registry=metrics.registry)
+        # Set by ``mirrorgate serve`` on a live process: mirrored work goes to the shadow
+        # worker process (proxy/shadow/) instead of running on this event loop.
+        self.handoff: Handoff | None = None
         try:
             self.set_canary_weight(
                 self._mirror.canary_weight if self._mirror.mode == "canary" else 0
@@ -499,7 +508,14 @@ class MirrorDispatcher:
         job = _Job(request_id, ts, inputs, slices, stage, "champion", champion, None, 0)
         self._submit(job, other=candidate)
 
+    def take(self, job: _Job, other: CallOutcome | None = None) -> None:
+        """Mirrored work handed off by a live process (the shadow worker's intake)."""
+        self._submit(job, other)
+
     def _submit(self, job: _Job, other: CallOutcome | None = None) -> None:
+        if self.handoff is not None:
+            self.handoff.submit(job, other)
+            return
         if self._closing:
             self._drop("shutdown")
             return

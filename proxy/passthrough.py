@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -109,27 +110,49 @@ def _usable_id(rid: str | None) -> str | None:
     return rid
 
 
+@dataclass(slots=True)
+class ExchangeDecoder:
+    """What the mirror runs off the live path to read the pair from the raw bytes.
+
+    A plain picklable object (no closure, no live header objects): under
+    ``shadow.process`` it travels to the shadow worker process, which then does the
+    decoding, so the live process only forwarded bytes.
+    """
+
+    body: bytes
+    header_length: str | None
+    reply_body: bytes
+    reply_encoding: str | None
+    reply_header_length: str | None
+    parameter_slices: Callable[[Mapping[str, object]], dict[str, str]]
+
+    def __call__(self, job: _Job) -> None:
+        from proxy.mirror import _nbytes
+
+        parsed = parse_infer_request(self.body, self.header_length)
+        payload = decompress(self.reply_body, self.reply_encoding)
+        answer = decode_infer_response(payload, self.reply_header_length)
+        job.inputs = parsed.inputs
+        job.outputs = parsed.output_names()
+        job.live.outputs = answer.outputs
+        job.slices.update(self.parameter_slices(parsed.parameters))
+        job.nbytes = max(job.nbytes, _nbytes(parsed.inputs))
+
+
 def exchange_decoder(
     body: bytes,
     header_length: str | None,
     reply: Reply,
     parameter_slices: Callable[[Mapping[str, object]], dict[str, str]],
-) -> Callable[[_Job], None]:
-    """What the mirror runs off the live path to read the pair from the raw bytes."""
-
-    def decode(job: _Job) -> None:
-        parsed = parse_infer_request(body, header_length)
-        payload = decompress(reply.body, reply.header("Content-Encoding"))
-        answer = decode_infer_response(payload, reply.header(HEADER_LENGTH))
-        job.inputs = parsed.inputs
-        job.outputs = parsed.output_names()
-        job.live.outputs = answer.outputs
-        job.slices.update(parameter_slices(parsed.parameters))
-        from proxy.mirror import _nbytes
-
-        job.nbytes = max(job.nbytes, _nbytes(parsed.inputs))
-
-    return decode
+) -> ExchangeDecoder:
+    return ExchangeDecoder(
+        body,
+        header_length,
+        reply.body,
+        reply.header("Content-Encoding"),
+        reply.header(HEADER_LENGTH),
+        parameter_slices,
+    )
 
 
 async def infer(

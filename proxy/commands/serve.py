@@ -80,9 +80,15 @@ def run(args: argparse.Namespace) -> int:
     config = config.model_copy(update={"server": server})
     # Model files, URLs and the database URL are checked before any migration or bind.
     from proxy.preflight import check
+    from proxy.shadow.supervisor import split_mode
+    from proxy.shadow.worker import run_loop
 
     check(config, args.config)
-    return asyncio.run(serve(config, sinks=build_sinks(config, args)))
+    if split_mode(config):
+        # The sinks live in the shadow worker process (proxy/shadow/worker.py).
+        pairs_out = getattr(args, "pairs_out", None)
+        return run_loop(serve(config, pairs_out=pairs_out), config.server.event_loop)
+    return run_loop(serve(config, sinks=build_sinks(config, args)), config.server.event_loop)
 
 
 async def serve(
@@ -90,15 +96,35 @@ async def serve(
     *,
     sinks: Sequence[PairSink] = (),
     announce: Callable[[str], None] = lambda line: print(line, flush=True),
+    pairs_out: str | None = None,
 ) -> int:
-    """Serve until SIGTERM/SIGINT; returns the exit code. Raises on a failed start."""
+    """Serve until SIGTERM/SIGINT; returns the exit code. Raises on a failed start.
+
+    With a candidate (and ``shadow.process``), this process is a live process and the
+    shadow work runs in a worker process (proxy/shadow/supervisor.py); ``pairs_out`` is
+    then the worker's JSON Lines sink.
+    """
+    from proxy.shadow.supervisor import ShadowSupervisor, split_mode
+
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # Storage on: pairs, labels, evaluations and decisions are recorded in
-    # config.storage; a schema or database it cannot use stops the start (exit code 2).
-    app = create_app(config, sinks=sinks, storage=True)
+    supervisor: ShadowSupervisor | None = None
+    if split_mode(config):
+        supervisor = ShadowSupervisor(config, pairs_out=pairs_out)
+        try:
+            await supervisor.start()
+            app = supervisor.live_app()
+        except BaseException:
+            await supervisor.stop()
+            raise
+    elif config.server.workers > 1:
+        raise ConfigError("server.workers > 1 needs a candidate and shadow.process: true")
+    else:
+        # Storage on: pairs, labels, evaluations and decisions are recorded in
+        # config.storage; a schema or database it cannot use stops the start (exit 2).
+        app = create_app(config, sinks=sinks, storage=True)
     state = app[STATE]
     limits = config.server.limits
     log_limiter = install_log_limits(limits.log_lines_per_minute)
@@ -111,10 +137,17 @@ async def serve(
         keepalive_timeout=limits.keepalive_timeout_s,
         access_log=None,
     )
-    await runner.setup()
     control_runner: web.AppRunner | None = None
     try:
-        site = web.TCPSite(runner, config.server.host, config.server.port)
+        await runner.setup()
+    except BaseException:
+        if supervisor is not None:
+            await supervisor.stop()
+        raise
+    try:
+        site = web.TCPSite(
+            runner, config.server.host, config.server.port, reuse_port=supervisor is not None
+        )
         try:
             await site.start()
         except OSError as exc:
@@ -122,6 +155,8 @@ async def serve(
                 f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}"
             ) from exc
         host, port = runner.addresses[0][:2]
+        if supervisor is not None:
+            supervisor.start_live(host, port)
         announce(f"mirrorgate: listening on http://{host}:{port}")
         announce(
             f"mirrorgate: gates preset {config.gates.preset}: {PRESET_TEXT[config.gates.preset]}"
@@ -149,7 +184,12 @@ async def serve(
         waiting: set[asyncio.Future[Any]] = {stopper}
         if state.loading is not None:
             waiting.add(state.loading)
+        if supervisor is not None and supervisor.failed is not None:
+            waiting.add(supervisor.failed)  # the worker's model load failed
         done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if supervisor is not None and supervisor.failed in done:
+            stopper.cancel()
+            raise MirrorgateError(supervisor.failed.result())
         if state.loading is not None and state.loading in done:
             error = state.loading.exception()
             if error is not None:
@@ -159,6 +199,8 @@ async def serve(
                 raise MirrorgateError(f"model load failed: {error!r}") from error
             await stopper
         state.draining = True
+        if supervisor is not None:
+            supervisor.signal_live()  # the other live processes turn 503 too
         delay = config.server.drain_delay_s
         if delay > 0:
             # Readiness is 503 now; keep serving while load balancers notice, until the
@@ -172,9 +214,15 @@ async def serve(
             config.server.shutdown_timeout_s,
         )
     finally:
+        if supervisor is not None:
+            # SIGTERM the other live processes now: they drain alongside this one.
+            supervisor.signal_live()
         if control_runner is not None:
             await control_runner.cleanup()
         await runner.cleanup()
+        if supervisor is not None:
+            # Every live process has drained into the worker: now it drains and stops.
+            await supervisor.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         remove_log_limits(log_limiter)

@@ -1,0 +1,1 @@
+"""The shadow worker: mirrored work in its own process, fed by the live path (docs/proxy.md)."""

@@ -1,0 +1,244 @@
+"""The shadow worker process: the candidate call, the pair, the recorder, the gates.
+
+``mirrorgate serve`` starts it (proxy/shadow/supervisor.py). It runs the ordinary
+:func:`proxy.app.create_app` with storage and gates on (so every sink, the rollout
+service, the harvester, the replica coordinator and the control plane behave exactly as
+in-process), on a loopback listener of its own that the live processes forward
+``/v1/...`` and ``/metrics`` to. Its :class:`~proxy.mirror.MirrorDispatcher` takes the
+jobs live processes hand off through a Unix socket (:meth:`MirrorDispatcher.take`: the
+same ``max_in_flight``/``queue_size``/``max_queue_bytes`` bounds and drop counters as
+in-process) and acks them; every rollout evaluation it applies is sent back to every live
+process as state (weight, stage, candidate stopped).
+
+SIGINT is ignored (a Ctrl-C reaches the whole process group; the supervisor decides when
+the worker stops: after the live processes drained into it); SIGTERM stops it
+gracefully: mirrored work drains (``server.shutdown_timeout_s``), sinks flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import pickle
+import signal
+import sys
+from multiprocessing.connection import Connection
+from typing import Any, cast
+
+from aiohttp import web
+from prometheus_client import Counter
+
+from proxy.app import STATE, ProxyState, create_app
+from proxy.config import MirrorgateConfig
+from proxy.errors import MirrorgateError
+from proxy.shadow import wire
+from storage.sink import PairSink
+
+log = logging.getLogger("mirrorgate.shadow")
+PR_SET_PDEATHSIG = 1
+
+
+class _Intake(asyncio.Protocol):
+    """One live process's connection."""
+
+    def __init__(self, hub: WorkerHub) -> None:
+        self.hub = hub
+        self.reader = wire.FrameReader()
+        self.jobs = 0
+        self.bytes = 0
+        self.transport: asyncio.WriteTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio's: duck-typed, as asyncio intends.
+        transport = cast(asyncio.WriteTransport, transport)
+        self.transport = transport
+        self.hub.peers.add(self)
+        self.send_state()
+
+    def data_received(self, data: bytes) -> None:
+        taken = 0
+        for kind, payload in self.reader.feed(data):
+            if kind != wire.JOB:
+                continue
+            self.hub.take(payload)
+            self.jobs += 1
+            self.bytes += len(payload)
+            taken += 1
+        if taken and self.transport is not None:
+            self.transport.write(wire.frame(wire.ACK_KIND, wire.ACK.pack(self.jobs, self.bytes)))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.hub.peers.discard(self)
+        self.transport = None
+
+    def send_state(self) -> None:
+        if self.transport is not None:
+            self.transport.write(wire.frame(wire.STATE, json.dumps(self.hub.state()).encode()))
+
+
+class WorkerHub:
+    """The worker's side of every live connection."""
+
+    def __init__(self, proxy: ProxyState, control_url: str) -> None:
+        self.proxy = proxy
+        self.control_url = control_url
+        self.peers: set[_Intake] = set()
+        self.ready = False
+        self.taken = Counter(
+            "mirrorgate_shadow_handoff_taken",
+            "Jobs the shadow worker took in from the live processes' hand-off.",
+            registry=proxy.registry,
+        )
+
+    def state(self) -> dict[str, Any]:
+        mirror = self.proxy.mirror
+        ready = self.ready and mirror is not None
+        return {
+            "control_url": self.control_url,
+            "ready": ready,
+            "weight": mirror.canary_weight if mirror is not None else 0.0,
+            "stage": mirror.stage if mirror is not None else "",
+            "stopped": mirror.candidate_stopped if mirror is not None else False,
+        }
+
+    def broadcast(self) -> None:
+        for peer in list(self.peers):
+            peer.send_state()
+
+    def take(self, payload: bytes) -> None:
+        mirror = self.proxy.mirror
+        if mirror is None:
+            # Jobs from a live process that served before the worker loaded (readiness
+            # was 503 then): counted like any other mirrored work not done.
+            self.proxy.metrics.shadow_dropped.labels(reason="worker_loading").inc()
+            return
+        try:
+            job, other = pickle.loads(payload)
+        except Exception:
+            log.exception("a handed-off job could not be read")
+            self.proxy.metrics.shadow_dropped.labels(reason="bad_job").inc()
+            return
+        self.taken.inc()
+        if mirror.candidate_stopped and job.todo == "candidate" and other is None:
+            # Handed off before the live process heard of the abort: the candidate gets
+            # nothing more (as in-process, where an aborted candidate is not mirrored).
+            return
+        mirror.take(job, other)
+
+
+def worker_entry(
+    config: MirrorgateConfig,
+    socket_path: str,
+    pairs_out: str | None,
+    conn: Connection,
+    log_level: int,
+) -> None:
+    """``multiprocessing`` target (spawn): run the worker until SIGTERM."""
+    logging.basicConfig(
+        level=log_level, format="%(asctime)s %(levelname)s %(name)s[shadow]: %(message)s"
+    )
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
+    try:
+        code = run_loop(_worker(config, socket_path, pairs_out, conn), config.server.event_loop)
+    except MirrorgateError as exc:
+        conn.send(("error", exc.message))
+        code = 2
+    except Exception as exc:
+        log.exception("the shadow worker failed")
+        conn.send(("error", f"shadow worker failed: {exc!r}"))
+        code = 2
+    sys.exit(code)
+
+
+def die_with_parent() -> None:
+    """SIGTERM this process when the serving process dies (Linux ``PR_SET_PDEATHSIG``):
+    a killed ``serve`` must not leave a worker holding the store or the decider lease.
+    It then drains and flushes as on any SIGTERM."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        log.warning("cannot tie the worker's life to serve's on this platform")
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_loop(main: Any, event_loop: str = "asyncio") -> int:
+    """``asyncio.run``, on uvloop when asked for and installed (docs/benchmarks.md)."""
+    if event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return int(uvloop.run(main))
+    return int(asyncio.run(main))
+
+
+def _sinks(config: MirrorgateConfig, pairs_out: str | None) -> list[PairSink]:
+    sinks: list[PairSink] = []
+    if pairs_out:
+        from storage.jsonl_sink import JsonlSink
+
+        sinks.append(JsonlSink(pairs_out, buffer_size=config.storage.buffer_size))
+    return sinks
+
+
+async def _worker(
+    config: MirrorgateConfig, socket_path: str, pairs_out: str | None, conn: Connection
+) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    app = create_app(config, sinks=_sinks(config, pairs_out), storage=True)
+    state = app[STATE]
+    runner = web.AppRunner(
+        app, handle_signals=False, shutdown_timeout=config.server.shutdown_timeout_s
+    )
+    await runner.setup()
+    server: asyncio.AbstractServer | None = None
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        hub = WorkerHub(state, f"http://{host}:{port}")
+        if state.rollout is not None:
+            applied = state.rollout.apply
+
+            def apply_and_broadcast(evaluation: Any) -> None:
+                if applied is not None:
+                    applied(evaluation)
+                hub.broadcast()
+
+            state.rollout.apply = apply_and_broadcast
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket_path)
+        server = await loop.create_unix_server(lambda: _Intake(hub), socket_path)
+        conn.send(("listening", hub.control_url))
+        if state.loading is not None:
+            stopper = loop.create_task(stop.wait())
+            await asyncio.wait({stopper, state.loading}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if state.loading.done() and state.loading.exception() is not None:
+                error = state.loading.exception()
+                raise (
+                    error
+                    if isinstance(error, MirrorgateError)
+                    else MirrorgateError(f"model load failed: {error!r}")
+                )
+        hub.ready = True
+        hub.broadcast()
+        log.info("shadow worker ready (control plane %s)", hub.control_url)
+        await stop.wait()
+        log.info("shadow worker stopping: draining mirrored work")
+    finally:
+        if server is not None:
+            server.close()
+        await runner.cleanup()
+        loop.remove_signal_handler(signal.SIGTERM)
+    return 0

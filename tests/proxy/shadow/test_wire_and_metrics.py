@@ -1,0 +1,147 @@
+"""The hand-off: framing, the live side's bounds and drop counts, and the metrics merge."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.config import ShadowSettings
+from proxy.metrics import ProxyMetrics
+from proxy.mirror import CallOutcome, _Job
+from proxy.shadow import wire
+from proxy.shadow.live import ShadowChannel
+from proxy.shadow.metrics_merge import merge_exposition
+
+
+def test_frames_survive_any_split_of_the_stream() -> None:
+    frames = [(wire.JOB, b"a" * n) for n in (0, 1, 5, 300)] + [(wire.ACK_KIND, b"xyz")]
+    stream = b"".join(wire.frame(kind, payload) for kind, payload in frames)
+    for step in (1, 2, 3, 7, len(stream)):
+        reader = wire.FrameReader()
+        got = []
+        for i in range(0, len(stream), step):
+            got += list(reader.feed(stream[i : i + step]))
+        assert got == frames
+
+
+def _samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text.decode())
+        for s in family.samples
+        if not s.name.endswith("_created")
+    }
+
+
+def test_counters_are_summed_and_gauges_are_the_workers() -> None:
+    live_registry, worker_registry = CollectorRegistry(), CollectorRegistry()
+    live, worker = ProxyMetrics(live_registry), ProxyMetrics(worker_registry)
+    live.observe_call("champion", 200, 0.002)
+    live.observe_call("champion", 200, 0.004)
+    live.shadow_dropped.labels(reason="handoff_full").inc(3)
+    worker.observe_call("candidate", 200, 0.003)
+    worker.shadow_dropped.labels(reason="handoff_full").inc(2)
+    worker.shadow_dropped.labels(reason="queue_full").inc(1)
+    live.rollout_canary_weight.set(0.0)
+    worker.rollout_canary_weight.set(0.25)
+    worker.shadow_queue_depth.set(7)
+
+    merged = _samples(
+        merge_exposition(generate_latest(live_registry), generate_latest(worker_registry))
+    )
+    total = "mirrorgate_proxy_requests_total"
+    assert merged[(total, (("code", "200"), ("role", "champion")))] == 2
+    assert merged[(total, (("code", "200"), ("role", "candidate")))] == 1
+    dropped = "mirrorgate_shadow_dropped_total"
+    assert merged[(dropped, (("reason", "handoff_full"),))] == 5
+    assert merged[(dropped, (("reason", "queue_full"),))] == 1
+    assert merged[("mirrorgate_rollout_canary_weight", ())] == 0.25
+    assert merged[("mirrorgate_shadow_queue_depth", ())] == 7
+    count = "mirrorgate_proxy_request_duration_seconds_count"
+    assert merged[(count, (("role", "champion"),))] == 2
+    # histogram buckets are summed too: the merged histogram is still cumulative
+    buckets = sorted(
+        (float(dict(labels)["le"]), v)
+        for (name, labels), v in merged.items()
+        if name == "mirrorgate_proxy_request_duration_seconds_bucket"
+        and dict(labels)["role"] == "champion"
+    )
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets)
+    assert buckets[-1][1] == 2
+
+
+class _Transport:
+    """Stands in for the Unix socket transport (no worker needed to test the bounds):
+    records what would be written."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.frames.append(data)
+
+
+def _channel(**settings: int) -> tuple[ShadowChannel, ProxyMetrics, _Transport]:
+    metrics = ProxyMetrics(CollectorRegistry())
+    channel = ShadowChannel("/nonexistent", ShadowSettings(**settings))
+    channel.metrics = metrics
+    transport = _Transport()
+    channel._connected(transport)  # type: ignore[arg-type]
+    return channel, metrics, transport
+
+
+def _job(i: int, payload: Any = None) -> _Job:
+    outcome = CallOutcome({"y": np.zeros((1, 2), np.float32)}, 0.001)
+    x = np.full((1, 4), i, np.float32)
+    job = _Job(f"r{i}", 0.0, {"x": x}, {}, "shadow", "champion", outcome, "candidate", 16)
+    if payload is not None:
+        job.slices = payload
+    return job
+
+
+def _dropped(metrics: ProxyMetrics, reason: str) -> float:
+    return (
+        metrics.registry.get_sample_value("mirrorgate_shadow_dropped_total", {"reason": reason})
+        or 0.0
+    )
+
+
+def test_the_handoff_bounds_outstanding_jobs_and_acks_free_room() -> None:
+    channel, metrics, transport = _channel(handoff_max_jobs=3)
+    for i in range(5):
+        channel.submit(_job(i), None)
+    assert len(transport.frames) == 3 and channel.outstanding == 3
+    assert _dropped(metrics, "handoff_full") == 2
+    channel._acked(2, 0)  # the worker took two in
+    channel.submit(_job(5), None)
+    assert len(transport.frames) == 4 and channel.outstanding == 2
+    # what was written is the job, readable on the other side
+    ((_, payload),) = wire.FrameReader().feed(transport.frames[-1])
+    job, other = pickle.loads(payload)
+    assert job.request_id == "r5" and other is None
+    assert np.array_equal(job.inputs["x"], np.full((1, 4), 5, np.float32))
+
+
+def test_a_job_that_cannot_be_pickled_is_dropped_never_raised() -> None:
+    channel, metrics, transport = _channel()
+    channel.submit(_job(0, payload={"bad": lambda: None}), None)  # type: ignore[dict-item]
+    assert transport.frames == []
+    assert _dropped(metrics, "unpicklable") == 1
+
+
+def test_jobs_lost_with_the_worker_are_counted() -> None:
+    channel, metrics, _ = _channel()
+    for i in range(4):
+        channel.submit(_job(i), None)
+    channel._acked(1, 0)
+    channel._disconnected()
+    assert _dropped(metrics, "worker_down") == 3
+    channel.submit(_job(9), None)  # no worker connected now
+    assert _dropped(metrics, "worker_down") == 4
