@@ -218,9 +218,13 @@ def _request_id(parsed: InferRequest, request: web.Request) -> str:
 async def _parse(request: web.Request) -> InferRequest:
     body = await request.read()  # raises 413 past client_max_size
     header_length = request.headers.get(HEADER_LENGTH)
+    parse = functools.partial(
+        parse_infer_request,
+        allow_nonfinite=request.app[STATE].config.server.nonfinite_inputs,
+    )
     if len(body) > OFFLOAD_BYTES:
-        return await asyncio.to_thread(parse_infer_request, body, header_length)
-    return parse_infer_request(body, header_length)
+        return await asyncio.to_thread(parse, body, header_length)
+    return parse(body, header_length)
 
 
 async def infer(request: web.Request) -> web.Response:
