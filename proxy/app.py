@@ -314,9 +314,13 @@ def _request_id(parsed: InferRequest, request: web.Request) -> str:
 
 async def _parse(request: web.Request, body: bytes) -> InferRequest:
     header_length = request.headers.get(HEADER_LENGTH)
+    parse = functools.partial(
+        parse_infer_request,
+        allow_nonfinite=request.app[STATE].config.server.nonfinite_inputs,
+    )
     if len(body) > OFFLOAD_BYTES:
-        return await asyncio.to_thread(parse_infer_request, body, header_length)
-    return parse_infer_request(body, header_length)
+        return await asyncio.to_thread(parse, body, header_length)
+    return parse(body, header_length)
 
 
 async def infer(request: web.Request) -> web.StreamResponse:

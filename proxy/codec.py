@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,6 +168,10 @@ def _parse_header_length(value: str | int | None, body_len: int) -> int | None:
     if length > body_len:
         raise _Fault(f"{HEADER_LENGTH} is {length} but the body has only {body_len} bytes")
     return length
+
+
+def _has_nonfinite(array: np.ndarray) -> bool:
+    return array.dtype.kind in "fc" and array.size > 0 and not bool(np.isfinite(array).all())
 
 
 def _refuse_constant(name: str) -> Any:
@@ -472,11 +476,18 @@ def _optional_id(value: Any) -> str | None:
 
 
 def parse_infer_request(
-    body: bytes | bytearray | memoryview, header_length: str | int | None = None
+    body: bytes | bytearray | memoryview,
+    header_length: str | int | None = None,
+    *,
+    allow_nonfinite: Collection[str] = (),
 ) -> InferRequest:
-    """Parse a V2 infer request body (JSON, or JSON header + binary tensors)."""
+    """Parse a V2 infer request body (JSON, or JSON header + binary tensors).
+
+    JSON NaN/Infinity (and numbers overflowing to infinity) are refused unless the
+    input's name is in ``allow_nonfinite`` ("*": every input); with any name allowed,
+    the inputs not allowed are checked after decoding instead."""
     try:
-        doc, binary = _split_body(body, header_length, "request JSON", finite=True)
+        doc, binary = _split_body(body, header_length, "request JSON", finite=not allow_nonfinite)
         params = doc.get("parameters") or {}
         if not isinstance(params, dict):
             raise _Fault("'parameters' must be an object")
@@ -485,6 +496,10 @@ def parse_infer_request(
         inputs = _decode_tensors(doc["inputs"], binary, "input")
         if not inputs:
             raise _Fault("request has no inputs")
+        if allow_nonfinite and "*" not in allow_nonfinite:
+            for name, array in inputs.items():
+                if name not in allow_nonfinite and _has_nonfinite(array):
+                    raise _Fault(f"input {name!r} has a non-finite number (NaN or Infinity)")
         bdo = params.get("binary_data_output", False)
         return InferRequest(
             id=_optional_id(doc.get("id")),
@@ -575,7 +590,7 @@ def _tensor_json_data(array: np.ndarray, datatype: str) -> list[Any] | None:
             return [b.decode("utf-8") for b in _bytes_elements(array)]
         except UnicodeDecodeError:
             return None
-    if array.dtype.kind in "fc" and array.size and not np.isfinite(array).all():
+    if _has_nonfinite(array):
         # NaN/Infinity are not JSON: such a tensor goes binary (IEEE bits, exact),
         # never as a bare NaN token that JSON parsers reject.
         return None

@@ -114,6 +114,11 @@ class ServerSettings(_Strict):
         description="serve the control plane (/v1/...) and /metrics on their own listener "
         "at this port (0: any free port), not on the data port; unset: one listener",
     )
+    nonfinite_inputs: list[str] = Field(
+        [],
+        description="inputs whose JSON data may carry NaN/Infinity ('*': all); every "
+        "other input refuses them with a 400",
+    )
     metrics_token: SecretStr | None = Field(
         None, description="when set, /metrics wants Authorization: Bearer <metrics_token>"
     )

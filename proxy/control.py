@@ -312,7 +312,9 @@ async def rollout_action(request: web.Request) -> web.Response:
     action = request.match_info["action"]
     if action not in MANUAL_ACTIONS:
         raise web.HTTPNotFound(text=f"unknown action {action!r}; one of {MANUAL_ACTIONS}")
-    body = await _json(request) if request.can_read_body else {}
+    # body_exists, not can_read_body: the body may already be read (and cached) by
+    # the limits middleware, which leaves the stream at its end.
+    body = await _json(request) if request.body_exists else {}
     if not isinstance(body, dict):
         raise BadRequest("expected a JSON object {'who': ..., 'why': ...}")
     who, why = body.get("who"), body.get("why")
