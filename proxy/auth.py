@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Scope = Literal["read", "write"]
+# RFC 6750 section 3: a token was given and is wrong (a missing one gets the bare challenge)
+INVALID_TOKEN = {"WWW-Authenticate": 'Bearer realm="mirrorgate", error="invalid_token"'}
 
 
 def check_bearer(request: web.Request, token: SecretStr | str | None) -> None:
@@ -44,7 +46,7 @@ def check_bearer(request: web.Request, token: SecretStr | str | None) -> None:
     if not hmac.compare_digest(given_bytes, secret.encode("utf-8")):
         raise Unauthorized(
             "invalid bearer token",
-            headers={"WWW-Authenticate": 'Bearer realm="mirrorgate", error="invalid_token"'},
+            headers=INVALID_TOKEN,
         )
 
 
@@ -92,7 +94,7 @@ def check_scope(config: MirrorgateConfig, scope: Scope, given: str | None) -> No
     try:
         raw = given.strip().encode("ascii")
     except UnicodeEncodeError:
-        raise Unauthorized("invalid bearer token") from None
+        raise Unauthorized("invalid bearer token", headers=INVALID_TOKEN) from None
     matched = False
     for token in tokens:
         matched |= hmac.compare_digest(raw, token)
@@ -103,7 +105,7 @@ def check_scope(config: MirrorgateConfig, scope: Scope, given: str | None) -> No
             raise Unauthorized(
                 "this token may only read: the action needs the write token", status=403
             )
-        raise Unauthorized("invalid bearer token")
+        raise Unauthorized("invalid bearer token", headers=INVALID_TOKEN)
 
 
 def bearer_of(request: web.Request) -> str | None:

@@ -69,6 +69,10 @@ def live_config(upstream: str, db: Path) -> dict[str, Any]:
     config["replicas"] = {"enabled": False}
     config["server"].update(host="127.0.0.1", shutdown_timeout_s=5)
     config["lifecycle"]["identity_poll_s"] = 0.2
+    # No labels here: the regressed revision (every top class flipped) is caught by the
+    # tolerance checks, which block under the `equivalence` preset (under the shipped
+    # `retrained` preset they are evidence and the labelled accuracy gate decides).
+    config["gates"]["preset"] = "equivalence"
     for stage in config["rollout"]["stages"]:
         stage.update(min_pairs=40, min_labels=0, min_duration_s=0, require=["tolerance"])
     config["rollout"].update(evaluate_every_pairs=16, evaluate_every_s=0.2)

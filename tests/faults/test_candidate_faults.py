@@ -109,5 +109,10 @@ async def test_slow_candidate_is_recorded_with_its_latency_and_not_as_a_failure(
     assert errors["details"]["candidate_rate"] == 0.0
     latency = [g for g in status["gates"] if g["name"].startswith("latency.")]
     assert latency and all(g["n"] == N for g in latency)
-    # the gate sees the candidate slower at every quantile it watches
-    assert all(g["details"]["candidate_ms"] > g["details"]["champion_ms"] for g in latency)
+    # the gate sees the candidate slower at every quantile it watches, and the paired
+    # check sees it over the limit on every request (10x and more slower)
+    quantiles = [g for g in latency if g["name"] != "latency.paired"]
+    assert quantiles
+    assert all(g["details"]["candidate_ms"] > g["details"]["champion_ms"] for g in quantiles)
+    paired = next(g for g in latency if g["name"] == "latency.paired")
+    assert paired["statistic"] == 1.0
