@@ -245,7 +245,7 @@ async def rollouts_list(request: web.Request) -> web.Response:
 async def rollouts_close(request: web.Request) -> web.Response:
     """Close the rollout of ``revision`` (a post-rollout hook). 409 when stale."""
     _rollout(_state(request))
-    body = await _json(request) if request.can_read_body else {}
+    body = await _json(request) if request.body_exists else {}
     if not isinstance(body, dict):
         raise BadRequest("expected a JSON object {'who'?, 'why'?}")
     revision = parse_revision(request.match_info["revision"])

@@ -68,7 +68,7 @@ async def forward(
 
     Mirrorgate's own failures (unreachable upstream, deadline) raise and are logged."""
     headers = client_request_headers(request.headers)
-    if body is None and request.can_read_body:
+    if body is None and request.body_exists:
         body = await request.read()
     try:
         reply = await backend.forward(

@@ -158,6 +158,16 @@ def control_state(engine: RolloutEngine) -> dict[str, Any]:
     return json_safe({**engine.state_dict(), "gates": {}})
 
 
+def _unchanged_since_end(engine: RolloutEngine, decider: dict[str, Any] | None) -> bool:
+    """The rollout has ended (promoted or aborted) and the merged evidence is what its
+    last evaluation counted. Pairs still mirrored after an abort (shadow_after_abort) or
+    labels still arriving are a change: those are evaluated at the usual cadence."""
+    if engine.terminal is None:
+        return False
+    last = (decider or {}).get("evaluation") or {}
+    return (engine.pairs, engine.labels) == (last.get("pairs"), last.get("labels"))
+
+
 def json_safe(value: Any) -> Any:
     """Non-finite floats become null (PostgreSQL's JSONB has no Infinity/NaN)."""
     if isinstance(value, float):
@@ -415,6 +425,10 @@ class ReplicaCoordinator:
         ledger = self._ledger(decider, labelled)
         if labelled:
             engine.observe_labelled(labelled)
+        if not force and not labelled and _unchanged_since_end(engine, decider):
+            # An ended rollout evaluated on the same evidence says the same thing: no
+            # new gate_evaluations rows every evaluate_every_s for as long as it lives.
+            return None
         if not (force or engine.due(now)):
             if not labelled:
                 return None

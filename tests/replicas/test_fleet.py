@@ -45,6 +45,9 @@ def _config(url: str, name: str) -> Any:
             "server": {"model_name": "digits", "control_token": TOKEN},
             "models": {"champion": model("champion"), "candidate": model("candidate_good")},
             "storage": {"url": url, "flush_interval_ms": 50},
+            # Not the default (0: the controller switches the stable service): a weight
+            # after a promote that no stage has, so the restart test sees the decision.
+            "lifecycle": {"canary_weight_after_promote": 1.0},
             "rollout": {
                 "stages": [
                     {"name": "shadow", "min_pairs": 100_000},
@@ -254,5 +257,77 @@ async def test_labels_for_long_waiting_pairs_reach_the_gates_from_any_replica(
         for n in ("a", "b"):
             queues = (await fleet.get(n, "/v1/rollout"))["queues"]
             assert queues["labels_unmatched"] == 0
+    finally:
+        db.dispose()
+
+
+async def test_an_ended_rollout_is_evaluated_again_only_when_its_evidence_changes(
+    fleet: Fleet,
+) -> None:
+    """After an abort the decider keeps stepping, but writes no evaluation (no new
+    gate_evaluations rows, no new seq) while the evidence stays what the last one
+    counted; a label that reaches the gates afterwards is evaluated once."""
+    a = await fleet.start("a")
+    await fleet.start("b")
+    (leader,) = await _until(lambda: _one(fleet.deciders()), "one decider")
+    resp = await a.post("/v1/rollout/abort", headers=AUTH, json={"who": "ana", "why": "bad"})
+    assert resp.status == 200, await resp.text()
+
+    async def aborted() -> bool:
+        return await fleet.verdicts() == {"abort"}
+
+    await _until(aborted, "both replicas on abort")
+    rid = fleet.coordinator("a").rollout_id
+    db = Database(fleet.url)
+
+    def evaluations() -> tuple[int, int, int]:
+        """(decider seq, its evaluation's labels, evaluations stored)"""
+        state = read_decider(db, rid) or {}
+        with db.engine.connect() as conn:
+            stored = conn.execute(
+                text(
+                    "SELECT count(DISTINCT details->>'seq') FROM gate_evaluations "
+                    "WHERE rollout_id = :r"
+                ),
+                {"r": rid},
+            ).scalar()
+        return int(state["seq"]), int(state["evaluation"]["labels"]), int(stored or 0)
+
+    async def decider_steps(n: int) -> None:
+        # Each sync waits snapshot_every_s (0.1 s) before the next: n syncs span well
+        # over evaluate_every_s (0.2 s), so the time cadence fell due in between.
+        coordinator = fleet.coordinator(leader)
+        target = coordinator.counters.snapshots + n
+        await _until(
+            lambda: asyncio.sleep(0, coordinator.counters.snapshots >= target),
+            f"{n} decider steps",
+        )
+
+    try:
+        seq, labels, stored = await asyncio.to_thread(evaluations)
+        assert labels == 0
+        await decider_steps(10)
+        assert await asyncio.to_thread(evaluations) == (seq, 0, stored)
+
+        # Something changed: a pair recorded (through replica a's own recorder) and its
+        # label posted to b reach the ledger; the decider evaluates that once.
+        persistence = a.app[STATE].persistence
+        assert persistence is not None and persistence.recorder is not None
+        (pair,) = records(Scenario(n_classes=10), 1, seed=3)
+        assert persistence.recorder.submit(dataclasses.replace(pair, id="late-1", label=None))
+        assert await persistence.recorder.flush(60)
+        resp = await fleet.clients["b"].post(
+            "/v1/feedback", headers=AUTH, json=[{"id": "late-1", "label": 3}]
+        )
+        assert resp.status == 202, await resp.text()
+        assert (await resp.json())["joined"] == 1
+
+        async def evaluated() -> bool:
+            return (await asyncio.to_thread(evaluations))[1] == 1
+
+        await _until(evaluated, "the label evaluated")
+        await decider_steps(10)
+        assert await asyncio.to_thread(evaluations) == (seq + 1, 1, stored + 1)
+        assert [d.verdict for d in Store(db).decisions(rid)] == ["abort"]
     finally:
         db.dispose()

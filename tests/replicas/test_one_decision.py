@@ -115,24 +115,21 @@ def test_the_merged_engine_equals_one_proxys_engine_cell_by_cell() -> None:
         _close(h.threshold, g.threshold, f"{key}.threshold")
         # per-cell alpha (the budget split), e-values, intervals: all in the details
         _close(json_safe(h.details), json_safe(g.details), f"{key}.details")
-    # the slice cells' alpha is split over the one configured key, not max_keys
+    # the slice cells carry their share of the budget, the same on both sides (checked
+    # in the details above); since gates/cells.py spends it by order of first appearance,
+    # the raw settings no longer split it over max_keys either.
     alphas = {g.details["alpha"] for k, g in want.items() if k in sliced and "alpha" in g.details}
     assert alphas, "slice cells carry their alpha"
-    raw = RolloutEngine(config.gates, config.rollout, task="auto", start_ts=0.0)
-    _feed(raw, traffic)
-    raw_alphas = {
-        g.details["alpha"]
-        for g in raw.results()
-        if g.slice.startswith("platform=") and "alpha" in g.details
-    }
-    assert max(raw_alphas) < min(alphas), "the raw settings would split over max_keys"
 
 
-def _single_decision(config: MirrorgateConfig, traffic: list[PairRecord]) -> tuple[str, int]:
+def _single_decision(
+    config: MirrorgateConfig, traffic: list[PairRecord], *, every: int = STEP
+) -> tuple[str, int]:
+    """One proxy's engine fed ``traffic``, looking when due after every ``every`` pairs."""
     engine = _proxy_engine(config)
     for i in range(0, len(traffic), STEP):
         _feed(engine, traffic[i : i + STEP])
-        if engine.due(0.0):
+        if (i + STEP) % every == 0 and engine.due(0.0):
             ev = engine.evaluate(0.0)
             if ev.verdict in ("promote", "abort"):
                 return ev.verdict, engine.pairs
@@ -160,13 +157,20 @@ def _replicas_decision(config: MirrorgateConfig, traffic: list[PairRecord]) -> t
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_replicas_decide_within_one_snapshot_period_of_one_proxy(seed: int) -> None:
+def test_replicas_decide_where_one_proxy_looking_at_the_same_points_decides(seed: int) -> None:
     config = _config()
     traffic = _traffic(12_000, seed=seed)
     verdict, at = _single_decision(config, traffic)
     assert verdict == "abort", (verdict, at)  # the test needs a decision to compare
     r_verdict, r_at = _replicas_decision(config, traffic)
     assert r_verdict == verdict
-    # the decider looks once per snapshot: at most one period of traffic later, and
-    # never earlier than the single proxy's previous look
-    assert at - ROLLOUT["evaluate_every_pairs"] <= r_at <= at + SNAPSHOT_PAIRS, (at, r_at)
+    # One decision function: a single proxy's engine that looks where the decider looks
+    # (once per snapshot period) decides at the very same point.
+    assert _single_decision(config, traffic, every=SNAPSHOT_PAIRS) == (r_verdict, r_at)
+    # Looking less often never decides earlier than the single proxy's previous look.
+    # It may decide more than one period later: an e-value is a betting wealth, not
+    # monotone, so the decider's first look after one proxy's crossing can find it back
+    # under the threshold (seed 3: one proxy at 5,000 pairs, the replicas at 5,700, and
+    # one proxy looking every 300 pairs at 5,700 too). Same looks, same decision:
+    # tests/replicas/test_one_proxy_vs_replicas.py shows it with real processes.
+    assert r_at >= at - ROLLOUT["evaluate_every_pairs"], (at, r_at)

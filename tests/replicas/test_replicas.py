@@ -23,7 +23,6 @@ import json
 import os
 import signal
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +40,23 @@ from proxy.replicas import decider_engine
 from storage.db import Database
 from storage.replicas import ledger_counts, read_decider, replica_snapshots
 from storage.store import Store
+from tests.replicas.processes import (
+    AUTH,
+    ROOT,
+    TOKEN,
+    Replica,
+    get_json,
+    print_logs,
+    ready,
+    start_serve,
+    stop_all,
+    until,
+)
 from tests.support.postgres import PostgresServer
 
 pytestmark = pytest.mark.postgres
 
-ROOT = Path(__file__).resolve().parents[2]
-TOKEN = "s3cret"
 CONCURRENCY = 4
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 GATES = {
     # As in tests/proxy/test_rollout_online.py: the champion and candidates differ in
     # architecture, so tolerance and per-class recall are evidence; paired accuracy decides.
@@ -82,51 +90,6 @@ def _config(url: str) -> dict[str, Any]:
         "rollout": ROLLOUT,
         "replicas": {"enabled": True, "snapshot_every_s": 0.5, "lease_retry_s": 0.5},
     }
-
-
-@dataclass
-class Replica:
-    name: str
-    proc: asyncio.subprocess.Process
-    url: str
-
-
-async def _start(name: str, config: Path) -> Replica:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MIRRORGATE_")}
-    env.update(PYTHONPATH=str(ROOT), MIRRORGATE_REPLICAS__REPLICA_ID=name)
-    # the replica's log, shown when the test fails (the child keeps its own descriptor)
-    log = os.open(config.parent / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "serve",
-        "--config",
-        str(config),
-        "--port",
-        "0",
-        cwd=config.parent,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=log,
-    )
-    os.close(log)
-    assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode()
-    assert line.startswith("mirrorgate: listening on "), line
-    return Replica(name, proc, line.split()[-1])
-
-
-async def _until(predicate: Any, what: str, timeout_s: float = 90.0) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 class Driver:
@@ -182,12 +145,6 @@ class Driver:
         await asyncio.gather(*sending)
 
 
-async def _json(session: aiohttp.ClientSession, url: str) -> Any:
-    async with session.get(url, headers=AUTH) as resp:
-        assert resp.status == 200, await resp.text()
-        return await resp.json()
-
-
 def _snapshot_pairs(db: Database, rollout_id: str) -> int:
     return sum(int((s.state or {}).get("pairs", 0)) for s in replica_snapshots(db, rollout_id))
 
@@ -207,7 +164,7 @@ def _rollout_id(db: Database) -> str | None:
 
 
 async def _deciders(session: aiohttp.ClientSession, replicas: list[Replica]) -> list[Replica]:
-    statuses = [await _json(session, f"{r.url}/v1/rollout") for r in replicas]
+    statuses = [await get_json(session, f"{r.url}/v1/rollout") for r in replicas]
     return [r for r, s in zip(replicas, statuses, strict=True) if s["replica"]["decider"]]
 
 
@@ -224,7 +181,7 @@ async def test_three_replicas_one_decision_through_kills_and_a_restart(
     replicas: list[Replica] = []
     try:
         # Started together: the schema is created once (under an advisory lock).
-        replicas += await asyncio.gather(*(_start(f"r{i}", config_path) for i in range(3)))
+        replicas += await asyncio.gather(*(start_serve(f"r{i}", config_path) for i in range(3)))
         traffic = Traffic(scenario("fast", id_prefix="rep"))
         events = list(traffic.events())
 
@@ -236,10 +193,10 @@ async def test_three_replicas_one_decision_through_kills_and_a_restart(
         cut1, cut2 = cut_at(225), cut_at(750)
         async with aiohttp.ClientSession() as session:
             for r in replicas:
-                await _until(lambda r=r: _ready(session, r), f"{r.name} ready", timeout_s=120)
+                await until(lambda r=r: ready(session, r), f"{r.name} ready", timeout_s=120)
             driver = Driver(session, traffic)
             await driver.run(events[:cut1], replicas)
-            rollout_id = await _until(
+            rollout_id = await until(
                 lambda: asyncio.to_thread(_rollout_id, db), "the shared rollout"
             )
 
@@ -255,8 +212,8 @@ async def test_three_replicas_one_decision_through_kills_and_a_restart(
 
                 return await asyncio.to_thread(both)
 
-            await _until(recorded, "every pair stored and snapshotted")
-            (victim,) = await _until(
+            await until(recorded, "every pair stored and snapshotted")
+            (victim,) = await until(
                 lambda: _one(_deciders(session, replicas)), "exactly one decider"
             )
             seq_before = read_decider(db, rollout_id)
@@ -269,16 +226,16 @@ async def test_three_replicas_one_decision_through_kills_and_a_restart(
 
             # The next part over the survivors; labels of the victim's requests too.
             await driver.run(events[cut1:cut2], live)
-            await _until(recorded, "every pair stored and snapshotted")
-            (leader,) = await _until(lambda: _one(_deciders(session, live)), "one decider")
+            await until(recorded, "every pair stored and snapshotted")
+            (leader,) = await until(lambda: _one(_deciders(session, live)), "one decider")
             assert leader is not victim
             follower = next(r for r in live if r is not leader)
             follower.proc.send_signal(signal.SIGKILL)  # a non-decider this time
             await follower.proc.wait()
             # ... and its container restarts in its pod (same replica id)
-            restarted = await _start(follower.name, config_path)
+            restarted = await start_serve(follower.name, config_path)
             replicas.append(restarted)
-            await _until(lambda: _ready(session, restarted), "the restart ready", 120)
+            await until(lambda: ready(session, restarted), "the restart ready", 120)
             survivors = [leader, restarted]
             await driver.run(events[cut2:], survivors)
             assert driver.labels == len(traffic.labels())  # every label acknowledged
@@ -300,7 +257,7 @@ async def test_three_replicas_one_decision_through_kills_and_a_restart(
                     ).all()
                 if (ev["pairs"], ev["labels"]) != (driver.rows, driver.labels):
                     return None
-                bodies = [await _json(session, f"{r.url}/v1/rollout/verdict") for r in survivors]
+                bodies = [await get_json(session, f"{r.url}/v1/rollout/verdict") for r in survivors]
                 seen["bodies"] = bodies
                 if any((b["pairs"], b["labels"]) != (driver.rows, driver.labels) for b in bodies):
                     return None
@@ -309,7 +266,7 @@ async def test_three_replicas_one_decision_through_kills_and_a_restart(
                 return state, bodies
 
             try:
-                state, bodies = await _until(settled, "the decider's verdict on all traffic")
+                state, bodies = await until(settled, "the decider's verdict on all traffic")
             except AssertionError:
                 print("last seen:", seen)
                 raise
@@ -319,7 +276,7 @@ async def test_three_replicas_one_decision_through_kills_and_a_restart(
             assert any("platform=mobile" in f for f in verdict["failing"]), verdict
             assert verdict["canary_weight"] == 0.0
             for r in survivors:
-                full = await _json(session, f"{r.url}/v1/rollout")
+                full = await get_json(session, f"{r.url}/v1/rollout")
                 assert full["verdict"] == "abort" and full["canary_weight"] == 0.0
                 assert full["queues"]["labels_unmatched"] == 0
                 async with session.get(f"{r.url}/metrics") as resp:
@@ -439,35 +396,16 @@ async def test_three_replicas_one_decision_through_kills_and_a_restart(
         }
         assert any("platform=mobile" in f for f in replay_failing), replay_failing
     except BaseException:
-        for r in replicas:  # the replicas' own logs, for the failure report
-            log = tmp_path / f"{r.name}.log"
-            if log.exists():
-                print(f"--- {r.name} ---\n{log.read_text(errors='replace')[-4000:]}")
+        print_logs(tmp_path, replicas)
         raise
     finally:
-        for r in replicas:
-            if r.proc.returncode is None:
-                r.proc.send_signal(signal.SIGTERM)
-        for r in replicas:
-            try:
-                await asyncio.wait_for(r.proc.wait(), 30)
-            except TimeoutError:
-                r.proc.kill()
-                await r.proc.wait()
+        await stop_all(replicas)
         db.dispose()
 
 
 async def _one(items: Any) -> Any:
     got = await items
     return got if len(got) == 1 else None
-
-
-async def _ready(session: aiohttp.ClientSession, replica: Replica) -> bool:
-    try:
-        async with session.get(f"{replica.url}/v2/health/ready") as resp:
-            return resp.status == 200
-    except aiohttp.ClientError:
-        return False
 
 
 def _unlabelled(p: PairRecord) -> PairRecord:
