@@ -26,6 +26,7 @@ from storage.db import Database
 from storage.files import read_pairs, write_pairs
 from storage.migrate import alembic_config, head_revision, upgrade
 from storage.recorder import SqlRecorder
+from storage.settings import StorageSettings
 from storage.store import Store
 from tests.proxy.test_output_kinds import OPSET, mirrored_pairs
 from tests.storage.factories import CANDIDATE, CHAMPION
@@ -100,9 +101,7 @@ async def test_the_recorder_keeps_descriptors(db, db_url, store, rollout):
     await rec.aclose()
 
 
-def _settings(url: str):  # noqa: ANN202 - test helper
-    from storage.settings import StorageSettings
-
+def _settings(url: str) -> StorageSettings:
     return StorageSettings.model_validate(
         {"url": url, "batch_size": 10, "flush_interval_ms": 20, "close_timeout_s": 30}
     )
