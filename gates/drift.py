@@ -8,7 +8,10 @@ reported as evidence beside the test.
 
 Output divergence (blocking, a candidate failure). On the same requests, for each
 coordinate j of the output distribution (the share of class j for classifiers, the CDF at
-bin edge j for regression outputs) the paired difference
+bin edge j for regression outputs; per output kind: each element's CDF and the norm's for
+vector regression, the norm's and the cosine-to-the-champion's-mean-direction's CDF for
+embeddings, the shares of the top champion strings and ``__other__`` for strings, each
+label's positive share for multi-label; docs/gates.md, "Output kinds") the paired difference
 ``d_j = 1[cand in j] - 1[champ in j]`` lies in {-1, 0, 1}; its mean is the difference of
 the two marginal shares. FAIL: the betting e-process rejects ``mean_j <= ks`` or
 ``mean_j >= -ks`` for some coordinate at level ``alpha / (2m)`` (Bonferroni over
@@ -172,10 +175,7 @@ class OutputDriftGate(Gate):
 
     def _kind(self, batch: PairBatch) -> str | None:
         if self.kind is None:
-            kind = batch_kind(batch, self.settings.kind, self.settings.kinds, self.task)
-            if kind is None and self.task == "regression":
-                kind = "scalar_regression"
-            self.kind = kind
+            self.kind = batch_kind(batch, self.settings.kind, self.settings.kinds, self.task)
         return self.kind
 
     def _values(self, kind: str, rows: FloatArray) -> list[FloatArray]:
@@ -525,15 +525,8 @@ class OutputDriftGate(Gate):
                 self.channels = [_Channel("output", "cdf", size, self.edges)]
             else:
                 self.channels = [_Channel("class", "shares", size)]
-        else:
-            self.channels = (
-                [_Channel("output", "cdf", len(self.edges) + 1, self.edges)]
-                if self.edges is not None
-                and not self.reference
-                and state.get("kind") is None
-                and self.task == "regression"
-                else None
-            )
+        else:  # nothing counted yet: the next batch sets the channels (edges kept)
+            self.channels = None
 
 
 # ============================================================================ input
