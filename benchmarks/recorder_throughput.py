@@ -50,9 +50,15 @@ def make_records(n: int, with_inputs: bool) -> list[PairRecord]:
             PairRecord(
                 id=f"bench-{i}",
                 ts=1_764_050_000.0 + i * 1e-3,
-                champion=ModelResult(np.array([1 - p, p]), 3.0, None),
+                # descriptors as the live mirror sets them (stored since migration 0003)
+                champion=ModelResult(np.array([1 - p, p]), 3.0, None, "probs", "FP32", (2,)),
                 candidate=ModelResult(
-                    np.array([p, 1 - p]) if i % 10 == 0 else np.array([1 - p, p]), 4.0, None
+                    np.array([p, 1 - p]) if i % 10 == 0 else np.array([1 - p, p]),
+                    4.0,
+                    None,
+                    "probs",
+                    "FP32",
+                    (2,),
                 ),
                 slices={"platform": "mobile" if i % 2 else "web"},
                 features={"age": 20 + i % 50, "income": 1000.0 + i},

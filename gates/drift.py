@@ -8,7 +8,10 @@ reported as evidence beside the test.
 
 Output divergence (blocking, a candidate failure). On the same requests, for each
 coordinate j of the output distribution (the share of class j for classifiers, the CDF at
-bin edge j for regression outputs) the paired difference
+bin edge j for regression outputs; per output kind: each element's CDF and the norm's for
+vector regression, the norm's and the cosine-to-the-champion's-mean-direction's CDF for
+embeddings, the shares of the top champion strings and ``__other__`` for strings, each
+label's positive share for multi-label; docs/gates.md, "Output kinds") the paired difference
 ``d_j = 1[cand in j] - 1[champ in j]`` lies in {-1, 0, 1}; its mean is the difference of
 the two marginal shares. FAIL: the betting e-process rejects ``mean_j <= ks`` or
 ``mean_j >= -ks`` for some coordinate at level ``alpha / (2m)`` (Bonferroni over
@@ -36,8 +39,9 @@ import numpy as np
 from scipy.special import betaincinv, chdtrc
 
 from gates.base import Gate, status_of
-from gates.batch import FloatArray, PairBatch, as_batch, scalars
+from gates.batch import FloatArray, PairBatch, as_batch, batch_kind
 from gates.cells import OTHER
+from gates.kinds import multilabel_decisions, softmax
 from gates.records import PairRecord
 from gates.result import AGGREGATE, GateResult, Method, Status, fmt
 from gates.stats import (
@@ -81,6 +85,66 @@ def _hist(values: FloatArray, edges: FloatArray) -> FloatArray:
 # =========================================================================== output
 
 
+class _Channel:
+    """One group of output-drift coordinates: a distribution and how it is binned.
+
+    ``shares``: category counts (classes, strings over fixed top values + ``__other__``),
+    one coordinate per category; ``labels``: independent 0/1 decisions (multi-label), one
+    coordinate per label; ``cdf``: a one-dimensional value binned at fixed edges, one
+    coordinate per edge (the CDF there).
+    """
+
+    def __init__(
+        self,
+        label: str,
+        mode: str,
+        size: int,
+        edges: FloatArray | None = None,
+        categories: list[str] | None = None,
+    ) -> None:
+        self.label, self.mode, self.size = label, mode, size
+        self.edges, self.categories = edges, categories
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "mode": self.mode,
+            "size": self.size,
+            "edges": None if self.edges is None else self.edges.tolist(),
+            "categories": self.categories,
+        }
+
+    @classmethod
+    def from_state(cls, s: dict[str, Any]) -> _Channel:
+        edges = s.get("edges")
+        return cls(
+            str(s["label"]),
+            str(s["mode"]),
+            int(s["size"]),
+            None if edges is None else np.asarray(edges, dtype=np.float64),
+            s.get("categories"),
+        )
+
+    def same(self, other: _Channel) -> bool:
+        return self.state() == other.state()
+
+
+#: kinds whose drift coordinates are class shares (the predicted class of each row)
+_CLASS_KINDS = frozenset({"class_index", "probabilities", "logits"})
+#: kinds whose bins come from a reference (the first ``reference_size`` champion outputs)
+_CALIBRATED = frozenset({"scalar_regression", "vector_regression", "embedding", "string"})
+
+
+def _rows(arr: FloatArray) -> FloatArray:
+    return arr.reshape(arr.shape[0], -1)
+
+
+def _cosine_to(rows: FloatArray, center: FloatArray) -> FloatArray:
+    norms = np.linalg.norm(rows, axis=1) * float(np.linalg.norm(center))
+    out: FloatArray = (rows @ center) / np.where(norms > 0, norms, 1.0)
+    return out
+
+
 class OutputDriftGate(Gate):
     family = "drift.output"
 
@@ -92,86 +156,226 @@ class OutputDriftGate(Gate):
     def blocking(self) -> bool:
         return self.settings.drift.output.blocking
 
-    @property
-    def applicable(self) -> bool:
-        return self.task != "embedding"
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         cfg = self.settings.drift.output
         self.n = 0.0
-        # classification: shares per class; regression: histograms over fixed edges
+        self.kind: str | None = None  # fixed by the first batch with outputs
+        # per channel, concatenated: champion, candidate and "both" counts
         self.counts: dict[str, FloatArray] = {}
+        self.channels: list[_Channel] | None = None
+        # scalar regression: configured bin edges (other kinds calibrate their bins)
         self.edges: FloatArray | None = (
             np.asarray(sorted(cfg.edges), dtype=np.float64) if cfg.edges else None
         )
-        self.reference: list[float] = []
+        self.center: FloatArray | None = None  # embeddings: the champion's mean direction
+        self.reference: list[Any] = []
+
+    # ------------------------------------------------------------------ views per kind
+
+    def _kind(self, batch: PairBatch) -> str | None:
+        if self.kind is None:
+            self.kind = batch_kind(batch, self.settings.kind, self.settings.kinds, self.task)
+        return self.kind
+
+    def _values(self, kind: str, rows: FloatArray) -> list[FloatArray]:
+        """The 1-D values of each cdf channel for these output rows."""
+        if kind == "scalar_regression":
+            return [rows[:, 0]]
+        if kind == "vector_regression":
+            width = min(rows.shape[1], self.settings.drift.output.max_elements)
+            return [rows[:, j] for j in range(width)] + [np.linalg.norm(rows, axis=1)]
+        assert self.center is not None
+        return [np.linalg.norm(rows, axis=1), _cosine_to(rows, self.center)]
+
+    def _calibrate(self) -> None:
+        """Fix the bins from the reference champion outputs (then not tested)."""
+        cfg = self.settings.drift.output
+        kind = self.kind
+        if kind == "string":
+            counts = Counter(str(v) for v in self.reference)
+            top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+            cats = [k for k, _ in top[: cfg.max_categories - 1]] + [OTHER]
+            self.channels = [_Channel("output", "shares", len(cats), categories=cats)]
+        elif kind == "scalar_regression":
+            edges = _edges_from(np.asarray(self.reference, dtype=np.float64), cfg.bins)
+            self.edges = edges
+            self.channels = [_Channel("output", "cdf", len(edges) + 1, edges)]
+        else:
+            rows = np.asarray(self.reference, dtype=np.float64)
+            if kind == "embedding":
+                unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-300)
+                self.center = unit.mean(axis=0)
+                labels = ["norm", "cosine to the champion's mean direction"]
+            else:
+                width = min(rows.shape[1], cfg.max_elements)
+                labels = [f"element {j}" for j in range(width)] + ["norm"]
+            self.channels = []
+            for label, values in zip(labels, self._values(str(kind), rows), strict=True):
+                edges = _edges_from(values, cfg.bins)
+                self.channels.append(_Channel(label, "cdf", len(edges) + 1, edges))
+        self.reference = []
 
     def _update(self, batch: PairBatch) -> None:
-        if batch.champion is None or batch.candidate is None or not batch.comparable.any():
+        if not batch.comparable.any():
+            return
+        kind = self._kind(batch)
+        if kind is None:
             return
         mask = batch.comparable
-        ch = np.nan_to_num(batch.champion[mask])
-        ca = np.nan_to_num(batch.candidate[mask])
-        if self.task == "classification":
+        if kind == "string":
+            if batch.champion_text is None or batch.candidate_text is None:
+                return
+            idx = np.flatnonzero(mask)
+            tc = [batch.champion_text[i] or "" for i in idx]
+            ta = [batch.candidate_text[i] or "" for i in idx]
+            rc = ra = None
+        else:
+            if batch.champion is None or batch.candidate is None:
+                return
+            if batch.champion.shape[1:] != batch.candidate.shape[1:]:
+                return  # contract faults: counted by the contract gate
+            rc = _rows(np.nan_to_num(batch.champion[mask]))
+            ra = _rows(np.nan_to_num(batch.candidate[mask]))
+            tc = ta = []
+        if kind in _CLASS_KINDS:
             pcb, pab = batch.probabilities("champion"), batch.probabilities("candidate")
+            if kind == "logits" and rc is not None and ra is not None:
+                pcb, pab = softmax(rc), softmax(ra)
+            elif pcb is not None and pab is not None:
+                pcb, pab = pcb[mask], pab[mask]
             if pcb is None or pab is None or pcb.shape != pab.shape:
                 return
-            pc, pa = pcb[mask], pab[mask]
-            c = pc.shape[1]
-            yc, ya = pc.argmax(axis=1), pa.argmax(axis=1)
-            new = {
-                "champion": np.bincount(yc, minlength=c).astype(np.float64),
-                "candidate": np.bincount(ya, minlength=c).astype(np.float64),
-                "both": np.bincount(yc[yc == ya], minlength=c).astype(np.float64),
-            }
-        elif self.task == "regression":
-            vc, va = scalars(ch), scalars(ca)
-            if self.edges is None:
-                cfg = self.settings.drift.output
-                take = cfg.reference_size - len(self.reference)
-                self.reference.extend(float(v) for v in vc[:take])
-                vc, va = vc[take:], va[take:]
-                if len(self.reference) >= cfg.reference_size:
-                    self.edges = _edges_from(np.asarray(self.reference), cfg.bins)
-                if self.edges is None or len(vc) == 0:
+            c = pcb.shape[1]
+            yc, ya = pcb.argmax(axis=1), pab.argmax(axis=1)
+            new = [
+                np.bincount(yc, minlength=c).astype(np.float64),
+                np.bincount(ya, minlength=c).astype(np.float64),
+                np.bincount(yc[yc == ya], minlength=c).astype(np.float64),
+            ]
+            rows = len(yc)
+            if self.channels is None:
+                self.channels = [_Channel("class", "shares", c)]
+            elif self.channels[0].size != c:
+                return  # a different class count than the rest of the stream
+        elif kind == "multilabel":
+            assert rc is not None and ra is not None
+            dc, da = multilabel_decisions(rc), multilabel_decisions(ra)
+            new = [
+                dc.sum(axis=0).astype(np.float64),
+                da.sum(axis=0).astype(np.float64),
+                (dc & da).sum(axis=0).astype(np.float64),
+            ]
+            rows = dc.shape[0]
+            if self.channels is None:
+                self.channels = [_Channel("label", "labels", dc.shape[1])]
+            elif self.channels[0].size != dc.shape[1]:
+                return
+        else:
+            start = 0
+            if self.channels is None and kind == "scalar_regression" and self.edges is not None:
+                self.channels = [_Channel("output", "cdf", len(self.edges) + 1, self.edges)]
+            if self.channels is None:
+                take = self.settings.drift.output.reference_size - len(self.reference)
+                if kind == "string":
+                    self.reference.extend(tc[:take])
+                else:
+                    assert rc is not None
+                    ref = rc[:take]
+                    self.reference.extend(
+                        ref[:, 0].tolist() if kind == "scalar_regression" else ref.tolist()
+                    )
+                start = max(take, 0)
+                if len(self.reference) >= self.settings.drift.output.reference_size:
+                    self._calibrate()
+                if self.channels is None:
                     return
-            new = {
-                "champion": _hist(vc, self.edges),
-                "candidate": _hist(va, self.edges),
-                "both": _hist(np.maximum(vc, va), self.edges),
-            }
-        else:
-            return
-        if self.counts and len(self.counts["champion"]) != len(new["champion"]):
-            return  # a different class count than the rest of the stream: not comparable
-        for k, v in new.items():
+            if kind == "string":
+                new, rows = self._string_counts(tc[start:], ta[start:])
+            else:
+                assert rc is not None and ra is not None
+                new, rows = self._cdf_counts(kind, rc[start:], ra[start:])
+            if rows == 0:
+                return
+        for k, v in zip(("champion", "candidate", "both"), new, strict=True):
             self.counts[k] = self.counts.get(k, 0.0) + v
-        self.n += float(len(new["champion"]) and new["champion"].sum())
+        self.n += float(rows)
 
-    def _coordinates(self) -> tuple[FloatArray, FloatArray, list[str]]:
+    def _string_counts(self, tc: list[str], ta: list[str]) -> tuple[list[FloatArray], int]:
+        assert self.channels is not None
+        cats = self.channels[0].categories or [OTHER]
+        index = {c: i for i, c in enumerate(cats)}
+        other = len(cats) - 1
+        ic = np.array([index.get(t, other) for t in tc], dtype=np.int64)
+        ia = np.array([index.get(t, other) for t in ta], dtype=np.int64)
+        m = len(cats)
+        new = [
+            np.bincount(ic, minlength=m).astype(np.float64),
+            np.bincount(ia, minlength=m).astype(np.float64),
+            np.bincount(ic[ic == ia], minlength=m).astype(np.float64),
+        ]
+        return new, len(ic)
+
+    def _cdf_counts(
+        self, kind: str, rc: FloatArray, ra: FloatArray
+    ) -> tuple[list[FloatArray], int]:
+        assert self.channels is not None
+        parts: list[list[FloatArray]] = [[], [], []]
+        for ch, vc, va in zip(
+            self.channels, self._values(kind, rc), self._values(kind, ra), strict=True
+        ):
+            assert ch.edges is not None
+            parts[0].append(_hist(vc, ch.edges))
+            parts[1].append(_hist(va, ch.edges))
+            parts[2].append(_hist(np.maximum(vc, va), ch.edges))
+        return [np.concatenate(p) for p in parts], rc.shape[0]
+
+    # ------------------------------------------------------------------ results
+
+    def _coordinates(self) -> tuple[FloatArray, FloatArray, list[str], list[int]]:
+        """Per coordinate: paired sum, number of discordant rows, label, channel index."""
+        assert self.channels is not None
         ch, ca, both = self.counts["champion"], self.counts["candidate"], self.counts["both"]
-        if self.task == "classification":
-            s1 = ca - ch
-            s2 = ca + ch - 2.0 * both
-            labels = [f"class {j}" for j in range(len(ch))]
-        else:
-            cc, cca, cb = np.cumsum(ch)[:-1], np.cumsum(ca)[:-1], np.cumsum(both)[:-1]
-            s1 = cca - cc
-            s2 = cca + cc - 2.0 * cb
-            assert self.edges is not None
-            labels = [f"P(output <= {fmt(e)})" for e in self.edges]
-        return s1, s2, labels
+        s1s, s2s, labels, owner = [], [], [], []
+        pos = 0
+        for i, c in enumerate(self.channels):
+            a, b, o = ch[pos : pos + c.size], ca[pos : pos + c.size], both[pos : pos + c.size]
+            pos += c.size
+            if c.mode == "cdf":
+                a, b, o = np.cumsum(a)[:-1], np.cumsum(b)[:-1], np.cumsum(o)[:-1]
+                assert c.edges is not None
+                name = "output" if c.label == "output" else c.label
+                names = [f"P({name} <= {fmt(e)})" for e in c.edges]
+            elif c.mode == "labels":
+                names = [f"P(label {j} decided)" for j in range(c.size)]
+            elif c.categories is not None:
+                names = [f"P(output = {cat!r})" for cat in c.categories]
+            else:
+                names = [f"class {j}" for j in range(c.size)]
+            s1s.append(b - a)
+            s2s.append(b + a - 2.0 * o)
+            labels += names
+            owner += [i] * len(names)
+        return np.concatenate(s1s), np.concatenate(s2s), labels, owner
+
+    def _channel_counts(self, i: int) -> tuple[FloatArray, FloatArray]:
+        assert self.channels is not None
+        pos = sum(c.size for c in self.channels[:i])
+        size = self.channels[i].size
+        return (
+            self.counts["champion"][pos : pos + size],
+            self.counts["candidate"][pos : pos + size],
+        )
 
     def _compute(self) -> list[GateResult]:
         cfg = self.settings.drift.output
-        if not cfg.enabled or self.task == "embedding":
+        if not cfg.enabled:
             return []
-        if not self.counts or self.n <= 0:
+        if not self.counts or self.n <= 0 or self.channels is None:
             waiting = (
                 f"fixing the output bins from the first {cfg.reference_size} champion outputs "
                 f"({len(self.reference)} so far)"
-                if self.task == "regression" and self.edges is None
+                if self.reference or (self.kind in _CALIBRATED and self.channels is None)
                 else "no comparable pairs yet"
             )
             return [
@@ -189,7 +393,7 @@ class OutputDriftGate(Gate):
                     insufficient=True,
                 )
             ]
-        s1, s2, labels = self._coordinates()
+        s1, s2, labels, owner = self._coordinates()
         m = len(s1)
         if m == 0:
             return []
@@ -208,8 +412,6 @@ class OutputDriftGate(Gate):
         within = (down[m:] >= thr_pass) & (up[m:] >= thr_pass)
         diff = s1 / n
         j = int(np.argmax(np.abs(diff)))
-        dist = float(abs(diff[j]))
-        index = psi(self.counts["champion"], self.counts["candidate"])
         enough = n >= cfg.min_samples
         failed = bool(outside.any())
         passed = bool(within.all()) and enough
@@ -220,12 +422,20 @@ class OutputDriftGate(Gate):
             word = status.value
         if failed:
             j = int(np.argmax(np.where(outside, np.maximum(up[:m], down[:m]), -np.inf)))
-        significant = failed
-        effect = dist >= cfg.ks or (cfg.psi is not None and index >= cfg.psi)
-        chi2_stat, dof = chi2_from_counts(self.counts["champion"], self.counts["candidate"])
+        dist = float(abs(diff[j]))
+        # PSI and chi-square: evidence, per distribution (the multi-label decisions are
+        # not one distribution: none there); the largest PSI over the channels.
+        dists = [i for i, c in enumerate(self.channels) if c.mode != "labels"]
+        psis = {i: psi(*self._channel_counts(i)) for i in dists}
+        index = max(psis.values()) if psis else None
+        effect = dist >= cfg.ks or (cfg.psi is not None and index is not None and index >= cfg.psi)
+        chi2_stat, dof = (
+            chi2_from_counts(*self._channel_counts(owner[j])) if owner[j] in psis else (None, None)
+        )
         reason = (
-            f"{word}: candidate vs champion output distribution on the same requests: "
-            f"largest share difference {fmt(diff[j])} at {labels[j]} (threshold {fmt(cfg.ks)}), "
+            f"{word}: candidate vs champion output distribution ({self.kind or self.task}) "
+            f"on the same requests: largest share difference {fmt(diff[j])} at {labels[j]} "
+            f"(threshold {fmt(cfg.ks)}), "
             f"{'confidently outside' if failed else 'not confidently outside'} +/-"
             f"{fmt(cfg.ks)} after Bonferroni over {m} coordinates (anytime-valid), "
             f"PSI {fmt(index)} (evidence; reference level {fmt(cfg.psi)}), n={int(n)}"
@@ -245,11 +455,13 @@ class OutputDriftGate(Gate):
                 blocking=cfg.blocking,
                 insufficient=not enough,
                 details={
+                    "kind": self.kind,
                     "psi": index,
                     "psi_over_reference": bool(effect and cfg.psi is not None),
-                    "significant": significant,
+                    "significant": failed,
                     "coordinate": labels[j],
                     "coordinates": m,
+                    "channels": [c.label for c in self.channels],
                     "chi2": chi2_stat,
                     "chi2_dof": dof,
                     "alpha": self.alpha,
@@ -258,19 +470,28 @@ class OutputDriftGate(Gate):
         ]
 
     def _merge(self, other: OutputDriftGate) -> None:
-        if self.edges is None and other.edges is not None:
+        if self.kind is None:
+            self.kind = other.kind
+        elif other.kind not in (None, self.kind):
+            raise ValueError(f"drift.output: cannot merge kind {other.kind} into {self.kind}")
+        if self.channels is None and other.channels is not None:
             if self.reference:
                 raise ValueError("drift.output: cannot merge a calibrating state")
-            self.edges = other.edges.copy()
-        elif other.edges is not None and (
-            self.edges is None or not np.array_equal(other.edges, self.edges)
-        ):
-            raise ValueError("drift.output: cannot merge states with different bin edges")
-        elif self.edges is None and other.edges is None:
+            self.channels = [_Channel.from_state(c.state()) for c in other.channels]
+            self.edges = None if other.edges is None else other.edges.copy()
+            self.center = None if other.center is None else other.center.copy()
+        elif other.channels is not None:
+            assert self.channels is not None
+            if len(self.channels) != len(other.channels) or not all(
+                a.same(b) for a, b in zip(self.channels, other.channels, strict=True)
+            ):
+                raise ValueError(
+                    "drift.output: cannot merge states with different bins or class counts"
+                )
+        elif other.reference:
+            if self.channels is not None:
+                raise ValueError("drift.output: cannot merge a calibrating state")
             self.reference.extend(other.reference)
-        if self.counts and other.counts:
-            if len(self.counts["champion"]) != len(other.counts["champion"]):
-                raise ValueError("drift.output: cannot merge different class counts")
         for k, v in other.counts.items():
             self.counts[k] = self.counts.get(k, 0.0) + v
         self.n += other.n
@@ -278,17 +499,34 @@ class OutputDriftGate(Gate):
     def _state(self) -> dict[str, Any]:
         return {
             "n": self.n,
+            "kind": self.kind,
             "counts": {k: v.tolist() for k, v in self.counts.items()},
+            "channels": None if self.channels is None else [c.state() for c in self.channels],
             "edges": None if self.edges is None else self.edges.tolist(),
+            "center": None if self.center is None else self.center.tolist(),
             "reference": list(self.reference),
         }
 
     def _load(self, state: dict[str, Any]) -> None:
         self.n = float(state.get("n", 0.0))
+        self.kind = state.get("kind")
         self.counts = {k: np.asarray(v, dtype=float) for k, v in state.get("counts", {}).items()}
         edges = state.get("edges")
         self.edges = None if edges is None else np.asarray(edges, dtype=np.float64)
-        self.reference = [float(v) for v in state.get("reference", [])]
+        center = state.get("center")
+        self.center = None if center is None else np.asarray(center, dtype=np.float64)
+        self.reference = list(state.get("reference", []))
+        channels = state.get("channels")
+        if channels is not None:
+            self.channels = [_Channel.from_state(c) for c in channels]
+        elif self.counts:  # a state from before kinds: one class or one regression channel
+            size = len(self.counts["champion"])
+            if self.edges is not None:
+                self.channels = [_Channel("output", "cdf", size, self.edges)]
+            else:
+                self.channels = [_Channel("class", "shares", size)]
+        else:  # nothing counted yet: the next batch sets the channels (edges kept)
+            self.channels = None
 
 
 # ============================================================================ input

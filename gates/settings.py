@@ -267,7 +267,13 @@ class OutputDriftSettings(_Family):
         0.1, gt=0, lt=1, description="limit: largest CDF / class-share difference (tested)"
     )
     bins: int = Field(10, ge=2, le=100)
-    edges: list[float] | None = Field(None, description="regression: fixed output bin edges")
+    edges: list[float] | None = Field(None, description="scalar regression: fixed output bin edges")
+    max_elements: int = Field(
+        16, ge=1, le=1024, description="vector regression: elements tested one by one"
+    )
+    max_categories: int = Field(
+        32, ge=2, le=1000, description="strings: top champion values tested, the rest __other__"
+    )
     reference_size: int = Field(
         1000,
         ge=50,

@@ -17,7 +17,15 @@ champion_scalar, ...   bool
 *_error                string, null          ``*.error``
 inputs_digest, stage,  string                as in JSON Lines
 served_by
+*_strings              list<string>, null    ``*.output`` when it is strings (BYTES);
+                                             ``*_output`` is then null
+*_output_name          string, null          ``*.output_name``
+*_datatype             string, null          ``*.datatype``
+*_shape                list<int64>, null     ``*.shape``
 =====================  ====================  =========================================
+
+The last four column groups came with output descriptors (issue 12); a file written
+before them is read as records without descriptors and without string outputs.
 
 Reading is columnar: ids, timestamps, latencies and outputs come out of Arrow arrays in
 bulk (a batch's outputs are one float64 matrix whose rows become the records' outputs
@@ -66,7 +74,22 @@ def _schema() -> Any:
         pa.field("stage", pa.string()),
         pa.field("served_by", pa.string()),
     ]
-    return pa.schema(fields)
+    return pa.schema(fields + _descriptor_fields())
+
+
+def _descriptor_fields() -> list[Any]:
+    """Columns added with output descriptors: optional when reading (older files)."""
+    import pyarrow as pa
+
+    fields = []
+    for side in SIDES:
+        fields += [
+            pa.field(f"{side}_strings", pa.list_(pa.string())),
+            pa.field(f"{side}_output_name", pa.string()),
+            pa.field(f"{side}_datatype", pa.string()),
+            pa.field(f"{side}_shape", pa.list_(pa.int64())),
+        ]
+    return fields
 
 
 def _pyarrow() -> Any:
@@ -88,11 +111,18 @@ def _columns(records: list[PairRecord]) -> dict[str, list[Any]]:
         cols["label"].append(None if r.label is None else orjson.dumps(r.label).decode())
         for side in SIDES:
             res: ModelResult = getattr(r, side)
-            out = None if res.output is None else np.asarray(res.output, dtype=np.float64)
+            text = res.output is not None and np.asarray(res.output).dtype.kind in "OUS"
+            out = None if res.output is None or text else np.asarray(res.output, dtype=np.float64)
             cols[f"{side}_output"].append(None if out is None else out.reshape(-1))
             cols[f"{side}_scalar"].append(out is not None and out.ndim == 0)
             cols[f"{side}_latency_ms"].append(res.latency_ms)
             cols[f"{side}_error"].append(res.error)
+            cols[f"{side}_strings"].append(
+                [str(v) for v in np.asarray(res.output).reshape(-1)] if text else None
+            )
+            cols[f"{side}_output_name"].append(res.name)
+            cols[f"{side}_datatype"].append(res.datatype)
+            cols[f"{side}_shape"].append(None if res.shape is None else list(res.shape))
         cols["inputs_digest"].append(r.inputs_digest)
         cols["stage"].append(r.stage)
         cols["served_by"].append(r.served_by)
@@ -178,17 +208,20 @@ def read_parquet(path: str | os.PathLike[str]) -> Iterator[PairRecord]:
         raise ValueError(f"{path}: not a readable Parquet file: {exc}") from exc
     expected = _schema()
     got = handle.schema_arrow
+    optional = {f.name for f in _descriptor_fields()}
+    present = [f.name for f in expected if got.get_field_index(f.name) >= 0]
     missing = [
         f.name
         for f in expected
-        if got.get_field_index(f.name) < 0 or not got.field(f.name).type.equals(f.type)
+        if (got.get_field_index(f.name) < 0 and f.name not in optional)
+        or (got.get_field_index(f.name) >= 0 and not got.field(f.name).type.equals(f.type))
     ]
     if missing:
         raise ValueError(
             f"{path}: not a mirrorgate pairs file: column(s) {missing} missing or mistyped"
         )
     row0 = 0
-    for batch in handle.iter_batches(batch_size=BATCH, columns=expected.names):
+    for batch in handle.iter_batches(batch_size=BATCH, columns=present):
         yield from _batch_records(path, batch, row0)
         row0 += batch.num_rows
 
@@ -202,14 +235,21 @@ def _batch_records(path: Any, batch: Any, row0: int) -> list[PairRecord]:
     if bad.size:
         raise ValueError(f"{path}: row {row0 + int(bad[0]) + 1}: ts: expected a finite number")
     sides: dict[str, tuple[list[Any], list[Any], list[Any]]] = {}
+    descriptors: dict[str, list[tuple[Any, Any, Any]] | None] = {}
     for side in SIDES:
         scalar = [bool(x) for x in col[f"{side}_scalar"].to_pylist()]
         outputs = _outputs(col[f"{side}_output"], scalar, f"{path}: {side}_output")
+        strings = col.get(f"{side}_strings")
+        if strings is not None and strings.null_count < n:
+            for i, texts in enumerate(strings.to_pylist()):
+                if texts is not None:
+                    outputs[i] = np.array(texts, dtype=object)
         sides[side] = (
             outputs,
             col[f"{side}_latency_ms"].to_pylist(),
             col[f"{side}_error"].to_pylist(),
         )
+        descriptors[side] = _descriptors(col, side, n)
     slices = col["slices"].to_pylist()
     features = col["features"].to_pylist()
     labels = col["label"].to_pylist()
@@ -233,7 +273,7 @@ def _batch_records(path: Any, batch: Any, row0: int) -> list[PairRecord]:
             f"{path}: rows {row0 + 1}-{row0 + n}: slices/features/label: {exc}"
         ) from exc
     # One comprehension per batch: no generator frame per record.
-    return [
+    records = [
         PairRecord(
             id=ids[i],
             ts=t,
@@ -247,4 +287,24 @@ def _batch_records(path: Any, batch: Any, row0: int) -> list[PairRecord]:
             served_by=served[i] or "champion",
         )
         for i, t in enumerate(ts.tolist())
+    ]
+    for side in SIDES:
+        desc = descriptors[side]
+        if desc is not None:
+            for record, (name, datatype, shape) in zip(records, desc, strict=True):
+                res = getattr(record, side)
+                res.name, res.datatype, res.shape = name, datatype, shape
+    return records
+
+
+def _descriptors(col: dict[str, Any], side: str, n: int) -> list[tuple[Any, Any, Any]] | None:
+    """Per row (name, datatype, shape) of one side; None when the file has none at all."""
+    names, dtypes, shapes = (col.get(f"{side}_{c}") for c in ("output_name", "datatype", "shape"))
+    if names is None or dtypes is None or shapes is None:
+        return None
+    if names.null_count == dtypes.null_count == shapes.null_count == n:
+        return None
+    return [
+        (a, b, None if s is None else tuple(s))
+        for a, b, s in zip(names.to_pylist(), dtypes.to_pylist(), shapes.to_pylist(), strict=True)
     ]

@@ -142,7 +142,7 @@ _KEYS = frozenset(
     ["id", "ts", "slices", "features", "champion", "candidate", "label", "inputs_digest",
      "stage", "served_by"]
 )  # fmt: skip
-_SIDE_KEYS = frozenset(("output", "latency_ms", "error"))
+_SIDE_KEYS = frozenset(("output", "latency_ms", "error", "output_name", "datatype", "shape"))
 _NUMBER = (int, float)
 
 
@@ -158,7 +158,25 @@ def _side(data: Any) -> ModelResult | None:
         or (err is not None and type(err) is not str)
     ):
         return None
-    return ModelResult(output=out, latency_ms=None if lat is None else float(lat), error=err)
+    name, datatype, shape = data.get("output_name"), data.get("datatype"), data.get("shape")
+    if (
+        (name is not None and type(name) is not str)
+        or (datatype is not None and type(datatype) is not str)
+        or (shape is not None and (type(shape) is not list or not _dims(shape)))
+    ):
+        return None
+    return ModelResult(
+        output=out,
+        latency_ms=None if lat is None else float(lat),
+        error=err,
+        name=name,
+        datatype=datatype,
+        shape=None if shape is None else tuple(shape),
+    )
+
+
+def _dims(shape: list[Any]) -> bool:
+    return all(type(d) is int and d >= 0 for d in shape)
 
 
 def _plain(data: Any) -> PairRecord | None:

@@ -56,10 +56,16 @@ PAIR_COLUMNS = (
     "label_ts",
     "stage",
     "served_by",
+    "champion_output_name",
+    "champion_datatype",
+    "champion_shape",
+    "candidate_output_name",
+    "candidate_datatype",
+    "candidate_shape",
 )
 # One encoder: json.dumps with options builds a new one per call.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
-JSON_COLUMNS = frozenset({"slices", "features", "label"})
+JSON_COLUMNS = frozenset({"slices", "features", "label", "champion_shape", "candidate_shape"})
 REQUEST_ID = PAIR_COLUMNS.index("request_id")
 
 
@@ -149,6 +155,21 @@ def _features_json(features: dict[str, Any]) -> str:
         return _ENCODER.encode(_finite_features(features))
 
 
+@functools.lru_cache(maxsize=256)
+def _shape_json(shape: tuple[int, ...] | None) -> str | None:
+    # A handful of shapes per rollout: their JSON is memoized like the slices'.
+    return None if shape is None else _ENCODER.encode([int(d) for d in shape])
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    # JSON columns come back parsed on both databases; text only through raw drivers.
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = json.loads(value)
+    return tuple(int(d) for d in value)
+
+
 def record_to_params(record: PairRecord, rollout_id: str, *, store_inputs: bool) -> tuple[Any, ...]:
     """The insert parameters of one pair, in ``PAIR_COLUMNS`` order."""
     digest = record.inputs_digest
@@ -176,6 +197,12 @@ def record_to_params(record: PairRecord, rollout_id: str, *, store_inputs: bool)
         float(record.ts) if label is not None else None,
         record.stage,
         record.served_by,
+        champion.name,
+        champion.datatype,
+        _shape_json(champion.shape),
+        candidate.name,
+        candidate.datatype,
+        _shape_json(candidate.shape),
     )
 
 
@@ -197,6 +224,12 @@ RECORD_COLUMNS = (
     PairRow.label,
     PairRow.stage,
     PairRow.served_by,
+    PairRow.champion_output_name,
+    PairRow.champion_datatype,
+    PairRow.champion_shape,
+    PairRow.candidate_output_name,
+    PairRow.candidate_datatype,
+    PairRow.candidate_shape,
 )
 
 
@@ -220,11 +253,17 @@ def row_to_record(row: Row[Any], *, with_inputs: bool = False) -> PairRecord:
             output=decode_output(m["champion_output"]),
             latency_ms=m["champion_latency_ms"],
             error=m["champion_error"],
+            name=m["champion_output_name"],
+            datatype=m["champion_datatype"],
+            shape=_shape(m["champion_shape"]),
         ),
         candidate=ModelResult(
             output=decode_output(m["candidate_output"]),
             latency_ms=m["candidate_latency_ms"],
             error=m["candidate_error"],
+            name=m["candidate_output_name"],
+            datatype=m["candidate_datatype"],
+            shape=_shape(m["candidate_shape"]),
         ),
         slices=dict(m["slices"] or {}),
         features=dict(m["features"] or {}),

@@ -110,6 +110,14 @@ class PairRow(Base):
     label_ts: Mapped[float | None]
     stage: Mapped[str] = mapped_column(String(SHORT), default="shadow")
     served_by: Mapped[str] = mapped_column(String(16), default="champion")
+    # Output descriptors (name, V2 datatype, per-row shape as a JSON list; NULL when the
+    # producer did not say): what the contract gate compares after a round trip.
+    champion_output_name: Mapped[str | None] = mapped_column(String(NAME))
+    champion_datatype: Mapped[str | None] = mapped_column(String(SHORT))
+    champion_shape: Mapped[Any | None] = mapped_column(Json)
+    candidate_output_name: Mapped[str | None] = mapped_column(String(NAME))
+    candidate_datatype: Mapped[str | None] = mapped_column(String(SHORT))
+    candidate_shape: Mapped[Any | None] = mapped_column(Json)
     # Several replicas (storage/replicas.py): the decider step that fed this labelled
     # pair to the gates, exactly once for the rollout whichever replica recorded it.
     gated_seq: Mapped[int | None] = mapped_column(BigInteger)

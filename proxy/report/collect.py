@@ -458,9 +458,11 @@ def _drift(latest: Sequence[GateEvaluation], config: MirrorgateConfig | None) ->
         values = _values(e)
         if e.gate == "drift.output":
             psi = _num(values.get("psi"))
+            # the output kind decides what the drift coordinates are (docs/gates.md)
+            kind = values.get("kind")
             out.append(
                 {
-                    "feature": "output (class shares)",
+                    "feature": f"output ({kind or 'class shares'})",
                     "kind": "output",
                     "method": e.method,
                     "statistic": _num(e.statistic),

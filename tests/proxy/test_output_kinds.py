@@ -7,6 +7,7 @@ Each model pair differs in one known way; each test asserts the gate that must s
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from proxy.backends.factory import create_backend
 from proxy.config import MirrorgateConfig
 from proxy.metrics import ProxyMetrics
 from proxy.mirror import MirrorDispatcher
-from storage.sink import MemorySink
+from storage.sink import MemorySink, PairSink
 from tests.proxy.models import (
     OPSET,
     build_onnx_classifier,
@@ -65,6 +66,7 @@ async def mirrored_pairs(
     candidate: Path,
     x: np.ndarray,
     rows: int = ROWS_PER_REQUEST,
+    sinks: Sequence[PairSink] = (),
     **sections: Any,
 ) -> list[PairRecord]:
     """Every row of ``x`` through the real mirror (shadow mode): the records it writes."""
@@ -85,7 +87,7 @@ async def mirrored_pairs(
         champion=await create_backend(config.models.champion),
         candidate=await create_backend(config.models.candidate),
         config=config,
-        sinks=[sink],
+        sinks=[sink, *sinks],
         metrics=ProxyMetrics(CollectorRegistry()),
         rng=random.Random(0),
     )
