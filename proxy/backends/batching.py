@@ -31,7 +31,6 @@ import logging
 import weakref
 from collections import deque
 from collections.abc import Hashable
-from dataclasses import dataclass, field
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram
@@ -71,22 +70,29 @@ def batch_size_histogram(registry: CollectorRegistry) -> Histogram:
     return existing
 
 
-@dataclass(slots=True)
-class _Request:
-    inputs: dict[str, np.ndarray]
-    outputs: list[str] | None
-    rows: int
-    enqueued: float
-    future: asyncio.Future[dict[str, np.ndarray]]
+class _Batch:
+    """Requests of one key gathered for one stacked call: parallel lists, no per-request
+    object beyond the caller's own future (the hot path allocates as little as it can)."""
 
+    __slots__ = ("counts", "enqueued", "futures", "inputs", "outputs", "rows")
 
-@dataclass(slots=True)
-class _Queue:
-    items: deque[_Request] = field(default_factory=deque)
-    rows: int = 0
+    def __init__(self, outputs: list[str] | None, enqueued: float) -> None:
+        self.inputs: list[dict[str, np.ndarray]] = []
+        self.outputs = outputs
+        self.futures: list[asyncio.Future[dict[str, np.ndarray]]] = []
+        self.counts: list[int] = []
+        self.rows = 0
+        self.enqueued = enqueued
 
-    def oldest(self) -> float:
-        return self.items[0].enqueued
+    def drop_cancelled(self) -> None:
+        """Forget members whose callers gave up while queued: their rows are not run."""
+        keep = [i for i, f in enumerate(self.futures) if not f.done()]
+        if len(keep) == len(self.futures):
+            return
+        self.inputs = [self.inputs[i] for i in keep]
+        self.futures = [self.futures[i] for i in keep]
+        self.counts = [self.counts[i] for i in keep]
+        self.rows = sum(self.counts)
 
 
 def _rows(inputs: dict[str, np.ndarray]) -> int | None:
@@ -131,7 +137,8 @@ class BatchingBackend:
             log.warning("model %s declares a fixed batch dimension; not batching", self._model)
         metric = batch_size_histogram(registry if registry is not None else CollectorRegistry())
         self._observe = metric.labels(model=self._model).observe
-        self._queues: dict[Hashable, _Queue] = {}
+        self._open: dict[Hashable, _Batch] = {}  # per key, the batch still filling up
+        self._full: deque[_Batch] = deque()  # batches that cannot grow, oldest first
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -160,26 +167,57 @@ class BatchingBackend:
     ) -> dict[str, np.ndarray]:
         if self._closed:
             raise NotReady(f"model {self._model!r} is shut down")
-        inputs = {n: np.asarray(a) for n, a in inputs.items()}
-        rows = _rows(inputs) if self._enabled and inputs else None
-        if rows is None:
+        if not self._enabled or not inputs:
+            return await self._inner.infer(inputs, outputs)
+        # The hot path, once per request: one input (the common case) costs a shape
+        # lookup and a tuple, no per-request dict or set.
+        if len(inputs) == 1:
+            ((name, array),) = inputs.items()
+            if type(array) is not np.ndarray:
+                array = np.asarray(array)
+                inputs = {name: array}
+            shape = array.shape
+            rows = shape[0] if shape else None
+            key: Hashable = (
+                name,
+                array.dtype,
+                shape[1:],
+                None if outputs is None else tuple(outputs),
+            )
+        else:
+            inputs = {n: np.asarray(a) for n, a in inputs.items()}
+            rows = _rows(inputs)
+            key = _key(inputs, outputs)
+        if not rows:
             return await self._inner.infer(inputs, outputs)
         if rows > self._max_rows:
             self._count(rows)
             return await self._inner.infer(inputs, outputs)
         loop = asyncio.get_running_loop()
-        request = _Request(inputs, outputs, rows, loop.time(), loop.create_future())
-        queue = self._queues.setdefault(_key(inputs, outputs), _Queue())
-        queue.items.append(request)
-        queue.rows += rows
-        # Rescheduling per request is the batcher's hot path: skip it when nothing can
-        # change (every slot busy: a finishing batch reschedules; or a timer is armed for
-        # an older request and this queue is not full yet).
-        if self._running < self._slots and (
-            queue.rows >= self._max_rows or self._timer is None or self._delay_s <= 0
-        ):
+        batch = self._open.get(key)
+        sealed = False
+        if batch is not None and batch.rows + rows > self._max_rows:
+            # This request does not fit: the open batch is as full as it gets.
+            del self._open[key]
+            self._full.append(batch)
+            batch, sealed = None, True
+        if batch is None:
+            batch = self._open[key] = _Batch(outputs, loop.time())
+        future: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
+        batch.inputs.append(inputs)
+        batch.futures.append(future)
+        batch.counts.append(rows)
+        batch.rows += rows
+        if batch.rows >= self._max_rows:
+            del self._open[key]
+            self._full.append(batch)
+            sealed = True
+        # Rescheduling per request would dominate: only when something can start now
+        # (a batch just filled up, or no timer is armed yet) and a slot is free (else a
+        # finishing batch reschedules).
+        if self._running < self._slots and (sealed or self._timer is None or self._delay_s <= 0):
             self._schedule()
-        return await request.future
+        return await future
 
     # -- scheduling (all on the event loop, no locks needed) --
 
@@ -190,51 +228,29 @@ class BatchingBackend:
             self._timer = None
         loop = asyncio.get_running_loop()
         now = loop.time()
-        while self._running < self._slots and self._queues:
-            key = self._due(now)
-            if key is None:
+        while self._running < self._slots:
+            if self._full:  # full batches first, oldest first
+                batch = self._full.popleft()
+            elif self._open:
+                # Open batches are created in arrival order and the dict keeps it: the
+                # first one has waited longest.
+                key = next(iter(self._open))
+                batch = self._open[key]
+                if not (self._draining or batch.enqueued + self._delay_s <= now):
+                    break
+                del self._open[key]
+            else:
                 break
-            batch = self._take(key)
-            if batch:
-                self._running += 1
-                task = loop.create_task(self._run(batch))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-        if self._running < self._slots and self._queues:
-            deadline = min(q.oldest() for q in self._queues.values()) + self._delay_s
-            self._timer = loop.call_at(deadline, self._schedule)
-
-    def _due(self, now: float) -> Hashable | None:
-        """A queue that must run now: full ones first, then the longest-waiting due one."""
-        oldest_key, oldest = None, float("inf")
-        for key, queue in self._queues.items():
-            if queue.rows >= self._max_rows:
-                return key
-            if queue.oldest() < oldest:
-                oldest_key, oldest = key, queue.oldest()
-        if self._draining or oldest + self._delay_s <= now:
-            return oldest_key
-        return None
-
-    def _take(self, key: Hashable) -> list[_Request]:
-        queue = self._queues[key]
-        batch: list[_Request] = []
-        rows = 0
-        while queue.items:
-            head = queue.items[0]
-            if head.future.done():  # caller gave up (cancelled) while queued
-                queue.items.popleft()
-                queue.rows -= head.rows
+            batch.drop_cancelled()
+            if not batch.futures:
                 continue
-            if batch and rows + head.rows > self._max_rows:
-                break
-            queue.items.popleft()
-            queue.rows -= head.rows
-            batch.append(head)
-            rows += head.rows
-        if not queue.items:
-            del self._queues[key]
-        return batch
+            self._running += 1
+            task = loop.create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if self._running < self._slots and self._open and not self._full:
+            deadline = next(iter(self._open.values())).enqueued + self._delay_s
+            self._timer = loop.call_at(deadline, self._schedule)
 
     # -- running --
 
@@ -243,31 +259,41 @@ class BatchingBackend:
         self.rows += rows
         self._observe(rows)
 
-    async def _run(self, batch: list[_Request]) -> None:
+    async def _run(self, batch: _Batch) -> None:
         try:
-            if len(batch) == 1 or not self._enabled:
-                await asyncio.gather(*(self._run_alone(r) for r in batch))
+            if len(batch.futures) == 1 or not self._enabled:
+                await self._run_alone(batch)
                 return
             try:
-                results = await self._run_stacked(batch)
+                out = await self._run_stacked(batch)
             except Exception as exc:
-                log.debug("stacked call of %d failed (%s); running alone", len(batch), exc)
-                await asyncio.gather(*(self._run_alone(r) for r in batch))
+                log.debug("stacked call of %d failed (%s); running alone", len(batch.futures), exc)
+                await self._run_alone(batch)
                 return
-            for request, result in zip(batch, results, strict=True):
-                if not request.future.done():
-                    request.future.set_result(result)
+            # Basic slices are views: no copy per request. One dict per request is the
+            # least the interface allows.
+            items = list(out.items())
+            start = 0
+            for future, rows in zip(batch.futures, batch.counts, strict=True):
+                end = start + rows
+                if not future.done():
+                    future.set_result({n: a[start:end] for n, a in items})
+                start = end
         finally:
             self._running -= 1
-            if self._queues:
+            if self._open or self._full:
                 self._schedule()
 
-    async def _run_stacked(self, batch: list[_Request]) -> list[dict[str, np.ndarray]]:
-        names = list(batch[0].inputs)
-        stacked = {n: np.concatenate([r.inputs[n] for r in batch], axis=0) for n in names}
-        total = sum(r.rows for r in batch)
+    async def _run_stacked(self, batch: _Batch) -> dict[str, np.ndarray]:
+        members = batch.inputs
+        total = batch.rows
+        if len(members[0]) == 1:
+            ((name, _),) = members[0].items()
+            stacked = {name: np.concatenate([m[name] for m in members], axis=0)}
+        else:
+            stacked = {n: np.concatenate([m[n] for m in members], axis=0) for n in members[0]}
         self._count(total)
-        out = await self._inner.infer(stacked, batch[0].outputs)
+        out = await self._inner.infer(stacked, batch.outputs)
         bad = [n for n, a in out.items() if a.ndim == 0 or a.shape[0] != total]
         if bad:
             self._enabled = False
@@ -277,27 +303,37 @@ class BatchingBackend:
                 bad,
             )
             raise BackendError(f"model {self._model!r} cannot be batched")
-        # Basic slices are views: no copy per request, and cheaper than np.split's loop.
-        results = []
-        start = 0
-        for r in batch:
-            end = start + r.rows
-            results.append({n: a[start:end] for n, a in out.items()})
-            start = end
-        return results
+        return out
 
-    async def _run_alone(self, request: _Request) -> None:
-        if request.future.done():
+    async def _run_alone(self, batch: _Batch) -> None:
+        """Each member on its own (a failed stacked call: only the faulty one fails)."""
+        await asyncio.gather(
+            *(
+                self._run_one(inputs, batch.outputs, rows, future)
+                for inputs, rows, future in zip(
+                    batch.inputs, batch.counts, batch.futures, strict=True
+                )
+            )
+        )
+
+    async def _run_one(
+        self,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str] | None,
+        rows: int,
+        future: asyncio.Future[dict[str, np.ndarray]],
+    ) -> None:
+        if future.done():
             return
-        self._count(request.rows)
+        self._count(rows)
         try:
-            result = await self._inner.infer(request.inputs, request.outputs)
+            result = await self._inner.infer(inputs, outputs)
         except Exception as exc:
-            if not request.future.done():
-                request.future.set_exception(exc)
+            if not future.done():
+                future.set_exception(exc)
             return
-        if not request.future.done():
-            request.future.set_result(result)
+        if not future.done():
+            future.set_result(result)
 
     async def aclose(self) -> None:
         """Refuse new calls, run everything queued now, wait for it, close the runtime."""
@@ -305,8 +341,8 @@ class BatchingBackend:
             return
         self._closed = True
         self._draining = True
-        while self._queues or self._tasks:
-            if self._queues:
+        while self._open or self._full or self._tasks:
+            if self._open or self._full:
                 self._schedule()
             if self._tasks:
                 await asyncio.wait(set(self._tasks))
