@@ -28,9 +28,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import queue
+import threading
 import weakref
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram
@@ -146,6 +148,21 @@ class BatchingBackend:
         self._draining = False
         self.calls = 0  # calls into the inner runtime made from the queues
         self.rows = 0  # rows in those calls
+        # A runtime with a synchronous, thread-safe entry (OnnxBackend.run_sync) is run
+        # by the batcher's own threads, one per concurrent batch, which take the next
+        # formed batch as soon as they finish one: no executor hop and no round trip
+        # through the event loop between batches (each costs a thread wake-up, which on
+        # a loaded machine takes longer than the model). Others go through inner.infer.
+        direct = getattr(inner, "run_sync", None)
+        self._direct: Callable[..., dict[str, np.ndarray]] | None = (
+            direct if callable(direct) else None
+        )
+        self._work: queue.SimpleQueue[tuple[_Batch, asyncio.AbstractEventLoop] | None] = (
+            queue.SimpleQueue()
+        )
+        self._workers: list[threading.Thread] = []
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def inner(self) -> Backend:
@@ -228,10 +245,14 @@ class BatchingBackend:
             self._timer = None
         loop = asyncio.get_running_loop()
         now = loop.time()
-        while self._running < self._slots:
+        # With the batcher's own threads, a full batch (it cannot grow) is queued for
+        # them even while every thread is busy, one per thread at most: a thread that
+        # finishes picks it up without waiting for the loop.
+        ahead = self._slots if self._direct is not None else 0
+        while self._running < self._slots + ahead:
             if self._full:  # full batches first, oldest first
                 batch = self._full.popleft()
-            elif self._open:
+            elif self._open and self._running < self._slots:
                 # Open batches are created in arrival order and the dict keeps it: the
                 # first one has waited longest.
                 key = next(iter(self._open))
@@ -245,6 +266,11 @@ class BatchingBackend:
             if not batch.futures:
                 continue
             self._running += 1
+            if self._direct is not None:
+                self._idle.clear()
+                self._start_workers()
+                self._work.put((batch, loop))
+                continue
             task = loop.create_task(self._run(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -335,17 +361,120 @@ class BatchingBackend:
         if not future.done():
             future.set_result(result)
 
+    # -- the batcher's own threads (runtimes with run_sync) --
+
+    def _start_workers(self) -> None:
+        while len(self._workers) < self._slots:
+            thread = threading.Thread(
+                target=self._worker,
+                name=f"mirrorgate-batcher-{self._model}-{len(self._workers)}",
+                daemon=True,
+            )
+            thread.start()
+            self._workers.append(thread)
+
+    def _worker(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            batch, loop = item
+            try:
+                outcomes, calls, mixes = self._compute(batch)
+            except BaseException as exc:  # never leave callers waiting
+                outcomes = [(False, exc)] * len(batch.futures)
+                calls, mixes = [], False
+            try:
+                loop.call_soon_threadsafe(self._deliver, batch, outcomes, calls, mixes)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                return
+
+    def _compute(self, batch: _Batch) -> tuple[list[tuple[bool, object]], list[int], bool]:
+        """On a worker thread: run the batch stacked, split the result into views, or
+        (one member, or the stacked call failed) run each member alone."""
+        assert self._direct is not None
+        run = self._direct
+        members, outputs = batch.inputs, batch.outputs
+        calls: list[int] = []
+        mixes = False
+        if len(members) > 1 and self._enabled:
+            total = batch.rows
+            calls.append(total)
+            try:
+                if len(members[0]) == 1:
+                    ((name, _),) = members[0].items()
+                    stacked = {name: np.concatenate([m[name] for m in members], axis=0)}
+                else:
+                    stacked = {
+                        n: np.concatenate([m[n] for m in members], axis=0) for n in members[0]
+                    }
+                out = run(stacked, outputs)
+                mixes = any(a.ndim == 0 or a.shape[0] != total for a in out.values())
+                if not mixes:
+                    items = list(out.items())
+                    results: list[tuple[bool, object]] = []
+                    start = 0
+                    for rows in batch.counts:
+                        end = start + rows
+                        results.append((True, {n: a[start:end] for n, a in items}))
+                        start = end
+                    return results, calls, mixes
+            except Exception as exc:
+                log.debug("stacked call of %d failed (%s); running alone", len(members), exc)
+        outcomes: list[tuple[bool, object]] = []
+        for inputs, rows in zip(members, batch.counts, strict=True):
+            calls.append(rows)
+            try:
+                outcomes.append((True, run(inputs, outputs)))
+            except Exception as exc:
+                outcomes.append((False, exc))
+        return outcomes, calls, mixes
+
+    def _deliver(
+        self,
+        batch: _Batch,
+        outcomes: list[tuple[bool, object]],
+        calls: list[int],
+        mixes: bool,
+    ) -> None:
+        """On the loop: one callback completes a whole batch."""
+        for rows in calls:
+            self._count(rows)
+        if mixes and self._enabled:
+            self._enabled = False
+            log.warning(
+                "model %s: outputs lack one row per input row; batching switched off",
+                self._model,
+            )
+        for future, (ok, value) in zip(batch.futures, outcomes, strict=True):
+            if not future.done():
+                if ok:
+                    future.set_result(value)  # type: ignore[arg-type]
+                else:
+                    future.set_exception(value)  # type: ignore[arg-type]
+        self._running -= 1
+        if self._open or self._full:
+            self._schedule()
+        if self._running == 0:
+            self._idle.set()
+
     async def aclose(self) -> None:
         """Refuse new calls, run everything queued now, wait for it, close the runtime."""
         if self._closed:
             return
         self._closed = True
         self._draining = True
-        while self._open or self._full or self._tasks:
+        while self._open or self._full or self._tasks or self._running:
             if self._open or self._full:
                 self._schedule()
             if self._tasks:
                 await asyncio.wait(set(self._tasks))
+            if self._running and self._direct is not None:
+                await self._idle.wait()
         if self._timer is not None:
             self._timer.cancel()
+        for _ in self._workers:
+            self._work.put(None)
+        for thread in self._workers:
+            await asyncio.to_thread(thread.join)
         await self._inner.aclose()
