@@ -18,6 +18,11 @@ Isolation of bad requests, in two layers:
    whose outputs do not have one row per input row (a model that mixes rows) switches
    batching off for the backend, with a warning: such a model cannot be batched.
 
+A runtime with a synchronous thread-safe entry (``run_sync``, as OnnxBackend has) is run
+by the batcher's own threads, one per concurrent batch, which take each formed batch
+straight from a queue and complete it with one loop callback; others go through
+``inner.infer``.
+
 Requests larger than ``max_batch_size`` rows (Triton refuses them; here they run alone)
 and requests without a common batch axis go straight to the runtime. Each call into the
 runtime made here is observed, by rows, in ``mirrorgate_batcher_batch_size{model}``.
