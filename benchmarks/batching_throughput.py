@@ -9,6 +9,13 @@ over rounds:
                 floor that batched serving can at best reach
   backend-b1    OnnxBackend, C concurrent clients sending 1-row requests, no batching
   batched-bB    BatchingBackend(OnnxBackend), the same C clients, max_batch_size B
+  clients-only  the same C clients against a stub that answers every request from a
+                future resolved B at a time, no model and no batcher: what the clients'
+                own asyncio cost (one task wake-up per request) allows on this machine.
+                No in-process path that serves one awaitable call per request can beat
+                it, so it is the fair ceiling beside the runtime floor raw-bB
+  base-bB       (with ``--baseline DIR``) batched-bB with batching.py and onnx.py loaded
+                from another checkout (e.g. main), for a side-by-side comparison
 
 Run from the repository root:
     python benchmarks/batching_throughput.py [--batch-size 32 --concurrency 64 ...]
@@ -18,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -82,6 +91,45 @@ async def served_rate(
     return rows / (time.perf_counter() - start), latencies
 
 
+class ClientsOnly:
+    """Answers each request with its own input, B at a time, from one loop callback."""
+
+    def __init__(self, batch: int) -> None:
+        self._batch = batch
+        self._waiting: list[tuple[asyncio.Future[Any], dict[str, np.ndarray]]] = []
+
+    def _flush(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for future, inputs in waiting:
+            future.set_result(inputs)
+
+    async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
+        self._waiting.append((future, inputs))
+        if len(self._waiting) == 1:
+            loop.call_soon(self._flush)
+        elif len(self._waiting) >= self._batch:
+            self._flush()
+        return await future
+
+
+def load_baseline(root: Path) -> tuple[Any, Any]:
+    """``BatchingBackend`` and ``OnnxBackend`` from another checkout's files (the rest of
+    ``proxy`` is this checkout's)."""
+    classes = []
+    for module, cls in (("onnx", "OnnxBackend"), ("batching", "BatchingBackend")):
+        spec = importlib.util.spec_from_file_location(
+            f"baseline_{module}", root / "proxy" / "backends" / f"{module}.py"
+        )
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
+        classes.append(getattr(mod, cls))
+    return classes[0], classes[1]
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -98,6 +146,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         CollectorRegistry(),
         max_concurrent_batches=args.slots,
     )
+    base = None
+    if args.baseline:
+        base_onnx, base_batching = load_baseline(Path(args.baseline))
+        base = base_batching(
+            await base_onnx.create(settings),
+            BatchingSettings(max_batch_size=args.batch_size, max_batch_delay_ms=args.delay_ms),
+            CollectorRegistry(),
+            max_concurrent_batches=args.slots,
+        )
+    stub = ClientsOnly(args.batch_size)
     rng = np.random.default_rng(1)
     pool = rng.normal(size=(4096, args.features)).astype(np.float32)
     xb = pool[: args.batch_size]
@@ -112,10 +170,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     session.run(None, {"x": xb})  # warm-up
     await served_rate(plain, pool, 0.3, args.concurrency)
     await served_rate(batched, pool, 0.3, args.concurrency)
+    served = {"backend-b1": plain, "batched-bB": batched, "clients-only": stub}
+    if base is not None:
+        served["base-bB"] = base
+        await served_rate(base, pool, 0.3, args.concurrency)
 
-    results: dict[str, list[float]] = {k: [] for k in ("raw-b1", "raw-bB", "backend-b1")}
-    results["batched-bB"] = []
-    lat: dict[str, list[float]] = {"backend-b1": [], "batched-bB": []}
+    results: dict[str, list[float]] = {k: [] for k in ("raw-b1", "raw-bB", *served)}
+    lat: dict[str, list[float]] = {k: [] for k in served}
     calls0, rows0 = batched.calls, batched.rows
     for _ in range(args.rounds):
         results["raw-b1"].append(
@@ -124,17 +185,22 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         results["raw-bB"].append(
             await asyncio.to_thread(raw_rate, session, xb, args.seconds, args.slots)
         )
-        rate, lats = await served_rate(plain, pool, args.seconds, args.concurrency)
-        results["backend-b1"].append(rate)
-        lat["backend-b1"] += lats
-        rate, lats = await served_rate(batched, pool, args.seconds, args.concurrency)
-        results["batched-bB"].append(rate)
-        lat["batched-bB"] += lats
+        for key, backend in served.items():
+            rate, lats = await served_rate(backend, pool, args.seconds, args.concurrency)
+            results[key].append(rate)
+            lat[key] += lats
     mean_batch = (batched.rows - rows0) / max(1, batched.calls - calls0)
     await plain.aclose()
     await batched.aclose()
+    if base is not None:
+        await base.aclose()
     medians = {k: statistics.median(v) for k, v in results.items()}
+    extra = {}
+    if base is not None:
+        extra["base_vs_floor"] = medians["base-bB"] / medians["raw-bB"]
+        extra["batched_vs_base"] = medians["batched-bB"] / medians["base-bB"]
     return {
+        "load_average": os.getloadavg(),
         "config": {k: v for k, v in vars(args).items() if k != "json"},
         "threads_active": threading.active_count(),
         "rows_per_s": medians,
@@ -145,6 +211,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "mean_batch_rows": mean_batch,
         "batched_vs_floor": medians["batched-bB"] / medians["raw-bB"],
         "batched_vs_unbatched": medians["batched-bB"] / medians["backend-b1"],
+        "batched_vs_clients_only": medians["batched-bB"] / medians["clients-only"],
+        "clients_only_vs_floor": medians["clients-only"] / medians["raw-bB"],
+        **extra,
         "max_abs_err_vs_numpy": max_err,
     }
 
@@ -157,10 +226,14 @@ def render(r: dict[str, Any]) -> str:
         (f"raw runtime, batch {b}, {c['slots']} callers (floor)", "raw-bB", "-"),
         (f"OnnxBackend, no batching, {c['concurrency']} clients", "backend-b1", "backend-b1"),
         (f"BatchingBackend max {b}, {c['concurrency']} clients", "batched-bB", "batched-bB"),
+        (f"clients only (stub answering {b} at a time)", "clients-only", "clients-only"),
     ]
+    if "base-bB" in r["rows_per_s"]:
+        rows.append((f"baseline BatchingBackend ({c['baseline']})", "base-bB", "base-bB"))
     out = [
         f"MLP {c['features']}-{c['hidden']}-{c['classes']}, onnxruntime threads="
-        f"{c['threads']}, delay {c['delay_ms']} ms, {c['rounds']} rounds x {c['seconds']} s",
+        f"{c['threads']}, delay {c['delay_ms']} ms, {c['rounds']} rounds x {c['seconds']} s, "
+        f"load average {' '.join(f'{x:.1f}' for x in r['load_average'])}",
         "",
         "| scenario | rows/s (median) | p50 ms | p99 ms |",
         "|---|---:|---:|---:|",
@@ -177,7 +250,14 @@ def render(r: dict[str, Any]) -> str:
         f"batched / floor: {r['batched_vs_floor']:.0%}; "
         f"batched / unbatched: {r['batched_vs_unbatched']:.1f}x; "
         f"max |batched - numpy|: {r['max_abs_err_vs_numpy']:.1e}",
+        f"batched / clients only: {r['batched_vs_clients_only']:.0%}; "
+        f"clients only / floor: {r['clients_only_vs_floor']:.0%}",
     ]
+    if "base_vs_floor" in r:
+        out.append(
+            f"baseline / floor: {r['base_vs_floor']:.0%}; "
+            f"batched / baseline: {r['batched_vs_base']:.2f}x"
+        )
     return "\n".join(out)
 
 
@@ -193,6 +273,9 @@ def main() -> int:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--seconds", type=float, default=2.0, help="per scenario per round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--baseline", default="", help="another checkout whose batching.py/onnx.py to compare"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()
     result = asyncio.run(main_async(args))

@@ -18,6 +18,11 @@ Isolation of bad requests, in two layers:
    whose outputs do not have one row per input row (a model that mixes rows) switches
    batching off for the backend, with a warning: such a model cannot be batched.
 
+A runtime with a synchronous thread-safe entry (``run_sync``, as OnnxBackend has) is run
+by the batcher's own threads, one per concurrent batch, which take each formed batch
+straight from a queue and complete it with one loop callback; others go through
+``inner.infer``.
+
 Requests larger than ``max_batch_size`` rows (Triton refuses them; here they run alone)
 and requests without a common batch axis go straight to the runtime. Each call into the
 runtime made here is observed, by rows, in ``mirrorgate_batcher_batch_size{model}``.
@@ -28,10 +33,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import queue
+import threading
 import weakref
 from collections import deque
-from collections.abc import Hashable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram
@@ -71,22 +77,29 @@ def batch_size_histogram(registry: CollectorRegistry) -> Histogram:
     return existing
 
 
-@dataclass(slots=True)
-class _Request:
-    inputs: dict[str, np.ndarray]
-    outputs: list[str] | None
-    rows: int
-    enqueued: float
-    future: asyncio.Future[dict[str, np.ndarray]]
+class _Batch:
+    """Requests of one key gathered for one stacked call: parallel lists, no per-request
+    object beyond the caller's own future (the hot path allocates as little as it can)."""
 
+    __slots__ = ("counts", "enqueued", "futures", "inputs", "outputs", "rows")
 
-@dataclass(slots=True)
-class _Queue:
-    items: deque[_Request] = field(default_factory=deque)
-    rows: int = 0
+    def __init__(self, outputs: list[str] | None, enqueued: float) -> None:
+        self.inputs: list[dict[str, np.ndarray]] = []
+        self.outputs = outputs
+        self.futures: list[asyncio.Future[dict[str, np.ndarray]]] = []
+        self.counts: list[int] = []
+        self.rows = 0
+        self.enqueued = enqueued
 
-    def oldest(self) -> float:
-        return self.items[0].enqueued
+    def drop_cancelled(self) -> None:
+        """Forget members whose callers gave up while queued: their rows are not run."""
+        keep = [i for i, f in enumerate(self.futures) if not f.done()]
+        if len(keep) == len(self.futures):
+            return
+        self.inputs = [self.inputs[i] for i in keep]
+        self.futures = [self.futures[i] for i in keep]
+        self.counts = [self.counts[i] for i in keep]
+        self.rows = sum(self.counts)
 
 
 def _rows(inputs: dict[str, np.ndarray]) -> int | None:
@@ -131,7 +144,8 @@ class BatchingBackend:
             log.warning("model %s declares a fixed batch dimension; not batching", self._model)
         metric = batch_size_histogram(registry if registry is not None else CollectorRegistry())
         self._observe = metric.labels(model=self._model).observe
-        self._queues: dict[Hashable, _Queue] = {}
+        self._open: dict[Hashable, _Batch] = {}  # per key, the batch still filling up
+        self._full: deque[_Batch] = deque()  # batches that cannot grow, oldest first
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -139,6 +153,21 @@ class BatchingBackend:
         self._draining = False
         self.calls = 0  # calls into the inner runtime made from the queues
         self.rows = 0  # rows in those calls
+        # A runtime with a synchronous, thread-safe entry (OnnxBackend.run_sync) is run
+        # by the batcher's own threads, one per concurrent batch, which take the next
+        # formed batch as soon as they finish one: no executor hop and no round trip
+        # through the event loop between batches (each costs a thread wake-up, which on
+        # a loaded machine takes longer than the model). Others go through inner.infer.
+        direct = getattr(inner, "run_sync", None)
+        self._direct: Callable[..., dict[str, np.ndarray]] | None = (
+            direct if callable(direct) else None
+        )
+        self._work: queue.SimpleQueue[tuple[_Batch, asyncio.AbstractEventLoop] | None] = (
+            queue.SimpleQueue()
+        )
+        self._workers: list[threading.Thread] = []
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def inner(self) -> Backend:
@@ -160,26 +189,57 @@ class BatchingBackend:
     ) -> dict[str, np.ndarray]:
         if self._closed:
             raise NotReady(f"model {self._model!r} is shut down")
-        inputs = {n: np.asarray(a) for n, a in inputs.items()}
-        rows = _rows(inputs) if self._enabled and inputs else None
-        if rows is None:
+        if not self._enabled or not inputs:
+            return await self._inner.infer(inputs, outputs)
+        # The hot path, once per request: one input (the common case) costs a shape
+        # lookup and a tuple, no per-request dict or set.
+        if len(inputs) == 1:
+            ((name, array),) = inputs.items()
+            if type(array) is not np.ndarray:
+                array = np.asarray(array)
+                inputs = {name: array}
+            shape = array.shape
+            rows = shape[0] if shape else None
+            key: Hashable = (
+                name,
+                array.dtype,
+                shape[1:],
+                None if outputs is None else tuple(outputs),
+            )
+        else:
+            inputs = {n: np.asarray(a) for n, a in inputs.items()}
+            rows = _rows(inputs)
+            key = _key(inputs, outputs)
+        if not rows:
             return await self._inner.infer(inputs, outputs)
         if rows > self._max_rows:
             self._count(rows)
             return await self._inner.infer(inputs, outputs)
         loop = asyncio.get_running_loop()
-        request = _Request(inputs, outputs, rows, loop.time(), loop.create_future())
-        queue = self._queues.setdefault(_key(inputs, outputs), _Queue())
-        queue.items.append(request)
-        queue.rows += rows
-        # Rescheduling per request is the batcher's hot path: skip it when nothing can
-        # change (every slot busy: a finishing batch reschedules; or a timer is armed for
-        # an older request and this queue is not full yet).
-        if self._running < self._slots and (
-            queue.rows >= self._max_rows or self._timer is None or self._delay_s <= 0
-        ):
+        batch = self._open.get(key)
+        sealed = False
+        if batch is not None and batch.rows + rows > self._max_rows:
+            # This request does not fit: the open batch is as full as it gets.
+            del self._open[key]
+            self._full.append(batch)
+            batch, sealed = None, True
+        if batch is None:
+            batch = self._open[key] = _Batch(outputs, loop.time())
+        future: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
+        batch.inputs.append(inputs)
+        batch.futures.append(future)
+        batch.counts.append(rows)
+        batch.rows += rows
+        if batch.rows >= self._max_rows:
+            del self._open[key]
+            self._full.append(batch)
+            sealed = True
+        # Rescheduling per request would dominate: only when something can start now
+        # (a batch just filled up, or no timer is armed yet) and a slot is free (else a
+        # finishing batch reschedules).
+        if self._running < self._slots and (sealed or self._timer is None or self._delay_s <= 0):
             self._schedule()
-        return await request.future
+        return await future
 
     # -- scheduling (all on the event loop, no locks needed) --
 
@@ -190,51 +250,38 @@ class BatchingBackend:
             self._timer = None
         loop = asyncio.get_running_loop()
         now = loop.time()
-        while self._running < self._slots and self._queues:
-            key = self._due(now)
-            if key is None:
+        # With the batcher's own threads, a full batch (it cannot grow) is queued for
+        # them even while every thread is busy, one per thread at most: a thread that
+        # finishes picks it up without waiting for the loop.
+        ahead = self._slots if self._direct is not None else 0
+        while self._running < self._slots + ahead:
+            if self._full:  # full batches first, oldest first
+                batch = self._full.popleft()
+            elif self._open and self._running < self._slots:
+                # Open batches are created in arrival order and the dict keeps it: the
+                # first one has waited longest.
+                key = next(iter(self._open))
+                batch = self._open[key]
+                if not (self._draining or batch.enqueued + self._delay_s <= now):
+                    break
+                del self._open[key]
+            else:
                 break
-            batch = self._take(key)
-            if batch:
-                self._running += 1
-                task = loop.create_task(self._run(batch))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-        if self._running < self._slots and self._queues:
-            deadline = min(q.oldest() for q in self._queues.values()) + self._delay_s
-            self._timer = loop.call_at(deadline, self._schedule)
-
-    def _due(self, now: float) -> Hashable | None:
-        """A queue that must run now: full ones first, then the longest-waiting due one."""
-        oldest_key, oldest = None, float("inf")
-        for key, queue in self._queues.items():
-            if queue.rows >= self._max_rows:
-                return key
-            if queue.oldest() < oldest:
-                oldest_key, oldest = key, queue.oldest()
-        if self._draining or oldest + self._delay_s <= now:
-            return oldest_key
-        return None
-
-    def _take(self, key: Hashable) -> list[_Request]:
-        queue = self._queues[key]
-        batch: list[_Request] = []
-        rows = 0
-        while queue.items:
-            head = queue.items[0]
-            if head.future.done():  # caller gave up (cancelled) while queued
-                queue.items.popleft()
-                queue.rows -= head.rows
+            batch.drop_cancelled()
+            if not batch.futures:
                 continue
-            if batch and rows + head.rows > self._max_rows:
-                break
-            queue.items.popleft()
-            queue.rows -= head.rows
-            batch.append(head)
-            rows += head.rows
-        if not queue.items:
-            del self._queues[key]
-        return batch
+            self._running += 1
+            if self._direct is not None:
+                self._idle.clear()
+                self._start_workers()
+                self._work.put((batch, loop))
+                continue
+            task = loop.create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if self._running < self._slots and self._open and not self._full:
+            deadline = next(iter(self._open.values())).enqueued + self._delay_s
+            self._timer = loop.call_at(deadline, self._schedule)
 
     # -- running --
 
@@ -243,31 +290,41 @@ class BatchingBackend:
         self.rows += rows
         self._observe(rows)
 
-    async def _run(self, batch: list[_Request]) -> None:
+    async def _run(self, batch: _Batch) -> None:
         try:
-            if len(batch) == 1 or not self._enabled:
-                await asyncio.gather(*(self._run_alone(r) for r in batch))
+            if len(batch.futures) == 1 or not self._enabled:
+                await self._run_alone(batch)
                 return
             try:
-                results = await self._run_stacked(batch)
+                out = await self._run_stacked(batch)
             except Exception as exc:
-                log.debug("stacked call of %d failed (%s); running alone", len(batch), exc)
-                await asyncio.gather(*(self._run_alone(r) for r in batch))
+                log.debug("stacked call of %d failed (%s); running alone", len(batch.futures), exc)
+                await self._run_alone(batch)
                 return
-            for request, result in zip(batch, results, strict=True):
-                if not request.future.done():
-                    request.future.set_result(result)
+            # Basic slices are views: no copy per request. One dict per request is the
+            # least the interface allows.
+            items = list(out.items())
+            start = 0
+            for future, rows in zip(batch.futures, batch.counts, strict=True):
+                end = start + rows
+                if not future.done():
+                    future.set_result({n: a[start:end] for n, a in items})
+                start = end
         finally:
             self._running -= 1
-            if self._queues:
+            if self._open or self._full:
                 self._schedule()
 
-    async def _run_stacked(self, batch: list[_Request]) -> list[dict[str, np.ndarray]]:
-        names = list(batch[0].inputs)
-        stacked = {n: np.concatenate([r.inputs[n] for r in batch], axis=0) for n in names}
-        total = sum(r.rows for r in batch)
+    async def _run_stacked(self, batch: _Batch) -> dict[str, np.ndarray]:
+        members = batch.inputs
+        total = batch.rows
+        if len(members[0]) == 1:
+            ((name, _),) = members[0].items()
+            stacked = {name: np.concatenate([m[name] for m in members], axis=0)}
+        else:
+            stacked = {n: np.concatenate([m[n] for m in members], axis=0) for n in members[0]}
         self._count(total)
-        out = await self._inner.infer(stacked, batch[0].outputs)
+        out = await self._inner.infer(stacked, batch.outputs)
         bad = [n for n, a in out.items() if a.ndim == 0 or a.shape[0] != total]
         if bad:
             self._enabled = False
@@ -277,27 +334,134 @@ class BatchingBackend:
                 bad,
             )
             raise BackendError(f"model {self._model!r} cannot be batched")
-        # Basic slices are views: no copy per request, and cheaper than np.split's loop.
-        results = []
-        start = 0
-        for r in batch:
-            end = start + r.rows
-            results.append({n: a[start:end] for n, a in out.items()})
-            start = end
-        return results
+        return out
 
-    async def _run_alone(self, request: _Request) -> None:
-        if request.future.done():
+    async def _run_alone(self, batch: _Batch) -> None:
+        """Each member on its own (a failed stacked call: only the faulty one fails)."""
+        await asyncio.gather(
+            *(
+                self._run_one(inputs, batch.outputs, rows, future)
+                for inputs, rows, future in zip(
+                    batch.inputs, batch.counts, batch.futures, strict=True
+                )
+            )
+        )
+
+    async def _run_one(
+        self,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str] | None,
+        rows: int,
+        future: asyncio.Future[dict[str, np.ndarray]],
+    ) -> None:
+        if future.done():
             return
-        self._count(request.rows)
+        self._count(rows)
         try:
-            result = await self._inner.infer(request.inputs, request.outputs)
+            result = await self._inner.infer(inputs, outputs)
         except Exception as exc:
-            if not request.future.done():
-                request.future.set_exception(exc)
+            if not future.done():
+                future.set_exception(exc)
             return
-        if not request.future.done():
-            request.future.set_result(result)
+        if not future.done():
+            future.set_result(result)
+
+    # -- the batcher's own threads (runtimes with run_sync) --
+
+    def _start_workers(self) -> None:
+        while len(self._workers) < self._slots:
+            thread = threading.Thread(
+                target=self._worker,
+                name=f"mirrorgate-batcher-{self._model}-{len(self._workers)}",
+                daemon=True,
+            )
+            thread.start()
+            self._workers.append(thread)
+
+    def _worker(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            batch, loop = item
+            try:
+                outcomes, calls, mixes = self._compute(batch)
+            except BaseException as exc:  # never leave callers waiting
+                outcomes = [(False, exc)] * len(batch.futures)
+                calls, mixes = [], False
+            try:
+                loop.call_soon_threadsafe(self._deliver, batch, outcomes, calls, mixes)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                return
+
+    def _compute(self, batch: _Batch) -> tuple[list[tuple[bool, object]], list[int], bool]:
+        """On a worker thread: run the batch stacked, split the result into views, or
+        (one member, or the stacked call failed) run each member alone."""
+        assert self._direct is not None
+        run = self._direct
+        members, outputs = batch.inputs, batch.outputs
+        calls: list[int] = []
+        mixes = False
+        if len(members) > 1 and self._enabled:
+            total = batch.rows
+            calls.append(total)
+            try:
+                if len(members[0]) == 1:
+                    ((name, _),) = members[0].items()
+                    stacked = {name: np.concatenate([m[name] for m in members], axis=0)}
+                else:
+                    stacked = {
+                        n: np.concatenate([m[n] for m in members], axis=0) for n in members[0]
+                    }
+                out = run(stacked, outputs)
+                mixes = any(a.ndim == 0 or a.shape[0] != total for a in out.values())
+                if not mixes:
+                    items = list(out.items())
+                    results: list[tuple[bool, object]] = []
+                    start = 0
+                    for rows in batch.counts:
+                        end = start + rows
+                        results.append((True, {n: a[start:end] for n, a in items}))
+                        start = end
+                    return results, calls, mixes
+            except Exception as exc:
+                log.debug("stacked call of %d failed (%s); running alone", len(members), exc)
+        outcomes: list[tuple[bool, object]] = []
+        for inputs, rows in zip(members, batch.counts, strict=True):
+            calls.append(rows)
+            try:
+                outcomes.append((True, run(inputs, outputs)))
+            except Exception as exc:
+                outcomes.append((False, exc))
+        return outcomes, calls, mixes
+
+    def _deliver(
+        self,
+        batch: _Batch,
+        outcomes: list[tuple[bool, object]],
+        calls: list[int],
+        mixes: bool,
+    ) -> None:
+        """On the loop: one callback completes a whole batch."""
+        for rows in calls:
+            self._count(rows)
+        if mixes and self._enabled:
+            self._enabled = False
+            log.warning(
+                "model %s: outputs lack one row per input row; batching switched off",
+                self._model,
+            )
+        for future, (ok, value) in zip(batch.futures, outcomes, strict=True):
+            if not future.done():
+                if ok:
+                    future.set_result(value)  # type: ignore[arg-type]
+                else:
+                    future.set_exception(value)  # type: ignore[arg-type]
+        self._running -= 1
+        if self._open or self._full:
+            self._schedule()
+        if self._running == 0:
+            self._idle.set()
 
     async def aclose(self) -> None:
         """Refuse new calls, run everything queued now, wait for it, close the runtime."""
@@ -305,11 +469,17 @@ class BatchingBackend:
             return
         self._closed = True
         self._draining = True
-        while self._queues or self._tasks:
-            if self._queues:
+        while self._open or self._full or self._tasks or self._running:
+            if self._open or self._full:
                 self._schedule()
             if self._tasks:
                 await asyncio.wait(set(self._tasks))
+            if self._running and self._direct is not None:
+                await self._idle.wait()
         if self._timer is not None:
             self._timer.cancel()
+        for _ in self._workers:
+            self._work.put(None)
+        for thread in self._workers:
+            await asyncio.to_thread(thread.join)
         await self._inner.aclose()

@@ -210,10 +210,28 @@ class OnnxBackend:
             return await self._threads.run(self._run, inputs, names)
         except MirrorgateError:
             raise
-        except InvalidArgument as exc:  # shapes/dtypes the request got wrong
-            raise BadRequest(f"model {model!r} rejected the request: {exc}") from exc
         except Exception as exc:
-            raise BackendError(f"model {model!r} failed: {exc}") from exc
+            raise self._convert(exc) from exc
+
+    def run_sync(
+        self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """``infer`` without the hop: for a caller that already runs on its own thread
+        (the micro-batcher's workers), never on the event loop. Same checks, same errors;
+        the session is safe to call from several threads."""
+        try:
+            names = select_outputs(self._metadata.name, outputs, self._metadata.outputs)
+            return self._run(inputs, names)
+        except MirrorgateError:
+            raise
+        except Exception as exc:
+            raise self._convert(exc) from exc
+
+    def _convert(self, exc: Exception) -> MirrorgateError:
+        model = self._metadata.name
+        if isinstance(exc, InvalidArgument):  # shapes/dtypes the request got wrong
+            return BadRequest(f"model {model!r} rejected the request: {exc}")
+        return BackendError(f"model {model!r} failed: {exc}")
 
     def _run(self, inputs: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         """On a worker thread: checks and conversions are O(size), so they stay off the

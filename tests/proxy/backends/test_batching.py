@@ -377,3 +377,110 @@ async def test_champion_and_candidate_share_one_histogram(
     finally:
         await a.aclose()
         await b.aclose()
+
+
+# -- the batcher's own threads: an OnnxBackend inner (run_sync), no counting wrapper --
+# Batches are made deterministic by size: a delay no test waits out, and exactly
+# max_batch_size rows submitted, so the batch runs when the last one arrives.
+
+
+async def _direct(path: Path, max_batch_size: int) -> BatchingBackend:
+    batcher = BatchingBackend(
+        await _onnx(path),
+        BatchingSettings(max_batch_size=max_batch_size, max_batch_delay_ms=FOREVER_MS),
+        None,
+    )
+    assert callable(getattr(batcher.inner, "run_sync", None))  # the direct path runs
+    return batcher
+
+
+async def test_direct_path_stacks_a_full_batch_and_splits_it(
+    classifier_file: tuple[Path, models.ClassifierWeights],
+) -> None:
+    path, weights = classifier_file
+    batcher = await _direct(path, 6)
+    try:
+        xs = [weights.sample(1 + i % 2, seed=70 + i) for i in range(4)]  # 1+2+1+2 rows
+        outs = await asyncio.gather(*(batcher.infer({"x": x}) for x in xs))
+        assert (batcher.calls, batcher.rows) == (1, 6)
+        for x, out in zip(xs, outs, strict=True):
+            _check(weights, x, out)
+    finally:
+        await batcher.aclose()
+
+
+async def test_direct_path_a_request_with_bad_values_fails_alone(
+    classifier_file: tuple[Path, models.ClassifierWeights],
+) -> None:
+    path, weights = classifier_file
+    batcher = await _direct(path, 4)
+    try:
+        good = [np.arange(4, dtype=np.int64).reshape(1, 4) + i for i in range(3)]
+        bad = np.full((1, 4), 2**40 + 1, np.int64)
+        inputs = [good[0], bad, good[1], good[2]]
+        results = await asyncio.gather(
+            *(batcher.infer({"x": x}) for x in inputs), return_exceptions=True
+        )
+        assert (batcher.calls, batcher.rows) == (5, 8)  # one stacked call, then 4 alone
+        assert isinstance(results[1], BadRequest)
+        for x, out in zip(inputs, results, strict=True):
+            if x is not bad:
+                assert isinstance(out, dict)
+                _check(weights, x.astype(np.float32), out)
+    finally:
+        await batcher.aclose()
+
+
+async def test_direct_path_a_cancelled_caller_leaves_the_batch(
+    classifier_file: tuple[Path, models.ClassifierWeights],
+) -> None:
+    path, weights = classifier_file
+    batcher = await _direct(path, 4)
+    try:
+        xs = [weights.sample(1, seed=80 + i) for i in range(4)]
+        tasks = [asyncio.create_task(batcher.infer({"x": x})) for x in xs[:3]]
+        await _settle()
+        tasks[1].cancel()
+        await _settle()
+        tasks.append(asyncio.create_task(batcher.infer({"x": xs[3]})))  # fills the batch
+        for i in (0, 2, 3):
+            _check(weights, xs[i], await tasks[i])
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[1]
+        assert (batcher.calls, batcher.rows) == (1, 3)
+    finally:
+        await batcher.aclose()
+
+
+async def test_direct_path_close_drains_then_refuses(
+    classifier_file: tuple[Path, models.ClassifierWeights],
+) -> None:
+    path, weights = classifier_file
+    batcher = await _direct(path, 8)
+    xs = [weights.sample(1, seed=90 + i) for i in range(3)]
+    tasks = [asyncio.create_task(batcher.infer({"x": x})) for x in xs]
+    await _settle()
+    assert batcher.calls == 0  # not full, delay not over: only draining runs them
+    await batcher.aclose()
+    for x, task in zip(xs, tasks, strict=True):
+        _check(weights, x, task.result())
+    assert (batcher.calls, batcher.rows) == (1, 3)
+    with pytest.raises(NotReady):
+        await batcher.infer({"x": xs[0]})
+
+
+async def test_direct_path_a_model_that_mixes_rows_stops_being_batched(tmp_path: Path) -> None:
+    path = tmp_path / "sum.onnx"
+    models.build_onnx_batch_sum(path, 3)
+    batcher = await _direct(path, 2)
+    try:
+        xs = [np.full((1, 3), i + 1, np.float32) for i in range(2)]
+        outs = await asyncio.gather(*(batcher.infer({"x": x}) for x in xs))
+        for x, out in zip(xs, outs, strict=True):
+            np.testing.assert_array_equal(out["total"], x[0])  # each request's own sum
+        assert (batcher.calls, batcher.rows) == (3, 4)  # stacked, then each alone
+        more = await asyncio.gather(*(batcher.infer({"x": x}) for x in xs))
+        assert [float(o["total"][0]) for o in more] == [1.0, 2.0]
+        assert batcher.calls == 3  # switched off: straight to the runtime, not counted
+    finally:
+        await batcher.aclose()
