@@ -57,8 +57,10 @@ class CollapseLimit(RateLimit):
 
 class RegressionTolerance(RateLimit):
     atol: float = Field(0.01, ge=0, description="out if |cand - champ| > atol + rtol*|champ|")
-    rtol: float = Field(0.10, ge=0)
-    max_rate: float = Field(0.10, gt=0, lt=1)
+    rtol: float = Field(0.10, ge=0, description="relative part of the per-element tolerance")
+    max_rate: float = Field(
+        0.10, gt=0, lt=1, description="share of pairs allowed out of the tolerance"
+    )
 
 
 class CosineLimit(RateLimit):
@@ -70,14 +72,18 @@ class NormTolerance(RateLimit):
     """vector_regression: the whole row at once (the per-element check is ``regression``)."""
 
     atol: float = Field(0.01, ge=0, description="out if ||cand - champ|| > atol + rtol*||champ||")
-    rtol: float = Field(0.10, ge=0)
-    max_rate: float = Field(0.10, gt=0, lt=1)
+    rtol: float = Field(0.10, ge=0, description="relative part of the row-norm tolerance")
+    max_rate: float = Field(
+        0.10, gt=0, lt=1, description="share of pairs allowed out of the norm tolerance"
+    )
 
 
 class MismatchLimit(RateLimit):
     """string outputs: pairs whose strings differ at all."""
 
-    max_rate: float = Field(0.05, gt=0, lt=1)
+    max_rate: float = Field(
+        0.05, gt=0, lt=1, description="share of pairs allowed to answer a different string"
+    )
 
 
 class ToleranceSettings(_Family):
@@ -100,7 +106,9 @@ class ContractSettings(_Family):
     max_rate: float = Field(
         0.01, gt=0, lt=1, description="rate of contract-breaking pairs tolerated"
     )
-    min_samples: int = Field(1, ge=1)
+    min_samples: int = Field(
+        1, ge=1, description="pairs before the contract may PASS (a FAIL needs none)"
+    )
     alpha_weight: float = Field(
         0.1,
         gt=0,

@@ -38,7 +38,7 @@ class CircuitSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="open the circuit after consecutive candidate failures")
     failure_threshold: int = Field(5, ge=1, description="consecutive failures that open it")
     open_s: float = Field(5.0, gt=0, description="first open period before a probe")
     max_open_s: float = Field(60.0, gt=0, description="cap of the doubling open period")

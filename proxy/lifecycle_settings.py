@@ -73,5 +73,9 @@ class ControlSettings(_Strict):
     writing (start/close rollouts, promote/abort/pause/resume, labels, triage).
     ``server.control_token``, when set, is accepted for both (the single-token setup)."""
 
-    read_token: SecretStr | None = None
-    write_token: SecretStr | None = None
+    read_token: SecretStr | None = Field(
+        None, description="bearer token for reading: verdict, rollout state, rollouts, pinned"
+    )
+    write_token: SecretStr | None = Field(
+        None, description="bearer token for actions: start/close, promote/abort, labels, triage"
+    )

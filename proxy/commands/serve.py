@@ -158,9 +158,6 @@ async def serve(
         if supervisor is not None:
             supervisor.start_live(host, port)
         announce(f"mirrorgate: listening on http://{host}:{port}")
-        announce(
-            f"mirrorgate: gates preset {config.gates.preset}: {PRESET_TEXT[config.gates.preset]}"
-        )
         control_app = state.extras.get(CONTROL_APP)
         if isinstance(control_app, web.Application):
             control_runner = web.AppRunner(
@@ -180,6 +177,10 @@ async def serve(
                 ) from exc
             chost, cport = control_runner.addresses[0][:2]
             announce(f"mirrorgate: control plane on http://{chost}:{cport}")
+        # After the addresses: scripts read "listening on" (then "control plane on") first.
+        announce(
+            f"mirrorgate: gates preset {config.gates.preset}: {PRESET_TEXT[config.gates.preset]}"
+        )
         stopper = loop.create_task(stop.wait())
         waiting: set[asyncio.Future[Any]] = {stopper}
         if state.loading is not None:
