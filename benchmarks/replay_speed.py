@@ -5,9 +5,13 @@ classes, two slice values, two features, half labelled; the candidate is the cha
 plus small noise, spaced so the first stage's minimum duration is never reached and
 the replay feeds every pair) is written once, then
 
-- gates only: ``gates.replay.replay`` over records already in memory;
-- end to end: the CLI's own code path (``proxy.commands.replay.run``: read and parse the
-  file, replay, render), stdout discarded;
+- gates only: ``gates.replay.replay`` over records already in memory (each look's
+  batch built from records, ``PairBatch.from_records``: the issue's reference rate);
+- gates only, columns: ``gates.replay.replay_stream`` over the file's column blocks
+  already in memory (each look's batch built from columns: the floor the streaming CLI
+  path can reach, parsing excluded);
+- end to end: the CLI's own code path (``proxy.commands.replay.run``: the file streamed
+  into column blocks while the gates decide, render), stdout discarded;
 - the same end to end over the Parquet form of the file (``mirrorgate export`` writes
   it with ``--format parquet``) when pyarrow is installed;
 - ``mirrorgate --help`` in a fresh interpreter, best of 5.
@@ -36,9 +40,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gates.replay import replay  # noqa: E402
+from gates.replay import replay, replay_stream  # noqa: E402
 from proxy.commands import replay as replay_cmd  # noqa: E402
-from storage.files import read_pairs  # noqa: E402
+from storage.files import read_pair_blocks, read_pairs  # noqa: E402
 
 
 def write_file(path: Path, n: int) -> None:
@@ -76,12 +80,26 @@ def write_file(path: Path, n: int) -> None:
 def gates_only(path: Path) -> tuple[float, int]:
     cfg = replay_cmd.load_replay_config(None)
     records = list(read_pairs(path))
-    keys = replay_cmd.slice_keys(records)
     t0 = time.perf_counter()
     result = replay(
         records,
         [],
-        gates=cfg.gates.with_slice_keys(keys),
+        gates=cfg.gates,  # what the CLI runs without --config: slice keys as they appear
+        plan=cfg.rollout,
+        task=cfg.task,
+        join=replay_cmd.LabelJoin(label_window_s=cfg.label_window_s),
+    )
+    return time.perf_counter() - t0, result.pairs_fed
+
+
+def gates_only_columns(path: Path) -> tuple[float, int]:
+    cfg = replay_cmd.load_replay_config(None)
+    blocks = list(read_pair_blocks(path))
+    t0 = time.perf_counter()
+    result = replay_stream(
+        blocks,
+        [],
+        gates=cfg.gates,
         plan=cfg.rollout,
         task=cfg.task,
         join=replay_cmd.LabelJoin(label_window_s=cfg.label_window_s),
@@ -90,7 +108,9 @@ def gates_only(path: Path) -> tuple[float, int]:
 
 
 def end_to_end(path: Path) -> float:
-    args = argparse.Namespace(config=None, pairs=path, labels=None, json=True, quiet=True)
+    args = argparse.Namespace(
+        config=None, pairs=path, labels=None, json=True, quiet=True, read_all=False
+    )
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         replay_cmd.run(args)
@@ -117,9 +137,15 @@ def main() -> None:
             f"file: {args.pairs} pairs, {path.stat().st_size / 1e6:.1f} MB; load {os.getloadavg()}"
         )
         g, fed = gates_only(path)
+        c, fed_c = gates_only_columns(path)
         e = end_to_end(path)
         print(f"gates only : {fed / g:10.0f} pairs/s  ({g:.2f} s, {fed} pairs fed)")
+        print(
+            f"gates cols : {fed_c / c:10.0f} pairs/s  ({c:.2f} s, {fed_c} pairs fed)"
+            f"  e2e / this {c / e:.2f}"
+        )
         print(f"end to end : {args.pairs / e:10.0f} pairs/s  ({e:.2f} s)  ratio {g / e:.2f}")
+        print(f"load {os.getloadavg()}")
         try:
             from storage.columnar import write_parquet
         except ImportError:

@@ -24,6 +24,7 @@ from typing import IO, Any
 import numpy as np
 import orjson
 
+from gates.columns import Descriptor, PairColumns
 from gates.records import Label, ModelResult, PairRecord
 
 PathLike = str | os.PathLike[str]
@@ -206,6 +207,180 @@ def _plain(data: Any) -> PairRecord | None:
         stage=stage or "shadow",
         served_by=served,
     )
+
+
+# ------------------------------------------------------------ columns for replay
+
+_FAST_SIDE_KEYS = frozenset(("output", "latency_ms", "error", "output_name", "datatype", "shape"))
+_SERVED = ("champion", "candidate")
+
+
+def _fast_side(data: Any) -> tuple[Any, Any, Descriptor] | None:
+    """(output, latency, descriptor) of a side in the column shape: answered without an
+    error, the output a non-empty list not starting with a string (BYTES is an object
+    array in a record) or a number; None sends the line to the record parser."""
+    if type(data) is not dict or not _FAST_SIDE_KEYS.issuperset(data):
+        return None
+    if data.get("error") is not None:
+        return None
+    out = data.get("output")
+    t = type(out)
+    if t is list:
+        if not out or type(out[0]) is str:
+            return None
+    elif t is not float and t is not int:
+        return None
+    lat = data.get("latency_ms")
+    if lat is not None and type(lat) is not float and type(lat) is not int:
+        return None
+    name, datatype, shape = data.get("output_name"), data.get("datatype"), data.get("shape")
+    if (name is not None and type(name) is not str) or (
+        datatype is not None and type(datatype) is not str
+    ):
+        return None
+    if shape is not None:
+        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+            return None
+        shape = tuple(shape)
+    return out, lat, (name, datatype, shape)
+
+
+def _fast_row(data: Any) -> tuple[Any, ...] | None:
+    """The line's values when it is in the column shape (every field's type exact, so
+    the record parser would accept it and build the same values); else None."""
+    if type(data) is not dict or not _KEYS.issuperset(data):
+        return None
+    rid, ts = data.get("id"), data.get("ts")
+    if type(rid) is not str or not rid:
+        return None
+    if (type(ts) is not float and type(ts) is not int) or not math.isfinite(ts):
+        return None
+    slices = data.get("slices") or {}
+    features = data.get("features") or {}
+    if type(slices) is not dict or type(features) is not dict:
+        return None
+    for v in slices.values():
+        if type(v) is not str:
+            return None
+    for v in features.values():
+        if type(v) is not float and type(v) is not int and type(v) is not str:
+            return None
+    if data.get("served_by", "champion") not in _SERVED:
+        return None
+    ch = _fast_side(data.get("champion"))
+    if ch is None:
+        return None
+    ca = _fast_side(data.get("candidate"))
+    if ca is None:
+        return None
+    width_ch = len(ch[0]) if type(ch[0]) is list else -1
+    width_ca = len(ca[0]) if type(ca[0]) is list else -1
+    key = (width_ch, ch[2], width_ca, ca[2])
+    return key, rid, float(ts), slices, features, data.get("label"), ch, ca
+
+
+def _columns(rows: list[tuple[Any, ...]]) -> PairColumns | None:
+    """One block of rows sharing widths and descriptors; None when the outputs are not
+    one numeric matrix per side (then the record parser judges each line)."""
+    try:
+        champion = np.array([r[6][0] for r in rows], dtype=np.float64)
+        candidate = np.array([r[7][0] for r in rows], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    key = rows[0][0]
+    if champion.ndim != (1 if key[0] < 0 else 2) or candidate.ndim != (1 if key[2] < 0 else 2):
+        return None  # nested lists: the record parser names the line
+    return PairColumns(
+        ids=[r[1] for r in rows],
+        ts=np.array([r[2] for r in rows], dtype=np.float64),
+        champion=champion,
+        candidate=candidate,
+        # None becomes NaN in a float array
+        champion_latency=np.array([r[6][1] for r in rows], dtype=np.float64),
+        candidate_latency=np.array([r[7][1] for r in rows], dtype=np.float64),
+        slices=[r[3] for r in rows],
+        features=[r[4] for r in rows],
+        labels=[r[5] for r in rows],
+        champion_desc=key[1],
+        candidate_desc=key[3],
+    )
+
+
+def read_pair_blocks(path: PathLike) -> Iterator[PairColumns | list[PairRecord]]:
+    """The pairs of a file in order, as blocks: :class:`PairColumns` for runs of lines in
+    the column shape (gates/columns.py), records for the rest. Lazy: a block is read when
+    the consumer asks for it (replay stops reading at its decision). Validation is the
+    record parser's: a line that is not in the column shape goes through
+    ``PairRecord.from_dict`` and a bad one raises ``ValueError("<path>:<line>: ...")``
+    when the reading gets there. Parquet yields records, a batch at a time."""
+    if str(path).endswith(".parquet"):
+        from storage.columnar import read_parquet
+
+        batch: list[PairRecord] = []
+        for record in read_parquet(path):
+            batch.append(record)
+            if len(batch) >= _CHUNK:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+        return
+    from_dict = PairRecord.from_dict
+    chunk: list[tuple[int, Any]] = []
+    items = _json_lines(path)
+    while True:
+        chunk.clear()
+        for item in items:
+            chunk.append(item)
+            if len(chunk) >= _CHUNK:
+                break
+        if not chunk:
+            return
+        run: list[tuple[Any, ...]] = []
+        run_lines: list[tuple[int, Any]] = []
+        slow: list[PairRecord] = []
+        for lineno, data in chunk:
+            row = _fast_row(data)
+            if row is not None and (not run or row[0] == run[0][0]):
+                if slow:
+                    yield slow
+                    slow = []
+                run.append(row)
+                run_lines.append((lineno, data))
+                continue
+            if run:
+                yield from _block(path, run, run_lines)
+                run, run_lines = [], []
+            if row is not None:
+                run.append(row)
+                run_lines.append((lineno, data))
+                continue
+            try:
+                slow.append(from_dict(data, where="record"))
+            except ValueError as exc:
+                raise ValueError(f"{path}:{lineno}: {exc}") from exc
+        if slow:
+            yield slow
+        if run:
+            yield from _block(path, run, run_lines)
+        if len(chunk) < _CHUNK:
+            return
+
+
+def _block(
+    path: PathLike, run: list[tuple[Any, ...]], lines: list[tuple[int, Any]]
+) -> Iterator[PairColumns | list[PairRecord]]:
+    cols = _columns(run)
+    if cols is not None:
+        yield cols
+        return
+    out: list[PairRecord] = []
+    for lineno, data in lines:
+        try:
+            out.append(PairRecord.from_dict(data, where="record"))
+        except ValueError as exc:
+            raise ValueError(f"{path}:{lineno}: {exc}") from exc
+    yield out
 
 
 def read_labels(path: PathLike) -> Iterator[tuple[str, Label, float | None]]:
