@@ -33,10 +33,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -77,44 +80,53 @@ def write_file(path: Path, n: int) -> None:
             fh.write(orjson.dumps(rec) + b"\n")
 
 
-def gates_only(path: Path) -> tuple[float, int]:
+def timed(fn: Callable[[], T]) -> tuple[float, float, T]:
+    """(wall seconds, process CPU seconds, value): CPU time is what other processes on a
+    loaded machine do not inflate, so both are printed."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    value = fn()
+    return time.perf_counter() - w0, time.process_time() - c0, value
+
+
+def gates_only(path: Path) -> tuple[float, float, int]:
     cfg = replay_cmd.load_replay_config(None)
     records = list(read_pairs(path))
-    t0 = time.perf_counter()
-    result = replay(
-        records,
-        [],
-        gates=cfg.gates,  # what the CLI runs without --config: slice keys as they appear
-        plan=cfg.rollout,
-        task=cfg.task,
-        join=replay_cmd.LabelJoin(label_window_s=cfg.label_window_s),
+    wall, cpu, result = timed(
+        lambda: replay(
+            records,
+            [],
+            gates=cfg.gates,  # what the CLI runs without --config: slice keys as they appear
+            plan=cfg.rollout,
+            task=cfg.task,
+            join=replay_cmd.LabelJoin(label_window_s=cfg.label_window_s),
+        )
     )
-    return time.perf_counter() - t0, result.pairs_fed
+    return wall, cpu, result.pairs_fed
 
 
-def gates_only_columns(path: Path) -> tuple[float, int]:
+def gates_only_columns(path: Path) -> tuple[float, float, int]:
     cfg = replay_cmd.load_replay_config(None)
     blocks = list(read_pair_blocks(path))
-    t0 = time.perf_counter()
-    result = replay_stream(
-        blocks,
-        [],
-        gates=cfg.gates,
-        plan=cfg.rollout,
-        task=cfg.task,
-        join=replay_cmd.LabelJoin(label_window_s=cfg.label_window_s),
+    wall, cpu, result = timed(
+        lambda: replay_stream(
+            blocks,
+            [],
+            gates=cfg.gates,
+            plan=cfg.rollout,
+            task=cfg.task,
+            join=replay_cmd.LabelJoin(label_window_s=cfg.label_window_s),
+        )
     )
-    return time.perf_counter() - t0, result.pairs_fed
+    return wall, cpu, result.pairs_fed
 
 
-def end_to_end(path: Path) -> float:
+def end_to_end(path: Path) -> tuple[float, float]:
     args = argparse.Namespace(
         config=None, pairs=path, labels=None, json=True, quiet=True, read_all=False
     )
-    t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
-        replay_cmd.run(args)
-    return time.perf_counter() - t0
+        wall, cpu, _ = timed(lambda: replay_cmd.run(args))
+    return wall, cpu
 
 
 def best_of_5(argv: list[str]) -> float:
@@ -136,15 +148,21 @@ def main() -> None:
         print(
             f"file: {args.pairs} pairs, {path.stat().st_size / 1e6:.1f} MB; load {os.getloadavg()}"
         )
-        g, fed = gates_only(path)
-        c, fed_c = gates_only_columns(path)
-        e = end_to_end(path)
-        print(f"gates only : {fed / g:10.0f} pairs/s  ({g:.2f} s, {fed} pairs fed)")
-        print(
-            f"gates cols : {fed_c / c:10.0f} pairs/s  ({c:.2f} s, {fed_c} pairs fed)"
-            f"  e2e / this {c / e:.2f}"
-        )
-        print(f"end to end : {args.pairs / e:10.0f} pairs/s  ({e:.2f} s)  ratio {g / e:.2f}")
+        g, g_cpu, fed = gates_only(path)
+        c, c_cpu, fed_c = gates_only_columns(path)
+        e, e_cpu = end_to_end(path)
+
+        def row(name: str, wall: float, cpu: float, pairs: int) -> None:
+            print(
+                f"{name:<11}: {pairs / wall:8.0f} pairs/s wall ({wall:6.2f} s), "
+                f"{pairs / cpu:8.0f} pairs/s CPU ({cpu:6.2f} s); "
+                f"ratio to gates only: wall {g / wall:.2f}, CPU {g_cpu / cpu:.2f}"
+            )
+
+        row("gates only", g, g_cpu, fed)
+        row("gates cols", c, c_cpu, fed_c)
+        row("end to end", e, e_cpu, args.pairs)
+        print(f"end to end / gates cols: wall {c / e:.2f}, CPU {c_cpu / e_cpu:.2f}")
         print(f"load {os.getloadavg()}")
         try:
             from storage.columnar import write_parquet
@@ -153,8 +171,8 @@ def main() -> None:
         if write_parquet is not None:
             pq = Path(tmp) / "pairs.parquet"
             write_parquet(pq, read_pairs(path))
-            p = end_to_end(pq)
-            print(f"parquet e2e: {args.pairs / p:10.0f} pairs/s  ({p:.2f} s)  ratio {g / p:.2f}")
+            p, p_cpu = end_to_end(pq)
+            row("parquet e2e", p, p_cpu, args.pairs)
     bare = best_of_5([sys.executable, "-c", "pass"])
     help_s = best_of_5([sys.executable, "-m", "proxy", "--help"])
     print(

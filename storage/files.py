@@ -10,10 +10,13 @@ the end, so a failed export never leaves half a file.
 from __future__ import annotations
 
 import contextlib
+import gc
 import gzip
 import io
+import itertools
 import json
 import math
+import operator
 import os
 import sys
 import tempfile
@@ -211,7 +214,6 @@ def _plain(data: Any) -> PairRecord | None:
 
 # ------------------------------------------------------------ columns for replay
 
-_FAST_SIDE_KEYS = frozenset(("output", "latency_ms", "error", "output_name", "datatype", "shape"))
 _SERVED = ("champion", "candidate")
 
 
@@ -219,9 +221,8 @@ def _fast_side(data: Any) -> tuple[Any, Any, Descriptor] | None:
     """(output, latency, descriptor) of a side in the column shape: answered without an
     error, the output a non-empty list not starting with a string (BYTES is an object
     array in a record) or a number; None sends the line to the record parser."""
-    if type(data) is not dict or not _FAST_SIDE_KEYS.issuperset(data):
-        return None
-    if data.get("error") is not None:
+    # unknown keys are ignored, as the record parser ignores them
+    if type(data) is not dict or data.get("error") is not None:
         return None
     out = data.get("output")
     t = type(out)
@@ -248,7 +249,7 @@ def _fast_side(data: Any) -> tuple[Any, Any, Descriptor] | None:
 def _fast_row(data: Any) -> tuple[Any, ...] | None:
     """The line's values when it is in the column shape (every field's type exact, so
     the record parser would accept it and build the same values); else None."""
-    if type(data) is not dict or not _KEYS.issuperset(data):
+    if type(data) is not dict:
         return None
     rid, ts = data.get("id"), data.get("ts")
     if type(rid) is not str or not rid:
@@ -279,15 +280,27 @@ def _fast_row(data: Any) -> tuple[Any, ...] | None:
     return key, rid, float(ts), slices, features, data.get("label"), ch, ca
 
 
+def _matrix(outputs: list[Any], width: int) -> np.ndarray:
+    """``(n, width)`` float64 from lists of ``width`` values (``(n,)`` from numbers)."""
+    n = len(outputs)
+    try:  # one pass over the values (no per-row array); None, a string: np.array decides
+        if width < 0:
+            return np.fromiter(outputs, dtype=np.float64, count=n)
+        flat = itertools.chain.from_iterable(outputs)
+        return np.fromiter(flat, dtype=np.float64, count=n * width).reshape(n, width)
+    except (TypeError, ValueError):
+        return np.array(outputs, dtype=np.float64)
+
+
 def _columns(rows: list[tuple[Any, ...]]) -> PairColumns | None:
     """One block of rows sharing widths and descriptors; None when the outputs are not
     one numeric matrix per side (then the record parser judges each line)."""
+    key = rows[0][0]
     try:
-        champion = np.array([r[6][0] for r in rows], dtype=np.float64)
-        candidate = np.array([r[7][0] for r in rows], dtype=np.float64)
+        champion = _matrix([r[6][0] for r in rows], key[0])
+        candidate = _matrix([r[7][0] for r in rows], key[2])
     except (TypeError, ValueError):
         return None
-    key = rows[0][0]
     if champion.ndim != (1 if key[0] < 0 else 2) or candidate.ndim != (1 if key[2] < 0 else 2):
         return None  # nested lists: the record parser names the line
     return PairColumns(
@@ -325,62 +338,227 @@ def read_pair_blocks(path: PathLike) -> Iterator[PairColumns | list[PairRecord]]
         if batch:
             yield batch
         return
-    from_dict = PairRecord.from_dict
-    chunk: list[tuple[int, Any]] = []
-    items = _json_lines(path)
-    while True:
-        chunk.clear()
-        for item in items:
-            chunk.append(item)
-            if len(chunk) >= _CHUNK:
-                break
-        if not chunk:
-            return
-        run: list[tuple[Any, ...]] = []
-        run_lines: list[tuple[int, Any]] = []
-        slow: list[PairRecord] = []
-        for lineno, data in chunk:
-            row = _fast_row(data)
-            if row is not None and (not run or row[0] == run[0][0]):
-                if slow:
-                    yield slow
-                    slow = []
-                run.append(row)
-                run_lines.append((lineno, data))
-                continue
-            if run:
-                yield from _block(path, run, run_lines)
-                run, run_lines = [], []
-            if row is not None:
-                run.append(row)
-                run_lines.append((lineno, data))
-                continue
+    fh = _open_bytes(path)
+    try:
+        lineno = 0
+        while True:
+            # A chunk's parse allocates some 100k small containers, none in a cycle,
+            # that live until the chunk's columns are built: the collector's passes over
+            # them cost as much as the parse itself, so it waits for the chunk (never
+            # across a yield: the consumer's code runs with the collector on).
+            collecting = gc.isenabled()
+            gc.disable()
             try:
-                slow.append(from_dict(data, where="record"))
-            except ValueError as exc:
-                raise ValueError(f"{path}:{lineno}: {exc}") from exc
-        if slow:
-            yield slow
+                try:
+                    lines = fh.readlines(_CHUNK_BYTES)
+                except (OSError, EOFError) as exc:
+                    raise ValueError(f"{path}:{lineno + 1}: cannot read: {exc}") from exc
+                blocks = _chunk_blocks(path, _parse_lines(path, lines, lineno))
+            finally:
+                if collecting:
+                    gc.enable()
+            lineno += len(lines)
+            yield from blocks
+            if not lines:
+                return
+    finally:
+        if str(path) != "-":
+            fh.close()
+
+
+_CHUNK_BYTES = 1 << 20  # about 2500 lines of a 10-class file
+
+
+def _parse_lines(path: PathLike, lines: list[bytes], lineno: int) -> list[tuple[int, Any]]:
+    """``(line number, parsed)`` of the non-blank lines; ValueError names a bad one."""
+    loads = orjson.loads
+    try:  # the usual chunk: no blank line, every line valid
+        return [(lineno + i, loads(line)) for i, line in enumerate(lines, 1)]
+    except orjson.JSONDecodeError:
+        pass
+    out: list[tuple[int, Any]] = []
+    for i, line in enumerate(lines, lineno + 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((i, loads(line)))
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{i}: not valid JSON: {exc.msg}") from exc
+    return out
+
+
+_NONE = type(None)
+_NUMBERS = frozenset((float, int))
+_LATENCY = frozenset((float, int, _NONE))
+_FEATURE = frozenset((float, int, str))
+_TEXT_OR_NONE = frozenset((str, _NONE))
+
+
+def _field(docs: list[dict[str, Any]], key: str) -> list[Any]:
+    """``[d.get(key) for d in docs]`` without a bytecode step per line."""
+    return list(map(dict.get, docs, itertools.repeat(key)))
+
+
+def _members(docs: list[dict[str, Any]], key: str) -> list[Any]:
+    """``d.get(key) or {}`` per line (a fresh ``{}`` each: records do not share one)."""
+    values = _field(docs, key)
+    if values.count(None) or not all(values):
+        values = [v or {} for v in values]
+    return values
+
+
+def _whole_side(sides: list[Any], n: int) -> tuple[np.ndarray, np.ndarray, Descriptor] | None:
+    """One side of a whole chunk as columns, judged a field at a time (C-level type
+    sets, no per-line bytecode): the same conditions as :func:`_fast_side` on every
+    line, plus one width and one descriptor for the chunk."""
+    if set(map(type, sides)) != {dict}:
+        return None
+    if _field(sides, "error").count(None) != n:
+        return None
+    outs = _field(sides, "output")
+    kinds = set(map(type, outs))
+    if kinds == {list}:
+        widths = set(map(len, outs))
+        if len(widths) != 1 or 0 in widths:
+            return None
+        if str in set(map(type, map(operator.itemgetter(0), outs))):
+            return None
+        width = widths.pop()
+    elif kinds <= _NUMBERS:
+        width = -1
+    else:
+        return None
+    lats = _field(sides, "latency_ms")
+    if not set(map(type, lats)) <= _LATENCY:
+        return None
+    names = _field(sides, "output_name")
+    dtypes = _field(sides, "datatype")
+    shapes = _field(sides, "shape")
+    if not set(map(type, names + dtypes)) <= _TEXT_OR_NONE:  # (hashable, then compared)
+        return None
+    if len(set(names)) != 1 or len(set(dtypes)) != 1:
+        return None
+    shape = shapes[0]
+    if shape is not None:
+        if type(shape) is not list or any(s != shape for s in shapes):
+            return None
+        if not all(type(d) is int and d >= 0 for d in shape):
+            return None
+        shape = tuple(shape)
+    elif shapes.count(None) != n:
+        return None
+    try:
+        matrix = _matrix(outs, width)
+    except (TypeError, ValueError):
+        return None
+    if matrix.ndim != (1 if width < 0 else 2):
+        return None
+    return matrix, np.array(lats, dtype=np.float64), (names[0], dtypes[0], shape)
+
+
+def _whole_chunk(docs: list[Any]) -> PairColumns | None:
+    """A whole chunk as one block, when every line is in the column shape and the chunk
+    has one width and descriptor per side (the usual file); None: line by line."""
+    n = len(docs)
+    if not n or set(map(type, docs)) != {dict}:
+        return None
+    ids = _field(docs, "id")
+    if set(map(type, ids)) != {str} or not all(ids):
+        return None
+    ts_raw = _field(docs, "ts")
+    if not set(map(type, ts_raw)) <= _NUMBERS:
+        return None
+    try:
+        ts = np.array(ts_raw, dtype=np.float64)
+    except OverflowError:
+        return None
+    if not np.isfinite(ts).all():
+        return None
+    slices = _members(docs, "slices")
+    features = _members(docs, "features")
+    if set(map(type, slices)) != {dict} or set(map(type, features)) != {dict}:
+        return None
+    chain = itertools.chain.from_iterable
+    if not set(map(type, chain(map(dict.values, slices)))) <= {str}:
+        return None
+    if not set(map(type, chain(map(dict.values, features)))) <= _FEATURE:
+        return None
+    repeat = itertools.repeat
+    served = list(map(dict.get, docs, repeat("served_by"), repeat("champion")))
+    if served.count("champion") + served.count("candidate") != n:
+        return None
+    ch = _whole_side(_field(docs, "champion"), n)
+    if ch is None:
+        return None
+    ca = _whole_side(_field(docs, "candidate"), n)
+    if ca is None:
+        return None
+    return PairColumns(
+        ids=ids,
+        ts=ts,
+        champion=ch[0],
+        candidate=ca[0],
+        champion_latency=ch[1],
+        candidate_latency=ca[1],
+        slices=slices,
+        features=features,
+        labels=_field(docs, "label"),
+        champion_desc=ch[2],
+        candidate_desc=ca[2],
+    )
+
+
+def _chunk_blocks(
+    path: PathLike, chunk: list[tuple[int, Any]]
+) -> list[PairColumns | list[PairRecord]]:
+    whole = _whole_chunk([data for _, data in chunk])
+    if whole is not None:
+        return [whole]
+    from_dict = PairRecord.from_dict
+    blocks: list[PairColumns | list[PairRecord]] = []
+    run: list[tuple[Any, ...]] = []
+    run_lines: list[tuple[int, Any]] = []
+    slow: list[PairRecord] = []
+    for lineno, data in chunk:
+        row = _fast_row(data)
+        if row is not None and (not run or row[0] == run[0][0]):
+            if slow:
+                blocks.append(slow)
+                slow = []
+            run.append(row)
+            run_lines.append((lineno, data))
+            continue
         if run:
-            yield from _block(path, run, run_lines)
-        if len(chunk) < _CHUNK:
-            return
+            blocks.append(_block(path, run, run_lines))
+            run, run_lines = [], []
+        if row is not None:
+            run.append(row)
+            run_lines.append((lineno, data))
+            continue
+        try:
+            slow.append(from_dict(data, where="record"))
+        except ValueError as exc:
+            raise ValueError(f"{path}:{lineno}: {exc}") from exc
+    if slow:
+        blocks.append(slow)
+    if run:
+        blocks.append(_block(path, run, run_lines))
+    return blocks
 
 
 def _block(
     path: PathLike, run: list[tuple[Any, ...]], lines: list[tuple[int, Any]]
-) -> Iterator[PairColumns | list[PairRecord]]:
+) -> PairColumns | list[PairRecord]:
     cols = _columns(run)
     if cols is not None:
-        yield cols
-        return
+        return cols
     out: list[PairRecord] = []
     for lineno, data in lines:
         try:
             out.append(PairRecord.from_dict(data, where="record"))
         except ValueError as exc:
             raise ValueError(f"{path}:{lineno}: {exc}") from exc
-    yield out
+    return out
 
 
 def read_labels(path: PathLike) -> Iterator[tuple[str, Label, float | None]]:
