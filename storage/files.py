@@ -399,12 +399,18 @@ def _field(docs: list[dict[str, Any]], key: str) -> list[Any]:
     return list(map(dict.get, docs, itertools.repeat(key)))
 
 
-def _members(docs: list[dict[str, Any]], key: str) -> list[Any]:
-    """``d.get(key) or {}`` per line (a fresh ``{}`` each: records do not share one)."""
-    values = _field(docs, key)
+def _or_empty(values: list[Any]) -> list[Any]:
+    """``v or {}`` per value (a fresh ``{}`` each: records do not share one)."""
     if values.count(None) or not all(values):
-        values = [v or {} for v in values]
+        return [v or {} for v in values]
     return values
+
+
+# The members the exporter always writes, fetched in one C-level pass over a chunk's
+# lines (one pass: a pass per member costs a cache miss per line each time). A line
+# without one of them, or with more, takes the line-by-line path or a second look.
+_TOP = operator.itemgetter("id", "ts", "slices", "features", "champion", "candidate", "label")
+_SIDE = operator.itemgetter("output", "latency_ms", "error")
 
 
 def _whole_side(sides: list[Any], n: int) -> tuple[np.ndarray, np.ndarray, Descriptor] | None:
@@ -413,9 +419,12 @@ def _whole_side(sides: list[Any], n: int) -> tuple[np.ndarray, np.ndarray, Descr
     line, plus one width and one descriptor for the chunk."""
     if set(map(type, sides)) != {dict}:
         return None
-    if _field(sides, "error").count(None) != n:
+    try:
+        outs, lats, errors = map(list, zip(*map(_SIDE, sides), strict=True))
+    except KeyError:
         return None
-    outs = _field(sides, "output")
+    if errors.count(None) != n:
+        return None
     kinds = set(map(type, outs))
     if kinds == {list}:
         widths = set(map(len, outs))
@@ -428,32 +437,34 @@ def _whole_side(sides: list[Any], n: int) -> tuple[np.ndarray, np.ndarray, Descr
         width = -1
     else:
         return None
-    lats = _field(sides, "latency_ms")
     if not set(map(type, lats)) <= _LATENCY:
         return None
-    names = _field(sides, "output_name")
-    dtypes = _field(sides, "datatype")
-    shapes = _field(sides, "shape")
-    if not set(map(type, names + dtypes)) <= _TEXT_OR_NONE:  # (hashable, then compared)
-        return None
-    if len(set(names)) != 1 or len(set(dtypes)) != 1:
-        return None
-    shape = shapes[0]
-    if shape is not None:
-        if type(shape) is not list or any(s != shape for s in shapes):
+    desc: Descriptor = (None, None, None)
+    if sum(map(len, sides)) != 3 * n:  # descriptors (or unknown members, ignored)
+        names = _field(sides, "output_name")
+        dtypes = _field(sides, "datatype")
+        shapes = _field(sides, "shape")
+        if not set(map(type, names + dtypes)) <= _TEXT_OR_NONE:  # (hashable, then compared)
             return None
-        if not all(type(d) is int and d >= 0 for d in shape):
+        if len(set(names)) != 1 or len(set(dtypes)) != 1:
             return None
-        shape = tuple(shape)
-    elif shapes.count(None) != n:
-        return None
+        shape = shapes[0]
+        if shape is not None:
+            if type(shape) is not list or any(s != shape for s in shapes):
+                return None
+            if not all(type(d) is int and d >= 0 for d in shape):
+                return None
+            shape = tuple(shape)
+        elif shapes.count(None) != n:
+            return None
+        desc = (names[0], dtypes[0], shape)
     try:
         matrix = _matrix(outs, width)
     except (TypeError, ValueError):
         return None
     if matrix.ndim != (1 if width < 0 else 2):
         return None
-    return matrix, np.array(lats, dtype=np.float64), (names[0], dtypes[0], shape)
+    return matrix, np.array(lats, dtype=np.float64), desc
 
 
 def _whole_chunk(docs: list[Any]) -> PairColumns | None:
@@ -462,10 +473,13 @@ def _whole_chunk(docs: list[Any]) -> PairColumns | None:
     n = len(docs)
     if not n or set(map(type, docs)) != {dict}:
         return None
-    ids = _field(docs, "id")
+    try:
+        cols = list(map(list, zip(*map(_TOP, docs), strict=True)))
+    except KeyError:
+        return None
+    ids, ts_raw, slices, features, chs, cas, labels = cols
     if set(map(type, ids)) != {str} or not all(ids):
         return None
-    ts_raw = _field(docs, "ts")
     if not set(map(type, ts_raw)) <= _NUMBERS:
         return None
     try:
@@ -474,8 +488,7 @@ def _whole_chunk(docs: list[Any]) -> PairColumns | None:
         return None
     if not np.isfinite(ts).all():
         return None
-    slices = _members(docs, "slices")
-    features = _members(docs, "features")
+    slices, features = _or_empty(slices), _or_empty(features)
     if set(map(type, slices)) != {dict} or set(map(type, features)) != {dict}:
         return None
     chain = itertools.chain.from_iterable
@@ -483,14 +496,15 @@ def _whole_chunk(docs: list[Any]) -> PairColumns | None:
         return None
     if not set(map(type, chain(map(dict.values, features)))) <= _FEATURE:
         return None
-    repeat = itertools.repeat
-    served = list(map(dict.get, docs, repeat("served_by"), repeat("champion")))
-    if served.count("champion") + served.count("candidate") != n:
-        return None
-    ch = _whole_side(_field(docs, "champion"), n)
+    if sum(map(len, docs)) != 7 * n:  # more members: served_by must be valid
+        repeat = itertools.repeat
+        served = list(map(dict.get, docs, repeat("served_by"), repeat("champion")))
+        if served.count("champion") + served.count("candidate") != n:
+            return None
+    ch = _whole_side(chs, n)
     if ch is None:
         return None
-    ca = _whole_side(_field(docs, "candidate"), n)
+    ca = _whole_side(cas, n)
     if ca is None:
         return None
     return PairColumns(
@@ -502,7 +516,7 @@ def _whole_chunk(docs: list[Any]) -> PairColumns | None:
         candidate_latency=ca[1],
         slices=slices,
         features=features,
-        labels=_field(docs, "label"),
+        labels=labels,
         champion_desc=ch[2],
         candidate_desc=ca[2],
     )
