@@ -141,6 +141,22 @@ def _slice_codes(dicts: list[dict[str, str]]) -> dict[str, tuple[list[str], IntA
     return out
 
 
+def _feature_column(values: list[Any]) -> NDArray[Any]:
+    """A typed column when every value is an int or every one a float (``feature`` and
+    ``feature_values`` then read the same numbers without a loop), objects otherwise."""
+    kinds = set(map(type, values))
+    if kinds == {float}:
+        return np.array(values, dtype=np.float64)
+    if kinds == {int}:
+        try:
+            return np.array(values, dtype=np.int64)
+        except OverflowError:
+            pass
+    col = np.empty(len(values), dtype=object)
+    col[:] = values
+    return col
+
+
 @dataclass
 class PairBatch:
     """Column view of ``records``; ``n`` rows, arrays aligned with the record order."""
@@ -278,10 +294,7 @@ class PairBatch:
                 names.update(dict.fromkeys(d))
         features: dict[str, NDArray[Any]] = {}
         for name in names:
-            values = [d.get(name) for d in cols.features]
-            col = np.empty(n, dtype=object)
-            col[:] = values
-            features[name] = col
+            features[name] = _feature_column([d.get(name) for d in cols.features])
         return cls(
             records=(),
             n=n,

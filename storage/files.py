@@ -366,7 +366,10 @@ def read_pair_blocks(path: PathLike) -> Iterator[PairColumns | list[PairRecord]]
             fh.close()
 
 
-_CHUNK_BYTES = 1 << 20  # about 2500 lines of a 10-class file
+# About 160 lines of a 10-class file. Small on purpose: a chunk is checked a column at
+# a time, several passes over its fresh objects, which stay in the CPU cache at this
+# size (64 KB read parsed 2x faster per line than 1 MB in a side-by-side run).
+_CHUNK_BYTES = 1 << 16
 
 
 def _parse_lines(path: PathLike, lines: list[bytes], lineno: int) -> list[tuple[int, Any]]:
@@ -525,7 +528,7 @@ def _whole_chunk(docs: list[Any]) -> PairColumns | None:
 def _chunk_blocks(
     path: PathLike, chunk: list[tuple[int, Any]]
 ) -> list[PairColumns | list[PairRecord]]:
-    whole = _whole_chunk([data for _, data in chunk])
+    whole = _whole_chunk(list(map(operator.itemgetter(1), chunk)))
     if whole is not None:
         return [whole]
     from_dict = PairRecord.from_dict

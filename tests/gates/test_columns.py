@@ -179,7 +179,8 @@ def test_stream_decides_as_the_whole_file_replay(scenario):
         elif i % 10 == 1:
             labels.append((r.id, r.label, None))
             r = dataclasses.replace(r, label=None)
-        plain.append(r)
+        # an integer feature on every row: a typed column on the column side
+        plain.append(dataclasses.replace(r, features={**r.features, "visits": i % 17}))
     labels.append(("nobody", 1, plain[10].ts))
 
     def run(stream: bool, **kw):

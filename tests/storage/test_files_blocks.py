@@ -69,3 +69,22 @@ def test_a_bad_line_is_named_when_reading_gets_there(tmp_path):
     path = write_lines(tmp_path / "q.jsonl", docs)
     with pytest.raises(ValueError, match=rf"{path}:41: .*output"):
         list(read_pair_blocks(path))
+
+
+@pytest.mark.parametrize("described", [False, True])
+def test_a_uniform_file_is_read_a_whole_chunk_at_a_time(tmp_path, described):
+    # every line in the exporter's shape: each chunk is judged column-wise as one block
+    docs = [r.to_dict() for r in records(Scenario.aa(), 2000, seed=6)]
+    for i, d in enumerate(docs):
+        d["features"]["visits"] = i % 9  # an integer feature
+        if described:
+            d["champion"].update(output_name="probs", datatype="FP32", shape=[3])
+            d["candidate"].update(output_name="probs", datatype="FP64", shape=[3])
+        if i % 5 == 0:
+            d["served_by"] = "candidate"
+    path = write_lines(tmp_path / "u.jsonl", docs)
+    blocks = list(read_pair_blocks(path))
+    assert len(blocks) > 1 and all(isinstance(b, PairColumns) for b in blocks)
+    assert [key(r) for r in flatten(blocks)] == [key(r) for r in read_pairs(path)]
+    want = ("probs", "FP64", (3,)) if described else (None, None, None)
+    assert {b.candidate_desc for b in blocks} == {want}
