@@ -21,6 +21,7 @@ quotes. The machine is shared: the load average is printed with the numbers.
 
     python benchmarks/replay_speed.py                 # 200k pairs
     python benchmarks/replay_speed.py --pairs 50000
+    python benchmarks/replay_speed.py --pairs 30000 --repeat 3 --no-parquet  # best of 3
 """
 
 from __future__ import annotations
