@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from gates.columns import PairColumns
 from gates.kinds import configured_kind, datatype_family, infer_kind
 from gates.records import ModelResult, PairRecord
 
@@ -140,6 +141,22 @@ def _slice_codes(dicts: list[dict[str, str]]) -> dict[str, tuple[list[str], IntA
     return out
 
 
+def _feature_column(values: list[Any]) -> NDArray[Any]:
+    """A typed column when every value is an int or every one a float (``feature`` and
+    ``feature_values`` then read the same numbers without a loop), objects otherwise."""
+    kinds = set(map(type, values))
+    if kinds == {float}:
+        return np.array(values, dtype=np.float64)
+    if kinds == {int}:
+        try:
+            return np.array(values, dtype=np.int64)
+        except OverflowError:
+            pass
+    col = np.empty(len(values), dtype=object)
+    col[:] = values
+    return col
+
+
 @dataclass
 class PairBatch:
     """Column view of ``records``; ``n`` rows, arrays aligned with the record order."""
@@ -244,6 +261,60 @@ class PairBatch:
             candidate_text=ca_text,
             output_name=names.most_common(1)[0][0] if names else None,
             datatype=dtypes.most_common(1)[0][0] if dtypes else None,
+            contract_example=example,
+        )
+
+    @classmethod
+    def from_columns(cls, cols: PairColumns) -> PairBatch:
+        """The batch :meth:`from_records` builds from ``cols.records()``, without the records.
+
+        Every row of ``cols`` has both outputs, no error and its side's one shape and
+        descriptor (gates/columns.py), so what ``from_records`` works out row by row is
+        one fact per batch here: one contract verdict, one output name and datatype.
+        tests/gates/test_columns.py checks the two batches array by array.
+        """
+        n = cols.n
+        champion = np.asarray(cols.champion, dtype=np.float64)
+        candidate = np.asarray(cols.candidate, dtype=np.float64)
+        ch0, ca0 = cols.side("champion", 0), cols.side("candidate", 0)
+        why = contract_violation(ch0, ca0) if n else None
+        fault = np.full(n, why is not None, dtype=bool)
+        example = None if why is None else (why, describe_output(ch0), describe_output(ca0))
+        ch_ok = np.isfinite(champion.reshape(n, -1)).all(axis=1)
+        ca_ok = np.isfinite(candidate.reshape(n, -1)).all(axis=1)
+        comparable = ch_ok & ca_ok & ~fault
+        if champion.shape[1:] != candidate.shape[1:]:
+            comparable &= False  # a contract fault above; never compared
+        no = np.zeros(n, dtype=bool)
+        # features: a column per name in first-appearance order, None where a row has none
+        # (what feature_values/feature_names read off records)
+        names: dict[str, None] = {}
+        for d in cols.features:
+            if d:
+                names.update(dict.fromkeys(d))
+        features: dict[str, NDArray[Any]] = {}
+        for name in names:
+            features[name] = _feature_column([d.get(name) for d in cols.features])
+        return cls(
+            records=(),
+            n=n,
+            ts=np.array(cols.ts, dtype=np.float64),
+            champion=champion,
+            candidate=candidate,
+            comparable=comparable,
+            contract_fault=fault,
+            champion_error=no,
+            candidate_error=fault.copy(),
+            champion_timeout=no.copy(),
+            candidate_timeout=no.copy(),
+            observed=np.ones(n, dtype=bool),
+            champion_latency=np.array(cols.champion_latency, dtype=np.float64),
+            candidate_latency=np.array(cols.candidate_latency, dtype=np.float64),
+            slices=_slice_codes(cols.slices),
+            labels=list(cols.labels),
+            feature_columns=features,
+            output_name=cols.champion_desc[0],
+            datatype=cols.champion_desc[1],
             contract_example=example,
         )
 

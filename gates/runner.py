@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from gates.batch import PairBatch
+from gates.columns import PairColumns
 from gates.engine import Evaluation, RolloutEngine
 from gates.join import LabelEvent, LabelJoin
 from gates.records import PairRecord
@@ -43,11 +44,15 @@ class GateRunner:
         self.unmatched_total = 0
         self.pairs_expired = 0
 
-    def add_pairs(self, records: Sequence[PairRecord], now: float) -> None:
+    def add_pairs(
+        self, records: Sequence[PairRecord], now: float, *, batch: PairBatch | None = None
+    ) -> None:
+        """``batch``, when given, is these records' batch already built (replay's columns)."""
         if not records:
             return
         self.expire(now)  # windows first: what left them before `now` cannot match
-        batch = PairBatch.from_records(records)  # built once, read by every gate
+        if batch is None:
+            batch = PairBatch.from_records(records)  # built once, read by every gate
         self.engine.observe(batch)
         if self.join.pending_labels == 0 and all(r.label is not None for r in records):
             # all came labelled and no label waits for them: what join.add_pairs would do
@@ -68,6 +73,30 @@ class GateRunner:
         # Every labelled pair reaches the hook, whichever side of the join came last.
         if self.on_labelled is not None:
             self.on_labelled(labelled)
+
+    def add_columns(self, cols: PairColumns, now: float, *, labels_may_come: bool) -> None:
+        """:meth:`add_pairs` for rows in column form (replay's fast path).
+
+        While a label may still arrive for these pairs (``labels_may_come``, or labels
+        waiting in the join) the rows become records and take the join like any others.
+        Otherwise an unlabelled pair can never be completed, so only the labelled rows
+        matter: they go to the metric gates as the join would hand them over (in order),
+        without a record being built. Replay passes False once its label file is spent.
+        """
+        if cols.n == 0:
+            return
+        batch = PairBatch.from_columns(cols)
+        if labels_may_come or self.join.pending_labels or self.on_labelled is not None:
+            self.add_pairs(cols.records(), now, batch=batch)
+            return
+        self.expire(now)
+        self.engine.observe(batch)
+        rows = [i for i, lab in enumerate(cols.labels) if lab is not None]
+        self.join.stats.matched += len(rows)
+        if len(rows) == cols.n:
+            self.engine.observe_labelled(batch)
+        elif rows:
+            self.engine.observe_labelled(batch.select(np.array(rows, dtype=np.int64)))
 
     def add_labels(self, labels: Iterable[LabelEvent], now: float) -> int:
         """Returns how many pairs these labels completed (the others wait)."""

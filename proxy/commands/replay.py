@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from gates.join import LabelJoin
-from gates.replay import ReplayResult, replay
+from gates.replay import NoPairs, OutOfOrder, ReplayResult, replay, replay_stream
 from gates.result import GateResult, Status, fmt
 from gates.settings import GatesSettings, RolloutSettings, Task
 from proxy.config import (
@@ -31,7 +31,7 @@ from proxy.config import (
 )
 from proxy.errors import ConfigError
 from proxy.progress import add_quiet, track
-from storage.files import read_labels, read_pairs
+from storage.files import read_labels, read_pair_blocks, read_pairs
 
 
 class _GatesOnlyConfig(BaseModel):
@@ -71,6 +71,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--pairs", type=Path, required=True, help="paired-record JSONL file")
     p.add_argument("--labels", type=Path, help='label JSONL file ({"id", "label", "ts"?})')
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--read-all",
+        action="store_true",
+        help=(
+            "read (and check) the whole file even after the decision: pairs_read is then "
+            "the file's count; by default reading stops at the decision"
+        ),
+    )
     add_quiet(p)
     p.set_defaults(func=run)
 
@@ -119,7 +127,6 @@ def load_replay_config(path: Path | None) -> ReplayConfig:
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_replay_config(args.config)
-        records = list(track(read_pairs(args.pairs), args, desc="read pairs", unit="pair"))
         labels = list(read_labels(args.labels)) if args.labels else []
         reference = None
         ref_cfg = cfg.gates.drift.input
@@ -128,8 +135,6 @@ def run(args: argparse.Namespace) -> int:
             if args.config is not None and not ref_path.is_absolute():
                 ref_path = args.config.resolve().parent / ref_path
             reference = list(read_pairs(ref_path))
-        if not records:
-            raise ValueError(f"{args.pairs}: no paired records")
     except ValueError as exc:
         print(f"mirrorgate: error: {exc}", file=sys.stderr)
         return 2
@@ -137,16 +142,40 @@ def run(args: argparse.Namespace) -> int:
     # the error budget) as they appear, exactly as online: nothing is read ahead of the
     # look that uses it (docs/gates.md, "Replay").
     gates = cfg.gates if cfg.slice_keys is None else cfg.gates.with_slice_keys(cfg.slice_keys)
-    join = LabelJoin(label_window_s=cfg.label_window_s)
-    result = replay(
-        records,
-        labels,
-        gates=gates,
-        plan=cfg.rollout,
-        task=cfg.task,
-        reference=reference,
-        join=join,
-    )
+    common: dict[str, Any] = {
+        "gates": gates,
+        "plan": cfg.rollout,
+        "task": cfg.task,
+        "reference": reference,
+    }
+    result: ReplayResult | None = None
+    try:
+        if str(args.pairs) != "-":
+            # The stream: decide while reading, columns straight from the lines, stop at
+            # the decision. A file that goes back in time is read again whole and sorted
+            # (a pipe cannot be read twice: stdin always takes the whole-file path).
+            try:
+                result = replay_stream(
+                    track(read_pair_blocks(args.pairs), args, desc="replay", unit="block"),
+                    labels,
+                    join=LabelJoin(label_window_s=cfg.label_window_s),
+                    read_all=getattr(args, "read_all", False),
+                    **common,
+                )
+            except OutOfOrder:
+                result = None
+            except NoPairs:
+                raise ValueError(f"{args.pairs}: no paired records") from None
+        if result is None:
+            records = list(track(read_pairs(args.pairs), args, desc="read pairs", unit="pair"))
+            if not records:
+                raise ValueError(f"{args.pairs}: no paired records")
+            result = replay(
+                records, labels, join=LabelJoin(label_window_s=cfg.label_window_s), **common
+            )
+    except ValueError as exc:
+        print(f"mirrorgate: error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         json.dump(result.to_dict(), sys.stdout, allow_nan=False, default=str)
         sys.stdout.write("\n")

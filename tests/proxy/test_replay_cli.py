@@ -170,3 +170,70 @@ def test_replay_without_config_reads_no_slice_key_ahead(capsys, tmp_path):
     full, prefix = docs
     assert full["decided_at"]["pairs"] < 5000
     assert (full["decided_at"], full["reason"]) == (prefix["decided_at"], prefix["reason"])
+
+
+def whole_file(path: Path, config: Path | None) -> dict:
+    """The general path: every record parsed first, sorted, then replayed."""
+    from gates.join import LabelJoin
+    from gates.replay import replay
+    from proxy.commands.replay import load_replay_config
+    from storage.files import read_pairs
+
+    cfg = load_replay_config(config)
+    gates = cfg.gates if cfg.slice_keys is None else cfg.gates.with_slice_keys(cfg.slice_keys)
+    result = replay(
+        list(read_pairs(path)),
+        [],
+        gates=gates,
+        plan=cfg.rollout,
+        task=cfg.task,
+        join=LabelJoin(label_window_s=cfg.label_window_s),
+    )
+    return json.loads(json.dumps(result.to_dict(), default=str))
+
+
+def evidence(doc: dict) -> tuple:
+    gates = [(g["name"], g["slice"], g["status"], g["statistic"], g["n"]) for g in doc["gates"]]
+    return (doc["verdict"], doc["decided_at"], doc["reason"], gates, doc["decisions"])
+
+
+@pytest.mark.parametrize("which", ["bad", "good"])
+def test_the_stream_decides_as_the_whole_file(capsys, files, which):
+    # The CLI streams the file as columns and stops at the decision; the general path
+    # (every record parsed, then replayed) must reach the same verdict at the same pair
+    # with the same statistic and n for every gate.
+    path, cfg = files[which], files["config"]
+    expected = whole_file(path, cfg)
+    assert expected["verdict"] == ("abort" if which == "bad" else "promote")
+    code, out, _ = run(capsys, "--pairs", str(path), "--config", str(cfg), "--json")
+    streamed = json.loads(out)
+    assert code == (1 if which == "bad" else 0)
+    assert evidence(streamed) == evidence(expected)
+    assert streamed["replay"]["read_to_end"] is False
+    assert streamed["replay"]["pairs_read"] < expected["replay"]["pairs_read"]
+    code, out, _ = run(capsys, "--pairs", str(path), "--config", str(cfg), "--json", "--read-all")
+    full = json.loads(out)
+    assert evidence(full) == evidence(expected) and full["replay"] == expected["replay"]
+
+
+def test_a_file_out_of_time_order_is_read_whole_and_sorted(capsys, files, tmp_path):
+    lines = files["bad"].read_text().splitlines()
+    lines[10], lines[700] = lines[700], lines[10]
+    path = tmp_path / "shuffled.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    code, out, _ = run(capsys, "--pairs", str(path), "--config", str(files["config"]), "--json")
+    doc = json.loads(out)
+    assert code == 1 and doc["replay"]["read_to_end"] is True
+    assert evidence(doc) == evidence(whole_file(path, files["config"]))
+
+
+def test_a_bad_line_after_the_decision_is_read_only_with_read_all(capsys, files, tmp_path):
+    path = tmp_path / "tail.jsonl"
+    path.write_text(files["bad"].read_text() + '{"id": "x", "ts": "later"}\n')
+    n = len(path.read_text().splitlines())
+    code, out, err = run(capsys, "--pairs", str(path), "--config", str(files["config"]))
+    assert code == 1 and out.startswith("verdict: abort")
+    code, out, err = run(
+        capsys, "--pairs", str(path), "--config", str(files["config"]), "--read-all"
+    )
+    assert code == 2 and out == "" and f"{path}:{n}:" in err
