@@ -119,6 +119,10 @@ class Evaluation:
     decision: Decision | None
     decided_at: dict[str, int] | None
     alpha: float
+    # The blocking cells that FAILed when the rollout was aborted: the evidence that
+    # decided. E-processes are not monotone, so a later look may no longer show a cell
+    # FAIL; the verdict's ``failing`` must still name what decided it.
+    failing_at_decision: tuple[str, ...] | None = None
 
     @property
     def warnings(self) -> list[GateResult]:
@@ -148,11 +152,16 @@ class Evaluation:
             "gates": [g.to_dict() for g in self.gates],
             "warnings": [g.reason for g in self.warnings],
             "decision": None if self.decision is None else self.decision.to_dict(),
+            "failing_at_decision": (
+                None if self.failing_at_decision is None else list(self.failing_at_decision)
+            ),
         }
 
     def verdict_dict(self) -> dict[str, Any]:
         """Compact body for ``GET /v1/rollout/verdict`` (Argo web metric, Flagger webhook)."""
         failing = [g.label for g in self.gates if g.blocking and g.status is Status.FAIL]
+        if self.failing_at_decision is not None:
+            failing = list(self.failing_at_decision)
         return {
             "verdict": self.verdict,
             "stage": self.stage,
@@ -481,6 +490,16 @@ class RolloutEngine:
             d = next((x for x in reversed(self.decisions) if x.action == "hold"), None)
         return None if d is None else {"pairs": d.pairs, "labels": d.labels}
 
+    def _failing_at_decision(self) -> tuple[str, ...] | None:
+        d = self._terminal_decision()
+        if d is None or d.action != "abort":
+            return None
+        return tuple(
+            e["name"] if e["slice"] == AGGREGATE else f"{e['name']}[{e['slice']}]"
+            for e in d.evidence
+            if e.get("blocking") and e.get("status") == Status.FAIL.value
+        )
+
     def _terminal_reason(self) -> str:
         d = self._terminal_decision()
         if d is None:
@@ -582,6 +601,7 @@ class RolloutEngine:
             decision=decision,
             decided_at=self._decided_at(),
             alpha=self.settings.alpha,
+            failing_at_decision=self._failing_at_decision(),
         )
 
     # ------------------------------------------------------------------ state

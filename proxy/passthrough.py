@@ -129,7 +129,9 @@ class ExchangeDecoder:
     def __call__(self, job: _Job) -> None:
         from proxy.mirror import _nbytes
 
-        parsed = parse_infer_request(self.body, self.header_length)
+        # The champion accepted this request: whatever it carries (a bare Infinity that
+        # Triton reads) is the pair's input, not mirrorgate's to refuse here.
+        parsed = parse_infer_request(self.body, self.header_length, allow_nonfinite=("*",))
         payload = decompress(self.reply_body, self.reply_encoding)
         answer = decode_infer_response(payload, self.reply_header_length)
         job.inputs = parsed.inputs

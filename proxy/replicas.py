@@ -229,6 +229,9 @@ def evaluation_from_dict(d: dict[str, Any]) -> Evaluation:
         decision=None if d.get("decision") is None else Decision.from_dict(d["decision"]),
         decided_at=d.get("decided_at"),
         alpha=float(d["alpha"]),
+        failing_at_decision=(
+            None if d.get("failing_at_decision") is None else tuple(d["failing_at_decision"])
+        ),
     )
 
 

@@ -272,7 +272,10 @@ class Upstream:
             return missing
         body = await request.read()
         try:
-            parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
+            # Like Triton (rapidjson with NaN/Inf parsing on): a bare Infinity is accepted.
+            parsed = parse_infer_request(
+                body, request.headers.get(HEADER_LENGTH), allow_nonfinite=("*",)
+            )
             self.seen.append(
                 (dict(request.headers), parsed.output_names(), HEADER_LENGTH in request.headers)
             )
