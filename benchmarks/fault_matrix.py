@@ -15,6 +15,12 @@ the end the pair accounting read from ``/metrics`` before the SIGTERM:
 answered = written + recorder drops + shadow drops (+ still buffered).
 
     python benchmarks/fault_matrix.py [--rate 100] [--phase-s 6] [--json]
+        [--shadow-process | --both]
+
+``--shadow-process`` runs the proxy with ``shadow.process: true`` (candidate calls,
+decoding, recorder, gates and harvester in the shadow worker process, docs/shadow-worker.md);
+``--both`` runs the matrix in-process and then with the worker, one after the other in
+the same invocation, and prints the two side by side (p99 / own baseline per phase).
 
 The machine is shared (2 cores, many agents): the load average is printed.
 """
@@ -135,7 +141,7 @@ def total(m: dict[str, float], prefix: str) -> float:
     return sum(v for k, v in m.items() if k == prefix or k.startswith(prefix + "{"))
 
 
-async def main(rate: float, phase_s: float) -> dict[str, Any]:
+async def main(rate: float, phase_s: float, shadow_process: bool = False) -> dict[str, Any]:
     champion, candidate = Server(1), Server(2)
     await champion.start()
     await candidate.start()
@@ -159,6 +165,7 @@ async def main(rate: float, phase_s: float) -> dict[str, Any]:
         },
         "mirror": {"timeout_ms": 500},
         "storage": {"url": f"sqlite:///{db_path}", "flush_interval_ms": 100},
+        "shadow": {"process": shadow_process},
     }
     proc, base = await start_serve(config, tmp)
     await until(lambda: ready(base), "proxy ready")
@@ -275,28 +282,56 @@ async def _settled(base: str) -> bool:
     )
 
 
+def _run(rate: float, phase_s: float, shadow_process: bool) -> dict[str, Any]:
+    load_before = os.getloadavg()
+    report = asyncio.run(main(rate, phase_s, shadow_process))
+    report["load_average"] = {"before": load_before, "after": os.getloadavg()}
+    report["rate"] = rate
+    report["shadow_process"] = shadow_process
+    base = report["phases"][0]["p99_ms"]
+    for p in report["phases"]:
+        p["p99_vs_baseline"] = p["p99_ms"] / base if base else float("nan")
+    return report
+
+
+def _table(report: dict[str, Any]) -> None:
+    print("shadow.process:", report["shadow_process"])
+    head = ("phase", "n", "fail", "p50 ms", "p99 ms", "p99/base")
+    print("{:22s} {:>5s} {:>5s} {:>8s} {:>8s} {:>8s}".format(*head))
+    for p in report["phases"]:
+        print(
+            f"{p['phase']:22s} {p['requests']:5d} {p['live_failures']:5d} "
+            f"{p['p50_ms']:8.2f} {p['p99_ms']:8.2f} {p['p99_vs_baseline']:8.2f}"
+        )
+    print("accounting:", json.dumps(report["accounting"]))
+    print("load average:", report["load_average"])
+
+
+def _side_by_side(a: dict[str, Any], b: dict[str, Any]) -> None:
+    head = ("phase", "in-proc p99", "x base", "worker p99", "x base")
+    print("{:22s} {:>12s} {:>7s} {:>12s} {:>7s}".format(*head))
+    for p, q in zip(a["phases"], b["phases"], strict=True):
+        print(
+            f"{p['phase']:22s} {p['p99_ms']:12.2f} {p['p99_vs_baseline']:7.2f} "
+            f"{q['p99_ms']:12.2f} {q['p99_vs_baseline']:7.2f}"
+        )
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--phase-s", type=float, default=6.0)
     parser.add_argument("--json", action="store_true")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--shadow-process", action="store_true", help="shadow.process: true")
+    mode.add_argument("--both", action="store_true", help="in-process, then the worker")
     args = parser.parse_args()
-    load_before = os.getloadavg()
-    report = asyncio.run(main(args.rate, args.phase_s))
-    report["load_average"] = {"before": load_before, "after": os.getloadavg()}
-    report["rate"] = args.rate
-    base = report["phases"][0]["p99_ms"]
-    for p in report["phases"]:
-        p["p99_vs_baseline"] = p["p99_ms"] / base if base else float("nan")
+    modes = [False, True] if args.both else [args.shadow_process]
+    reports = [_run(args.rate, args.phase_s, m) for m in modes]
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(reports if args.both else reports[0], indent=2))
     else:
-        head = ("phase", "n", "fail", "p50 ms", "p99 ms", "p99/base")
-        print("{:22s} {:>5s} {:>5s} {:>8s} {:>8s} {:>8s}".format(*head))
-        for p in report["phases"]:
-            print(
-                f"{p['phase']:22s} {p['requests']:5d} {p['live_failures']:5d} "
-                f"{p['p50_ms']:8.2f} {p['p99_ms']:8.2f} {p['p99_vs_baseline']:8.2f}"
-            )
-        print("accounting:", json.dumps(report["accounting"]))
-        print("load average:", report["load_average"])
+        for report in reports:
+            _table(report)
+        if args.both:
+            _side_by_side(*reports)

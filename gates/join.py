@@ -5,13 +5,18 @@ in a window bounded by count and time; labels wait for their pair until ``label_
 and are then *reported* as unmatched by :meth:`LabelJoin.expire` (also when pushed out by
 the count bound, or superseded by a newer label for the same id): never silently lost.
 ``now`` is whatever clock the caller runs on (wall time online, record time in replay).
+
+A label whose pair will never come (the candidate is stopped, the request was not mirrored)
+must not wait here: the caller says so with ``add_labels(..., never_paired=...)`` and such a
+label only completes a pair already waiting; otherwise it is counted in
+``JoinStats.labels_not_gated`` and not kept (the database stores every label regardless).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from gates.records import Label, PairRecord
@@ -38,6 +43,7 @@ class JoinStats:
     labels_unmatched: int = 0
     pairs_expired: int = 0
     pairs_evicted: int = 0
+    labels_not_gated: int = 0  # unmatched labels not kept: their pair will never be gated
 
 
 class LabelJoin:
@@ -102,13 +108,25 @@ class LabelJoin:
         self.stats.matched += len(out)
         return out
 
-    def add_labels(self, labels: Iterable[LabelEvent], now: float) -> list[PairRecord]:
-        """Returns the waiting pairs these labels complete; other labels wait for a pair."""
+    def add_labels(
+        self,
+        labels: Iterable[LabelEvent],
+        now: float,
+        *,
+        never_paired: Callable[[str], bool] | None = None,
+    ) -> list[PairRecord]:
+        """Returns the waiting pairs these labels complete; other labels wait for a pair,
+        except those ``never_paired`` says will never get one (counted, not kept)."""
         out: list[PairRecord] = []
         for ev in labels:
             pending = self._pairs.pop(ev.id, None)
             if pending is not None:
                 out.append(dataclasses.replace(pending[1], label=ev.label))
+                continue
+            if never_paired is not None and never_paired(ev.id):
+                # Waiting would only hold memory for up to label_window_s (the soak's
+                # growth after an abort): no pair with this id reaches the gates.
+                self.stats.labels_not_gated += 1
                 continue
             old = self._labels.pop(ev.id, None)
             if old is not None:

@@ -39,6 +39,9 @@ class GateRunner:
         # Called with each batch of newly labelled pairs after the gates saw it (the
         # proxy's harvest step uses it; replay leaves it unset).
         self.on_labelled = on_labelled
+        # Says which request ids will never bring a pair (the proxy: candidate stopped,
+        # request not mirrored): their labels are not kept waiting in the join.
+        self.never_paired: Callable[[str], bool] | None = None
         # the most recent unmatched labels, for reports; the total is always counted
         self.unmatched: deque[tuple[LabelEvent, str]] = deque(maxlen=keep_unmatched)
         self.unmatched_total = 0
@@ -105,7 +108,7 @@ class GateRunner:
     def join_labels(self, labels: Iterable[LabelEvent], now: float) -> list[PairRecord]:
         """Like :meth:`add_labels`, returning the pairs the labels completed."""
         self.expire(now)
-        matched = self.join.add_labels(labels, now)
+        matched = self.join.add_labels(labels, now, never_paired=self.never_paired)
         if matched:
             self.engine.observe_labelled(matched)
             if self.on_labelled is not None:

@@ -443,6 +443,8 @@ def _activate(state: ProxyState) -> None:
         metrics=state.metrics,
         slicer=state.slicer,
     )
+    if state.rollout is not None:
+        state.rollout.never_paired = state.mirror.never_paired
     if state.rollout is not None and state.rollout.latest is not None:
         # An abort decided before serving (the pinned check at start) holds from the
         # first request on: the candidate is never mirrored.

@@ -160,9 +160,11 @@ async def feedback(request: web.Request) -> web.Response:
         # label for the same id replaces the earlier one.
         raise NotReady("labels reached the gates but the recorder buffer is full: retry")
     joined = statuses.count("joined")
+    not_gated = statuses.count("not_gated")
     ops = request.app[LIFECYCLE].ops
     ops.labels.labels("joined").inc(joined)
-    ops.labels.labels("pending").inc(len(events) - joined)
+    ops.labels.labels("pending").inc(len(events) - joined - not_gated)
+    ops.labels.labels("not_gated").inc(not_gated)
     return web.json_response(
         {
             "accepted": len(events),
@@ -170,7 +172,10 @@ async def feedback(request: web.Request) -> web.Response:
             # False: queued in the recorder's buffer (written within flush_interval_ms).
             "stored": coordinator is not None,
             "joined": joined,
-            "pending": len(events) - joined,
+            "pending": len(events) - joined - not_gated,
+            # their pair will never be gated (candidate stopped, request not mirrored):
+            # stored, not kept waiting in the gates' join
+            "not_gated": not_gated,
             "labels": [{"id": e.id, "status": s} for e, s in zip(events, statuses, strict=True)],
         },
         status=202,

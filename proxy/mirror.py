@@ -39,7 +39,7 @@ import logging
 import math
 import random
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -65,6 +65,8 @@ Role = Literal["champion", "candidate"]
 
 # Records for requests with more input bytes than this are built in a worker thread.
 OFFLOAD_BYTES = 1 << 20
+# How many not-mirrored request ids are remembered for the gates' join (~100 B each).
+NOT_MIRRORED_KEPT = 16_384
 _ERROR_MESSAGE_LEN = 300
 
 
@@ -201,6 +203,10 @@ class MirrorDispatcher:
         self._weight = 0.0
         self._stage = ""
         self._candidate_stopped = False
+        # Ids of recent requests this dispatcher chose not to mirror (not sampled,
+        # circuit open, queue full): their labels need not wait for a pair in the gates'
+        # join (docs/faults.md). Bounded; an id pushed out only means its label waits.
+        self._not_mirrored: OrderedDict[str, None] = OrderedDict()
         self._queue: deque[_Job] = deque()
         self._queued_bytes = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -254,6 +260,19 @@ class MirrorDispatcher:
     @property
     def candidate_stopped(self) -> bool:
         return self._candidate_stopped
+
+    def never_paired(self, request_id: str) -> bool:
+        """True when no pair for ``request_id`` will reach the sinks from now on: the
+        candidate is stopped, or this dispatcher recently chose not to mirror it. Called
+        by the gates' worker thread (a read of a flag and a dict lookup)."""
+        return self._candidate_stopped or request_id in self._not_mirrored
+
+    def _skip(self, request_id: str, reason: str | None) -> None:
+        if reason is not None:
+            self._drop(reason)
+        self._not_mirrored[request_id] = None
+        if len(self._not_mirrored) > NOT_MIRRORED_KEPT:
+            self._not_mirrored.popitem(last=False)
 
     def set_stage(self, name: str) -> None:
         self._stage = name
@@ -445,10 +464,11 @@ class MirrorDispatcher:
     ) -> None:
         rate = self._mirror.sample_rate
         if rate < 1.0 and self._rng.random() >= rate:
+            self._skip(request_id, None)
             return
         todo: Role = "candidate" if served_by == "champion" else "champion"
         if todo == "candidate" and self.breaker.rejecting():
-            self._drop("circuit_open")  # costs a counter, nothing else
+            self._skip(request_id, "circuit_open")  # costs a counter, nothing else
             return
         job = _Job(request_id, ts, inputs, slices, stage, served_by, live, todo, _nbytes(inputs))
         job.outputs = outputs
@@ -474,9 +494,11 @@ class MirrorDispatcher:
             return
         rate = self._mirror.sample_rate
         if rate < 1.0 and self._rng.random() >= rate:
+            self._skip(request_id, None)
             return
         if self.breaker.rejecting():
-            self._drop("circuit_open")  # a dead candidate costs a counter, nothing else
+            # a dead candidate costs a counter, nothing else
+            self._skip(request_id, "circuit_open")
             return
         live = CallOutcome(None, latency_s)
         job = _Job(
@@ -526,9 +548,9 @@ class MirrorDispatcher:
         if len(self._tasks) < self._mirror.max_in_flight:
             self._start(job, None)
         elif len(self._queue) >= self._mirror.queue_size:
-            self._drop("queue_full")
+            self._skip(job.request_id, "queue_full")
         elif self._queued_bytes + job.nbytes > self._mirror.max_queue_bytes:
-            self._drop("queue_bytes")
+            self._skip(job.request_id, "queue_bytes")
         else:
             self._queue.append(job)
             self._queued_bytes += job.nbytes
@@ -569,7 +591,7 @@ class MirrorDispatcher:
                 return
         if other is None and job.todo is not None:
             if job.todo == "candidate" and not self.breaker.allow():
-                self._drop("circuit_open")  # it opened while this job waited
+                self._skip(job.request_id, "circuit_open")  # it opened while this job waited
                 return
             other = await self._mirrored_call(job)
         assert other is not None

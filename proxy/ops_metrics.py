@@ -75,7 +75,7 @@ class OpsMetrics:
         )
         self.labels = Counter(
             "mirrorgate_labels",
-            "Labels received, by join status at arrival (joined | pending).",
+            "Labels received, by join status at arrival (joined | pending | not_gated).",
             ["status"],
             registry=registry,
         )

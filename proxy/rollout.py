@@ -123,6 +123,10 @@ class RolloutService:
         self.runner = GateRunner(
             self.engine, join, on_unmatched=self._unmatched, on_labelled=self._labelled
         )
+        # Set by the app to its dispatcher's ``never_paired``: labels for requests whose
+        # pair will never come (candidate stopped, not mirrored) do not wait in the join.
+        self.never_paired: Callable[[str], bool] | None = None
+        self.runner.never_paired = self._never_paired
         self.hooks: list[RolloutHook] = []
         self._hook_force = False
         self.counters = RolloutCounters()
@@ -197,7 +201,14 @@ class RolloutService:
             # per label), through the runner so the harvest hook sees these pairs too.
             matched = self.runner.join_labels(labels, now)
             joined = {record.id for record in matched}
-            return ["joined" if label.id in joined else "pending" for label in labels]
+            return [
+                "joined"
+                if label.id in joined
+                else "not_gated"
+                if self._never_paired(label.id)
+                else "pending"
+                for label in labels
+            ]
 
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, work)
@@ -304,6 +315,7 @@ class RolloutService:
         self.runner = GateRunner(
             engine, join, on_unmatched=self._unmatched, on_labelled=self._labelled
         )
+        self.runner.never_paired = self._never_paired
 
     # -------------------------------------------------------------- control
 
@@ -553,6 +565,10 @@ class RolloutService:
         if self.observer is not None:
             self.observer.decisions_unpersisted(len(self.unpersisted))
 
+    def _never_paired(self, request_id: str) -> bool:
+        check = self.never_paired
+        return check is not None and check(request_id)
+
     def _unmatched(self, labels: list[tuple[LabelEvent, str]]) -> None:
         for event, reason in labels[:20]:
             log.warning("label for %r never met its pair: %s", event.id, reason)
@@ -575,6 +591,8 @@ class RolloutService:
             ],
             "join_pairs_waiting": self.runner.join.pending_pairs,
             "join_labels_waiting": self.runner.join.pending_labels,
+            # labels whose pair will never be gated (stored, not kept waiting)
+            "labels_not_gated": self.runner.join.stats.labels_not_gated,
         }
         if self.coordinator is not None:
             body["replica"] = self.coordinator.status()

@@ -83,6 +83,13 @@ DROP_REASONS = (
 
 _PAIR, _LABEL, _CAPTURE = 0, 1, 2
 _YIELD_EVERY = 32
+# A backlog (the database came back after an outage: a full buffer waits) is written
+# batch after batch; back to back, the writer thread would hold the GIL and a core for
+# seconds and the live loop's p99 rose 6x ("database back", docs/faults.md). Between two
+# batches of a backlog the writer pauses this many times as long as the batch took: it
+# takes at most 1 / (1 + ratio) of a core, and the backlog still drains.
+_BACKLOG_PAUSE_RATIO = 1.0
+_BACKLOG_PAUSE_MAX_S = 0.05
 _Item = tuple[int, str, Any, bool]  # (kind, rollout id, payload, store inputs)
 
 
@@ -429,7 +436,12 @@ class SqlRecorder:
                     self._wake.clear()
                 items = self._take()
                 if items:
+                    started = time.monotonic()
                     self._process(items)
+                    if len(self._queue) >= self._batch_size and not self._closing.is_set():
+                        took = time.monotonic() - started
+                        pause = min(took * _BACKLOG_PAUSE_RATIO, _BACKLOG_PAUSE_MAX_S)
+                        self._closing.wait(pause)  # a shutdown cuts the pause short
                 if self._closing.is_set() and time.monotonic() >= self._deadline:
                     self._abandon_queue()
             except Exception:  # a bug must not kill the writer: log, keep serving
@@ -468,6 +480,11 @@ class SqlRecorder:
 
     def _process(self, items: list[_Item]) -> None:
         try:
+            if self.file_problem is not None and self._file_gone():
+                # The file is gone for good (until a restart): encoding every record
+                # only to drop it cost the live loop CPU ("database deleted").
+                self._drop_batch(self._prepare(items, encode=False), "db_file_gone")
+                return
             batch = self._prepare(items)
             if len(batch):
                 self._write_batch(batch)

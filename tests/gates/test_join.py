@@ -72,3 +72,19 @@ def test_bad_bounds_are_refused():
         LabelJoin(max_pending_pairs=0)
     with pytest.raises(ValueError):
         LabelJoin(label_window_s=0)
+
+
+def test_labels_that_will_never_meet_a_pair_are_counted_not_kept():
+    join = LabelJoin()
+    join.add_pairs([rec(1)], now=0.0)
+    never = {"r1", "r2"}.__contains__
+    # r1's pair is already waiting: it still joins; r2 will never get one: not kept;
+    # r3 may still get one: it waits as before.
+    matched = join.add_labels(
+        [LabelEvent("r1", 1), LabelEvent("r2", 0), LabelEvent("r3", 1)],
+        now=1.0,
+        never_paired=never,
+    )
+    assert [r.id for r in matched] == ["r1"]
+    assert join.pending_labels == 1 and join.stats.labels_not_gated == 1
+    assert join.flush().labels[0][0].id == "r3"  # r2 is never reported unmatched
