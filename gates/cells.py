@@ -111,18 +111,28 @@ class SliceCells:
     """Which ``key=value`` cell each row of a batch belongs to, under the caps.
 
     Keys: the configured ones, or (``keys: null``) the first ``max_keys`` keys seen.
-    Values: the first ``max_values`` values of a key get their own cell; later ones share
-    ``key=__other__``. Error budget: the slices' share of a check's budget is spent cell
-    by cell in order of first appearance (:func:`cell_weight`), so a 3-value key is not
-    charged for 20 placeholder slots, and the split never depends on data not yet seen.
+    Values: the first ``max_values`` values of a key get their own cell when they first
+    appear. Past that, a new value is counted (exactly, up to ``max_tracked`` values per
+    key) and its rows share ``key=__other__`` until its count reaches ``admit_min`` and
+    ``admit_share`` of the key's counted traffic; from the row where it does, it has a
+    cell of its own (up to ``max_admitted`` such cells per key). So a value with enough
+    traffic is never folded into ``__other__`` for good, however many rare values came
+    first. The decision uses only the slice labels of rows already counted (predictable),
+    and the new cell's e-process starts at that row, so it is as valid as a cell created
+    at first appearance. Error budget: the slices' share of a check's budget is spent cell
+    by cell in order of creation (:func:`cell_weight`), so a 3-value key is not charged
+    for 20 placeholder slots, and the split never depends on data not yet seen.
     """
 
     def __init__(self, settings: SliceSettings) -> None:
         self.settings = settings
         self.keys: list[str] = list(settings.keys or [])
         self.values: dict[str, list[str]] = {k: [] for k in self.keys}
-        # every slice cell in order of first appearance: its budget weight's index
+        # every slice cell in order of creation: its budget weight's index
         self.order: dict[str, int] = {}
+        # per key: counted rows, and the counts of values waiting for a cell of their own
+        self.key_n: dict[str, int] = {k: 0 for k in self.keys}
+        self.pending: dict[str, dict[str, int]] = {k: {} for k in self.keys}
 
     @property
     def enabled(self) -> bool:
@@ -151,6 +161,8 @@ class SliceCells:
             return False
         self.keys.append(key)
         self.values[key] = []
+        self.key_n.setdefault(key, 0)
+        self.pending.setdefault(key, {})
         return True
 
     def _cell(self, key: str, value: str) -> str:
@@ -162,12 +174,32 @@ class SliceCells:
             return self.register(f"{key}={value}")
         return self.register(f"{key}={OTHER}")
 
+    def _room(self, key: str) -> bool:
+        """Whether a counted value may still get a cell of its own (``max_admitted``)."""
+        return len(self.values[key]) < self.settings.max_values + self.settings.max_admitted
+
+    def _due(self, count: float, key_n: float) -> bool:
+        sl = self.settings
+        return count >= sl.admit_min and count >= sl.admit_share * key_n
+
+    def _track(self, key: str, value: str, count: int) -> None:
+        """Add to a waiting value's count; past ``max_tracked`` values, keep the larger
+        half (by count, then name): memory stays bounded, and a value with real traffic
+        outgrows the rare ones it is pruned with."""
+        waiting = self.pending[key]
+        waiting[value] = waiting.get(value, 0) + count
+        cap = self.settings.max_tracked
+        if len(waiting) > cap:
+            keep = sorted(waiting.items(), key=lambda kv: (-kv[1], kv[0]))[: max(cap // 2, 1)]
+            self.pending[key] = dict(keep)
+
     def assign(self, batch: PairBatch, rows: BoolArray) -> list[tuple[list[str], IntArray]]:
         """Per admitted key: (cell names, per-row index into them, -1 = no cell).
 
         Only values of the contributing ``rows`` are admitted, in the order of the row where
-        they first appear (ties: key name), so the cells, their budget weights and the caps
-        depend on the data counted, never on how the stream was cut into batches."""
+        they first appear (ties: key name), and a counted value gets its cell at the row
+        where its count reaches the admission rule, so the cells, their budget weights and
+        the caps depend on the data counted, never on how the stream was cut into batches."""
         if not self.enabled or not rows.any():
             return []
         per_key: list[tuple[str, list[str], IntArray, IntArray, IntArray]] = []
@@ -186,9 +218,38 @@ class SliceCells:
         )
         names_of: dict[tuple[str, int], str] = {}
         value_names = {key: values for key, values, *_ in per_key}
-        for _, key, u in events:
-            if self._admit_key(key):
-                names_of[(key, u)] = self._cell(key, value_names[key][u])
+        created: list[tuple[int, str, str]] = []  # (row, key, cell) in creation order
+        for row, key, u in events:
+            if not self._admit_key(key):
+                continue
+            value = value_names[key][u]
+            vals = self.values[key]
+            if value in vals:
+                names_of[(key, u)] = f"{key}={value}"
+            elif len(vals) < self.settings.max_values and value != OTHER:
+                vals.append(value)
+                names_of[(key, u)] = f"{key}={value}"
+                created.append((row, key, f"{key}={value}"))
+            else:
+                names_of[(key, u)] = f"{key}={OTHER}"
+                if f"{key}={OTHER}" not in self.order:
+                    created.append((row, key, f"{key}={OTHER}"))
+        # counted values past the cap: their cell starts at the row that admits them
+        split: dict[tuple[str, int], int] = {}
+        for key, values, codes, used, _ in per_key:
+            if key not in self.values:
+                continue
+            mine = rows & (codes >= 0)
+            waiting = [
+                int(u)
+                for u in used
+                if names_of[(key, int(u))] == f"{key}={OTHER}" and values[int(u)] != OTHER
+            ]
+            if waiting:
+                split.update(self._admissions(key, values, codes, mine, waiting, created))
+            self.key_n[key] = self.key_n.get(key, 0) + int(mine.sum())
+        for _, _, cell in sorted(created):
+            self.register(cell)
         out: list[tuple[list[str], IntArray]] = []
         for key, values, codes, used, _ in per_key:
             if key not in self.values:
@@ -196,14 +257,63 @@ class SliceCells:
             remap = np.full(len(values), -1, dtype=np.int64)
             remap[used] = np.arange(len(used))
             names = [names_of[(key, int(u))] for u in used]
-            out.append((names, np.where(codes >= 0, remap[np.maximum(codes, 0)], -1)))
+            local = np.where(codes >= 0, remap[np.maximum(codes, 0)], -1)
+            for (k, u), at in split.items():
+                if k != key:
+                    continue
+                moved = (codes == u) & (np.arange(len(codes)) >= at)
+                local = np.where(moved, len(names), local)
+                names.append(f"{key}={values[u]}")
+            out.append((names, local))
         return out
+
+    def _admissions(
+        self,
+        key: str,
+        values: list[str],
+        codes: IntArray,
+        mine: BoolArray,
+        waiting: list[int],
+        created: list[tuple[int, str, str]],
+    ) -> dict[tuple[str, int], int]:
+        """Count the waiting values of one key in this batch; admit those whose count
+        reaches the rule, at that row, in row order while ``max_admitted`` allows."""
+        key_cum = self.key_n.get(key, 0) + np.cumsum(mine)  # counted rows of the key so far
+        counts = self.pending.setdefault(key, {})
+        due: list[tuple[int, int]] = []
+        for u in waiting:
+            at_rows = np.flatnonzero(mine & (codes == u))
+            c = counts.get(values[u], 0) + np.arange(1, len(at_rows) + 1)
+            ok = (c >= self.settings.admit_min) & (
+                c >= self.settings.admit_share * key_cum[at_rows]
+            )
+            if ok.any():
+                due.append((int(at_rows[int(np.argmax(ok))]), u))
+        admitted: dict[tuple[str, int], int] = {}
+        for row, u in sorted(due):
+            if not self._room(key):
+                break
+            value = values[u]
+            self.values[key].append(value)
+            counts.pop(value, None)
+            created.append((row, key, f"{key}={value}"))
+            admitted[(key, u)] = row
+        for u in waiting:
+            if (key, u) in admitted:
+                continue
+            n_u = int((mine & (codes == u)).sum())
+            if n_u:
+                self._track(key, values[u], n_u)
+        return admitted
 
     def merge(self, other: SliceCells) -> dict[str, str | None]:
         """Union of keys and values under the caps; returns the cell renames to apply.
 
-        The other state's cells join in their own order of appearance, after this state's
-        (the merge of a stream's first part with its rest keeps the whole stream's order)."""
+        The other state's cells join in their own order of creation, after this state's
+        (the merge of a stream's first part with its rest keeps the whole stream's order);
+        a value the other state admitted by traffic keeps its cell while ``max_admitted``
+        allows. Waiting counts add up, and a value whose summed count now meets the
+        admission rule gets its cell (empty: rows counted before stay in ``__other__``)."""
         renames: dict[str, str | None] = {}
         for key in other.keys:
             if not self._admit_key(key):
@@ -213,9 +323,30 @@ class SliceCells:
             key, _, v = cell.partition("=")
             if key not in self.values:
                 continue
-            mine = self._cell(key, v) if v != OTHER else self.register(f"{key}={OTHER}")
+            vals = self.values[key]
+            if v == OTHER:
+                mine = self.register(f"{key}={OTHER}")
+            elif v not in vals and len(vals) >= self.settings.max_values and self._room(key):
+                vals.append(v)
+                self.pending[key].pop(v, None)
+                mine = self.register(cell)
+            else:
+                mine = self._cell(key, v)
             if mine != cell:
                 renames[cell] = mine
+        for key in other.keys:
+            if key not in self.values:
+                continue
+            self.key_n[key] = self.key_n.get(key, 0) + other.key_n.get(key, 0)
+            for v, c in sorted(other.pending.get(key, {}).items()):
+                if v not in self.values[key]:
+                    self._track(key, v, c)
+            waiting = self.pending.get(key, {})
+            for v, c in sorted(waiting.items(), key=lambda kv: (-kv[1], kv[0])):
+                if self._due(c, self.key_n[key]) and self._room(key):
+                    self.values[key].append(v)
+                    del waiting[v]
+                    self.register(f"{key}={v}")
         return renames
 
     def state(self) -> dict[str, Any]:
@@ -223,6 +354,8 @@ class SliceCells:
             "keys": list(self.keys),
             "values": {k: list(v) for k, v in self.values.items()},
             "order": list(self.order),
+            "key_n": dict(self.key_n),
+            "pending": {k: dict(v) for k, v in self.pending.items()},
         }
 
     def load(self, state: Mapping[str, Any]) -> None:
@@ -234,3 +367,9 @@ class SliceCells:
         if order is None:  # a state from before the order was kept: values, then others
             order = [f"{k}={v}" for k in self.keys for v in self.values[k]]
         self.order = {cell: i + 1 for i, cell in enumerate(order)}
+        # states from before admission by traffic: nothing counted yet
+        self.key_n = {k: int(state.get("key_n", {}).get(k, 0)) for k in self.keys}
+        self.pending = {
+            k: {str(v): int(c) for v, c in state.get("pending", {}).get(k, {}).items()}
+            for k in self.keys
+        }

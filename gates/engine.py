@@ -191,14 +191,8 @@ class Evaluation:
         return out
 
 
-def family_budgets(settings: GatesSettings) -> dict[str, float]:
-    """Split the false-abort budget over the enabled gate families by ``alpha_weight``.
-
-    Fixed by the configuration alone, before any data: Bonferroni over families (and,
-    inside each gate, over checks, slice cells and coordinates) plus Ville's inequality
-    over time bound the probability of any false FAIL during the rollout by ``alpha``.
-    """
-    fams = {
+def _families(settings: GatesSettings) -> dict[str, Any]:
+    return {
         "contract": settings.contract,
         "tolerance": settings.tolerance,
         "metric": settings.metric,
@@ -206,11 +200,51 @@ def family_budgets(settings: GatesSettings) -> dict[str, float]:
         "latency": settings.latency,
         "errors": settings.errors,
     }
+
+
+def family_budgets(settings: GatesSettings) -> dict[str, float]:
+    """Split the false-abort budget over the enabled *blocking* families by ``alpha_weight``.
+
+    Fixed by the configuration alone, before any data: Bonferroni over the blocking
+    families (and, inside each gate, over its blocking checks, slice cells and
+    coordinates) plus Ville's inequality over time bound the probability of any false
+    abort during the rollout by ``alpha``. A family that cannot abort (``blocking:
+    false``, e.g. tolerance and output drift under the ``retrained`` preset) takes no
+    share of that budget: its FAIL is evidence, tested at its own level
+    (:func:`advisory_level`), which is stated in its results and is no part of the
+    false-abort guarantee.
+    """
+    fams = _families(settings)
+    blocking = {k: v for k, v in fams.items() if v.enabled and v.blocking}
+    total = sum(v.alpha_weight for v in blocking.values())
+    out = {}
+    for k, v in fams.items():
+        if k in blocking and total > 0:
+            out[k] = settings.alpha * v.alpha_weight / total
+        elif v.enabled:
+            out[k] = advisory_level(settings, k)
+        else:
+            out[k] = 0.0
+    return out
+
+
+def advisory_level(settings: GatesSettings, family: str) -> float:
+    """The level an advisory (non-blocking) family's evidence is tested at.
+
+    Its share of ``alpha`` among all enabled families, as if every family blocked: the
+    same level the family has when it does block in a configuration where all do. It is
+    a per-family error rate of the evidence, spent outside the false-abort budget."""
+    fams = _families(settings)
     total = sum(v.alpha_weight for v in fams.values() if v.enabled)
-    return {
-        k: settings.alpha * v.alpha_weight / total if v.enabled and total > 0 else 0.0
-        for k, v in fams.items()
-    }
+    v = fams[family]
+    return settings.alpha * v.alpha_weight / total if v.enabled and total > 0 else 0.0
+
+
+def blocking_budget(settings: GatesSettings) -> float:
+    """The part of ``alpha`` spent by checks that can abort (equals ``alpha`` when any
+    family blocks): the false-abort guarantee's level."""
+    b = family_budgets(settings)
+    return sum(b[k] for k, v in _families(settings).items() if v.enabled and v.blocking)
 
 
 # Order is evaluation order: the output contract decides first (an incomparable candidate

@@ -49,6 +49,7 @@ from gates.kinds import (
     vector_labels,
 )
 from gates.result import AGGREGATE, GateResult, Method, Status, fmt
+from gates.settings import GatesSettings
 from gates.sliced import CheckSpec, SlicedGate, where
 
 PAIRED = Method(
@@ -67,6 +68,21 @@ EVIDENCE = Method(
 )
 
 MAX_CONFUSION_CLASSES = 256
+
+
+def check_alpha(
+    settings: GatesSettings, family_alpha: float, active: list[str], check: str
+) -> float:
+    """One metric check's level: the family's budget split over its *blocking* checks.
+
+    A check that cannot abort (``high_confidence_error`` under the ``retrained`` preset)
+    takes no share of the false-abort budget; its evidence is tested at its own stated
+    level, ``family_alpha / len(active)`` (what it would get if every check blocked)."""
+    m = settings.metric
+    blocking = [c for c in active if m.blocking and getattr(m, c).blocking]
+    if check in blocking:
+        return family_alpha / len(blocking)
+    return family_alpha / max(len(active), 1)
 
 
 class MetricGate(SlicedGate):
@@ -358,8 +374,12 @@ class MetricGate(SlicedGate):
         active = self._active()
         if not active:
             return []
-        alpha_check = self.alpha / len(active)
-        specs = [(c, spec) for c in active if (spec := self._spec(c, alpha_check)) is not None]
+        specs = [
+            (c, spec)
+            for c in active
+            if (spec := self._spec(c, check_alpha(self.settings, self.alpha, active, c)))
+            is not None
+        ]
         out = self._results(specs)
         if self.task == "classification" and self.kind in (None, *SCORED, "class_index"):
             out.extend(self._evidence())

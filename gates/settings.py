@@ -196,7 +196,27 @@ class SliceSettings(_Strict):
     )
     max_keys: int = Field(8, ge=1)
     max_values: int = Field(
-        32, ge=1, description="named values per key; later ones share key=__other__"
+        32,
+        ge=1,
+        description="values per key named at first appearance; later ones share "
+        "key=__other__ until admitted by traffic (admit_share)",
+    )
+    admit_share: float = Field(
+        0.02,
+        gt=0,
+        le=1,
+        description="past max_values, a value gets its own cell from the row where its count "
+        "reaches this share of its key's counted traffic (and admit_min)",
+    )
+    admit_min: int = Field(100, ge=1, description="... and at least this many of its rows")
+    max_admitted: int = Field(
+        32, ge=0, description="cells per key admitted by traffic beyond max_values"
+    )
+    max_tracked: int = Field(
+        1024,
+        ge=2,
+        description="values per key counted while waiting for a cell; past it the larger "
+        "half by count is kept",
     )
     min_samples: int = Field(300, ge=1, description="a slice cell below this may FAIL but not PASS")
     alpha_share: float = Field(

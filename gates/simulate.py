@@ -230,10 +230,12 @@ class SliceStreams:
 def accuracy_check_alpha(settings: GatesSettings) -> float:
     """The budget the engine gives ``metric.accuracy`` (classification) before slices."""
     from gates.engine import family_budgets
+    from gates.metric import check_alpha
 
     m = settings.metric
-    active = [c for c in (m.accuracy, m.recall, m.high_confidence_error) if c.enabled]
-    return family_budgets(settings)["metric"] / max(len(active), 1)
+    names = ("accuracy", "recall", "high_confidence_error")
+    active = [c for c in names if getattr(m, c).enabled]
+    return check_alpha(settings, family_budgets(settings)["metric"], active, "accuracy")
 
 
 def admission_alphas(

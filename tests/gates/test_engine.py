@@ -267,3 +267,27 @@ def test_reference_is_set_only_by_a_recorded_act():
     eng.observe([record(i, [1.0], [1.0], features={"x": 3.0}) for i in range(50)])
     with pytest.raises(ValueError):
         eng.set_reference(refs, now=1.0, who="ops", why="again")
+
+
+def test_cells_state_their_level_blocking_from_alpha_advisory_their_own():
+    # retrained: tolerance, output drift and the hc error rate are advisory; the blocking
+    # cells' levels sum within alpha, the advisory ones carry their own stated level
+    from gates.engine import advisory_level, family_budgets
+    from tests.gates.conftest import classification_records
+
+    g = GatesSettings()
+    eng = RolloutEngine(g, RolloutSettings(), start_ts=0.0)
+    recs = classification_records(600, 4)
+    eng.observe(recs)
+    eng.observe_labelled(recs)
+    cells = {(r.name, r.slice): r for r in eng.evaluate(1.0).gates}
+    metric = family_budgets(g)["metric"]
+    acc = cells[("metric.accuracy", "*")]
+    assert acc.blocking and acc.details["alpha"] == pytest.approx(metric / 2 / 2)
+    hc = cells[("metric.high_confidence_error", "*")]
+    assert not hc.blocking and hc.details["alpha"] == pytest.approx(metric / 3 / 2)
+    shift = cells[("tolerance.shift", "*")]
+    assert not shift.blocking
+    assert shift.details["alpha"] < advisory_level(g, "tolerance")
+    blocking = sum(r.details.get("alpha", 0.0) for r in cells.values() if r.blocking)
+    assert 0 < blocking <= g.alpha

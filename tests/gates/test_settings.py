@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from gates.engine import family_budgets
+from gates.engine import advisory_level, blocking_budget, family_budgets
 from gates.settings import GatesSettings, RolloutSettings, StageSettings
+from gates.simulate import accuracy_check_alpha
 from proxy.config import load_config
 from proxy.errors import ConfigError
 
@@ -29,20 +30,41 @@ def test_default_gate_set_is_the_documented_one():
     assert [s.canary_weight for s in stages] == [0.0, 0.05, 0.25]
 
 
-def test_budget_split_over_enabled_families_sums_to_alpha():
-    budgets = family_budgets(GatesSettings())
-    assert sum(budgets.values()) == pytest.approx(0.05)
+def test_budget_split_over_blocking_families_sums_to_alpha():
+    g = GatesSettings.model_validate({"preset": "equivalence"})  # every family blocks
+    budgets = family_budgets(g)
+    assert sum(budgets.values()) == pytest.approx(0.05) == pytest.approx(blocking_budget(g))
     # labelled metrics weigh 3, the contract a tenth (a broken contract shows on every
     # pair), every other family 1 (docs/gates.md, "Error budget")
     assert budgets["metric"] == pytest.approx(3 * budgets["tolerance"])
     assert budgets["contract"] == pytest.approx(budgets["tolerance"] / 10)
     assert len({round(v, 12) for k, v in budgets.items() if k not in ("metric", "contract")}) == 1
     g = GatesSettings.model_validate(
-        {"latency": {"enabled": False}, "metric": {"alpha_weight": 1.0}}
+        {"preset": "equivalence", "latency": {"enabled": False}, "metric": {"alpha_weight": 1.0}}
     )
     b = family_budgets(g)
     assert b["latency"] == 0 and sum(b.values()) == pytest.approx(0.05)
-    assert b["metric"] == pytest.approx(b["errors"]) == pytest.approx(0.05 / 4)
+    assert b["metric"] == pytest.approx(b["errors"])
+    assert b["errors"] == pytest.approx(0.05 / 4.1)  # contract 0.1 + four families at 1
+
+
+def test_advisory_families_take_no_share_of_the_false_abort_budget():
+    # retrained (the default): tolerance and output drift cannot abort, so alpha is split
+    # over contract (0.1), metric (3), latency (1) and errors (1) only
+    g = GatesSettings()
+    assert not g.tolerance.blocking and not g.drift.output.blocking
+    b = family_budgets(g)
+    blocking = ("contract", "metric", "latency", "errors")
+    assert sum(b[k] for k in blocking) == pytest.approx(0.05) == pytest.approx(blocking_budget(g))
+    assert b["metric"] == pytest.approx(0.05 * 3 / 5.1)
+    # advisory evidence keeps its own stated level: its share among all enabled families
+    assert b["tolerance"] == b["drift.output"] == pytest.approx(advisory_level(g, "tolerance"))
+    assert b["tolerance"] == pytest.approx(0.05 / 7.1)
+    # and within the metric family the advisory hc error rate leaves accuracy and recall
+    # the family's budget: accuracy gets half of it, not a third
+    assert accuracy_check_alpha(g) == pytest.approx(b["metric"] / 2)
+    eq = GatesSettings.model_validate({"preset": "equivalence"})
+    assert accuracy_check_alpha(eq) == pytest.approx(family_budgets(eq)["metric"] / 3)
 
 
 @pytest.mark.parametrize(

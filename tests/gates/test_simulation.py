@@ -123,6 +123,7 @@ THREE = {"web": 0.6, "ios": 0.3, "android": 0.1}
 SENSITIVE = GatesSettings.model_validate(
     {
         "alpha": 0.3,
+        "contract": {"enabled": False},
         "metric": {"recall": {"enabled": False}, "high_confidence_error": {"enabled": False}},
         "tolerance": {"enabled": False},
         "drift": {"output": {"enabled": False}},
@@ -149,7 +150,7 @@ def test_simulated_budget_is_the_engines_own():
     n = 400
     region = rng.choice(20, size=n, p=np.array(list(REGIONS.values())))
     platform = rng.choice(3, size=n, p=[0.5, 0.3, 0.2])
-    champ = np.eye(3)[rng.integers(0, 3, n)] * 0.8 + 0.1
+    champ = np.eye(3)[rng.integers(0, 3, n)] * 0.7 + 0.1  # class probabilities (sum 1)
     batch = PairBatch.from_arrays(
         champion=champ,
         candidate=champ,
