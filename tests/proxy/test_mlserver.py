@@ -30,6 +30,8 @@ from tests.support.mlserver import MLServer, MLServerUnavailable, ensure_venv, w
 
 REQUIRE = os.environ.get("MIRRORGATE_REQUIRE_SERVICES") == "1"
 MODEL = "digits"
+TOKEN = "mls-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 class Pair:
@@ -60,11 +62,30 @@ def mlservers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
             server.stop()
 
 
+@pytest.fixture(scope="module")
+def without_eight(mlservers: Pair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    """The logreg champion against an MLP candidate trained without class 8 (issue 12)."""
+    venv = ensure_venv()  # built by `mlservers` already
+    root = tmp_path_factory.mktemp("mlserver-mlp-no8")
+    write_model(venv, root / MODEL, name=MODEL, version="v1", kind="mlp", without=8)
+    server = MLServer(venv, root)
+    try:
+        server.wait_ready(MODEL)
+        yield Pair(mlservers.champion, server)
+    finally:
+        server.stop()
+
+
 def _digits(rows: int, offset: int = 1300) -> np.ndarray:
+    return _labelled_digits(rows, offset)[0]
+
+
+def _labelled_digits(rows: int, offset: int = 1300) -> tuple[np.ndarray, np.ndarray]:
+    """Digits the models never saw in training (they train on the first 1,200)."""
     from sklearn.datasets import load_digits
 
-    x, _ = load_digits(return_X_y=True)
-    return (x[offset : offset + rows] / 16.0).astype(np.float32)
+    x, y = load_digits(return_X_y=True)
+    return (x[offset : offset + rows] / 16.0).astype(np.float32), y[offset : offset + rows]
 
 
 def _json_body(x: np.ndarray, rid: str, **extra: Any) -> bytes:
@@ -214,3 +235,159 @@ async def test_tritonclient_sync_gzip_and_aio_through_to_mlserver(
     assert outcomes[0] == outcomes[1] and outcomes[0][0] == "422"
     await _settled(proxy, 3)
     assert all(r.candidate.error is None for r in proxy.sink.records)
+
+
+async def _rollout_until(
+    proxy: Any, path: str, done: Any, what: str, deadline_polls: int = 1200
+) -> dict[str, Any]:
+    """Poll the control plane (``GET path``) until ``done(body)``; generous deadline."""
+    body: dict[str, Any] = {}
+    for _ in range(deadline_polls):
+        resp = await proxy.client.get(path, headers=AUTH)
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+        if done(body):
+            return body
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{what} never happened; last {path}: {json.dumps(body)[:3000]}")
+
+
+async def test_candidate_without_class_8_aborts_on_contract_within_50_pairs(
+    without_eight: Pair, start_proxy: Any
+) -> None:
+    """Issue 12's first MLServer finding: 10 vs 9 predict_proba columns used to make every
+    pair "not comparable" and the verdict stayed `continue` forever."""
+    proxy = await start_proxy(
+        _config(
+            without_eight,
+            server={"model_name": MODEL, "control_token": TOKEN},
+            output={"task": "classification", "output": "predict_proba"},
+            # a look every 5 pairs (or 0.2 s): the abort is seen at the first look that
+            # has the evidence, not after the default 1,000 pairs
+            rollout={"evaluate_every_pairs": 5, "evaluate_every_s": 0.2},
+        )
+    )
+    x = _digits(50, offset=1200)
+    rows = 5
+    for i in range(0, len(x), rows):
+        body = _json_body(x[i : i + rows], f"no8-{i}", outputs=[{"name": "predict_proba"}])
+        resp = await proxy.client.post(
+            f"/v2/models/{MODEL}/infer", data=body, headers={"Content-Type": "application/json"}
+        )
+        through = await resp.read()
+        status, direct = await _direct(
+            without_eight.champion.url, "POST", f"/v2/models/{MODEL}/infer", body
+        )
+        assert resp.status == status == 200, through
+        assert through == direct  # the client gets MLServer's own answer, byte for byte
+        out = json.loads(through)["outputs"][0]
+        assert out["name"] == "predict_proba" and out["shape"] == [rows, 10]
+    # the candidate really answers 9 columns (asked directly)
+    status, cand = await _direct(
+        without_eight.candidate.url, "POST", f"/v2/models/{MODEL}/infer", body
+    )
+    assert status == 200 and json.loads(cand)["outputs"][0]["shape"] == [rows, 9]
+
+    # Only 50 pairs ever exist: an abort is an abort within 50 pairs.
+    verdict = await _rollout_until(
+        proxy, "/v1/rollout/verdict", lambda v: v["verdict"] == "abort", "an abort"
+    )
+    assert verdict["pairs"] <= 50, verdict
+    # the contract decides first (the broken pairs also count as candidate errors)
+    assert verdict["failing"][0] == "contract", verdict
+    assert verdict["reason"].startswith("abort at stage shadow after"), verdict["reason"]
+    assert ": contract FAIL" in verdict["reason"], verdict["reason"]
+    # its reason names both shapes
+    assert "class count: candidate [9] vs champion [10]" in verdict["reason"], verdict["reason"]
+    full = await (await proxy.client.get("/v1/rollout", headers=AUTH)).json()
+    contract = next(g for g in full["gates"] if g["name"] == "contract")
+    assert contract["status"] == "FAIL" and contract["blocking"], contract
+    assert contract["details"]["champion"].startswith("predict_proba FP64 [10] per row")
+    assert contract["details"]["candidate"].startswith("predict_proba FP64 [9] per row")
+
+
+async def test_class_index_predict_output_accuracy_uses_every_labelled_pair(
+    mlservers: Pair, start_proxy: Any
+) -> None:
+    """Issue 12's second MLServer finding: MLServer's default `predict` (one INT64 class per
+    row) was read as P(class 1), so `metric.accuracy` used only the pairs labelled 0 or 1."""
+    proxy = await start_proxy(
+        _config(
+            mlservers,
+            server={"model_name": MODEL, "control_token": TOKEN},
+            output={"task": "classification"},
+            gates={
+                # Both MLServers share this loaded 2-core machine with the test: latency
+                # measures the neighbours, and an abort would stop the mirror mid-test.
+                "latency": {"blocking": False},
+            },
+            # never advances or promotes during the test: every pair stays in one stage
+            rollout={
+                "stages": [
+                    {"name": "shadow", "min_pairs": 100_000, "min_labels": 0, "min_duration_s": 0}
+                ],
+                "evaluate_every_pairs": 50,
+                "evaluate_every_s": 0.2,
+            },
+        )
+    )
+    x, y = _labelled_digits(400, offset=1300)
+    rows = 8
+    pred_champion: list[int] = []
+    pred_candidate: list[int] = []
+    for i in range(0, len(x), rows):
+        rid = f"idx-{i:04d}"
+        body = _json_body(x[i : i + rows], rid)  # no output named: MLServer's `predict`
+        resp = await proxy.client.post(
+            f"/v2/models/{MODEL}/infer", data=body, headers={"Content-Type": "application/json"}
+        )
+        through = await resp.read()
+        assert resp.status == 200, through
+        out = json.loads(through)["outputs"][0]
+        assert out["name"] == "predict" and out["datatype"] == "INT64"
+        pred_champion.extend(np.asarray(out["data"]).ravel().tolist())
+        # the candidate's own answer, asked directly: the oracle's other side
+        status, direct = await _direct(
+            mlservers.candidate.url, "POST", f"/v2/models/{MODEL}/infer", body
+        )
+        assert status == 200, direct
+        pred_candidate.extend(np.asarray(json.loads(direct)["outputs"][0]["data"]).ravel())
+        labels = [{"id": f"{rid}#{j}", "label": int(y[i + j])} for j in range(len(x[i : i + rows]))]
+        fed = await proxy.client.post("/v1/feedback", json=labels, headers=AUTH)
+        assert fed.status == 202, await fed.text()
+    n = len(y)
+    assert set(y.tolist()) == set(range(10))
+    assert np.sum(y > 1) > n // 2  # most labels are neither 0 nor 1
+
+    def accuracy(body: dict[str, Any]) -> dict[str, Any] | None:
+        return next(
+            (g for g in body["gates"] if g["name"] == "metric.accuracy" and g["slice"] == "*"),
+            None,
+        )
+
+    full = await _rollout_until(
+        proxy,
+        "/v1/rollout",
+        lambda b: b["labels"] >= n and (a := accuracy(b)) is not None and a["n"] >= n,
+        f"metric.accuracy over {n} labelled pairs",
+    )
+    acc = accuracy(full)
+    assert acc is not None
+    # read as what it is: one class id per row (asked in the gates' own worker thread)
+    kind = await proxy.state.rollout.call(lambda engine: engine.gates["metric"].kind)
+    assert kind == "class_index"
+    assert acc["n"] == n  # every labelled pair, not only those labelled 0 or 1
+    truth = np.asarray(y)
+    assert acc["details"]["champion"] == pytest.approx(np.mean(np.asarray(pred_champion) == truth))
+    assert acc["details"]["candidate"] == pytest.approx(
+        np.mean(np.asarray(pred_candidate) == truth)
+    )
+    # ... and on every class: each class's recall cell holds that class's labelled pairs
+    champion, candidate = np.asarray(pred_champion), np.asarray(pred_candidate)
+    recall = {g["slice"]: g for g in full["gates"] if g["name"] == "metric.recall"}
+    for k in range(10):
+        cell, rows_k = recall[f"class={k}"], truth == k
+        assert cell["n"] == rows_k.sum(), cell
+        assert cell["details"]["champion"] == pytest.approx(np.mean(champion[rows_k] == k))
+        assert cell["details"]["candidate"] == pytest.approx(np.mean(candidate[rows_k] == k))
+    assert full["verdict"] == "continue", full["reason"]

@@ -8,7 +8,7 @@ to start).
 
 The models are trained here by the MLServer environment's own Python (its scikit-learn
 writes the joblib file it will read back): a digits ``LogisticRegression`` and an
-``MLPClassifier``, both on the first 1,200 digits.
+``MLPClassifier``, both on the first 1,200 digits (optionally without one class).
 """
 
 from __future__ import annotations
@@ -61,6 +61,9 @@ from sklearn.neural_network import MLPClassifier
 kind, out = sys.argv[1], sys.argv[2]
 x, y = load_digits(return_X_y=True)
 x, y = x[:1200] / 16.0, y[:1200]
+if len(sys.argv) > 3:  # a class the model never sees: its predict_proba has one column fewer
+    keep = y != int(sys.argv[3])
+    x, y = x[keep], y[keep]
 if kind == "logreg":
     model = LogisticRegression(max_iter=300)
 else:
@@ -76,11 +79,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_model(venv: Path, folder: Path, *, name: str, version: str, kind: str) -> None:
-    """A model folder MLServer loads: ``model.joblib`` and ``model-settings.json``."""
+def write_model(
+    venv: Path, folder: Path, *, name: str, version: str, kind: str, without: int | None = None
+) -> None:
+    """A model folder MLServer loads: ``model.joblib`` and ``model-settings.json``.
+
+    ``without``: a digit class left out of training (the model then knows 9 classes).
+    """
     folder.mkdir(parents=True, exist_ok=True)
+    extra = [] if without is None else [str(without)]
     subprocess.run(
-        [str(venv / "bin" / "python"), "-c", _TRAIN, kind, str(folder / "model.joblib")],
+        [str(venv / "bin" / "python"), "-c", _TRAIN, kind, str(folder / "model.joblib"), *extra],
         check=True,
         capture_output=True,
         timeout=300,
