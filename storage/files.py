@@ -183,16 +183,9 @@ def _dims(shape: list[Any]) -> bool:
     return all(type(d) is int and d >= 0 for d in shape)
 
 
-def _plain(data: Any) -> PairRecord | None:
-    """The record, when the line is in the plain shape the exporter writes (exact types,
-    known keys, outputs already stacked); None sends it through ``PairRecord.from_dict``,
-    which validates everything and names the field. Same result either way
-    (tests/storage/test_columnar.py), this one without from_dict's per-field messages."""
-    if type(data) is not dict or not _KEYS.issuperset(data):
-        return None
-    rid, ts = data.get("id"), data.get("ts")
-    if type(rid) is not str or not rid or type(ts) is not float or not math.isfinite(ts):
-        return None
+def _plain_maps(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A line's ``slices`` and ``features`` when their types are exact (string slice
+    values; float, int or string features), else None (the general parser decides)."""
     slices = data.get("slices") or {}
     features = data.get("features") or {}
     if type(slices) is not dict or type(features) is not dict:
@@ -203,6 +196,23 @@ def _plain(data: Any) -> PairRecord | None:
     for v in features.values():
         if type(v) is not float and type(v) is not int and type(v) is not str:
             return None
+    return slices, features
+
+
+def _plain(data: Any) -> PairRecord | None:
+    """The record, when the line is in the plain shape the exporter writes (exact types,
+    known keys, outputs already stacked); None sends it through ``PairRecord.from_dict``,
+    which validates everything and names the field. Same result either way
+    (tests/storage/test_columnar.py), this one without from_dict's per-field messages."""
+    if type(data) is not dict or not _KEYS.issuperset(data):
+        return None
+    rid, ts = data.get("id"), data.get("ts")
+    if type(rid) is not str or not rid or type(ts) is not float or not math.isfinite(ts):
+        return None
+    maps = _plain_maps(data)
+    if maps is None:
+        return None
+    slices, features = maps
     served = data.get("served_by", "champion")
     stage = data.get("stage")
     digest = data.get("inputs_digest")
@@ -274,16 +284,10 @@ def _fast_row(data: Any) -> tuple[Any, ...] | None:
         return None
     if (type(ts) is not float and type(ts) is not int) or not math.isfinite(ts):
         return None
-    slices = data.get("slices") or {}
-    features = data.get("features") or {}
-    if type(slices) is not dict or type(features) is not dict:
+    maps = _plain_maps(data)
+    if maps is None:
         return None
-    for v in slices.values():
-        if type(v) is not str:
-            return None
-    for v in features.values():
-        if type(v) is not float and type(v) is not int and type(v) is not str:
-            return None
+    slices, features = maps
     if data.get("served_by", "champion") not in _SERVED:
         return None
     ch = _fast_side(data.get("champion"))

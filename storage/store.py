@@ -169,17 +169,7 @@ class Store:
         is derived from the identities (``r-<hash>``, ``-2``, ``-3``... once earlier
         ones ended), so replicas starting together agree on it.
         """
-        basis = "|".join(
-            [
-                champion.digest,
-                champion.name,
-                candidate.digest if candidate else "",
-                candidate.name if candidate else "",
-                config_digest,
-                task,
-            ]
-        )
-        base = "r-" + hashlib.sha256(basis.encode()).hexdigest()[:12]
+        base = _rollout_id_base(champion, candidate, config_digest, task)
         last: Rollout | None = None
         for n in range(1, 10_000):
             rid = base if n == 1 else f"{base}-{n}"
@@ -263,18 +253,7 @@ class Store:
         ``-3``... when that revision is judged again), so replicas racing to start the
         same revision agree on it: the one that loses the insert joins the winner's row.
         """
-        basis = "|".join(
-            [
-                champion.digest,
-                champion.name,
-                candidate.digest if candidate else "",
-                candidate.name if candidate else "",
-                config_digest,
-                task,
-                revision,
-            ]
-        )
-        base = "r-" + hashlib.sha256(basis.encode()).hexdigest()[:12]
+        base = _rollout_id_base(champion, candidate, config_digest, task, revision)
         previous: Rollout | None = None
         for n in range(1, 10_000):
             rid = base if n == 1 else f"{base}-{n}"
@@ -1112,3 +1091,21 @@ def _harvest_values(case: HarvestedCase, ts: float) -> dict[str, Any]:
         "score_tolerance": None,
         "updated_at": ts,
     }
+
+
+def _rollout_id_base(
+    champion: ModelInfo, candidate: ModelInfo | None, config_digest: str, task: str, *more: str
+) -> str:
+    """``r-<hash>`` of what identifies a rollout, so replicas starting together agree."""
+    basis = "|".join(
+        [
+            champion.digest,
+            champion.name,
+            candidate.digest if candidate else "",
+            candidate.name if candidate else "",
+            config_digest,
+            task,
+            *more,
+        ]
+    )
+    return "r-" + hashlib.sha256(basis.encode()).hexdigest()[:12]
