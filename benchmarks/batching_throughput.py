@@ -46,7 +46,7 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 
 from proxy.backends.batching import BatchingBackend  # noqa: E402
 from proxy.backends.onnx import OnnxBackend  # noqa: E402
-from proxy.config import BackendSettings, BatchingSettings  # noqa: E402
+from proxy.core.config import BackendSettings, BatchingSettings  # noqa: E402
 from tests.proxy.models import build_onnx_mlp, mlp_oracle  # noqa: E402
 
 

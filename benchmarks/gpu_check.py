@@ -32,8 +32,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from proxy.config import BackendSettings  # noqa: E402
-from proxy.errors import MirrorgateError  # noqa: E402
+from proxy.core.config import BackendSettings  # noqa: E402
+from proxy.core.errors import MirrorgateError  # noqa: E402
 from tests.proxy.models import INPUT, PROBS, build_onnx_mlp, mlp_oracle  # noqa: E402
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from proxy_overhead import _all, _drive, _pct, _proxy_config, _spawn, _wait_ready  # noqa: E402
 
-from proxy.codec import HEADER_LENGTH, encode_infer_request  # noqa: E402
+from proxy.protocol.codec import HEADER_LENGTH, encode_infer_request  # noqa: E402
 
 SLOWDOWN = 10.0
 

@@ -42,7 +42,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from proxy.codec import HEADER_LENGTH, encode_infer_request  # noqa: E402
+from proxy.protocol.codec import HEADER_LENGTH, encode_infer_request  # noqa: E402
 
 
 async def _spawn(*args: str) -> tuple[asyncio.subprocess.Process, str]:

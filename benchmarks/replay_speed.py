@@ -10,7 +10,7 @@ the replay feeds every pair) is written once, then
 - gates only, columns: ``gates.replay.replay_stream`` over the file's column blocks
   already in memory (each look's batch built from columns: the floor the streaming CLI
   path can reach, parsing excluded);
-- end to end: the CLI's own code path (``proxy.commands.replay.run``: the file streamed
+- end to end: the CLI's own code path (``proxy.cli.commands.replay.run``: the file streamed
   into column blocks while the gates decide, render), stdout discarded;
 - the same end to end over the Parquet form of the file (``mirrorgate export`` writes
   it with ``--format parquet``) when pyarrow is installed;
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gates.replay import replay, replay_stream  # noqa: E402
-from proxy.commands import replay as replay_cmd  # noqa: E402
+from proxy.cli.commands import replay as replay_cmd  # noqa: E402
 from storage.files import read_pair_blocks, read_pairs  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 
 Each replica's cumulative gate state (default gates, the gates' simulated traffic) is
 serialised as the database stores it; the decider restores N of them, merges and
-evaluates (what ``proxy.replicas.merged_engine`` + ``RolloutEngine.evaluate`` do every
+evaluates (what ``proxy.control.replicas.merged_engine`` + ``RolloutEngine.evaluate`` do every
 ``replicas.snapshot_every_s``). Medians over rounds.
 
 Run from the repository root:
@@ -20,7 +20,7 @@ import time
 from gates.engine import RolloutEngine
 from gates.settings import GatesSettings, RolloutSettings
 from gates.simulate import Scenario, records
-from proxy.replicas import json_safe, merged_engine
+from proxy.control.replicas import json_safe, merged_engine
 from storage.entities import GateSnapshot
 
 

@@ -2,7 +2,7 @@
 
 Pure numpy over a batch of :class:`PairRecord`; the proxy runs it off the live path on
 every pair (label-free rules) and on every labelled pair (the label rule), and persists
-what matches (``proxy/harvest.py``). Rules, in the order a record is attributed to them
+what matches (``proxy/control/harvest.py``). Rules, in the order a record is attributed to them
 (a record is caught once, by the first rule that matches):
 
 * ``candidate_error``: the candidate failed (error, timeout, bad output) on an input the

@@ -1,6 +1,6 @@
 """Several replicas, one decision: the decider lease, the decider's atomic step, the ledger.
 
-The SQL half of ``proxy/replicas.py`` (docs/replicas.md):
+The SQL half of ``proxy/control/replicas.py`` (docs/replicas.md):
 
 * :class:`DeciderLease` — a PostgreSQL *session* advisory lock
   (``pg_try_advisory_lock``) held on one dedicated connection. A replica that dies (even
@@ -54,7 +54,7 @@ from storage.schema import (
 )
 
 DECIDER_ID = "__decider__"
-# A single proxy's resume state (proxy/persistence.py): never a replica's evidence, even
+# A single proxy's resume state (proxy/control/persistence.py): never a replica's evidence, even
 # when the same rollout later runs with replicas.enabled.
 RESUME_ID = "__resume__"
 _FINAL = {"promote": "promoted", "abort": "aborted"}

@@ -1,7 +1,7 @@
 """Typed settings of the storage layer (the ``storage:`` section of the config file).
 
-Defined here, not in ``proxy.config``, because ``storage`` never imports ``proxy``;
-``proxy.config`` imports this class, as it does ``gates.settings``.
+Defined here, not in ``proxy.core.config``, because ``storage`` never imports ``proxy``;
+``proxy.core.config`` imports this class, as it does ``gates.settings``.
 """
 
 from __future__ import annotations

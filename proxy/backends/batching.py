@@ -42,9 +42,9 @@ from collections.abc import Callable, Hashable
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram
 
-from proxy.backends.base import Backend, ModelIdentity, ModelMetadata
-from proxy.config import BatchingSettings
-from proxy.errors import BackendError, NotReady
+from proxy.core.config import BatchingSettings
+from proxy.core.errors import BackendError, NotReady
+from proxy.protocol.base import Backend, ModelIdentity, ModelMetadata
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """V2 (Open Inference Protocol) datatypes and their numpy dtypes.
 
-BYTES tensors are numpy object arrays of ``bytes`` (see :mod:`proxy.backends.base`).
+BYTES tensors are numpy object arrays of ``bytes`` (see :mod:`proxy.protocol.base`).
 BF16 has no numpy dtype, so runtimes that declare it are refused at load time.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from proxy.errors import BadRequest
+from proxy.core.errors import BadRequest
 
 V2_TO_NUMPY: dict[str, np.dtype[np.generic]] = {
     "BOOL": np.dtype(np.bool_),

@@ -6,9 +6,9 @@ import importlib
 
 from prometheus_client import CollectorRegistry
 
-from proxy.backends.base import Backend
-from proxy.config import BackendSettings
-from proxy.errors import ConfigError
+from proxy.core.config import BackendSettings
+from proxy.core.errors import ConfigError
+from proxy.protocol.base import Backend
 
 # kind -> "module:Class"; each class has ``async classmethod create(settings) -> Backend``.
 _RUNTIMES = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from proxy.errors import ConfigError
+from proxy.core.errors import ConfigError
 
 _CHUNK = 1 << 20
 

@@ -40,17 +40,17 @@ from urllib.parse import quote
 import aiohttp
 import numpy as np
 
-from proxy import context
-from proxy.backends.base import ModelIdentity, ModelMetadata
-from proxy.codec import (
+from proxy.core import context
+from proxy.core.config import BackendSettings
+from proxy.core.errors import BackendError, BackendTimeout, ConfigError, MirrorgateError
+from proxy.protocol.base import ModelIdentity, ModelMetadata
+from proxy.protocol.codec import (
     HEADER_LENGTH,
     decode_infer_response,
     encode_infer_request,
     metadata_from_dict,
 )
-from proxy.config import BackendSettings
-from proxy.errors import BackendError, BackendTimeout, ConfigError, MirrorgateError
-from proxy.headers import Headers, end_to_end
+from proxy.protocol.headers import Headers, end_to_end
 
 # Responses larger than this are decoded in a worker thread, off the event loop.
 OFFLOAD_BYTES = 1 << 20

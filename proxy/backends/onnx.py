@@ -18,12 +18,12 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from proxy.backends.base import ModelIdentity, ModelMetadata, TensorSpec
 from proxy.backends.files import require_file, sha256_file
 from proxy.backends.threads import InferenceThreads
 from proxy.backends.validation import prepare_inputs, select_outputs
-from proxy.config import BackendSettings
-from proxy.errors import BackendError, BadRequest, ConfigError, MirrorgateError
+from proxy.core.config import BackendSettings
+from proxy.core.errors import BackendError, BadRequest, ConfigError, MirrorgateError
+from proxy.protocol.base import ModelIdentity, ModelMetadata, TensorSpec
 
 log = logging.getLogger(__name__)
 

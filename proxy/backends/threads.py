@@ -12,7 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from proxy.errors import NotReady
+from proxy.core.errors import NotReady
 
 T = TypeVar("T")
 

@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 
 from proxy.backends import torch_io
-from proxy.backends.base import ModelIdentity, ModelMetadata
 from proxy.backends.files import require_file, sha256_file
 from proxy.backends.threads import InferenceThreads
 from proxy.backends.torch_io import TorchIO
 from proxy.backends.validation import prepare_inputs, select_outputs
-from proxy.config import BackendSettings
-from proxy.errors import BackendError, BadRequest, ConfigError, MirrorgateError
+from proxy.core.config import BackendSettings
+from proxy.core.errors import BackendError, BadRequest, ConfigError, MirrorgateError
+from proxy.protocol.base import ModelIdentity, ModelMetadata
 
 INSTALL_HINT = "pip install 'mirrorgate[torch]'"
 PLATFORMS = {

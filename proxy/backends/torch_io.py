@@ -33,9 +33,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from proxy.backends.base import TensorSpec
 from proxy.backends.datatypes import DATATYPES
-from proxy.errors import ConfigError
+from proxy.core.errors import ConfigError
+from proxy.protocol.base import TensorSpec
 
 SIDECAR_SUFFIX = ".io.json"
 MODULE_ATTRIBUTE = "mirrorgate_io"

@@ -1,7 +1,7 @@
 """Check a request's tensors against a model's declared specs before a runtime sees them.
 
 Names, datatypes and shapes are checked here so that a request's own faults come back as
-:class:`~proxy.errors.BadRequest` with a message naming the tensor, instead of whatever
+:class:`~proxy.core.errors.BadRequest` with a message naming the tensor, instead of whatever
 text the runtime happens to raise. A datatype that differs from the declared one is cast
 only when every value survives the cast exactly (INT64 ``[1, 2]`` into an FP32 input is
 fine, FP64 ``0.1`` into FP32 is not): the model must see the numbers the client sent.
@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from proxy.backends.base import TensorSpec
 from proxy.backends.datatypes import numpy_dtype, v2_datatype
-from proxy.errors import BadRequest
+from proxy.core.errors import BadRequest
+from proxy.protocol.base import TensorSpec
 
 
 def _names(names: Sequence[str]) -> str:

@@ -16,7 +16,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from proxy.errors import BadRequest
+from proxy.core.errors import BadRequest
 from proxy.report import svg
 from proxy.report.document import canonical_json, report_digest, validate_document
 from proxy.report.signoff import check_all

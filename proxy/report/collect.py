@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from gates.records import PairRecord
-from proxy.config import MirrorgateConfig
-from proxy.errors import BadRequest
+from proxy.core.config import MirrorgateConfig
+from proxy.core.errors import BadRequest
 from proxy.report.document import SCHEMA_VERSION
 from proxy.report.sections import collect_versions, latency_section
 from storage.entities import Decision, GateEvaluation, PinnedCase, Rollout

@@ -21,7 +21,7 @@ from typing import Any
 
 import jsonschema
 
-from proxy.errors import BadRequest
+from proxy.core.errors import BadRequest
 
 SCHEMA_VERSION = "1"
 # Members left out of the digest: sign-offs are recorded *against* the digest.

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from proxy import __version__
-from proxy.backends.base import ModelIdentity
+from proxy.protocol.base import ModelIdentity
 
 VERSIONED = ("numpy", "scipy", "onnxruntime", "torch", "sqlalchemy", "aiohttp")
 QUANTILES = (0.5, 0.9, 0.95, 0.99, 1.0)

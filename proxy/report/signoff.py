@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from proxy.errors import BadRequest
+from proxy.core.errors import BadRequest
 from proxy.report.document import report_digest
 
 Decision = Literal["approve", "reject"]

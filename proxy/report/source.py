@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from proxy.config import MirrorgateConfig, load_config
-from proxy.errors import BadRequest, MirrorgateError, NotFound
+from proxy.core.config import MirrorgateConfig, load_config
+from proxy.core.errors import BadRequest, MirrorgateError, NotFound
 from proxy.report.document import load_document, validate_document
 from proxy.report.signoff import SignOff
 from storage.db import Database

@@ -2,7 +2,7 @@
 
 A live process (``mirrorgate serve`` with a candidate) keeps its champion (and its
 candidate, to answer canary traffic) but runs no mirrored work: its
-:class:`~proxy.mirror.MirrorDispatcher` hands every job to :meth:`ShadowChannel.submit`,
+:class:`~proxy.dataplane.mirror.MirrorDispatcher` hands every job to :meth:`ShadowChannel.submit`,
 which pickles it and writes one frame on a Unix socket to the worker. ``submit`` never
 waits: it drops and counts (``mirrorgate_shadow_dropped_total{reason}``) when
 
@@ -30,15 +30,15 @@ from typing import TYPE_CHECKING, Any, cast
 import aiohttp
 from aiohttp import web
 
-from proxy.config import ShadowSettings
-from proxy.errors import NotReady
-from proxy.metrics import ProxyMetrics
-from proxy.mirror import CallOutcome, _Job
+from proxy.core.config import ShadowSettings
+from proxy.core.errors import NotReady
+from proxy.core.metrics import ProxyMetrics
+from proxy.dataplane.mirror import CallOutcome, _Job
 from proxy.shadow import wire
 from proxy.shadow.metrics_merge import merge_exposition
 
 if TYPE_CHECKING:
-    from proxy.app import ProxyState
+    from proxy.dataplane.state import ProxyState
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class ShadowChannel:
         self._apply()
 
     def install(self, app: web.Application) -> None:
-        from proxy.app import STATE
+        from proxy.dataplane.state import STATE
 
         self.metrics = app[STATE].metrics
         app.router.add_route("*", "/v1/{tail:.*}", self._forward_control)
@@ -194,7 +194,7 @@ class ShadowChannel:
         yield
         # Runs after every live request has been answered (aiohttp awaits handlers
         # first): everything the live path will hand off has been handed off.
-        from proxy.app import STATE
+        from proxy.dataplane.state import STATE
 
         await self.drain(app[STATE].config.server.shutdown_timeout_s)
         await self._session.close()

@@ -2,7 +2,7 @@
 
 * The serving process is live process 0; ``server.workers - 1`` more live processes
   bind the same port with ``SO_REUSEPORT`` (the kernel spreads connections over them).
-  Each runs :func:`proxy.app.create_app` with a :class:`ShadowChannel`.
+  Each runs :func:`proxy.server.app.create_app` with a :class:`ShadowChannel`.
 * One shadow worker process (proxy/shadow/worker.py) does every mirrored call, the
   pairs, the recorder, the gates and the control plane.
 * A worker that dies is restarted (``shadow.restart``, after ``RESTART_DELAY_S``): the
@@ -32,9 +32,10 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.app import STATE, create_app
-from proxy.config import MirrorgateConfig
-from proxy.errors import ConfigError, MirrorgateError
+from proxy.core.config import MirrorgateConfig
+from proxy.core.errors import ConfigError, MirrorgateError
+from proxy.dataplane.state import STATE
+from proxy.server.app import create_app
 from proxy.shadow.live import ShadowChannel
 from proxy.shadow.worker import die_with_parent, run_loop, worker_entry
 

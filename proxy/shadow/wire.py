@@ -1,7 +1,7 @@
 """Frames on the hand-off socket between a live process and the shadow worker.
 
 Every frame is ``length (u32, big-endian) | kind (1 byte) | payload``. Live -> worker:
-``J`` jobs (a pickled ``(job, other)`` pair of :mod:`proxy.mirror` objects: the request's
+``J`` jobs (a pickled ``(job, other)`` pair of :mod:`proxy.dataplane.mirror` objects: the request's
 inputs and the served side's raw outcome). Worker -> live: ``A`` acks (cumulative jobs and
 payload bytes taken in since the connection opened, two u64) and ``S`` state (JSON: canary
 weight, stage, candidate stopped, worker ready, control-plane URL).

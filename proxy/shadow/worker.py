@@ -1,10 +1,10 @@
 """The shadow worker process: the candidate call, the pair, the recorder, the gates.
 
 ``mirrorgate serve`` starts it (proxy/shadow/supervisor.py). It runs the ordinary
-:func:`proxy.app.create_app` with storage and gates on (so every sink, the rollout
+:func:`proxy.server.app.create_app` with storage and gates on (so every sink, the rollout
 service, the harvester, the replica coordinator and the control plane behave exactly as
 in-process), on a loopback listener of its own that the live processes forward
-``/v1/...`` and ``/metrics`` to. Its :class:`~proxy.mirror.MirrorDispatcher` takes the
+``/v1/...`` and ``/metrics`` to. Its :class:`~proxy.dataplane.mirror.MirrorDispatcher` takes the
 jobs live processes hand off through a Unix socket (:meth:`MirrorDispatcher.take`: the
 same ``max_in_flight``/``queue_size``/``max_queue_bytes`` bounds and drop counters as
 in-process) and acks them; every rollout evaluation it applies is sent back to every live
@@ -32,9 +32,10 @@ from typing import Any, cast
 from aiohttp import web
 from prometheus_client import Counter
 
-from proxy.app import STATE, ProxyState, create_app
-from proxy.config import MirrorgateConfig
-from proxy.errors import MirrorgateError
+from proxy.core.config import MirrorgateConfig
+from proxy.core.errors import MirrorgateError
+from proxy.dataplane.state import STATE, ProxyState
+from proxy.server.app import create_app
 from proxy.shadow import wire
 from storage.sink import PairSink
 

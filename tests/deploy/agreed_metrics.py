@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from proxy.ops_metrics import OpsMetrics
+from proxy.control.ops_metrics import OpsMetrics
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ AGREED: tuple[Agreed, ...] = (
     Agreed("mirrorgate_rollout_verdict", "gauge", ("verdict",)),
     Agreed("mirrorgate_rollout_stage", "gauge", ("stage",)),
     Agreed("mirrorgate_rollout_canary_weight", "gauge"),
-    # rollout lifecycle (proxy/ops_metrics.py)
+    # rollout lifecycle (proxy/control/ops_metrics.py)
     Agreed("mirrorgate_gate_blocking_status", "gauge", ("gate", "slice")),
     Agreed("mirrorgate_build_info", "gauge", ("version", "rollout_id", "revision")),
     Agreed("mirrorgate_rollout_decisions_unpersisted", "gauge"),

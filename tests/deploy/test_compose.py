@@ -21,7 +21,7 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
-from proxy.config import MirrorgateConfig, load_config
+from proxy.core.config import MirrorgateConfig, load_config
 from tests.deploy.dockerfile import parse
 from tests.deploy.helpers import DEPLOY, REPO, run_tool
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import load_config
+from proxy.core.config import load_config
 from tests.deploy.dockerfile import Dockerfile, parse
 from tests.deploy.helpers import REPO, require_tool, run_tool
 

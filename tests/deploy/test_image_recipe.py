@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from proxy.config import load_config
+from proxy.core.config import load_config
 from tests.deploy.controllers import (
     VERDICTS,
     Live,

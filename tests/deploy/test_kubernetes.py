@@ -23,7 +23,7 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
-from proxy.config import BackendSettings, MirrorgateConfig, load_config
+from proxy.core.config import BackendSettings, MirrorgateConfig, load_config
 from tests.deploy.dockerfile import parse
 from tests.deploy.helpers import DEPLOY, REPO, config_checksum, load_yaml_documents, manifests
 

@@ -4,7 +4,7 @@ One proxy (real app, real V2 upstreams) serves on loopback from a background thr
 the whole module, so the corpus and the hypothesis-generated bodies hit the same server
 one after the other: it must answer every one with a 4xx and ``{"error": <message>}``,
 keep serving good requests, never call a model for a rejected request, and record a pair
-only for requests it answered 200. (tests/proxy/test_app.py covers the first dozen classic
+only for requests it answered 200. (tests/proxy/server/test_app.py covers the first dozen classic
 cases with their exact messages; this module adds the rest and the fuzzing.)
 """
 
@@ -27,8 +27,8 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.app import create_app, wait_loaded
-from proxy.codec import HEADER_LENGTH
+from proxy.protocol.codec import HEADER_LENGTH
+from proxy.server.app import create_app, wait_loaded
 from storage.sink import MemorySink
 from tests.faults.helpers import TOKEN
 from tests.proxy.conftest import N_CLASSES, N_FEATURES, NumpyBackend, make_config
@@ -100,7 +100,8 @@ def served() -> Iterator[Served]:
             )
             sink = MemorySink()
             # In-process champion: mirrorgate is the server and judges the input (in front
-            # of a remote champion the champion judges it: tests/proxy/test_passthrough.py).
+            # of a remote champion the champion judges it:
+            # tests/proxy/dataplane/test_passthrough.py).
             champion = NumpyBackend(ups[0].model)
             app = create_app(config, sinks=[sink], champion=champion)
             runner = web.AppRunner(app, access_log=None)

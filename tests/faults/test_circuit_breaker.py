@@ -12,7 +12,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from proxy.breaker import CircuitBreaker, CircuitSettings
+from proxy.core.runtime_settings import CircuitSettings
+from proxy.dataplane.breaker import CircuitBreaker
 from tests.faults.helpers import body, own_upstream, until
 from tests.proxy.conftest import make_config
 

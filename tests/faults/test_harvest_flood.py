@@ -16,7 +16,7 @@ from sqlalchemy import event, func, select
 
 from gates.records import ModelResult, PairRecord
 from gates.settings import HarvestSettings
-from proxy.harvest import BATCH, Harvester
+from proxy.control.harvest import BATCH, Harvester
 from storage.db import Database
 from storage.migrate import upgrade
 from storage.schema import PinnedFailureRow

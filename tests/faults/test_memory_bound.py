@@ -22,7 +22,7 @@ import numpy as np
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.codec import HEADER_LENGTH, encode_infer_request
+from proxy.protocol.codec import HEADER_LENGTH, encode_infer_request
 from tests.faults.helpers import TOKEN, own_upstream, ready, rss_kib, start_serve, stop, until
 
 COLUMNS = 16_384  # one FP32 row: 64 KiB per request

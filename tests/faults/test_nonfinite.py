@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from proxy.codec import encode_infer_response, parse_infer_request
-from proxy.errors import BadRequest
+from proxy.core.errors import BadRequest
+from proxy.protocol.codec import encode_infer_response, parse_infer_request
 
 BODY = (
     b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [NaN, 1e999]},'

@@ -8,8 +8,8 @@ from pydantic import ValidationError
 from gates.engine import advisory_level, blocking_budget, family_budgets
 from gates.settings import GatesSettings, RolloutSettings, StageSettings
 from gates.simulate import accuracy_check_alpha
-from proxy.config import load_config
-from proxy.errors import ConfigError
+from proxy.core.config import load_config
+from proxy.core.errors import ConfigError
 
 MINIMAL = {"models": {"champion": {"name": "c", "kind": "http", "url": "http://127.0.0.1:1"}}}
 

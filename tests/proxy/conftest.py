@@ -11,9 +11,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
-from proxy.app import STATE, create_app, wait_loaded
-from proxy.backends.base import ModelIdentity, ModelMetadata, TensorSpec
-from proxy.config import MirrorgateConfig, load_config
+from proxy.core.config import MirrorgateConfig, load_config
+from proxy.dataplane.state import STATE
+from proxy.protocol.base import ModelIdentity, ModelMetadata, TensorSpec
+from proxy.server.app import create_app, wait_loaded
 from storage.sink import MemorySink
 from tests.proxy.upstream import Stats, Upstream, UpstreamModel
 

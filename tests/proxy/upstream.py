@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from proxy.codec import (
+from proxy.protocol.codec import (
     HEADER_LENGTH,
     encode_infer_response,
     error_body,

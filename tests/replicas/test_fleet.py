@@ -19,10 +19,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import func, select, text
 
 from gates.simulate import Scenario, records
-from proxy.app import STATE, create_app, wait_loaded
-from proxy.config import load_config
+from proxy.control.replicas import ReplicaCoordinator
+from proxy.core.config import load_config
+from proxy.dataplane.state import STATE
 from proxy.demo.assets import model_path
-from proxy.replicas import ReplicaCoordinator
+from proxy.server.app import create_app, wait_loaded
 from storage.db import Database
 from storage.replicas import ledger_counts, read_decider
 from storage.schema import LabelRow

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.app import create_app, wait_loaded
-from proxy.config import load_config
+from proxy.core.config import load_config
 from proxy.demo.assets import model_path
+from proxy.server.app import create_app, wait_loaded
 from tests.support.postgres import PostgresServer
 
 pytestmark = pytest.mark.postgres

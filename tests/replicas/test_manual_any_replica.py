@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.app import STATE, create_app, wait_loaded
-from proxy.config import load_config
+from proxy.core.config import load_config
+from proxy.dataplane.state import STATE
 from proxy.demo.assets import model_path
+from proxy.server.app import create_app, wait_loaded
 from storage.db import Database
 from storage.store import Store
 from tests.support.postgres import PostgresServer

@@ -22,10 +22,10 @@ from sqlalchemy import func, select, text
 from gates.engine import RolloutEngine
 from gates.records import PairRecord
 from gates.settings import GatesSettings, RolloutSettings
-from proxy.app import create_app
-from proxy.config import load_config
-from proxy.errors import ConfigError
-from proxy.replicas import control_state, evaluation_from_dict, json_safe, merged_engine
+from proxy.control.replicas import control_state, evaluation_from_dict, json_safe, merged_engine
+from proxy.core.config import load_config
+from proxy.core.errors import ConfigError
+from proxy.server.app import create_app
 from storage.db import Database
 from storage.entities import GateSnapshot, ModelInfo
 from storage.errors import StorageError

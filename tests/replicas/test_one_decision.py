@@ -1,6 +1,6 @@
 """One decision function: a single proxy's engine and the replicas' merged engine.
 
-Both are built by ``proxy/engines.py`` from the same settings. Fed the same seeded
+Both are built by ``proxy/control/engines.py`` from the same settings. Fed the same seeded
 traffic (one engine; or three replica engines, snapshotted and merged by the decider's
 code), they agree cell by cell -- alpha, threshold, statistic, e-values -- and reach
 their terminal decision within one snapshot period of each other. In-process and pure
@@ -18,9 +18,9 @@ import pytest
 from gates.engine import RolloutEngine
 from gates.records import PairRecord
 from gates.simulate import Scenario, records
-from proxy.config import MirrorgateConfig, load_config
-from proxy.replicas import control_state, decider_engine, json_safe
-from proxy.rollout import RolloutService
+from proxy.control.replicas import control_state, decider_engine, json_safe
+from proxy.control.rollout import RolloutService
+from proxy.core.config import MirrorgateConfig, load_config
 from storage.entities import GateSnapshot
 
 SNAPSHOT_PAIRS = 300  # one snapshot period, in pairs across the three replicas

@@ -33,13 +33,13 @@ import pytest
 import yaml
 from sqlalchemy import text
 
-from proxy.config import load_config
+from proxy.control.engines import new_engine
+from proxy.control.replicas import evaluation_from_dict
+from proxy.core.config import load_config
 from proxy.demo.assets import model_path
 from proxy.demo.offline import OfflineModel
 from proxy.demo.recorded import iter_pair_records
 from proxy.demo.traffic import DemoLabel, DemoRequest, Traffic, scenario
-from proxy.engines import new_engine
-from proxy.replicas import evaluation_from_dict
 from storage.db import Database
 from storage.replicas import ledger_counts, read_decider
 from storage.store import Store

@@ -32,11 +32,11 @@ import yaml
 from sqlalchemy import text
 
 from gates.records import PairRecord
-from proxy.config import load_config
+from proxy.control.engines import new_engine
+from proxy.control.replicas import decider_engine
+from proxy.core.config import load_config
 from proxy.demo.assets import model_path
 from proxy.demo.traffic import DemoRequest, LabelBatch, Traffic, scenario
-from proxy.engines import new_engine
-from proxy.replicas import decider_engine
 from storage.db import Database
 from storage.replicas import ledger_counts, read_decider, replica_snapshots
 from storage.store import Store
@@ -58,7 +58,7 @@ pytestmark = pytest.mark.postgres
 
 CONCURRENCY = 4
 GATES = {
-    # As in tests/proxy/test_rollout_online.py: the champion and candidates differ in
+    # As in tests/proxy/control/test_rollout_online.py: the champion and candidates differ in
     # architecture, so tolerance and per-class recall are evidence; paired accuracy decides.
     "metric": {"accuracy": {"margin": 0.02}, "recall": {"blocking": False}},
     "tolerance": {"blocking": False},

@@ -21,14 +21,14 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
 from gates.records import ModelResult, PairRecord
-from proxy.cli import main
+from proxy.cli.main import main
 from storage.db import Database
 from storage.files import read_pairs, write_pairs
 from storage.migrate import alembic_config, head_revision, upgrade
 from storage.recorder import SqlRecorder
 from storage.settings import StorageSettings
 from storage.store import Store
-from tests.proxy.test_output_kinds import OPSET, mirrored_pairs
+from tests.proxy.dataplane.test_output_kinds import OPSET, mirrored_pairs
 from tests.storage.factories import CANDIDATE, CHAMPION
 
 

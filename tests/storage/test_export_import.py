@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from gates.records import ModelResult, PairRecord
-from proxy.cli import main
+from proxy.cli.main import main
 from storage.db import Database
 from storage.files import read_pairs
 from storage.store import Store

@@ -8,7 +8,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from proxy.cli import main
+from proxy.cli.main import main
 from storage.db import Database
 from storage.errors import SchemaError
 from storage.migrate import ensure_schema, head_revision, open_database, schema_status, upgrade

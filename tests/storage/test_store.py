@@ -242,7 +242,7 @@ def test_open_rollout_continues_the_active_one(store):
 
 
 def test_model_info_of_an_identity():
-    from proxy.backends.base import ModelIdentity
+    from proxy.protocol.base import ModelIdentity
     from storage.entities import ModelInfo
 
     identity = ModelIdentity(name="m", kind="onnx", digest="sha256:x", device="cuda")

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from proxy.backends.base import Backend, ModelIdentity, ModelMetadata
-from proxy.config import BackendSettings, BatchingSettings
+from proxy.core.config import BackendSettings, BatchingSettings
+from proxy.protocol.base import Backend, ModelIdentity, ModelMetadata
 from tests.proxy import models
 
 

@@ -20,8 +20,8 @@ from prometheus_client import CollectorRegistry
 
 from proxy.backends.batching import BATCH_SIZE_METRIC, BatchingBackend
 from proxy.backends.onnx import OnnxBackend
-from proxy.config import BackendSettings, BatchingSettings
-from proxy.errors import BadRequest, MirrorgateError, NotReady
+from proxy.core.config import BackendSettings, BatchingSettings
+from proxy.core.errors import BadRequest, MirrorgateError, NotReady
 from tests.proxy import models
 from tests.proxy.backends.conftest import CountingBackend
 

@@ -10,8 +10,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from proxy.backends.base import Backend, TensorSpec
-from proxy.errors import BadRequest, NotReady
+from proxy.core.errors import BadRequest, NotReady
+from proxy.protocol.base import Backend, TensorSpec
 from tests.proxy.backends.conftest import ContractCase
 from tests.proxy.models import INPUT, LABEL, PROBS
 

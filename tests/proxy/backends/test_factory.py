@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from proxy.backends.batching import BatchingBackend
 from proxy.backends.factory import create_backend
 from proxy.backends.onnx import OnnxBackend
-from proxy.config import load_config
+from proxy.core.config import load_config
 from tests.proxy import models
 
 

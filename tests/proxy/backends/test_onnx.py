@@ -10,11 +10,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from proxy.backends.base import TensorSpec
 from proxy.backends.datatypes import DATATYPES, V2_TO_NUMPY
 from proxy.backends.onnx import CPU, CUDA, OnnxBackend, requested_providers
-from proxy.config import BackendSettings
-from proxy.errors import BackendError, BadRequest, ConfigError, MirrorgateError
+from proxy.core.config import BackendSettings
+from proxy.core.errors import BackendError, BadRequest, ConfigError, MirrorgateError
+from proxy.protocol.base import TensorSpec
 from tests.proxy import models
 
 

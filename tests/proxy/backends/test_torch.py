@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from proxy.backends.base import TensorSpec
 from proxy.backends.datatypes import DATATYPES, V2_TO_NUMPY
 from proxy.backends.torch import TorchBackend, detect_format
-from proxy.config import BackendSettings
-from proxy.errors import BackendError, BadRequest, ConfigError
+from proxy.core.config import BackendSettings
+from proxy.core.errors import BackendError, BadRequest, ConfigError
+from proxy.protocol.base import TensorSpec
 from tests.proxy import models
 
 torch = pytest.importorskip("torch")

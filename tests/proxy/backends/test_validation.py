@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.backends.base import TensorSpec
 from proxy.backends.datatypes import V2_TO_NUMPY, numpy_dtype, v2_datatype
 from proxy.backends.validation import coerce_input, prepare_inputs, select_outputs
-from proxy.errors import BadRequest
+from proxy.core.errors import BadRequest
+from proxy.protocol.base import TensorSpec
 
 NUMERIC = [d for d in V2_TO_NUMPY if d not in ("BYTES",)]
 

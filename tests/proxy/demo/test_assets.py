@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from scipy.stats import binomtest
 
-from proxy.config import load_config
+from proxy.core.config import load_config
 from proxy.demo import assets
 from proxy.demo.capture import N_FEATURES, PLATFORMS
 from proxy.demo.offline import OfflineModel, file_sha256

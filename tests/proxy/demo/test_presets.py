@@ -17,8 +17,8 @@ import yaml
 from gates.records import PairRecord
 from gates.replay import replay
 from gates.settings import GatesSettings, RolloutSettings
-from proxy.commands.demo import DEMO_GATES, DEMO_PLAN, MAX_REQUESTS
-from proxy.config import MirrorgateConfig
+from proxy.cli.commands.demo import DEMO_GATES, DEMO_PLAN, MAX_REQUESTS
+from proxy.core.config import MirrorgateConfig
 from proxy.demo import assets
 from proxy.demo.offline import OfflineModel
 from proxy.demo.recorded import DEFAULT_START_TS, iter_pair_records
@@ -31,7 +31,7 @@ Labels = list[tuple[str, object, float]]
 def _traffic(
     pool: assets.DemoPool, models: dict[str, OfflineModel], candidate: str
 ) -> tuple[list[PairRecord], Labels]:
-    # the demo's own request budget for the fast scenario (proxy/commands/demo.py)
+    # the demo's own request budget for the fast scenario (proxy/cli/commands/demo.py)
     traffic = Traffic(dataclasses.replace(scenario("fast"), requests=MAX_REQUESTS["fast"]), pool)
     records = list(iter_pair_records(traffic, models[assets.CHAMPION], models[candidate]))
     labels = [(lab.id, lab.label, DEFAULT_START_TS + lab.t) for lab in traffic.labels()]

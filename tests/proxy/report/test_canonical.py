@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.errors import BadRequest
+from proxy.core.errors import BadRequest
 from proxy.report.build import write_pack
 from proxy.report.document import canonical_json, report_digest
 from storage.files import write_pairs

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from proxy.cli import main
+from proxy.cli.main import main
 from proxy.report import load_document, report_digest, validate_document
 from proxy.report import source as sources
 

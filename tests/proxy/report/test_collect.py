@@ -130,7 +130,7 @@ def test_document_follows_the_rows_and_stops_at_the_verdict(store: Store) -> Non
 
 
 def test_a_rollout_without_its_config_digest_is_refused(store: Store) -> None:
-    from proxy.errors import BadRequest
+    from proxy.core.errors import BadRequest
 
     rollout = store.create_rollout(
         ModelInfo("champ", "onnx", "c" * 64), ModelInfo("cand", "onnx", "d" * 64), now=T0

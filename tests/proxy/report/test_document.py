@@ -11,7 +11,7 @@ import jcs
 import jsonschema
 import pytest
 
-from proxy.errors import BadRequest
+from proxy.core.errors import BadRequest
 from proxy.report import (
     canonical_json,
     load_schema,

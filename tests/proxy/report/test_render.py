@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from proxy.backends.base import ModelIdentity
+from proxy.protocol.base import ModelIdentity
 from proxy.report import render_html, validate_document
 from proxy.report.sections import collect_versions, identity_dict, latency_section
 from proxy.report.svg import nice_ticks

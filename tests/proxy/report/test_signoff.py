@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from proxy.errors import BadRequest
+from proxy.core.errors import BadRequest
 from proxy.report import SignOff, check_all, check_signoff, render_html, report_digest, write_pack
 from proxy.report.signoff import merge_signoffs
 from proxy.report.source import PackSource

@@ -9,9 +9,9 @@ import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import ShadowSettings
-from proxy.metrics import ProxyMetrics
-from proxy.mirror import CallOutcome, _Job
+from proxy.core.config import ShadowSettings
+from proxy.core.metrics import ProxyMetrics
+from proxy.dataplane.mirror import CallOutcome, _Job
 from proxy.shadow import wire
 from proxy.shadow.live import ShadowChannel
 from proxy.shadow.metrics_merge import merge_exposition

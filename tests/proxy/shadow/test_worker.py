@@ -21,7 +21,7 @@ import aiohttp
 import yaml
 
 from tests.faults.helpers import body, until
-from tests.proxy.test_serve import ROOT
+from tests.proxy.cli.test_serve import ROOT
 
 TOKEN = "shadow-worker-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -1,0 +1,1 @@
+"""The ``mirrorgate`` command line: the entry point, its subcommands and their helpers."""

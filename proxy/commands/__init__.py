@@ -1,5 +1,0 @@
-"""CLI subcommands, one module each.
-
-Every module here defines ``register(subparsers)`` that adds its parser and sets
-``func=run`` where ``run(args) -> int`` is the exit code. ``proxy.cli`` discovers them.
-"""

@@ -1,0 +1,1 @@
+"""The control plane: rollouts and their gates, replicas, lifecycle, pinned failures."""

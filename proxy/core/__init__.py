@@ -1,0 +1,1 @@
+"""Settings and shared plumbing every layer may use; imports nothing else of proxy."""

@@ -1,0 +1,1 @@
+"""The never-regress suite: pinned cases as files, their runner and the pytest plugin."""
