@@ -1,6 +1,6 @@
 # Two entry points, each self-contained on a fresh machine:
 #   make demo   - the main job: `mirrorgate demo` on its embedded default
-#   make test   - lint, type-check and the whole test suite (what CI runs)
+#   make test   - lint, type-check, import layers and the whole test suite (what CI runs)
 SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
@@ -30,6 +30,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: venv services lint
 	source scripts/test_env.sh && $(BIN)/python -m pytest -q
