@@ -10,12 +10,15 @@ over rounds:
   backend-b1    OnnxBackend, C concurrent clients sending 1-row requests, no batching
   batched-bB    BatchingBackend(OnnxBackend), the same C clients, max_batch_size B
   clients-only  the same C clients against a stub that answers every request from a
-                future resolved B at a time, no model and no batcher: what the clients'
-                own asyncio cost (one task wake-up per request) allows on this machine.
+                future resolved B rows at a time, no model and no batcher: what the
+                clients' own asyncio cost (one task wake-up per request) allows here.
                 No in-process path that serves one awaitable call per request can beat
                 it, so it is the fair ceiling beside the runtime floor raw-bB
   base-bB       (with ``--baseline DIR``) batched-bB with batching.py and onnx.py loaded
                 from another checkout (e.g. main), for a side-by-side comparison
+
+``--rows-per-request R`` makes each request carry R rows (the shape of a multi-row HTTP
+request, which reaches ``infer`` as one call); the floor rows stay as they are.
 
 Run from the repository root:
     python benchmarks/batching_throughput.py [--batch-size 32 --concurrency 64 ...]
