@@ -10,12 +10,15 @@ over rounds:
   backend-b1    OnnxBackend, C concurrent clients sending 1-row requests, no batching
   batched-bB    BatchingBackend(OnnxBackend), the same C clients, max_batch_size B
   clients-only  the same C clients against a stub that answers every request from a
-                future resolved B at a time, no model and no batcher: what the clients'
-                own asyncio cost (one task wake-up per request) allows on this machine.
+                future resolved B rows at a time, no model and no batcher: what the
+                clients' own asyncio cost (one task wake-up per request) allows here.
                 No in-process path that serves one awaitable call per request can beat
                 it, so it is the fair ceiling beside the runtime floor raw-bB
   base-bB       (with ``--baseline DIR``) batched-bB with batching.py and onnx.py loaded
                 from another checkout (e.g. main), for a side-by-side comparison
+
+``--rows-per-request R`` makes each request carry R rows (the shape of a multi-row HTTP
+request, which reaches ``infer`` as one call); the floor rows stay as they are.
 
 Run from the repository root:
     python benchmarks/batching_throughput.py [--batch-size 32 --concurrency 64 ...]
@@ -67,9 +70,11 @@ def raw_rate(session: Any, x: np.ndarray, seconds: float, callers: int) -> float
 
 
 async def served_rate(
-    backend: Any, pool: np.ndarray, seconds: float, concurrency: int
+    backend: Any, pool: np.ndarray, seconds: float, concurrency: int, per_request: int = 1
 ) -> tuple[float, list[float]]:
-    """Rows/s and per-request latencies (ms) of ``concurrency`` closed-loop clients."""
+    """Rows/s and per-request latencies (ms) of ``concurrency`` closed-loop clients, each
+    request carrying ``per_request`` rows."""
+    starts = len(pool) - per_request + 1
     loop = asyncio.get_running_loop()
     stop = loop.time() + seconds
     latencies: list[float] = []
@@ -79,11 +84,12 @@ async def served_rate(
         nonlocal rows
         j = i
         while loop.time() < stop:
-            x = pool[j % len(pool)][None, :]
+            k = j % starts
+            x = pool[k : k + per_request]
             t0 = time.perf_counter()
             await backend.infer({"x": x})
             latencies.append((time.perf_counter() - t0) * 1000.0)
-            rows += 1
+            rows += per_request
             j += concurrency
 
     start = time.perf_counter()
@@ -92,14 +98,16 @@ async def served_rate(
 
 
 class ClientsOnly:
-    """Answers each request with its own input, B at a time, from one loop callback."""
+    """Answers each request with its own input, B rows at a time, from one loop callback."""
 
     def __init__(self, batch: int) -> None:
         self._batch = batch
+        self._rows = 0
         self._waiting: list[tuple[asyncio.Future[Any], dict[str, np.ndarray]]] = []
 
     def _flush(self) -> None:
         waiting, self._waiting = self._waiting, []
+        self._rows = 0
         for future, inputs in waiting:
             future.set_result(inputs)
 
@@ -107,9 +115,10 @@ class ClientsOnly:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
         self._waiting.append((future, inputs))
+        self._rows += inputs["x"].shape[0]
         if len(self._waiting) == 1:
             loop.call_soon(self._flush)
-        elif len(self._waiting) >= self._batch:
+        if self._rows >= self._batch:
             self._flush()
         return await future
 
@@ -186,7 +195,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.to_thread(raw_rate, session, xb, args.seconds, args.slots)
         )
         for key, backend in served.items():
-            rate, lats = await served_rate(backend, pool, args.seconds, args.concurrency)
+            rate, lats = await served_rate(
+                backend, pool, args.seconds, args.concurrency, args.rows_per_request
+            )
             results[key].append(rate)
             lat[key] += lats
     mean_batch = (batched.rows - rows0) / max(1, batched.calls - calls0)
@@ -233,6 +244,7 @@ def render(r: dict[str, Any]) -> str:
     out = [
         f"MLP {c['features']}-{c['hidden']}-{c['classes']}, onnxruntime threads="
         f"{c['threads']}, delay {c['delay_ms']} ms, {c['rounds']} rounds x {c['seconds']} s, "
+        f"{c['rows_per_request']} row(s) per request, "
         f"load average {' '.join(f'{x:.1f}' for x in r['load_average'])}",
         "",
         "| scenario | rows/s (median) | p50 ms | p99 ms |",
@@ -268,6 +280,12 @@ def main() -> int:
     p.add_argument("--delay-ms", type=float, default=2.0)
     p.add_argument("--slots", type=int, default=2, help="max_concurrent_batches")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    p.add_argument(
+        "--rows-per-request",
+        type=int,
+        default=1,
+        help="rows each client request carries (as one multi-row HTTP request would)",
+    )
     p.add_argument("--features", type=int, default=64)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--classes", type=int, default=10)

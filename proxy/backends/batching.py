@@ -38,6 +38,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Hashable
+from operator import itemgetter
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram
@@ -387,16 +388,19 @@ class BatchingBackend:
             try:
                 outcomes, calls, mixes = self._compute(batch)
             except BaseException as exc:  # never leave callers waiting
-                outcomes = [(False, exc)] * len(batch.futures)
+                outcomes = [exc] * len(batch.futures)
                 calls, mixes = [], False
             try:
                 loop.call_soon_threadsafe(self._deliver, batch, outcomes, calls, mixes)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 return
 
-    def _compute(self, batch: _Batch) -> tuple[list[tuple[bool, object]], list[int], bool]:
+    def _compute(
+        self, batch: _Batch
+    ) -> tuple[list[dict[str, np.ndarray] | BaseException], list[int], bool]:
         """On a worker thread: run the batch stacked, split the result into views, or
-        (one member, or the stacked call failed) run each member alone."""
+        (one member, or the stacked call failed) run each member alone. Each outcome is
+        the member's result, or the exception it gets."""
         assert self._direct is not None
         run = self._direct
         members, outputs = batch.inputs, batch.outputs
@@ -406,39 +410,59 @@ class BatchingBackend:
             total = batch.rows
             calls.append(total)
             try:
-                if len(members[0]) == 1:
-                    ((name, _),) = members[0].items()
-                    stacked = {name: np.concatenate([m[name] for m in members], axis=0)}
+                # map/itemgetter and dict literals: no comprehension frame per batch or
+                # per member (this runs once per batch, under the GIL the loop needs).
+                first = members[0]
+                if len(first) == 1:
+                    (name,) = first
+                    stacked = {name: np.concatenate(list(map(itemgetter(name), members)))}
                 else:
-                    stacked = {
-                        n: np.concatenate([m[n] for m in members], axis=0) for n in members[0]
-                    }
+                    stacked = {n: np.concatenate(list(map(itemgetter(n), members))) for n in first}
                 out = run(stacked, outputs)
                 mixes = any(a.ndim == 0 or a.shape[0] != total for a in out.values())
                 if not mixes:
-                    items = list(out.items())
-                    results: list[tuple[bool, object]] = []
-                    start = 0
-                    for rows in batch.counts:
-                        end = start + rows
-                        results.append((True, {n: a[start:end] for n, a in items}))
-                        start = end
-                    return results, calls, mixes
+                    return self._split(out, batch.counts), calls, mixes
             except Exception as exc:
                 log.debug("stacked call of %d failed (%s); running alone", len(members), exc)
-        outcomes: list[tuple[bool, object]] = []
+        outcomes: list[dict[str, np.ndarray] | BaseException] = []
         for inputs, rows in zip(members, batch.counts, strict=True):
             calls.append(rows)
             try:
-                outcomes.append((True, run(inputs, outputs)))
+                outcomes.append(run(inputs, outputs))
             except Exception as exc:
-                outcomes.append((False, exc))
+                outcomes.append(exc)
         return outcomes, calls, mixes
+
+    @staticmethod
+    def _split(
+        out: dict[str, np.ndarray], counts: list[int]
+    ) -> list[dict[str, np.ndarray] | BaseException]:
+        """Per member, views of its rows (basic slices: no copy)."""
+        results: list[dict[str, np.ndarray] | BaseException] = []
+        append = results.append
+        start = 0
+        if len(out) == 1:  # the common case: one dict literal per member
+            ((name, array),) = out.items()
+            if len(counts) == len(array):  # every member one row (each has >= 1)
+                for start in range(len(counts)):
+                    append({name: array[start : start + 1]})
+                return results
+            for rows in counts:
+                end = start + rows
+                append({name: array[start:end]})
+                start = end
+            return results
+        items = list(out.items())
+        for rows in counts:
+            end = start + rows
+            append({n: a[start:end] for n, a in items})
+            start = end
+        return results
 
     def _deliver(
         self,
         batch: _Batch,
-        outcomes: list[tuple[bool, object]],
+        outcomes: list[dict[str, np.ndarray] | BaseException],
         calls: list[int],
         mixes: bool,
     ) -> None:
@@ -451,12 +475,12 @@ class BatchingBackend:
                 "model %s: outputs lack one row per input row; batching switched off",
                 self._model,
             )
-        for future, (ok, value) in zip(batch.futures, outcomes, strict=True):
+        for future, value in zip(batch.futures, outcomes, strict=True):
             if not future.done():
-                if ok:
-                    future.set_result(value)  # type: ignore[arg-type]
+                if isinstance(value, BaseException):
+                    future.set_exception(value)
                 else:
-                    future.set_exception(value)  # type: ignore[arg-type]
+                    future.set_result(value)
         self._running -= 1
         if self._open or self._full:
             self._schedule()

@@ -117,6 +117,8 @@ def _to_runtime(array: np.ndarray, spec: TensorSpec, model: str) -> np.ndarray:
 
 
 def _from_runtime(array: object) -> np.ndarray:
+    if type(array) is np.ndarray and array.dtype.kind not in "OU":
+        return array  # numeric: as the runtime returned it
     result = np.asarray(array)
     if result.dtype.kind in "OU":
         out = np.empty(result.shape, dtype=object)
@@ -143,6 +145,8 @@ class OnnxBackend:
         self._identity = identity
         self._threads = threads
         self._specs = {s.name: s for s in metadata.inputs}
+        # Only string tensors need converting for the runtime (see _to_runtime).
+        self._has_strings = any(s.datatype == "BYTES" for s in metadata.inputs)
 
     @classmethod
     async def create(cls, settings: BackendSettings) -> OnnxBackend:
@@ -237,9 +241,12 @@ class OnnxBackend:
         """On a worker thread: checks and conversions are O(size), so they stay off the
         loop too (BYTES tensors are converted element by element)."""
         model = self._metadata.name
-        prepared = prepare_inputs(model, inputs, self._metadata.inputs)
-        feed = {n: _to_runtime(a, self._specs[n], model) for n, a in prepared.items()}
+        feed = prepare_inputs(model, inputs, self._metadata.inputs)
+        if self._has_strings:
+            feed = {n: _to_runtime(a, self._specs[n], model) for n, a in feed.items()}
         results = self._session.run(names, feed)
+        if len(names) == 1:  # the common case, once per (stacked) call: no comprehension
+            return {names[0]: _from_runtime(results[0])}
         return {name: _from_runtime(r) for name, r in zip(names, results, strict=True)}
 
     async def aclose(self) -> None:

@@ -484,3 +484,25 @@ async def test_direct_path_a_model_that_mixes_rows_stops_being_batched(tmp_path:
         assert batcher.calls == 3  # switched off: straight to the runtime, not counted
     finally:
         await batcher.aclose()
+
+
+@pytest.mark.parametrize("rows", [[1, 1, 1, 1], [1, 3, 2, 2]], ids=["one-row-each", "mixed"])
+async def test_direct_path_single_output_split_gives_each_caller_its_rows(
+    tmp_path: Path, rows: list[int]
+) -> None:
+    """A one-output model (the split's common case): each caller gets exactly its rows."""
+    path = tmp_path / "mlp.onnx"
+    params = models.build_onnx_mlp(path, 5, 7, 3, seed=4)
+    batcher = await _direct(path, sum(rows))
+    try:
+        rng = np.random.default_rng(5)
+        xs = [rng.normal(size=(n, 5)).astype(np.float32) for n in rows]
+        outs = await asyncio.gather(*(batcher.infer({"x": x}) for x in xs))
+        assert (batcher.calls, batcher.rows) == (1, sum(rows))  # one stacked call
+        for x, out in zip(xs, outs, strict=True):
+            assert list(out) == ["probs"]
+            np.testing.assert_allclose(
+                out["probs"], models.mlp_oracle(params, x), rtol=1e-5, atol=1e-6
+            )
+    finally:
+        await batcher.aclose()
