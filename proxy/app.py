@@ -45,7 +45,12 @@ from proxy.codec import (
 from proxy.config import BackendSettings, MirrorgateConfig
 from proxy.errors import BadRequest, ConfigError, MirrorgateError, NotFound, NotReady
 from proxy.headers import client_request_headers
-from proxy.limits import make_expect_handler, make_limits_middleware
+from proxy.limits import (
+    RAW_BODY_LIMIT,
+    make_expect_handler,
+    make_limits_middleware,
+    request_body,
+)
 from proxy.metrics import ProxyMetrics
 from proxy.mirror import MirrorDispatcher, input_rows
 from proxy.persistence import Persistence
@@ -352,7 +357,7 @@ async def infer(request: web.Request) -> web.StreamResponse:
     try:
         _check_model(state, request)
         mirror = state.require_mirror()
-        body = await request.read()  # raises 413 past client_max_size
+        body = await request_body(request)  # 413 past server.max_body_bytes, decoded too
         t_read = time.perf_counter_ns()
         parsed = await _parse(request, body)
         request_id = _request_id(parsed, request)
@@ -672,8 +677,14 @@ def create_app(
         config.server.limits, config.server.max_body_bytes, on_reject=_count_rejected
     )
     app = web.Application(
-        client_max_size=config.server.max_body_bytes, middlewares=[error_middleware, limits]
+        client_max_size=config.server.max_body_bytes,
+        middlewares=[error_middleware, limits],
+        # Bodies are read as they came: a remote champion gets the client's compressed
+        # bytes with their Content-Encoding; mirrorgate decodes only what it reads itself
+        # (proxy.limits.request_body), bounded, and the pair's copy off the live path.
+        handler_args={"auto_decompress": False},
     )
+    app[RAW_BODY_LIMIT] = config.server.max_body_bytes
     app[STATE] = ProxyState(
         config=config,
         registry=registry,

@@ -27,6 +27,7 @@ from proxy.auth import Scope, bearer_of, check_scope
 from proxy.errors import BadRequest, Conflict, NotFound, NotReady
 from proxy.harvest import Harvester
 from proxy.lifecycle import LIFECYCLE, parse_revision, setup_lifecycle
+from proxy.limits import request_body
 from proxy.pinned import case_to_dict, parse_triage
 from proxy.rollout import RolloutService
 from storage.entities import PINNED_STATUSES
@@ -60,7 +61,7 @@ def _rollout(state: ProxyState) -> RolloutService:
 
 
 async def _json(request: web.Request) -> Any:
-    body = await request.read()
+    body = await request_body(request)
     if not body:
         raise BadRequest("empty body: expected JSON")
     try:

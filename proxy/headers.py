@@ -29,8 +29,10 @@ HOP_BY_HOP = frozenset(
     }
 )
 TRACING = ("traceparent", "tracestate", "baggage")
-# Framing the proxy recomputes for the body it sends (aiohttp decompressed the client's
-# body already, and sets its own Content-Length): never copied onto an upstream request.
+# Framing the proxy recomputes for the body it sends (aiohttp sets its own
+# Content-Length; a rebuilt body is not compressed): never copied onto a rebuilt request.
+# Pass-through sends the client's Content-Encoding on with the client's raw body bytes
+# (proxy.passthrough.forward).
 REQUEST_FRAMING = frozenset({"host", "content-length", "content-encoding"})
 # Headers a rebuilt request (encoded by mirrorgate) sets itself.
 REBUILT = frozenset(

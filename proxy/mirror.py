@@ -104,6 +104,7 @@ class _Job:
     # Pass-through (remote champion): fills inputs and live.outputs from the raw bytes,
     # off the live path; raises MirrorgateError when they cannot be decoded.
     decode: Callable[[_Job], None] | None = None
+    decode_offload: bool = False  # decode in a worker thread (a compressed body)
 
 
 class Handoff(Protocol):
@@ -483,6 +484,7 @@ class MirrorDispatcher:
         latency_s: float,
         nbytes: int,
         decode: Callable[[_Job], None],
+        offload: bool = False,
     ) -> None:
         """A remote champion answered the client directly (pass-through): queue the pair,
         whose request and answer ``decode`` reads from the raw bytes off the live path."""
@@ -512,6 +514,7 @@ class MirrorDispatcher:
             "candidate",
             nbytes,
             decode=decode,
+            decode_offload=offload,
         )
         job.headers = context.client_headers.get()
         self._submit(job)
@@ -580,7 +583,7 @@ class MirrorDispatcher:
     async def _run(self, job: _Job, other: CallOutcome | None) -> None:
         if job.decode is not None:
             try:
-                if job.nbytes > OFFLOAD_BYTES:
+                if job.nbytes > OFFLOAD_BYTES or job.decode_offload:
                     await asyncio.to_thread(job.decode, job)
                 else:
                     job.decode(job)

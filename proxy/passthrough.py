@@ -6,10 +6,18 @@ gets the champion's status, end-to-end headers and body bytes unchanged, whateve
 encoding (JSON, binary tensors, gzip/deflate). The live path reads only the model name
 and version from the URL, the request id and the slice headers; the pair's request and
 the champion's answer are decoded later, by the mirror, off the live path.
+
+A compressed request body (``Content-Encoding: gzip``, ``deflate``, any token) is
+forwarded as the client's bytes with the client's ``Content-Encoding``: the champion
+decodes it, or refuses it, as it would without mirrorgate. Mirrorgate decodes it only
+for the pair (bounded by ``server.max_body_bytes``; a body it cannot decode drops the
+pair as ``undecodable``), and on the live path only as far as the request id needs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import time
 import uuid
@@ -23,7 +31,8 @@ from proxy import context
 from proxy.backends.http import HttpBackend, Reply, decompress
 from proxy.codec import HEADER_LENGTH, decode_infer_response, parse_infer_request
 from proxy.errors import MirrorgateError
-from proxy.headers import client_request_headers
+from proxy.headers import Headers, client_request_headers
+from proxy.limits import RAW_BODY_LIMIT, content_coding, decode_body
 from proxy.ratelog import FailureLog
 
 if TYPE_CHECKING:
@@ -35,6 +44,9 @@ failures = FailureLog(log)
 REQUEST_ID_HEADER = "X-Request-Id"
 SERVED_BY_HEADER = "X-Mirrorgate-Served-By"
 MAX_REQUEST_ID_LEN = 256
+# Decoded bytes of a compressed JSON body searched for its id on the event loop; a
+# longer body is decoded for its id in a worker thread.
+PEEK_ON_LOOP = 1 << 20
 
 
 def upstream_path(request: web.Request, served: str, backend: HttpBackend) -> str:
@@ -70,6 +82,7 @@ async def forward(
     headers = client_request_headers(request.headers)
     if body is None and request.body_exists:
         body = await request.read()
+    headers += _body_coding(request, body)
     try:
         reply = await backend.forward(
             request.method, upstream_path(request, served, backend), body, headers
@@ -82,11 +95,38 @@ async def forward(
     return reply, to_response(reply)
 
 
+def _body_coding(request: web.Request, body: bytes | None) -> Headers:
+    """The client's ``Content-Encoding``, sent on with the client's (raw) body bytes."""
+    if not body or request.app.get(RAW_BODY_LIMIT) is None:
+        return ()  # no body, or one aiohttp decoded already
+    return tuple(("Content-Encoding", v) for v in request.headers.getall("Content-Encoding", ()))
+
+
+async def _peek_id_coded(
+    body: bytes, header_length: str | None, coding: str, limit: int
+) -> str | None:
+    """:func:`_peek_id` of a compressed body: a binary request's JSON header is decoded
+    alone; a JSON body up to PEEK_ON_LOOP bytes here, past that in a worker thread.
+    A body that does not decode has no id here (the champion judges it)."""
+    try:
+        if header_length is not None:
+            if not (header_length.isascii() and header_length.isdigit()):
+                return None
+            stop = int(header_length)
+            if stop > limit:
+                return None
+            return _peek_id(decode_body(body, coding, limit, stop=stop), header_length)
+        head = decode_body(body, coding, limit, stop=PEEK_ON_LOOP + 1)
+        if len(head) > PEEK_ON_LOOP:
+            head = await asyncio.to_thread(decode_body, body, coding, limit)
+        return _peek_id(head, None)
+    except MirrorgateError:
+        return None
+
+
 def _peek_id(body: bytes, header_length: str | None) -> str | None:
     """The V2 ``id`` of a request body, reading as little as possible: the JSON header
     of a binary request; a JSON body only when it contains ``"id"`` at all."""
-    import json
-
     try:
         if header_length is not None:
             doc = json.loads(body[: int(header_length)])
@@ -121,6 +161,10 @@ class ExchangeDecoder:
 
     body: bytes
     header_length: str | None
+    # The request body's Content-Encoding and the most it may decode to
+    # (``server.max_body_bytes``): a bomb drops the pair, never fills memory.
+    coding: str
+    limit: int
     reply_body: bytes
     reply_encoding: str | None
     reply_header_length: str | None
@@ -131,7 +175,8 @@ class ExchangeDecoder:
 
         # The champion accepted this request: whatever it carries (a bare Infinity that
         # Triton reads) is the pair's input, not mirrorgate's to refuse here.
-        parsed = parse_infer_request(self.body, self.header_length, allow_nonfinite=("*",))
+        body = decode_body(self.body, self.coding, self.limit)
+        parsed = parse_infer_request(body, self.header_length, allow_nonfinite=("*",))
         payload = decompress(self.reply_body, self.reply_encoding)
         answer = decode_infer_response(payload, self.reply_header_length)
         job.inputs = parsed.inputs
@@ -146,10 +191,14 @@ def exchange_decoder(
     header_length: str | None,
     reply: Reply,
     parameter_slices: Callable[[Mapping[str, object]], dict[str, str]],
+    coding: str = "",
+    limit: int = 1 << 62,
 ) -> ExchangeDecoder:
     return ExchangeDecoder(
         body,
         header_length,
+        coding,
+        limit,
         reply.body,
         reply.header("Content-Encoding"),
         reply.header(HEADER_LENGTH),
@@ -167,11 +216,17 @@ async def infer(
     observe: Callable[[int, float], None],
 ) -> web.Response:
     """A live infer request answered by the remote champion, mirrored when it succeeds."""
-    body = await request.read()
+    body = await request.read()  # as it came: compressed bodies stay compressed
     header_length = request.headers.get(HEADER_LENGTH)
     client_rid = request.headers.get(REQUEST_ID_HEADER, "").strip() or None
+    limit = request.app.get(RAW_BODY_LIMIT)
+    coding = content_coding(request.headers.get("Content-Encoding")) if limit else ""
     # DESIGN's order: the body's id, else the header, else generated.
-    rid = _usable_id(_peek_id(body, header_length)) or _usable_id(client_rid)
+    if coding and limit is not None:
+        body_rid = await _peek_id_coded(body, header_length, coding, limit)
+    else:
+        body_rid = _peek_id(body, header_length)
+    rid = _usable_id(body_rid) or _usable_id(client_rid)
     rid = rid or uuid.uuid4().hex
     context.request_id.set(rid)
     context.client_headers.set(client_request_headers(request.headers))
@@ -192,6 +247,10 @@ async def infer(
             slices=slices,
             latency_s=latency,
             nbytes=len(body) + len(reply.body),
-            decode=exchange_decoder(body, header_length, reply, parameter_slices),
+            decode=exchange_decoder(
+                body, header_length, reply, parameter_slices, coding, limit or len(body)
+            ),
+            # Decompressing is work whatever the raw size: off the loop that runs it.
+            offload=bool(coding),
         )
     return response

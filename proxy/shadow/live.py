@@ -32,6 +32,7 @@ from aiohttp import web
 
 from proxy.config import ShadowSettings
 from proxy.errors import NotReady
+from proxy.limits import request_body
 from proxy.metrics import ProxyMetrics
 from proxy.mirror import CallOutcome, _Job
 from proxy.shadow import wire
@@ -244,7 +245,7 @@ class ShadowChannel:
         if self.control_url is None or self._session is None:
             raise NotReady("the control plane is not up: the shadow worker is starting")
         headers = {k: request.headers[k] for k in _FORWARD_REQUEST if k in request.headers}
-        body = await request.read()
+        body = await request_body(request)  # decoded: the worker's app gets it plain
         try:
             async with self._session.request(
                 request.method,
