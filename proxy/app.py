@@ -188,6 +188,18 @@ def _remote(state: ProxyState) -> HttpBackend | None:
     return state.champion if isinstance(state.champion, HttpBackend) else None
 
 
+def _canary_passthrough(state: ProxyState, request: web.Request) -> HttpBackend | None:
+    """The remote candidate a canary request is forwarded to as it came, if it can read
+    the request as sent (a binary-tensor request needs a candidate that takes them);
+    else None, and the request is rebuilt for it (MirrorDispatcher.infer)."""
+    candidate = state.candidate
+    if not isinstance(candidate, HttpBackend):
+        return None
+    if HEADER_LENGTH in request.headers and not candidate.binary:
+        return None
+    return candidate
+
+
 async def _forward(request: web.Request, backend: HttpBackend) -> web.StreamResponse:
     state = request.app[STATE]
     _, response = await passthrough.forward(request, backend, state.config.server.model_name)
@@ -342,7 +354,12 @@ async def infer(request: web.Request) -> web.StreamResponse:
         to_candidate = mirror.routes_to_candidate(
             request.headers.get(sticky_header) if sticky_header else None
         )
-        if not to_candidate:
+        remote_candidate = _canary_passthrough(state, request) if to_candidate else None
+        if remote_candidate is not None and not mirror.breaker.allow():
+            # An open circuit sends canary requests to the champion (as MirrorDispatcher
+            # .infer does): a dead candidate must not cost the live path its timeout.
+            to_candidate, remote_candidate = False, None
+        if not to_candidate or remote_candidate is not None:
             return await passthrough.infer(
                 request,
                 remote,
@@ -351,6 +368,8 @@ async def infer(request: web.Request) -> web.StreamResponse:
                 state.slicer.request_slices(request.headers, {}),
                 functools.partial(state.slicer.request_slices, {}),
                 functools.partial(state.metrics.observe_call, "champion"),
+                candidate=remote_candidate,
+                observe_candidate=functools.partial(state.metrics.observe_call, "candidate"),
             )
     context.client_headers.set(client_request_headers(request.headers))
     t_start = time.perf_counter_ns()

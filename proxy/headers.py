@@ -68,3 +68,13 @@ def forwarded_headers(client: Headers, settings: BackendSettings | None, role: s
     return tuple(
         (k, v) for k, v in client if k.lower() not in REBUILT and (every or k.lower() in allowed)
     )
+
+
+def candidate_passthrough_headers(client: Headers, settings: BackendSettings | None) -> Headers:
+    """The client headers a canary request forwarded as-is to a remote candidate sends:
+    those describing the body and the answer wanted (``Content-Type``, the binary
+    header length, ``Accept-Encoding``, ``X-Request-Id``: the candidate must read the
+    client's bytes and the client the candidate's) plus the candidate's configured ones
+    (tracing only by default: production credentials are not for a model under test)."""
+    chosen = {k.lower() for k, _ in forwarded_headers(client, settings, "candidate")}
+    return tuple((k, v) for k, v in client if k.lower() in REBUILT or k.lower() in chosen)

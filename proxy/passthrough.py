@@ -28,15 +28,15 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from proxy import context
-from proxy.backends.http import HttpBackend, Reply, decompress
+from proxy.backends.http import HttpBackend, Reply, decompress, upstream_message
 from proxy.codec import HEADER_LENGTH, decode_infer_response, parse_infer_request
-from proxy.errors import MirrorgateError
-from proxy.headers import Headers, client_request_headers
+from proxy.errors import BackendError, MirrorgateError
+from proxy.headers import Headers, candidate_passthrough_headers, client_request_headers
 from proxy.limits import RAW_BODY_LIMIT, content_coding, decode_body
 from proxy.ratelog import FailureLog
 
 if TYPE_CHECKING:
-    from proxy.mirror import MirrorDispatcher, _Job
+    from proxy.mirror import CallOutcome, MirrorDispatcher, _Job
 
 log = logging.getLogger(__name__)
 failures = FailureLog(log)
@@ -74,12 +74,20 @@ def to_response(reply: Reply) -> web.Response:
 
 
 async def forward(
-    request: web.Request, backend: HttpBackend, served: str, body: bytes | None = None
+    request: web.Request,
+    backend: HttpBackend,
+    served: str,
+    body: bytes | None = None,
+    headers: Headers | None = None,
+    role: str = "champion",
 ) -> tuple[Reply, web.Response]:
     """Send the client's request on to ``backend``; the reply and the client's response.
 
-    Mirrorgate's own failures (unreachable upstream, deadline) raise and are logged."""
-    headers = client_request_headers(request.headers)
+    ``headers``: the client's end-to-end headers to send (default: all of them).
+    Mirrorgate's own failures (unreachable upstream, deadline) raise; the champion's are
+    logged (a candidate's failure never reaches the client: the champion answers)."""
+    if headers is None:
+        headers = client_request_headers(request.headers)
     if body is None and request.body_exists:
         body = await request.read()
     headers += _body_coding(request, body)
@@ -88,9 +96,10 @@ async def forward(
             request.method, upstream_path(request, served, backend), body, headers
         )
     except MirrorgateError as exc:
-        failures.failure(backend.base_url, exc.status, exc.message)
-        raise type(exc)(f"champion: {exc.message}", status=exc.status) from exc
-    if reply.status >= 500:
+        if role == "champion":
+            failures.failure(backend.base_url, exc.status, exc.message)
+        raise type(exc)(f"{role}: {exc.message}", status=exc.status) from exc
+    if reply.status >= 500 and role == "champion":
         failures.failure(backend.base_url, reply.status, reply.body[:200].decode(errors="replace"))
     return reply, to_response(reply)
 
@@ -214,8 +223,17 @@ async def infer(
     slices: Mapping[str, str],
     parameter_slices: Callable[[Mapping[str, object]], dict[str, str]],
     observe: Callable[[int, float], None],
+    *,
+    candidate: HttpBackend | None = None,
+    observe_candidate: Callable[[int, float], None] | None = None,
 ) -> web.Response:
-    """A live infer request answered by the remote champion, mirrored when it succeeds."""
+    """A live infer request answered by the remote champion, mirrored when it succeeds.
+
+    ``candidate``: a canary request routed to this remote candidate. It is forwarded to
+    the candidate as it came and the client gets the candidate's answer unchanged; the
+    champion is called for the pair off the live path. A candidate that fails it (no
+    answer, or a status other than 200) is invisible to the client: the request goes to
+    the champion as above, and the pair records the candidate's failure."""
     body = await request.read()  # as it came: compressed bodies stay compressed
     header_length = request.headers.get(HEADER_LENGTH)
     client_rid = request.headers.get(REQUEST_ID_HEADER, "").strip() or None
@@ -229,10 +247,56 @@ async def infer(
     rid = _usable_id(body_rid) or _usable_id(client_rid)
     rid = rid or uuid.uuid4().hex
     context.request_id.set(rid)
-    context.client_headers.set(client_request_headers(request.headers))
+    client_headers = client_request_headers(request.headers)
+    context.client_headers.set(client_headers)
+
+    def decoder(reply: Reply) -> ExchangeDecoder:
+        return exchange_decoder(
+            body, header_length, reply, parameter_slices, coding, limit or len(body)
+        )
+
+    failed: CallOutcome | None = None
+    if candidate is not None:
+        headers = candidate_passthrough_headers(client_headers, candidate.settings)
+        start = time.perf_counter()
+        try:
+            reply, response = await forward(
+                request, candidate, served, body, headers, role="candidate"
+            )
+            error: MirrorgateError | None = None
+            if reply.status != 200:
+                said = upstream_message(reply.status, reply.body)
+                error = BackendError(
+                    f"upstream {candidate.model!r} answered {said}",
+                    status=400 if reply.status == 400 else 502,
+                )
+        except MirrorgateError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            mirror.breaker.cancelled()  # the probe allow() gave ended without an outcome
+            raise
+        latency = time.perf_counter() - start
+        if observe_candidate is not None:
+            observe_candidate(error.status if error is not None else 200, latency)
+        if error is None:
+            mirror.breaker.record(True)
+            if REQUEST_ID_HEADER not in response.headers:
+                response.headers[REQUEST_ID_HEADER] = rid
+            response.headers[SERVED_BY_HEADER] = "candidate"
+            mirror.mirror_exchange(
+                rid,
+                slices=slices,
+                latency_s=latency,
+                nbytes=len(body) + len(reply.body),
+                decode=decoder(reply),
+                offload=bool(coding),
+                served_by="candidate",
+            )
+            return response
+        failed = mirror.canary_failed(error, latency)
     start = time.perf_counter()
     try:
-        reply, response = await forward(request, backend, served, body)
+        reply, response = await forward(request, backend, served, body, client_headers)
     except MirrorgateError as exc:
         observe(exc.status, time.perf_counter() - start)
         raise
@@ -247,10 +311,9 @@ async def infer(
             slices=slices,
             latency_s=latency,
             nbytes=len(body) + len(reply.body),
-            decode=exchange_decoder(
-                body, header_length, reply, parameter_slices, coding, limit or len(body)
-            ),
+            decode=decoder(reply),
             # Decompressing is work whatever the raw size: off the loop that runs it.
             offload=bool(coding),
+            other=failed,
         )
     return response

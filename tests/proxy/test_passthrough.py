@@ -300,6 +300,106 @@ async def test_decompression_bomb_is_the_champions_and_drops_the_pair(
     assert not proxy.sink.records and candidate.upstream.stats.started == 0
 
 
+# --------------------------------------------------------------------------- canary
+
+
+def _canary(champion: Any, candidate: Any, **sections: Any) -> Any:
+    return make_config(
+        champion.url,
+        candidate.url,
+        mirror={"mode": "canary", "canary_weight": 1.0},
+        storage={"capture": "all"},
+        **sections,
+    )
+
+
+async def test_canary_request_passes_through_to_a_remote_candidate(
+    start_upstream: Any, start_proxy: Any
+) -> None:
+    """A canary request routed to a remote candidate gets the candidate's own answer
+    (status, headers, body bytes), its body forwarded as sent (gzip included); the
+    champion is called for the pair."""
+    champion = await start_upstream(seed=1, raw_bodies=True)
+    candidate = await start_upstream(seed=2, raw_bodies=True)
+    proxy = await start_proxy(_canary(champion, candidate))
+    x = _x(2, seed=9)
+    sent = gzip.compress(json.dumps(_json(x, id="can-1")).encode(), mtime=0)
+    headers = {
+        "Content-Encoding": "gzip",
+        "Authorization": "Bearer prod-secret",
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    }
+    resp = await proxy.client.post(INFER, data=sent, headers=headers)
+    got = await resp.read()
+    assert resp.status == 200 and resp.headers["X-Mirrorgate-Served-By"] == "candidate"
+    direct = await proxy.client.session.post(
+        f"{candidate.url}/v2/models/model/infer",
+        data=sent,
+        headers={"Content-Encoding": "gzip"},
+    )
+    assert got == await direct.read()  # the candidate's bytes, not re-encoded
+    assert resp.headers["Content-Type"] == direct.headers["Content-Type"]
+    cand_headers, cand_raw = candidate.upstream.received[0]
+    assert cand_raw == sent and cand_headers["Content-Encoding"] == "gzip"
+    # The candidate's header policy holds on the canary path too: tracing only.
+    assert cand_headers["traceparent"] == headers["traceparent"]
+    assert "Authorization" not in cand_headers
+    await _settled(proxy, 2)
+    # The champion was called for the pair, rebuilt from the decoded tensors.
+    assert len(champion.upstream.received) == 1
+    assert champion.upstream.received[0][0]["Authorization"] == "Bearer prod-secret"
+    records = sorted(proxy.sink.records, key=lambda r: r.id)
+    assert [r.id for r in records] == ["can-1#0", "can-1#1"]
+    for i, record in enumerate(records):
+        assert record.served_by == "candidate" and record.champion.error is None
+        assert record.inputs is not None
+        np.testing.assert_array_equal(record.inputs["x"], x[i])
+        np.testing.assert_allclose(
+            record.candidate.output, candidate.model.predict(x)["probs"][i], rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            record.champion.output, champion.model.predict(x)["probs"][i], rtol=1e-6
+        )
+    assert proxy.metric("mirrorgate_proxy_requests_total", role="candidate", code="200") == 1
+
+
+async def test_canary_candidate_failure_is_answered_by_the_champion_as_it_wrote_it(
+    start_upstream: Any, start_proxy: Any
+) -> None:
+    champion = await start_upstream(seed=1)
+    candidate = await start_upstream(seed=2, mode="error", status=500, message="boom")
+    proxy = await start_proxy(_canary(champion, candidate))
+    body = json.dumps(_json(_x(1), id="can-2")).encode()
+    resp = await proxy.client.post(INFER, data=body)
+    direct = await proxy.client.session.post(f"{champion.url}/v2/models/model/infer", data=body)
+    assert (resp.status, await resp.read()) == (200, await direct.read())
+    assert resp.headers["X-Mirrorgate-Served-By"] == "champion"
+    await _settled(proxy, 1)
+    (record,) = proxy.sink.records
+    assert record.served_by == "champion" and record.champion.error is None
+    assert record.candidate.error is not None and record.candidate.error.startswith(
+        "backend_error: upstream 'model' answered 500"
+    )
+    assert proxy.metric("mirrorgate_shadow_failures_total", reason="backend_error") == 1
+    assert proxy.metric("mirrorgate_proxy_requests_total", role="candidate", code="502") == 1
+
+
+async def test_canary_binary_request_to_a_json_only_candidate_is_rebuilt(
+    start_upstream: Any, start_proxy: Any
+) -> None:
+    """A candidate that cannot read the client's binary tensors gets the request
+    rebuilt in JSON (docs/proxy.md, "Encoding per upstream"): it still answers."""
+    champion = await start_upstream(seed=1)
+    candidate = await start_upstream(seed=2)
+    candidate.upstream.binary_extension = False
+    proxy = await start_proxy(_canary(champion, candidate))
+    body, hl = encode_infer_request({"x": _x(1)}, request_id="can-3")
+    resp = await proxy.client.post(INFER, data=body, headers={HEADER_LENGTH: str(hl)})
+    assert resp.status == 200 and resp.headers["X-Mirrorgate-Served-By"] == "candidate"
+    assert candidate.upstream.seen[0][2] is False  # JSON, rebuilt
+    await _settled(proxy, 1)
+
+
 # --------------------------------------------------------------------------- connections
 
 
