@@ -222,6 +222,13 @@ class PinnedFailureRow(Base):
     candidate_output: Mapped[bytes | None] = mapped_column(Blob)
     champion_error: Mapped[str | None] = mapped_column(Text)
     candidate_error: Mapped[str | None] = mapped_column(Text)
+    # The evidence's output descriptors, as pairs keep them (migration 0004).
+    champion_output_name: Mapped[str | None] = mapped_column(String(NAME))
+    champion_datatype: Mapped[str | None] = mapped_column(String(SHORT))
+    champion_shape: Mapped[Any | None] = mapped_column(Json)
+    candidate_output_name: Mapped[str | None] = mapped_column(String(NAME))
+    candidate_datatype: Mapped[str | None] = mapped_column(String(SHORT))
+    candidate_shape: Mapped[Any | None] = mapped_column(Json)
     label: Mapped[Any | None] = mapped_column(Json)
     slices: Mapped[dict[str, Any] | None] = mapped_column(Json)
     request_id: Mapped[str] = mapped_column(String(255), default="")

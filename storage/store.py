@@ -1030,8 +1030,20 @@ def _pinned(r: PinnedFailureRow, *, with_inputs: bool) -> PinnedCase:
     evidence = PairRecord(
         id=r.request_id,
         ts=r.seen_at,
-        champion=ModelResult(output=decode_output(r.champion_output), error=r.champion_error),
-        candidate=ModelResult(output=decode_output(r.candidate_output), error=r.candidate_error),
+        champion=ModelResult(
+            output=decode_output(r.champion_output),
+            error=r.champion_error,
+            name=r.champion_output_name,
+            datatype=r.champion_datatype,
+            shape=_shape_of(r.champion_shape),
+        ),
+        candidate=ModelResult(
+            output=decode_output(r.candidate_output),
+            error=r.candidate_error,
+            name=r.candidate_output_name,
+            datatype=r.candidate_datatype,
+            shape=_shape_of(r.candidate_shape),
+        ),
         slices=dict(r.slices or {}),
         label=r.label,
         inputs_digest=r.inputs_digest,
@@ -1059,6 +1071,15 @@ def _pinned(r: PinnedFailureRow, *, with_inputs: bool) -> PinnedCase:
 __all__ = ["Store", "new_rollout_id"]
 
 
+def _shape_list(shape: tuple[int, ...] | None) -> list[int] | None:
+    return None if shape is None else [int(d) for d in shape]
+
+
+def _shape_of(value: Any) -> tuple[int, ...] | None:
+    # JSON columns come back parsed (a list) on both databases.
+    return None if value is None else tuple(int(d) for d in value)
+
+
 def _harvest_values(case: HarvestedCase, ts: float) -> dict[str, Any]:
     record = case.record
     inputs = case.inputs if case.inputs is not None else record.inputs
@@ -1077,6 +1098,12 @@ def _harvest_values(case: HarvestedCase, ts: float) -> dict[str, Any]:
         "candidate_output": encode_output(record.candidate.output),
         "champion_error": record.champion.error,
         "candidate_error": record.candidate.error,
+        "champion_output_name": record.champion.name,
+        "champion_datatype": record.champion.datatype,
+        "champion_shape": _shape_list(record.champion.shape),
+        "candidate_output_name": record.candidate.name,
+        "candidate_datatype": record.candidate.datatype,
+        "candidate_shape": _shape_list(record.candidate.shape),
         "label": clean_label(record.label),
         "slices": dict(record.slices),
         "request_id": record.id,

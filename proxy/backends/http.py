@@ -61,7 +61,7 @@ BINARY_EXTENSION = "binary_tensor_data"
 _STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
 
-def _upstream_message(status: int, body: bytes) -> str:
+def upstream_message(status: int, body: bytes) -> str:
     text = body.decode("utf-8", errors="replace").strip()
     try:
         doc = json.loads(text)
@@ -240,7 +240,7 @@ class HttpBackend:
             session, settings, f"/v2/models/{quote(model, safe='')}", what
         )
         if status != 200:
-            raise BackendError(f"upstream {base}: {what} failed: {_upstream_message(status, doc)}")
+            raise BackendError(f"upstream {base}: {what} failed: {upstream_message(status, doc)}")
         return metadata_from_dict(doc)
 
     @property
@@ -345,7 +345,7 @@ class HttpBackend:
         reply = await self._send("POST", self._infer_url, body, headers, self._timeout_s)
         if reply.status != 200:
             message = (
-                f"upstream {self.model!r} answered {_upstream_message(reply.status, reply.body)}"
+                f"upstream {self.model!r} answered {upstream_message(reply.status, reply.body)}"
             )
             raise BackendError(message, status=400 if reply.status == 400 else 502)
         payload = decompress(reply.body, reply.header("Content-Encoding"))

@@ -33,7 +33,9 @@ DESCRIPTIONS: dict[str, str] = {
     "mirrored work may take before they are cut",
     "BackendSettings.kind": "onnx, torch (in process) or http (a remote V2 server)",
     "BackendSettings.device": "where an in-process model runs (cuda needs the gpu/torch extra)",
-    "BackendSettings.timeout_ms": "per-request deadline; the champion answers 504 past it",
+    "BackendSettings.timeout_ms": "per-call deadline of this model (live or mirrored); "
+    "the champion answers 504 past it; gates.latency.timeout_ms, when set, must be at "
+    "least the larger of both models' (checked at load)",
     "BatchingSettings.max_batch_delay_ms": "longest a request waits for others to join its batch",
     "MirrorSettings.mode": "shadow: the champion answers everything; canary: canary_weight "
     "of the traffic is answered by the candidate",
@@ -41,8 +43,9 @@ DESCRIPTIONS: dict[str, str] = {
     "in the queue",
     "MirrorSettings.queue_size": "mirrored requests waiting for a slot; overflow is dropped "
     "and counted, never slowing the champion",
-    "MirrorSettings.timeout_ms": "deadline of a mirrored candidate call (a timeout is "
-    "recorded as the candidate's error)",
+    "MirrorSettings.timeout_ms": "deadline of a mirrored call, capped by that model's "
+    "timeout_ms (a timeout is recorded as that side's error; the latency gate censors it "
+    "at gates.latency.timeout_ms)",
     "SlicesSettings.headers": "slice keys read from X-Mirrorgate-Slice-<key> request headers",
     "SlicesSettings.parameters": "slice keys read from the V2 request's parameters",
     "SlicesSettings.rules": "feature-derived slices: key -> expression over feature names, "

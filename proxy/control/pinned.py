@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from gates.records import Label
+from gates.records import Label, ModelResult
 from proxy.core.errors import BadRequest
 from storage.entities import PinnedCase, TriageEntry
 
@@ -82,6 +82,19 @@ def _output(value: Any) -> Any:
         return None
 
 
+def _side(result: ModelResult) -> dict[str, Any]:
+    """One side of the evidence: output and error, plus the output's descriptors
+    (``output_name``, ``datatype``, ``shape``) when they were recorded, as in a pair."""
+    side: dict[str, Any] = {"output": _output(result.output), "error": result.error}
+    if result.name is not None:
+        side["output_name"] = result.name
+    if result.datatype is not None:
+        side["datatype"] = result.datatype
+    if result.shape is not None:
+        side["shape"] = list(result.shape)
+    return side
+
+
 def case_to_dict(case: PinnedCase, history: list[TriageEntry] | None = None) -> dict[str, Any]:
     """JSON view of a case: status, expectation, recurrence and its evidence."""
     ev = case.evidence
@@ -105,8 +118,8 @@ def case_to_dict(case: PinnedCase, history: list[TriageEntry] | None = None) -> 
             "ts": ev.ts,
             "label": ev.label,
             "slices": dict(ev.slices),
-            "champion": {"output": _output(ev.champion.output), "error": ev.champion.error},
-            "candidate": {"output": _output(ev.candidate.output), "error": ev.candidate.error},
+            "champion": _side(ev.champion),
+            "candidate": _side(ev.candidate),
             "inputs": None
             if case.inputs is None
             else {k: list(v.shape) for k, v in sorted(case.inputs.items())},

@@ -457,7 +457,22 @@ class RolloutService:
         if labels:
             self.runner.add_labels(labels, now)
         force = force or self._hook_force
+        if not force and self._unchanged_since_end():
+            # An ended rollout evaluated on the same evidence says the same thing: no new
+            # gate_evaluations row every evaluate_every_s for as long as the proxy lives
+            # (the replicas' decider skips it the same way). The join still expires.
+            self.runner.expire(now)
+            return None
         return self.runner.tick(now, force=force)
+
+    def _unchanged_since_end(self) -> bool:
+        """Promoted or aborted, and the evidence (pairs, labelled pairs) is what the last
+        evaluation counted. Pairs still mirrored after an abort (shadow_after_abort) or a
+        label arriving late are a change: evaluated at the usual cadence."""
+        last = self.latest
+        if self.engine.terminal is None or last is None:
+            return False
+        return (self.engine.pairs, self.engine.labels) == (last.pairs, last.labels)
 
     def labelled_elsewhere(self, records: list[PairRecord]) -> None:
         """Labelled pairs the replicas' decider fed to the gates: the hooks (harvest)

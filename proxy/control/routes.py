@@ -28,6 +28,7 @@ from proxy.control.pinned import case_to_dict, parse_triage
 from proxy.control.rollout import RolloutService
 from proxy.core.errors import BadRequest, Conflict, NotFound, NotReady
 from proxy.dataplane.auth import Scope, bearer_of, check_scope
+from proxy.dataplane.limits import request_body
 from proxy.dataplane.state import HARVESTER, STATE, ProxyState
 from storage.entities import PINNED_STATUSES
 from storage.errors import InvalidError, NotFoundError, StorageError
@@ -60,7 +61,7 @@ def _rollout(state: ProxyState) -> RolloutService:
 
 
 async def _json(request: web.Request) -> Any:
-    body = await request.read()
+    body = await request_body(request)
     if not body:
         raise BadRequest("empty body: expected JSON")
     try:

@@ -256,6 +256,27 @@ class MirrorgateConfig(_Strict):
     control: ControlSettings = ControlSettings()
     shadow: ShadowSettings = ShadowSettings()
 
+    @model_validator(mode="after")
+    def _check_latency_censoring(self) -> MirrorgateConfig:
+        # One rule between two settings that stay separate: the gates' censoring value
+        # is part of the experiment (the digest), the deadlines are tuning knobs.
+        censor = self.gates.latency.timeout_ms
+        if censor is None:
+            return self
+        deadlines = {"models.champion.timeout_ms": self.models.champion.timeout_ms}
+        if self.models.candidate is not None:
+            deadlines["models.candidate.timeout_ms"] = self.models.candidate.timeout_ms
+        longest = max(deadlines, key=lambda k: deadlines[k])
+        if censor < deadlines[longest]:
+            raise ValueError(
+                f"gates.latency.timeout_ms ({censor:g}) is below {longest} "
+                f"({deadlines[longest]:g}): a call may succeed in up to {deadlines[longest]:g} "
+                "ms, and a failed one counted as slow at the lower value would look faster "
+                f"than that; set gates.latency.timeout_ms to at least {deadlines[longest]:g} "
+                "(the longest deadline a paired call runs under), or leave it unset"
+            )
+        return self
+
     def digest(self) -> str:
         """sha256 of what defines the experiment: the rollout's identity.
 

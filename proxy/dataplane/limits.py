@@ -12,8 +12,15 @@ What a slow or hostile client can hold is bounded, and refusing it costs little:
 * A declared ``Content-Length`` above ``server.max_body_bytes`` is answered 413 before
   a byte of the body is read, and ``Expect: 100-continue`` with such a length gets 413
   instead of ``100 Continue`` (any other expectation: 417).
-* ``Content-Encoding`` other than identity, gzip, deflate (br, zstd when aiohttp can
-  decode them): 415; a body that does not decode as its declared coding: 400.
+* Request bodies are read as they came (the data app turns aiohttp's decompression
+  off): in front of a remote champion the compressed bytes and their
+  ``Content-Encoding`` are passed on unchanged, and mirrorgate decodes them only for the
+  pair, off the live path. Where mirrorgate itself reads a body (an in-process champion,
+  the control plane) :func:`request_body` decodes it, bounded: a ``Content-Encoding``
+  other than identity, gzip, deflate (br, zstd when aiohttp can decode them) is a 415,
+  a body that does not decode as its declared coding a 400, a body that decodes past
+  ``server.max_body_bytes`` (a decompression bomb) a 413, with memory bounded by that
+  limit.
 * ``max_connections``: open connections past this are shed at accept time with a
   minimal 503 (``Connection: close``) and counted in
   ``mirrorgate_server_connections_shed_total``, so descriptors never run out (the
@@ -30,11 +37,12 @@ import logging
 import resource
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
+from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD, BrotliDecompressor, ZSTDDecompressor
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter
@@ -46,12 +54,113 @@ log = logging.getLogger(__name__)
 
 ENCODINGS = {"identity", "gzip", "x-gzip", "deflate"} | ({"br"} if HAS_BROTLI else set())
 ENCODINGS |= {"zstd"} if HAS_ZSTD else set()
+# Output produced per decompression step: what a bomb can allocate past the limit.
+DECODE_STEP = 1 << 16
+# Present on an app that reads request bodies raw (aiohttp's decompression off): the
+# limit, in decoded bytes, that request_body() applies.
+RAW_BODY_LIMIT = web.AppKey("mirrorgate_raw_body_limit", int)
+_DECODED = web.RequestKey("mirrorgate_decoded_body", bytes)
 # Loggers whose lines a client can trigger at will.
 NOISY_LOGGERS = ("aiohttp.server", "aiohttp.access", "aiohttp.web", "asyncio")
 
 
 class LimitError(MirrorgateError):
     """408/415/417: the statuses MirrorgateError's subclasses do not name."""
+
+
+def content_coding(value: str | None) -> str:
+    """The normalised ``Content-Encoding`` ("" for none or identity)."""
+    coding = (value or "").strip().lower()
+    return "" if coding == "identity" else coding
+
+
+def _unsupported(coding: str) -> LimitError:
+    return LimitError(
+        f"unsupported Content-Encoding {coding[:40]!r}; accepted: " + ", ".join(sorted(ENCODINGS)),
+        status=415,
+    )
+
+
+def _too_large_decoded(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"request body too large: the limit is {limit} bytes (server.max_body_bytes), decompressed"
+    )
+
+
+def _zlib_decode(raw: bytes, wbits: int, limit: int, stop: int | None) -> bytes:
+    """gzip (every member, as aiohttp reads them) or deflate, never more than ``limit``
+    bytes of output, a step at a time: a bomb costs at most the limit in memory."""
+    out: list[bytes] = []
+    size = 0
+    data = raw
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        pending = data
+        while not inflater.eof:
+            # (With the input all taken, zlib may still hold output: ask until none.)
+            chunk = inflater.decompress(pending, DECODE_STEP)
+            pending = inflater.unconsumed_tail
+            if not chunk and not pending:
+                break
+            size += len(chunk)
+            out.append(chunk)
+            if stop is not None and size >= stop:
+                return b"".join(out)[:stop]
+            if size > limit:
+                raise _too_large_decoded(limit)
+        if not inflater.eof:
+            raise zlib.error("incomplete or truncated stream")
+        data = inflater.unused_data
+        if not data:
+            return b"".join(out)
+        if wbits < 16:  # deflate is one stream: bytes after its end are not deflate
+            raise zlib.error("bytes after the end of the stream")
+
+
+def decode_body(raw: bytes, coding: str | None, limit: int, *, stop: int | None = None) -> bytes:
+    """A request body decoded from its ``Content-Encoding``.
+
+    Raises 415 (unknown coding), 400 (not that coding), 413 (decodes past ``limit``).
+    ``stop``: only the first ``stop`` bytes are wanted (the rest is not decoded)."""
+    name = content_coding(coding)
+    if not name or not raw:
+        return raw if stop is None else raw[:stop]
+    if name not in ENCODINGS:
+        raise _unsupported(name)
+    try:
+        if name in ("gzip", "x-gzip"):
+            return _zlib_decode(raw, 16 + zlib.MAX_WBITS, limit, stop)
+        if name == "deflate":
+            # RFC 1950 (zlib-wrapped) as specified, raw RFC 1951 as many clients send it:
+            # aiohttp's choice, from the first byte.
+            wbits = zlib.MAX_WBITS if raw[0] & 0x0F == 8 else -zlib.MAX_WBITS
+            return _zlib_decode(raw, wbits, limit, stop)
+        # br/zstd: aiohttp's own decoders, capped one byte past the limit.
+        decoder = BrotliDecompressor() if name == "br" else ZSTDDecompressor()
+        out = decoder.decompress_sync(raw, max_length=limit + 1)
+    except MirrorgateError:
+        raise
+    except Exception as exc:
+        raise BadRequest(f"request body does not decode as Content-Encoding {name!r}") from exc
+    if len(out) > limit:
+        raise _too_large_decoded(limit)
+    return out if stop is None else out[:stop]
+
+
+async def request_body(request: web.Request) -> bytes:
+    """The body of a request mirrorgate reads itself, decoded from its coding (bounded,
+    in a worker thread: a bomb must not hold the event loop)."""
+    limit = request.app.get(RAW_BODY_LIMIT)
+    if limit is None:  # aiohttp decoded it already (an app with decompression on)
+        return await request.read()
+    cached = request.get(_DECODED)
+    if cached is not None:
+        return cached
+    raw = await request.read()
+    coding = content_coding(request.headers.get("Content-Encoding"))
+    body = await asyncio.to_thread(decode_body, raw, coding, limit) if coding and raw else raw
+    request[_DECODED] = body
+    return body
 
 
 def default_max_connections() -> int:
@@ -149,13 +258,12 @@ def make_limits_middleware(
         length = _declared_length(request)
         if length is not None and length > max_body_bytes:
             raise PayloadTooLarge(_too_large(max_body_bytes, length))
-        coding = request.headers.get("Content-Encoding", "").strip().lower()
-        if coding and coding not in ENCODINGS:
-            raise LimitError(
-                f"unsupported Content-Encoding {coding[:40]!r}; accepted: "
-                + ", ".join(sorted(ENCODINGS)),
-                status=415,
-            )
+        coding = content_coding(request.headers.get("Content-Encoding"))
+        raw = request.app.get(RAW_BODY_LIMIT) is not None
+        if coding and coding not in ENCODINGS and not raw:
+            # aiohttp would pass such a body on undecoded; bodies read raw are judged by
+            # whoever reads them (request_body, or the remote champion).
+            raise _unsupported(coding)
         try:
             # Read (and cache) the whole body under a deadline; the handler's own
             # read() returns the cached bytes.

@@ -104,6 +104,7 @@ class _Job:
     # Pass-through (remote champion): fills inputs and live.outputs from the raw bytes,
     # off the live path; raises MirrorgateError when they cannot be decoded.
     decode: Callable[[_Job], None] | None = None
+    decode_offload: bool = False  # decode in a worker thread (a compressed body)
 
 
 class Handoff(Protocol):
@@ -483,23 +484,35 @@ class MirrorDispatcher:
         latency_s: float,
         nbytes: int,
         decode: Callable[[_Job], None],
+        offload: bool = False,
+        served_by: Role = "champion",
+        other: CallOutcome | None = None,
     ) -> None:
-        """A remote champion answered the client directly (pass-through): queue the pair,
-        whose request and answer ``decode`` reads from the raw bytes off the live path."""
+        """A remote model answered the client directly (pass-through): queue the pair,
+        whose request and answer ``decode`` reads from the raw bytes off the live path.
+
+        ``served_by``: whose answer the client got (``"candidate"``: a canary request;
+        the champion is then called for the pair). ``other``: the other side's outcome
+        when it is already known (a canary request the candidate failed): only the
+        records remain, as in :meth:`infer`'s fallback."""
         if self.candidate is None:
             return
-        if self._candidate_stopped:
-            # Aborted: no pair by design; counted so answered = pairs + drops holds.
-            self._drop("candidate_stopped")
-            return
-        rate = self._mirror.sample_rate
-        if rate < 1.0 and self._rng.random() >= rate:
-            self._skip(request_id, None)
-            return
-        if self.breaker.rejecting():
-            # a dead candidate costs a counter, nothing else
-            self._skip(request_id, "circuit_open")
-            return
+        if other is None:
+            if served_by == "champion" and self._candidate_stopped:
+                # Aborted: no pair by design; counted so answered = pairs + drops holds.
+                self._drop("candidate_stopped")
+                return
+            rate = self._mirror.sample_rate
+            if rate < 1.0 and self._rng.random() >= rate:
+                self._skip(request_id, None)
+                return
+            if served_by == "champion" and self.breaker.rejecting():
+                # a dead candidate costs a counter, nothing else
+                self._skip(request_id, "circuit_open")
+                return
+        todo: Role | None = None
+        if other is None:
+            todo = "candidate" if served_by == "champion" else "champion"
         live = CallOutcome(None, latency_s)
         job = _Job(
             request_id,
@@ -507,14 +520,24 @@ class MirrorDispatcher:
             {},
             dict(slices),
             self._stage,
-            "champion",
+            served_by,
             live,
-            "candidate",
+            todo,
             nbytes,
             decode=decode,
+            decode_offload=offload,
         )
         job.headers = context.client_headers.get()
-        self._submit(job)
+        self._submit(job, other)
+
+    def canary_failed(self, exc: BaseException, latency_s: float) -> CallOutcome:
+        """The candidate failed a canary request it was to answer (pass-through): counted
+        and logged as in :meth:`infer`; the champion answers and the pair records it."""
+        failed = self._failed(exc, latency_s)
+        self.breaker.record(False, failed.reason)
+        self.metrics.shadow_failures.labels(reason=failed.reason or "error").inc()
+        log.warning("candidate failed on a canary request; champion answers: %s", failed.error)
+        return failed
 
     def _record_now(
         self,
@@ -580,7 +603,7 @@ class MirrorDispatcher:
     async def _run(self, job: _Job, other: CallOutcome | None) -> None:
         if job.decode is not None:
             try:
-                if job.nbytes > OFFLOAD_BYTES:
+                if job.nbytes > OFFLOAD_BYTES or job.decode_offload:
                     await asyncio.to_thread(job.decode, job)
                 else:
                     job.decode(job)

@@ -29,8 +29,10 @@ HOP_BY_HOP = frozenset(
     }
 )
 TRACING = ("traceparent", "tracestate", "baggage")
-# Framing the proxy recomputes for the body it sends (aiohttp decompressed the client's
-# body already, and sets its own Content-Length): never copied onto an upstream request.
+# Framing the proxy recomputes for the body it sends (aiohttp sets its own
+# Content-Length; a rebuilt body is not compressed): never copied onto a rebuilt request.
+# Pass-through sends the client's Content-Encoding on with the client's raw body bytes
+# (proxy.dataplane.passthrough.forward).
 REQUEST_FRAMING = frozenset({"host", "content-length", "content-encoding"})
 # Headers a rebuilt request (encoded by mirrorgate) sets itself.
 REBUILT = frozenset(
@@ -66,3 +68,13 @@ def forwarded_headers(client: Headers, settings: BackendSettings | None, role: s
     return tuple(
         (k, v) for k, v in client if k.lower() not in REBUILT and (every or k.lower() in allowed)
     )
+
+
+def candidate_passthrough_headers(client: Headers, settings: BackendSettings | None) -> Headers:
+    """The client headers a canary request forwarded as-is to a remote candidate sends:
+    those describing the body and the answer wanted (``Content-Type``, the binary
+    header length, ``Accept-Encoding``, ``X-Request-Id``: the candidate must read the
+    client's bytes and the client the candidate's) plus the candidate's configured ones
+    (tracing only by default: production credentials are not for a model under test)."""
+    chosen = {k.lower() for k, _ in forwarded_headers(client, settings, "candidate")}
+    return tuple((k, v) for k, v in client if k.lower() in REBUILT or k.lower() in chosen)

@@ -38,7 +38,12 @@ from proxy.core.config import BackendSettings, MirrorgateConfig
 from proxy.core.errors import BadRequest, ConfigError, MirrorgateError, NotFound, NotReady
 from proxy.core.metrics import ProxyMetrics
 from proxy.dataplane import passthrough
-from proxy.dataplane.limits import make_expect_handler, make_limits_middleware
+from proxy.dataplane.limits import (
+    RAW_BODY_LIMIT,
+    make_expect_handler,
+    make_limits_middleware,
+    request_body,
+)
 from proxy.dataplane.mirror import MirrorDispatcher, input_rows
 from proxy.dataplane.slicing import Slicer
 from proxy.dataplane.state import CONTROL_APP, HANDOFF, HARVESTER, STATE, STATS, ProxyState
@@ -135,6 +140,18 @@ def _check_model(state: ProxyState, request: web.Request) -> None:
 def _remote(state: ProxyState) -> HttpBackend | None:
     """The champion when it is a V2 server: then its answers pass through."""
     return state.champion if isinstance(state.champion, HttpBackend) else None
+
+
+def _canary_passthrough(state: ProxyState, request: web.Request) -> HttpBackend | None:
+    """The remote candidate a canary request is forwarded to as it came, if it can read
+    the request as sent (a binary-tensor request needs a candidate that takes them);
+    else None, and the request is rebuilt for it (MirrorDispatcher.infer)."""
+    candidate = state.candidate
+    if not isinstance(candidate, HttpBackend):
+        return None
+    if HEADER_LENGTH in request.headers and not candidate.binary:
+        return None
+    return candidate
 
 
 async def _forward(request: web.Request, backend: HttpBackend) -> web.StreamResponse:
@@ -291,7 +308,12 @@ async def infer(request: web.Request) -> web.StreamResponse:
         to_candidate = mirror.routes_to_candidate(
             request.headers.get(sticky_header) if sticky_header else None
         )
-        if not to_candidate:
+        remote_candidate = _canary_passthrough(state, request) if to_candidate else None
+        if remote_candidate is not None and not mirror.breaker.allow():
+            # An open circuit sends canary requests to the champion (as MirrorDispatcher
+            # .infer does): a dead candidate must not cost the live path its timeout.
+            to_candidate, remote_candidate = False, None
+        if not to_candidate or remote_candidate is not None:
             return await passthrough.infer(
                 request,
                 remote,
@@ -300,13 +322,15 @@ async def infer(request: web.Request) -> web.StreamResponse:
                 state.slicer.request_slices(request.headers, {}),
                 functools.partial(state.slicer.request_slices, {}),
                 functools.partial(state.metrics.observe_call, "champion"),
+                candidate=remote_candidate,
+                observe_candidate=functools.partial(state.metrics.observe_call, "candidate"),
             )
     context.client_headers.set(client_request_headers(request.headers))
     t_start = time.perf_counter_ns()
     try:
         _check_model(state, request)
         mirror = state.require_mirror()
-        body = await request.read()  # raises 413 past client_max_size
+        body = await request_body(request)  # 413 past server.max_body_bytes, decoded too
         t_read = time.perf_counter_ns()
         parsed = await _parse(request, body)
         request_id = _request_id(parsed, request)
@@ -626,8 +650,14 @@ def create_app(
         config.server.limits, config.server.max_body_bytes, on_reject=_count_rejected
     )
     app = web.Application(
-        client_max_size=config.server.max_body_bytes, middlewares=[error_middleware, limits]
+        client_max_size=config.server.max_body_bytes,
+        middlewares=[error_middleware, limits],
+        # Bodies are read as they came: a remote champion gets the client's compressed
+        # bytes with their Content-Encoding; mirrorgate decodes only what it reads itself
+        # (proxy.dataplane.limits.request_body), bounded, and the pair's copy off the live path.
+        handler_args={"auto_decompress": False},
     )
+    app[RAW_BODY_LIMIT] = config.server.max_body_bytes
     app[STATE] = ProxyState(
         config=config,
         registry=registry,

@@ -33,6 +33,7 @@ from aiohttp import web
 from proxy.core.config import ShadowSettings
 from proxy.core.errors import NotReady
 from proxy.core.metrics import ProxyMetrics
+from proxy.dataplane.limits import request_body
 from proxy.dataplane.mirror import CallOutcome, _Job
 from proxy.shadow import wire
 from proxy.shadow.metrics_merge import merge_exposition
@@ -244,7 +245,7 @@ class ShadowChannel:
         if self.control_url is None or self._session is None:
             raise NotReady("the control plane is not up: the shadow worker is starting")
         headers = {k: request.headers[k] for k in _FORWARD_REQUEST if k in request.headers}
-        body = await request.read()
+        body = await request_body(request)  # decoded: the worker's app gets it plain
         try:
             async with self._session.request(
                 request.method,

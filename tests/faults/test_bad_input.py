@@ -364,6 +364,14 @@ HOSTILE: list[tuple[str, bytes, dict[str, str], int, str]] = [
     ("two codings", _gzip(GOOD), {"Content-Encoding": "gzip, gzip"}, 415, "content-encoding"),
     ("gzip that is not gzip", GOOD, {"Content-Encoding": "gzip"}, 400, "gzip"),
     ("deflate that is not deflate", GOOD, {"Content-Encoding": "deflate"}, 400, "deflate"),
+    # Decodes to twice server.max_body_bytes from a few KiB: refused, memory bounded.
+    (
+        "gzip bomb",
+        _gzip(GOOD[:-1] + b" " * (2 * MAX_BODY) + b"}"),
+        {"Content-Encoding": "gzip"},
+        413,
+        "too large",
+    ),
 ]
 
 

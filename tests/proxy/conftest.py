@@ -75,8 +75,10 @@ class RunningUpstream:
 def start_upstream(aiohttp_server: Any) -> Callable[..., Awaitable[RunningUpstream]]:
     """``await start_upstream(seed=1)``: a real V2 server on a free loopback port."""
 
-    async def start(seed: int = 0, **fault: Any) -> RunningUpstream:
-        upstream = Upstream(UpstreamModel(N_FEATURES, N_CLASSES, seed), seed=seed)
+    async def start(seed: int = 0, raw_bodies: bool = False, **fault: Any) -> RunningUpstream:
+        upstream = Upstream(
+            UpstreamModel(N_FEATURES, N_CLASSES, seed), seed=seed, raw_bodies=raw_bodies
+        )
         if fault:
             upstream.set_fault(**fault)
         server = await aiohttp_server(upstream.app())

@@ -49,6 +49,7 @@ import argparse
 import asyncio
 import json
 import random
+import zlib
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -152,6 +153,17 @@ class UpstreamModel:
         }
 
 
+def _decoded(body: bytes, coding: str) -> bytes:
+    """A request body of ``coding`` (KeyError: a coding this server does not take)."""
+    if coding == "identity":
+        return body
+    if coding == "gzip":
+        return zlib.decompress(body, 16 + zlib.MAX_WBITS)
+    if coding == "deflate":
+        return zlib.decompress(body, zlib.MAX_WBITS if body[:1] == b"x" else -zlib.MAX_WBITS)
+    raise KeyError(coding)
+
+
 @dataclass
 class Upstream:
     model: UpstreamModel = field(default_factory=UpstreamModel)
@@ -168,6 +180,14 @@ class Upstream:
     )
     # False: GET /v2 lists no binary extension (a JSON-only server such as MLServer).
     binary_extension: bool = True
+    # True: request bodies are read as they arrived (aiohttp's decompression off) and
+    # every infer request's (headers, raw body bytes) lands in ``received``; the server
+    # then decodes gzip/deflate itself and answers 415 to any other coding, as a strict
+    # V2 server would. Set before app() is called.
+    raw_bodies: bool = False
+    received: deque[tuple[dict[str, str], bytes]] = field(
+        default_factory=lambda: deque(maxlen=1000)
+    )
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -200,7 +220,10 @@ class Upstream:
     # ------------------------------------------------------------------ server
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(
+            client_max_size=64 * 1024 * 1024,
+            handler_args={"auto_decompress": False} if self.raw_bodies else None,
+        )
         m = "/v2/models/{model}"
         app.router.add_get("/v2/health/live", self._ok)
         app.router.add_get("/v2/health/ready", self._ok)
@@ -271,6 +294,15 @@ class Upstream:
         if missing is not None:
             return missing
         body = await request.read()
+        if self.raw_bodies:
+            self.received.append((dict(request.headers), body))
+            coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+            try:
+                body = _decoded(body, coding)
+            except zlib.error as exc:
+                return web.Response(status=400, body=error_body(f"bad {coding} body: {exc}"))
+            except KeyError:
+                return web.Response(status=415, body=error_body(f"unsupported {coding!r}"))
         try:
             # Like Triton (rapidjson with NaN/Inf parsing on): a bare Infinity is accepted.
             parsed = parse_infer_request(

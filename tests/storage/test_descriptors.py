@@ -188,7 +188,7 @@ def test_upgrade_from_0002_keeps_existing_rows(empty_url):
                 ),
                 {"b": blob},
             )
-        assert upgrade(db).current == head_revision() == "0003_output_descriptors"
+        assert upgrade(db).current == head_revision()
         store = Store(db)
         (old,) = store.get_pairs("old-1")
         assert old.champion.name is None and old.candidate.shape is None
@@ -203,6 +203,54 @@ def test_upgrade_from_0002_keeps_existing_rows(empty_url):
         with db.engine.begin() as conn:  # and back down: the descriptors go, rows stay
             command.downgrade(alembic_config(conn), "0002_replicas_exact")
             assert conn.execute(text("SELECT count(*) FROM pairs")).scalar_one() == 2
+    finally:
+        db.dispose()
+
+
+def test_pinned_failures_keep_descriptors(store, rollout):
+    """A harvested case reads back with its evidence's output descriptors (migration
+    0004), as a pair does; a side without them (a failed call) stays without."""
+    from proxy.control.pinned import case_to_dict
+    from storage.entities import HarvestedCase
+
+    for record in described_records()[:4]:
+        store.harvest(
+            HarvestedCase(task="t", rule="r", record=record, rollout_id=rollout.id), now=5.0
+        )
+    cases = {c.evidence.id: c for c in store.list_pinned(task="t")}
+    for record in described_records()[:4]:
+        back = store.get_pinned(cases[record.id].id).evidence
+        for side in ("champion", "candidate"):
+            got, sent = getattr(back, side), getattr(record, side)
+            assert (got.name, got.datatype, got.shape) == (sent.name, sent.datatype, sent.shape)
+    view = case_to_dict(cases["d-1"])["evidence"]
+    assert view["candidate"]["output_name"] == "probs" and view["candidate"]["shape"] == [2]
+    assert view["champion"]["datatype"] == "FP32"
+    assert "output_name" not in case_to_dict(cases["d-4"])["evidence"]["candidate"]
+
+
+def test_upgrade_from_0003_keeps_pinned_rows(empty_url):
+    """A pinned case harvested under 0003 reads back without descriptors after the
+    upgrade; the downgrade drops the columns and keeps the row."""
+    db = Database(empty_url)
+    try:
+        with db.engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "0003_output_descriptors")
+            conn.execute(
+                text(
+                    "INSERT INTO pinned_failures (task, inputs_digest, status, rule, "
+                    "request_id, seen_at, first_seen, last_seen, recurrence_count, "
+                    "updated_at) VALUES ('t', 'old', 'candidate', 'r', 'old-1', 1.0, 1.0, "
+                    "1.0, 1, 1.0)"
+                )
+            )
+        assert upgrade(db).current == head_revision()
+        (old,) = Store(db).list_pinned(task="t")
+        assert old.evidence.champion.name is None and old.evidence.candidate.shape is None
+        with db.engine.begin() as conn:
+            command.downgrade(alembic_config(conn), "0003_output_descriptors")
+            count = conn.execute(text("SELECT count(*) FROM pinned_failures")).scalar_one()
+            assert count == 1
     finally:
         db.dispose()
 

@@ -84,3 +84,34 @@ def test_digest_ignores_addresses_passwords_and_tuning():
         assert load_config(data=_minimal(), env=env).digest() == base.digest(), env
     plan = {"MIRRORGATE_ROLLOUT__EVALUATE_EVERY_PAIRS": "5"}
     assert load_config(data=_minimal(), env=plan).digest() != base.digest()
+
+
+def _with_latency_timeout(censor: float | None, candidate_ms: float = 3000.0) -> dict:
+    data = _minimal()
+    data["models"]["candidate"] = {
+        "name": "n",
+        "kind": "http",
+        "url": "http://y",
+        "timeout_ms": candidate_ms,
+    }
+    if censor is not None:
+        data["gates"] = {"latency": {"timeout_ms": censor}}
+    return data
+
+
+def test_latency_censoring_below_a_models_deadline_is_refused_at_load():
+    """The latency gate counts a failed call as gates.latency.timeout_ms slow; below the
+    longest deadline a call may succeed under, a failure would look faster than a slow
+    success: refused, naming both settings and the value that would do."""
+    with pytest.raises(ConfigError) as err:
+        load_config(data=_with_latency_timeout(1000.0), env={})
+    message = err.value.message
+    assert "gates.latency.timeout_ms (1000)" in message
+    assert "models.candidate.timeout_ms (3000)" in message and "at least 3000" in message
+    # Equal to the longest deadline, above it, or unset: accepted.
+    for censor in (3000.0, 5000.0, None):
+        config = load_config(data=_with_latency_timeout(censor), env={})
+        assert config.gates.latency.timeout_ms == censor
+    # The environment can fix it like any key.
+    env = {"MIRRORGATE_MODELS__CANDIDATE__TIMEOUT_MS": "800"}
+    assert load_config(data=_with_latency_timeout(1000.0), env=env).gates.latency.timeout_ms == 1000

@@ -9,6 +9,7 @@ import json
 import logging
 import ssl
 import subprocess
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,217 @@ async def test_compressed_answer_passes_through_compressed(
     await _settled(proxy, 1)
     (record,) = proxy.sink.records
     assert record.champion.error is None and record.candidate.error is None
+
+
+def _deflate_raw(raw: bytes) -> bytes:
+    packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return packer.compress(raw) + packer.flush()
+
+
+CODINGS = {
+    "gzip": lambda raw: gzip.compress(raw, mtime=0),
+    "deflate": zlib.compress,  # RFC 1950, as the standard says
+    "deflate-raw": _deflate_raw,  # RFC 1951, as many clients send it under "deflate"
+}
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize("coding", list(CODINGS))
+async def test_compressed_request_reaches_the_champion_as_sent_and_is_paired(
+    start_upstream: Any, start_proxy: Any, coding: str, binary: bool
+) -> None:
+    """Issue 11 item 1: the champion gets the client's compressed bytes and its
+    Content-Encoding unchanged; mirrorgate decodes them only for the pair."""
+    champion = await start_upstream(seed=1, raw_bodies=True)
+    candidate = await start_upstream(seed=2)
+    proxy = await start_proxy(make_config(champion.url, candidate.url, storage={"capture": "all"}))
+    x = _x(3, seed=5)
+    rid = f"{coding}-{binary}"
+    if binary:
+        plain, hl = encode_infer_request({"x": x}, request_id=rid, binary=True)
+        headers = {HEADER_LENGTH: str(hl)}
+    else:
+        plain, headers = json.dumps(_json(x, id=rid)).encode(), {}
+    sent = CODINGS[coding](plain)
+    headers["Content-Encoding"] = coding.removesuffix("-raw")
+    resp = await proxy.client.post(INFER, data=sent, headers=headers)
+    got = await resp.read()
+    assert resp.status == 200, got
+    (received_headers, received) = champion.upstream.received[-1]
+    assert received == sent  # byte for byte: not decompressed, not re-encoded
+    assert received_headers["Content-Encoding"] == headers["Content-Encoding"]
+    assert int(received_headers["Content-Length"]) == len(sent)
+    # What the champion answers the same bytes directly.
+    direct = await proxy.client.session.post(
+        f"{champion.url}/v2/models/model/infer", data=sent, headers=headers
+    )
+    assert got == await direct.read()
+    assert resp.headers["X-Request-Id"] == rid  # the id read from the compressed body
+    await _settled(proxy, 3)
+    records = sorted(proxy.sink.records, key=lambda r: r.id)
+    assert [r.id for r in records] == [f"{rid}#{i}" for i in range(3)]
+    expected = champion.model.predict(x)["probs"]
+    for i, record in enumerate(records):
+        assert record.champion.error is None and record.candidate.error is None
+        assert record.inputs is not None
+        np.testing.assert_array_equal(record.inputs["x"], x[i])
+        np.testing.assert_allclose(record.champion.output, expected[i], rtol=1e-6)
+    assert proxy.metric("mirrorgate_shadow_dropped_total", reason="undecodable") == 0
+
+
+async def test_unknown_coding_gets_the_champions_own_answer_and_drops_the_pair(
+    start_upstream: Any, start_proxy: Any
+) -> None:
+    """Pass-through: a coding mirrorgate cannot read is the champion's to judge (a strict
+    server's 415 here; the lenient test upstream's 200 below); a pair that cannot be
+    decoded is counted as an undecodable drop, never half written."""
+    strict = await start_upstream(seed=1, raw_bodies=True)
+    lenient = await start_upstream(seed=1)  # aiohttp ignores a coding it does not know
+    candidate = await start_upstream(seed=2)
+    body = json.dumps(_json(_x(1), id="bogus")).encode()
+    headers = {"Content-Encoding": "x-bogus"}
+    for champion, status in ((strict, 415), (lenient, 200)):
+        proxy = await start_proxy(make_config(champion.url, candidate.url))
+        resp = await proxy.client.post(INFER, data=body, headers=headers)
+        direct = await proxy.client.session.post(
+            f"{champion.url}/v2/models/model/infer", data=body, headers=headers
+        )
+        assert (resp.status, await resp.read()) == (status, await direct.read())
+        dropped = 1 if status == 200 else 0  # only an answered request has a pair
+        for _ in range(3000):
+            if proxy.metric("mirrorgate_shadow_dropped_total", reason="undecodable") >= dropped:
+                break
+            await asyncio.sleep(0.01)
+        assert proxy.metric("mirrorgate_shadow_dropped_total", reason="undecodable") == dropped
+        assert not proxy.sink.records
+    assert candidate.upstream.stats.started == 0
+
+
+async def test_decompression_bomb_is_the_champions_and_drops_the_pair(
+    start_upstream: Any, start_proxy: Any
+) -> None:
+    """A gzip body that decodes past server.max_body_bytes: forwarded as sent (the
+    champion's limits apply to it); mirrorgate never decodes more than the limit, and
+    the pair is an undecodable drop."""
+    champion = await start_upstream(seed=1, raw_bodies=True)
+    candidate = await start_upstream(seed=2)
+    limit = 1 << 20
+    proxy = await start_proxy(
+        make_config(champion.url, candidate.url, server={"max_body_bytes": limit})
+    )
+    plain = json.dumps(_json(_x(1), id="bomb")).encode()
+    plain = plain[:-1] + b" " * (8 * limit) + b"}"  # valid JSON, 8x the limit
+    sent = gzip.compress(plain, mtime=0)
+    assert len(sent) < limit // 16
+    resp = await proxy.client.post(INFER, data=sent, headers={"Content-Encoding": "gzip"})
+    assert resp.status == 200, await resp.read()
+    assert champion.upstream.received[-1][1] == sent
+    for _ in range(3000):
+        if proxy.metric("mirrorgate_shadow_dropped_total", reason="undecodable") >= 1:
+            break
+        await asyncio.sleep(0.01)
+    assert proxy.metric("mirrorgate_shadow_dropped_total", reason="undecodable") == 1
+    assert not proxy.sink.records and candidate.upstream.stats.started == 0
+
+
+# --------------------------------------------------------------------------- canary
+
+
+def _canary(champion: Any, candidate: Any, **sections: Any) -> Any:
+    return make_config(
+        champion.url,
+        candidate.url,
+        mirror={"mode": "canary", "canary_weight": 1.0},
+        storage={"capture": "all"},
+        **sections,
+    )
+
+
+async def test_canary_request_passes_through_to_a_remote_candidate(
+    start_upstream: Any, start_proxy: Any
+) -> None:
+    """A canary request routed to a remote candidate gets the candidate's own answer
+    (status, headers, body bytes), its body forwarded as sent (gzip included); the
+    champion is called for the pair."""
+    champion = await start_upstream(seed=1, raw_bodies=True)
+    candidate = await start_upstream(seed=2, raw_bodies=True)
+    proxy = await start_proxy(_canary(champion, candidate))
+    x = _x(2, seed=9)
+    sent = gzip.compress(json.dumps(_json(x, id="can-1")).encode(), mtime=0)
+    headers = {
+        "Content-Encoding": "gzip",
+        "Authorization": "Bearer prod-secret",
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    }
+    resp = await proxy.client.post(INFER, data=sent, headers=headers)
+    got = await resp.read()
+    assert resp.status == 200 and resp.headers["X-Mirrorgate-Served-By"] == "candidate"
+    direct = await proxy.client.session.post(
+        f"{candidate.url}/v2/models/model/infer",
+        data=sent,
+        headers={"Content-Encoding": "gzip"},
+    )
+    assert got == await direct.read()  # the candidate's bytes, not re-encoded
+    assert resp.headers["Content-Type"] == direct.headers["Content-Type"]
+    cand_headers, cand_raw = candidate.upstream.received[0]
+    assert cand_raw == sent and cand_headers["Content-Encoding"] == "gzip"
+    # The candidate's header policy holds on the canary path too: tracing only.
+    assert cand_headers["traceparent"] == headers["traceparent"]
+    assert "Authorization" not in cand_headers
+    await _settled(proxy, 2)
+    # The champion was called for the pair, rebuilt from the decoded tensors.
+    assert len(champion.upstream.received) == 1
+    assert champion.upstream.received[0][0]["Authorization"] == "Bearer prod-secret"
+    records = sorted(proxy.sink.records, key=lambda r: r.id)
+    assert [r.id for r in records] == ["can-1#0", "can-1#1"]
+    for i, record in enumerate(records):
+        assert record.served_by == "candidate" and record.champion.error is None
+        assert record.inputs is not None
+        np.testing.assert_array_equal(record.inputs["x"], x[i])
+        np.testing.assert_allclose(
+            record.candidate.output, candidate.model.predict(x)["probs"][i], rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            record.champion.output, champion.model.predict(x)["probs"][i], rtol=1e-6
+        )
+    assert proxy.metric("mirrorgate_proxy_requests_total", role="candidate", code="200") == 1
+
+
+async def test_canary_candidate_failure_is_answered_by_the_champion_as_it_wrote_it(
+    start_upstream: Any, start_proxy: Any
+) -> None:
+    champion = await start_upstream(seed=1)
+    candidate = await start_upstream(seed=2, mode="error", status=500, message="boom")
+    proxy = await start_proxy(_canary(champion, candidate))
+    body = json.dumps(_json(_x(1), id="can-2")).encode()
+    resp = await proxy.client.post(INFER, data=body)
+    direct = await proxy.client.session.post(f"{champion.url}/v2/models/model/infer", data=body)
+    assert (resp.status, await resp.read()) == (200, await direct.read())
+    assert resp.headers["X-Mirrorgate-Served-By"] == "champion"
+    await _settled(proxy, 1)
+    (record,) = proxy.sink.records
+    assert record.served_by == "champion" and record.champion.error is None
+    assert record.candidate.error is not None and record.candidate.error.startswith(
+        "backend_error: upstream 'model' answered 500"
+    )
+    assert proxy.metric("mirrorgate_shadow_failures_total", reason="backend_error") == 1
+    assert proxy.metric("mirrorgate_proxy_requests_total", role="candidate", code="502") == 1
+
+
+async def test_canary_binary_request_to_a_json_only_candidate_is_rebuilt(
+    start_upstream: Any, start_proxy: Any
+) -> None:
+    """A candidate that cannot read the client's binary tensors gets the request
+    rebuilt in JSON (docs/proxy.md, "Encoding per upstream"): it still answers."""
+    champion = await start_upstream(seed=1)
+    candidate = await start_upstream(seed=2)
+    candidate.upstream.binary_extension = False
+    proxy = await start_proxy(_canary(champion, candidate))
+    body, hl = encode_infer_request({"x": _x(1)}, request_id="can-3")
+    resp = await proxy.client.post(INFER, data=body, headers={HEADER_LENGTH: str(hl)})
+    assert resp.status == 200 and resp.headers["X-Mirrorgate-Served-By"] == "candidate"
+    assert candidate.upstream.seen[0][2] is False  # JSON, rebuilt
+    await _settled(proxy, 1)
 
 
 # --------------------------------------------------------------------------- connections

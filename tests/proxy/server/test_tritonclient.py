@@ -200,3 +200,61 @@ async def test_remote_champion_endpoints_and_compression_are_the_upstreams(
     # only `classifier` is mirrored; other names pass straight through).
     through = await run(_url(proxy))
     assert through == direct
+
+
+def _without_mtime(coding: str, raw: bytes) -> bytes:
+    # tritonclient's gzip header carries the time of compression (RFC 1952 MTIME, bytes
+    # 4-7): the only bytes two compressions of one body may differ in.
+    return raw[:4] + b"\0\0\0\0" + raw[8:] if coding == "gzip" else raw
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+async def test_tritonclient_compressed_requests_reach_the_champion_as_sent(
+    start_upstream: Any, start_proxy: Any, binary: bool
+) -> None:
+    """tritonclient's gzip/deflate request compression in front of a remote champion:
+    the champion receives the compressed bytes tritonclient sends (the same bytes it
+    receives from tritonclient directly) with their Content-Encoding, and every pair is
+    recorded from the decoded tensors."""
+    champion = await start_upstream(seed=1, raw_bodies=True)
+    candidate = await start_upstream(seed=2)
+    proxy = await start_proxy(make_config(champion.url, candidate.url, storage={"capture": "all"}))
+    x = _x(2)
+    codings = ("gzip", "deflate")
+
+    async def run(url: str, model: str) -> list[bytes]:
+        client = triton_aio.InferenceServerClient(url=url)
+        out = []
+        try:
+            for coding in codings:
+                inp = triton_aio.InferInput("x", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x, binary_data=binary)
+                result = await client.infer(
+                    model, [inp], request_id=f"tc-{coding}", request_compression_algorithm=coding
+                )
+                out.append(result.as_numpy("probs").tobytes())
+        finally:
+            await client.close()
+        return out
+
+    direct = await run(champion.url.removeprefix("http://"), "model")
+    through = await run(_url(proxy), "classifier")
+    assert through == direct
+    received = list(champion.upstream.received)
+    assert len(received) == 2 * len(codings)
+    for i, coding in enumerate(codings):
+        (direct_headers, direct_raw), (headers, raw) = received[i], received[len(codings) + i]
+        assert headers["Content-Encoding"] == direct_headers["Content-Encoding"] == coding
+        assert _without_mtime(coding, raw) == _without_mtime(coding, direct_raw)
+    for _ in range(3000):
+        if len(proxy.sink.records) >= 2 * len(codings) and proxy.state.mirror.in_flight == 0:
+            break
+        await asyncio.sleep(0.01)
+    records = sorted(proxy.sink.records, key=lambda r: r.id)
+    assert [r.id for r in records] == [f"tc-{c}#{i}" for c in sorted(codings) for i in range(2)]
+    expected = champion.model.predict(x)["probs"]
+    for record in records:
+        row = int(record.id.rsplit("#", 1)[1])
+        assert record.candidate.error is None and record.inputs is not None
+        np.testing.assert_array_equal(record.inputs["x"], x[row])
+        np.testing.assert_allclose(record.champion.output, expected[row], rtol=1e-6)
