@@ -121,9 +121,7 @@ def growth_rates() -> tuple[float, float, float]:
             return 1e9
         return -(p[-1] * np.log(fm) + p[0] * np.log(f0) + p[1] * np.log(fp))
 
-    best_any = -float(
-        minimize_scalar(general, bounds=(1.0, 1.0 / q2[-1]), method="bounded").fun
-    )
+    best_any = -float(minimize_scalar(general, bounds=(1.0, 1.0 / q2[-1]), method="bounded").fun)
     # sign test on the discordant pairs given the TRUE discordance rate D (so the margin
     # is a known bound q0 on P(-1 | discordant)): D * KL(q || q0)
     disc = p[-1] + p[1]
@@ -187,7 +185,11 @@ def main() -> int:
     fixed = bet_log_wealth(d, grid, args.every)
     powers = (fixed >= thr).any(axis=2).mean(axis=1)
     best = int(np.argmax(powers))
-    row(f"oracle: best fixed bet in hindsight, l = {grid[best]:.2f} (not a test)", fixed[best], looks)
+    row(
+        f"oracle: best fixed bet in hindsight, l = {grid[best]:.2f} (not a test)",
+        fixed[best],
+        looks,
+    )
     regret = np.median(lw[:, :, -1].max(axis=0) - shipped[:, -1])
     print(
         f"\nmedian regret of the shipped mixture against the best of its 64 bets after "
