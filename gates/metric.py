@@ -73,16 +73,20 @@ MAX_CONFUSION_CLASSES = 256
 def check_alpha(
     settings: GatesSettings, family_alpha: float, active: list[str], check: str
 ) -> float:
-    """One metric check's level: the family's budget split over its *blocking* checks.
+    """One metric check's level: the family's budget split over its *blocking* checks by
+    their ``alpha_weight`` (equal at the defaults).
 
     A check that cannot abort (``high_confidence_error`` under the ``retrained`` preset)
     takes no share of the false-abort budget; its evidence is tested at its own stated
-    level, ``family_alpha / len(active)`` (what it would get if every check blocked)."""
+    level, its weighted share among all active checks (what it would get if every check
+    blocked)."""
     m = settings.metric
+    weight = {c: float(getattr(m, c).alpha_weight) for c in active}
     blocking = [c for c in active if m.blocking and getattr(m, c).blocking]
     if check in blocking:
-        return family_alpha / len(blocking)
-    return family_alpha / max(len(active), 1)
+        return family_alpha * weight[check] / sum(weight[c] for c in blocking)
+    total = sum(weight.values())
+    return family_alpha * weight.get(check, 1.0) / total if total > 0 else family_alpha
 
 
 class MetricGate(SlicedGate):

@@ -124,6 +124,12 @@ class PairedMetric(_Strict):
     enabled: bool = True
     blocking: bool = True
     margin: float = Field(..., ge=0, lt=1)
+    # Equal by default: the simulations give no detection-based reason to favour one
+    # check (docs/gates.md, "Error budget"); a weight moves budget where a user expects
+    # the regression (e.g. accuracy 2 : recall 1), fixed before any data.
+    alpha_weight: float = Field(
+        1.0, gt=0, description="share of the metric family's budget, relative to its other checks"
+    )
 
 
 class AccuracySettings(PairedMetric):

@@ -291,3 +291,29 @@ def test_cells_state_their_level_blocking_from_alpha_advisory_their_own():
     assert shift.details["alpha"] < advisory_level(g, "tolerance")
     blocking = sum(r.details.get("alpha", 0.0) for r in cells.values() if r.blocking)
     assert 0 < blocking <= g.alpha
+
+
+def test_metric_check_weights_move_budget_between_checks_within_the_family():
+    # metric.<check>.alpha_weight splits the family's budget by weight (equal by default):
+    # accuracy 2 : recall 1 gives accuracy two thirds of it, and the blocking cells still
+    # sum within alpha; the advisory hc error rate keeps its weighted share as its level
+    from gates.engine import family_budgets
+    from tests.gates.conftest import classification_records
+
+    g = GatesSettings.model_validate({"metric": {"accuracy": {"alpha_weight": 2.0}}})
+    eng = RolloutEngine(g, RolloutSettings(), start_ts=0.0)
+    recs = classification_records(600, 4)
+    eng.observe(recs)
+    eng.observe_labelled(recs)
+    cells = {(r.name, r.slice): r for r in eng.evaluate(1.0).gates}
+    metric = family_budgets(g)["metric"]
+    acc = cells[("metric.accuracy", "*")]
+    assert acc.details["alpha"] == pytest.approx(metric * 2 / 3 / 2)  # half to the slices
+    recall = [r for (name, _), r in cells.items() if name.startswith("metric.recall")]
+    assert recall and sum(r.details["alpha"] for r in recall) <= metric / 3 * (1 + 1e-9)
+    hc = cells[("metric.high_confidence_error", "*")]
+    assert not hc.blocking and hc.details["alpha"] == pytest.approx(metric / 4 / 2)
+    blocking = sum(r.details.get("alpha", 0.0) for r in cells.values() if r.blocking)
+    assert 0 < blocking <= g.alpha
+    with pytest.raises(ValueError):
+        GatesSettings.model_validate({"metric": {"recall": {"alpha_weight": 0}}})
