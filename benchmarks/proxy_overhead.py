@@ -45,12 +45,13 @@ sys.path.insert(0, str(ROOT))
 from proxy.codec import HEADER_LENGTH, encode_infer_request  # noqa: E402
 
 
-async def _spawn(*args: str) -> tuple[asyncio.subprocess.Process, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+async def _spawn(*args: str, root: Path = ROOT) -> tuple[asyncio.subprocess.Process, str]:
+    # cwd and PYTHONPATH pick the checkout whose code runs (``--baseline`` passes another)
+    env = {**os.environ, "PYTHONPATH": str(root)}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         *args,
-        cwd=ROOT,
+        cwd=root,
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
@@ -198,6 +199,14 @@ MIRRORGATES = {
 if os.environ.get("BENCH_UVLOOP"):  # runs A/B of docs/benchmarks.md
     MIRRORGATES["mirrorgate shadow, worker process, uvloop"] = (True, True, "uvloop", 1)
 SHADOWED = [name for name, (cand, *_) in MIRRORGATES.items() if cand]
+# The rows --baseline DIR repeats with the code of DIR (before/after in one run).
+BASELINE_ROWS = ("mirrorgate, no candidate", "mirrorgate shadow, worker process (default)")
+BASELINE = " [baseline]"
+# benchmarks/mirror_floor.py: the cheapest Python mirror (a measurement, not the product)
+PROTOTYPES = {
+    "asyncio.Protocol mirror (prototype)": (),
+    "asyncio.Protocol mirror + pair hand-off (prototype)": ("--handoff",),
+}
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -234,7 +243,22 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             )
             procs.append(nginx_proc)
             targets["nginx mirror"] = f"http://127.0.0.1:{port}"
-        for name, (with_cand, process, loop, workers) in MIRRORGATES.items():
+        for name, extra in PROTOTYPES.items():
+            proc, base = await _spawn(
+                str(ROOT / "benchmarks" / "mirror_floor.py"),
+                "--upstream",
+                champion,
+                "--candidate",
+                candidate,
+                *extra,
+            )
+            procs.append(proc)
+            targets[name] = base
+        rows = [(name, ROOT) for name in MIRRORGATES]
+        if args.baseline:
+            rows += [(name, args.baseline) for name in BASELINE_ROWS]
+        for name, root in rows:
+            with_cand, process, loop, workers = MIRRORGATES[name]
             path = tmp / f"{len(targets)}.yaml"
             db = f"sqlite:///{tmp / f'{len(targets)}.sqlite'}"
             config = _proxy_config(
@@ -256,9 +280,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 str(path),
                 "--port",
                 "0",
+                root=root,
             )
             procs.append(proc)
-            targets[name] = base
+            targets[name if root == ROOT else name + BASELINE] = base
         # extra live processes (server.workers) bind a few seconds after the first one
         await asyncio.sleep(10 if any(w > 1 for *_, w in MIRRORGATES.values()) else 0)
         rng = np.random.default_rng(0)
@@ -302,7 +327,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                         rows[name]["added_p99_ms"] = rows[name]["p99_ms"] - rows["direct"]["p99_ms"]
                 results[f"concurrency {concurrency}"] = rows
             counters: dict[str, dict[str, float]] = {}
-            for name in SHADOWED:
+            shadowed = [n for n in targets if n.removesuffix(BASELINE) in SHADOWED]
+            for name in shadowed:
                 # let the last mirrored calls finish before reading the counters
                 for _ in range(100):
                     async with session.get(f"{targets[name]}/metrics") as resp:
@@ -317,6 +343,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     ),
                     "dropped": sum(_all(text, "mirrorgate_shadow_dropped_total")),
                     "failed": sum(_all(text, "mirrorgate_shadow_failures_total")),
+                }
+            for name in PROTOTYPES:
+                async with session.get(f"{targets[name]}/_mirror_stats") as resp:
+                    stats = json.loads(await resp.read())
+                counters[name] = {
+                    "sent": sent[name],
+                    "candidate_ok": float(stats["finished"]),
+                    "dropped": float(stats["dropped"]),
+                    "failed": float(stats["failed"]),
                 }
             if "nginx mirror" in targets:
                 await asyncio.sleep(1.0)
@@ -389,26 +424,45 @@ def _markdown(report: dict[str, Any]) -> str:
         )
     c1 = report["results"]["concurrency 1"]
     c32 = report["results"]["concurrency 32"]
-    shadow = "mirrorgate shadow, worker process (default)"
     floor = "aiohttp pass-through (floor)"
     out.append("")
 
-    def added_ratio(name: str, base: str, q: str, target: str) -> str:
+    def added_ratio(name: str, base: str, q: str) -> str:
         mine, theirs = c1[name][f"added_{q}_ms"], c1[base][f"added_{q}_ms"]
         if theirs <= 0:
             # the reference added nothing measurable: neighbours' noise, no ratio
-            return f"- {name} vs {base}, added {q} (c=1): {mine:+.2f} vs {theirs:+.2f} ms, no ratio"
-        return f"- {name} / {base}, added {q} (c=1): {mine / theirs:.2f} ({target})"
+            return f"{mine:+.2f} vs {theirs:+.2f} ms"
+        return f"{mine / theirs:.2f}"
 
+    mirroring = [n for n in c1 if n.removesuffix(BASELINE) in SHADOWED or n in PROTOTYPES]
     if "nginx mirror" in c1:
-        for q in ("p50", "p99"):
-            out.append(added_ratio(shadow, "nginx mirror", q, "target <= 1.5"))
-        ratio = c32[shadow]["req_per_s"] / c32["nginx mirror"]["req_per_s"]
-        out.append(f"- {shadow} / nginx mirror, req/s (c=32): {ratio:.2f} (target >= 0.75)")
-    for q in ("p50", "p99"):
-        out.append(added_ratio("mirrorgate, no candidate", floor, q, "target <= 1.2"))
-    ratio = c32["mirrorgate, no candidate"]["req_per_s"] / c32[floor]["req_per_s"]
-    out.append(f"- mirrorgate, no candidate / {floor}, req/s (c=32): {ratio:.2f}")
+        out += [
+            "Against nginx mirror (targets: added p50 and p99 <= 1.5x, req/s >= 0.75x):",
+            "",
+            "| row | added p50 / nginx | added p99 / nginx | req/s / nginx (c=32) |",
+            "|---|---:|---:|---:|",
+        ]
+        for name in mirroring:
+            rps = c32[name]["req_per_s"] / c32["nginx mirror"]["req_per_s"]
+            out.append(
+                f"| {name} | {added_ratio(name, 'nginx mirror', 'p50')} "
+                f"| {added_ratio(name, 'nginx mirror', 'p99')} | {rps:.2f} |"
+            )
+        out.append("")
+    out += [
+        "Against the aiohttp floor (target for no candidate: <= 1.2x):",
+        "",
+        "| row | added p50 / floor | added p99 / floor | req/s / floor (c=32) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in c1:
+        if name in ("direct", floor, "nginx mirror"):
+            continue
+        rps = c32[name]["req_per_s"] / c32[floor]["req_per_s"]
+        out.append(
+            f"| {name} | {added_ratio(name, floor, 'p50')} "
+            f"| {added_ratio(name, floor, 'p99')} | {rps:.2f} |"
+        )
     return "\n".join(out)
 
 
@@ -421,6 +475,12 @@ if __name__ == "__main__":
     )
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--json", action="store_true", help="print the raw report as JSON")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (e.g. main): its no-candidate and default shadow rows run "
+        "too, interleaved with this tree's, for a before/after from one run",
+    )
     ns = parser.parse_args()
     report = asyncio.run(main(ns))
     print(json.dumps(report, indent=2) if ns.json else _markdown(report))

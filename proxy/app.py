@@ -344,8 +344,9 @@ async def infer(request: web.Request) -> web.StreamResponse:
                 mirror,
                 served,
                 state.slicer.request_slices(request.headers, {}),
-                functools.partial(state.slicer.request_slices, {}),
-                functools.partial(state.metrics.observe_call, "champion"),
+                # picklable and small: it travels with each pair to the shadow worker
+                state.slicer.parameter_slices,
+                state.metrics.observe_champion,
             )
     context.client_headers.set(client_request_headers(request.headers))
     t_start = time.perf_counter_ns()

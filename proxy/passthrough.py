@@ -10,6 +10,7 @@ the champion's answer are decoded later, by the mirror, off the live path.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -23,7 +24,7 @@ from proxy import context
 from proxy.backends.http import HttpBackend, Reply, decompress
 from proxy.codec import HEADER_LENGTH, decode_infer_response, parse_infer_request
 from proxy.errors import MirrorgateError
-from proxy.headers import client_request_headers
+from proxy.headers import Headers, client_request_headers
 from proxy.ratelog import FailureLog
 
 if TYPE_CHECKING:
@@ -62,12 +63,18 @@ def to_response(reply: Reply) -> web.Response:
 
 
 async def forward(
-    request: web.Request, backend: HttpBackend, served: str, body: bytes | None = None
+    request: web.Request,
+    backend: HttpBackend,
+    served: str,
+    body: bytes | None = None,
+    headers: Headers | None = None,
 ) -> tuple[Reply, web.Response]:
     """Send the client's request on to ``backend``; the reply and the client's response.
+    ``headers``: the client's end-to-end headers when the caller has them already.
 
     Mirrorgate's own failures (unreachable upstream, deadline) raise and are logged."""
-    headers = client_request_headers(request.headers)
+    if headers is None:
+        headers = client_request_headers(request.headers)
     if body is None and request.body_exists:
         body = await request.read()
     try:
@@ -85,8 +92,6 @@ async def forward(
 def _peek_id(body: bytes, header_length: str | None) -> str | None:
     """The V2 ``id`` of a request body, reading as little as possible: the JSON header
     of a binary request; a JSON body only when it contains ``"id"`` at all."""
-    import json
-
     try:
         if header_length is not None:
             doc = json.loads(body[: int(header_length)])
@@ -174,10 +179,11 @@ async def infer(
     rid = _usable_id(_peek_id(body, header_length)) or _usable_id(client_rid)
     rid = rid or uuid.uuid4().hex
     context.request_id.set(rid)
-    context.client_headers.set(client_request_headers(request.headers))
+    headers = client_request_headers(request.headers)
+    context.client_headers.set(headers)
     start = time.perf_counter()
     try:
-        reply, response = await forward(request, backend, served, body)
+        reply, response = await forward(request, backend, served, body, headers)
     except MirrorgateError as exc:
         observe(exc.status, time.perf_counter() - start)
         raise
