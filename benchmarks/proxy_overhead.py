@@ -8,12 +8,19 @@ floor, benchmarks/passthrough_floor.py), nginx with ``mirror`` to the candidate 
 candidate; shadow in-process (the design before the worker process); the default
 (shadow in a worker process); the same with two live processes (``server.workers: 2``);
 and, with ``BENCH_UVLOOP=1``, the default on uvloop. Every mirrorgate
-records pairs to SQLite and runs the gates. Targets are driven in interleaved rounds (a
-shared machine's drift hits all alike) with binary-tensor FP32 [1, F] bodies: p50/p99 at
-concurrency 1, throughput at 32, then the candidate calls made, dropped and failed by
-each mirroring target over the whole run.
+records pairs to SQLite and runs the gates. Two prototype rows (benchmarks/mirror_floor.py,
+measurement only) show the cheapest Python mirror: ``asyncio.Protocol`` forwarding of the
+raw bytes, with and without handing each pair to a child process. ``--baseline DIR``
+also runs the no-candidate and default shadow rows with the code of another checkout
+(``DIR`` holds its ``proxy`` package), marked ``[baseline]``: before and after in one run.
+Targets are driven in interleaved rounds (a shared machine's drift hits all alike) with
+binary-tensor FP32 [1, F] bodies: p50/p99 at concurrency 1, throughput at 32, the CPU
+time each target's own processes spent per request (proxy and its workers; less
+sensitive to the neighbours than latency), then the candidate calls made, dropped and
+failed by each mirroring target over the whole run.
 
     python benchmarks/proxy_overhead.py [--rounds 3] [--requests 200] [--throughput-requests 400]
+        [--baseline /path/to/other/checkout]
 
 Numbers from one loaded machine are indicative; the output states the load average.
 Nothing here is asserted.
@@ -221,11 +228,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         cand_proc, candidate = await _spawn(*up, "--seed", "2")
         procs += [champ_proc, nginx_cand_proc, cand_proc]
         targets = {"direct": champion}
+        # the process (tree) behind each target, for its CPU time per request
+        pids = {"direct": champ_proc.pid}
         floor_proc, floor = await _spawn(
             str(ROOT / "benchmarks" / "passthrough_floor.py"), "--upstream", champion
         )
         procs.append(floor_proc)
         targets["aiohttp pass-through (floor)"] = floor
+        pids["aiohttp pass-through (floor)"] = floor_proc.pid
         nginx = _nginx()
         if nginx:
             port = _free_port()
@@ -243,6 +253,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             )
             procs.append(nginx_proc)
             targets["nginx mirror"] = f"http://127.0.0.1:{port}"
+            pids["nginx mirror"] = nginx_proc.pid
         for name, extra in PROTOTYPES.items():
             proc, base = await _spawn(
                 str(ROOT / "benchmarks" / "mirror_floor.py"),
@@ -254,6 +265,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             )
             procs.append(proc)
             targets[name] = base
+            pids[name] = proc.pid
         rows = [(name, ROOT) for name in MIRRORGATES]
         if args.baseline:
             rows += [(name, args.baseline) for name in BASELINE_ROWS]
@@ -284,6 +296,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             )
             procs.append(proc)
             targets[name if root == ROOT else name + BASELINE] = base
+            pids[name if root == ROOT else name + BASELINE] = proc.pid
         # extra live processes (server.workers) bind a few seconds after the first one
         await asyncio.sleep(10 if any(w > 1 for *_, w in MIRRORGATES.values()) else 0)
         rng = np.random.default_rng(0)
@@ -307,15 +320,23 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 for name, url in infer.items():  # warm-up: connections, caches
                     await _drive(session, url, bodies[:50], concurrency)
                     sent[name] += 50
+                await asyncio.sleep(1.0)  # mirrored warm-up work done before the CPU count
+                cpu_start = {name: _tree_cpu(pid) for name, pid in pids.items()}
                 for _ in range(rounds):
                     for name, url in infer.items():
                         got, seconds = await _drive(session, url, bodies[:count], concurrency)
                         lat[name] += got
                         wall[name] += seconds
                         sent[name] += count
+                await asyncio.sleep(1.0)  # the last mirrored calls: their CPU counts too
+                cpu_end = {name: _tree_cpu(pid) for name, pid in pids.items()}
                 rows = {}
                 for name in targets:
+                    cpu = cpu_end[name] - cpu_start[name]
                     rows[name] = {
+                        # the target's own processes (proxy + its workers; for direct,
+                        # the upstream), all work included, ms per request answered
+                        "cpu_ms_per_req": 1000.0 * cpu / (count * rounds),
                         "p50_ms": _pct(lat[name], 50),
                         "p99_ms": _pct(lat[name], 99),
                         "req_per_s": len(lat[name]) / wall[name],
@@ -382,6 +403,22 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             await proc.wait()
 
 
+def _tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its descendants (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def _metric(text: str, name: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + " "):
@@ -404,15 +441,15 @@ def _markdown(report: dict[str, Any]) -> str:
         out += [
             f"**{label}** ({rows['direct']['n']} requests per target, interleaved rounds)",
             "",
-            "| target | p50 ms | p99 ms | req/s | added p50 ms | added p99 ms |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| target | p50 ms | p99 ms | req/s | added p50 ms | added p99 ms | CPU ms/req |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for name, r in rows.items():
             added50 = f"{r['added_p50_ms']:+.2f}" if "added_p50_ms" in r else ""
             added99 = f"{r['added_p99_ms']:+.2f}" if "added_p99_ms" in r else ""
             out.append(
                 f"| {name} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['req_per_s']:.0f} "
-                f"| {added50} | {added99} |"
+                f"| {added50} | {added99} | {r['cpu_ms_per_req']:.2f} |"
             )
         out.append("")
     out += ["| mirroring target | requests sent | candidate calls OK | dropped | failed |"]

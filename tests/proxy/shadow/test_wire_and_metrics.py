@@ -150,9 +150,7 @@ async def test_jobs_are_written_after_the_submitting_callback_and_coalesced() ->
     await _next_iteration()
     # one write for the ten, in order, each its own frame
     assert transport.writes == 1
-    assert [pickle.loads(p)[0].request_id for p in transport.frames] == [
-        f"r{i}" for i in range(10)
-    ]
+    assert [pickle.loads(p)[0].request_id for p in transport.frames] == [f"r{i}" for i in range(10)]
 
 
 async def test_the_write_buffer_is_bounded_within_one_iteration() -> None:
@@ -196,5 +194,3 @@ async def test_jobs_lost_with_the_worker_are_counted() -> None:
     assert len(transport.frames) == 4  # the buffered one was never written
     channel.submit(_job(9), None)  # no worker connected now
     assert _dropped(metrics, "worker_down") == 5
-
-
