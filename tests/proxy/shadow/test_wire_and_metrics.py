@@ -141,25 +141,31 @@ async def test_the_handoff_bounds_outstanding_jobs_and_acks_free_room() -> None:
     assert np.array_equal(job.inputs["x"], np.full((1, 4), 5, np.float32))
 
 
-async def test_jobs_are_written_after_the_submitting_callback_and_coalesced() -> None:
+async def test_the_first_job_is_written_at_once_the_rest_of_the_iteration_together() -> None:
     channel, _, transport = _channel()
     for i in range(10):
         channel.submit(_job(i), None)
-    # nothing written while the live request is still being answered
-    assert transport.writes == 0 and channel.outstanding == 10
+    # the first goes out at once (the worker starts on it while the client is
+    # answered); the other nine wait for the end of the loop iteration
+    assert transport.writes == 1 and len(transport.frames) == 1
+    assert channel.outstanding == 10
     await _next_iteration()
-    # one write for the ten, in order, each its own frame
-    assert transport.writes == 1
+    # one more write for the nine, in order, each its own frame
+    assert transport.writes == 2
     assert [pickle.loads(p)[0].request_id for p in transport.frames] == [f"r{i}" for i in range(10)]
+    await _next_iteration()
+    channel.submit(_job(10), None)  # a new iteration: written at once again
+    assert transport.writes == 3 and len(transport.frames) == 11
 
 
 async def test_the_write_buffer_is_bounded_within_one_iteration() -> None:
     channel, _, transport = _channel()
-    for i in range(FLUSH_JOBS + 1):
+    for i in range(FLUSH_JOBS + 2):
         channel.submit(_job(i), None)
-    assert transport.writes == 1 and len(transport.frames) == FLUSH_JOBS
-    await _next_iteration()
+    # the first at once, then FLUSH_JOBS buffered ones forced out, one still buffered
     assert transport.writes == 2 and len(transport.frames) == FLUSH_JOBS + 1
+    await _next_iteration()
+    assert transport.writes == 3 and len(transport.frames) == FLUSH_JOBS + 2
 
 
 async def test_the_byte_bound_drops_at_write_time_and_counts() -> None:
@@ -187,10 +193,11 @@ async def test_jobs_lost_with_the_worker_are_counted() -> None:
         channel.submit(_job(i), None)
     await _next_iteration()
     channel._acked(1, 0)
-    channel.submit(_job(4), None)  # still buffered when the worker goes
+    channel.submit(_job(4), None)  # written at once
+    channel.submit(_job(5), None)  # still buffered when the worker goes
     channel._disconnected()
-    assert _dropped(metrics, "worker_down") == 4
-    await _next_iteration()
-    assert len(transport.frames) == 4  # the buffered one was never written
-    channel.submit(_job(9), None)  # no worker connected now
     assert _dropped(metrics, "worker_down") == 5
+    await _next_iteration()
+    assert len(transport.frames) == 5  # the buffered one was never written
+    channel.submit(_job(9), None)  # no worker connected now
+    assert _dropped(metrics, "worker_down") == 6
