@@ -8,12 +8,19 @@ floor, benchmarks/passthrough_floor.py), nginx with ``mirror`` to the candidate 
 candidate; shadow in-process (the design before the worker process); the default
 (shadow in a worker process); the same with two live processes (``server.workers: 2``);
 and, with ``BENCH_UVLOOP=1``, the default on uvloop. Every mirrorgate
-records pairs to SQLite and runs the gates. Targets are driven in interleaved rounds (a
-shared machine's drift hits all alike) with binary-tensor FP32 [1, F] bodies: p50/p99 at
-concurrency 1, throughput at 32, then the candidate calls made, dropped and failed by
-each mirroring target over the whole run.
+records pairs to SQLite and runs the gates. Two prototype rows (benchmarks/mirror_floor.py,
+measurement only) show the cheapest Python mirror: ``asyncio.Protocol`` forwarding of the
+raw bytes, with and without handing each pair to a child process. ``--baseline DIR``
+also runs the no-candidate and default shadow rows with the code of another checkout
+(``DIR`` holds its ``proxy`` package), marked ``[baseline]``: before and after in one run.
+Targets are driven in interleaved rounds (a shared machine's drift hits all alike) with
+binary-tensor FP32 [1, F] bodies: p50/p99 at concurrency 1, throughput at 32, the CPU
+time each target's own processes spent per request (proxy and its workers; less
+sensitive to the neighbours than latency), then the candidate calls made, dropped and
+failed by each mirroring target over the whole run.
 
     python benchmarks/proxy_overhead.py [--rounds 3] [--requests 200] [--throughput-requests 400]
+        [--baseline /path/to/other/checkout]
 
 Numbers from one loaded machine are indicative; the output states the load average.
 Nothing here is asserted.
@@ -45,12 +52,13 @@ sys.path.insert(0, str(ROOT))
 from proxy.protocol.codec import HEADER_LENGTH, encode_infer_request  # noqa: E402
 
 
-async def _spawn(*args: str) -> tuple[asyncio.subprocess.Process, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+async def _spawn(*args: str, root: Path = ROOT) -> tuple[asyncio.subprocess.Process, str]:
+    # cwd and PYTHONPATH pick the checkout whose code runs (``--baseline`` passes another)
+    env = {**os.environ, "PYTHONPATH": str(root)}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         *args,
-        cwd=ROOT,
+        cwd=root,
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
@@ -198,6 +206,19 @@ MIRRORGATES = {
 if os.environ.get("BENCH_UVLOOP"):  # runs A/B of docs/benchmarks.md
     MIRRORGATES["mirrorgate shadow, worker process, uvloop"] = (True, True, "uvloop", 1)
 SHADOWED = [name for name, (cand, *_) in MIRRORGATES.items() if cand]
+# Rows --no-variants leaves out (shorter runs; the issue's targets are judged without them)
+VARIANTS = (
+    "mirrorgate shadow, in-process (before)",
+    "mirrorgate shadow, worker process, 2 live processes",
+)
+# The rows --baseline DIR repeats with the code of DIR (before/after in one run).
+BASELINE_ROWS = ("mirrorgate, no candidate", "mirrorgate shadow, worker process (default)")
+BASELINE = " [baseline]"
+# benchmarks/mirror_floor.py: the cheapest Python mirror (a measurement, not the product)
+PROTOTYPES = {
+    "asyncio.Protocol mirror (prototype)": (),
+    "asyncio.Protocol mirror + pair hand-off (prototype)": ("--handoff",),
+}
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -212,11 +233,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         cand_proc, candidate = await _spawn(*up, "--seed", "2")
         procs += [champ_proc, nginx_cand_proc, cand_proc]
         targets = {"direct": champion}
+        # the process (tree) behind each target, for its CPU time per request
+        pids = {"direct": champ_proc.pid}
         floor_proc, floor = await _spawn(
             str(ROOT / "benchmarks" / "passthrough_floor.py"), "--upstream", champion
         )
         procs.append(floor_proc)
         targets["aiohttp pass-through (floor)"] = floor
+        pids["aiohttp pass-through (floor)"] = floor_proc.pid
         nginx = _nginx()
         if nginx:
             port = _free_port()
@@ -234,7 +258,24 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             )
             procs.append(nginx_proc)
             targets["nginx mirror"] = f"http://127.0.0.1:{port}"
-        for name, (with_cand, process, loop, workers) in MIRRORGATES.items():
+            pids["nginx mirror"] = nginx_proc.pid
+        for name, extra in PROTOTYPES.items():
+            proc, base = await _spawn(
+                str(ROOT / "benchmarks" / "mirror_floor.py"),
+                "--upstream",
+                champion,
+                "--candidate",
+                candidate,
+                *extra,
+            )
+            procs.append(proc)
+            targets[name] = base
+            pids[name] = proc.pid
+        rows = [(name, ROOT) for name in MIRRORGATES if not (args.no_variants and name in VARIANTS)]
+        if args.baseline:
+            rows += [(name, args.baseline) for name in BASELINE_ROWS]
+        for name, root in rows:
+            with_cand, process, loop, workers = MIRRORGATES[name]
             path = tmp / f"{len(targets)}.yaml"
             db = f"sqlite:///{tmp / f'{len(targets)}.sqlite'}"
             config = _proxy_config(
@@ -256,11 +297,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 str(path),
                 "--port",
                 "0",
+                root=root,
             )
             procs.append(proc)
-            targets[name] = base
+            targets[name if root == ROOT else name + BASELINE] = base
+            pids[name if root == ROOT else name + BASELINE] = proc.pid
         # extra live processes (server.workers) bind a few seconds after the first one
-        await asyncio.sleep(10 if any(w > 1 for *_, w in MIRRORGATES.values()) else 0)
+        await asyncio.sleep(10 if any("2 live" in name for name in targets) else 0)
         rng = np.random.default_rng(0)
         n = max(args.requests, args.throughput_requests)
         bodies = []
@@ -282,15 +325,29 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 for name, url in infer.items():  # warm-up: connections, caches
                     await _drive(session, url, bodies[:50], concurrency)
                     sent[name] += 50
+                await asyncio.sleep(1.0)  # mirrored warm-up work done before the CPU count
+                cpu_start = {name: _tree_cpu(pid) for name, pid in pids.items()}
+                live_start = {name: _tree_cpu(pid, False) for name, pid in pids.items()}
                 for _ in range(rounds):
                     for name, url in infer.items():
                         got, seconds = await _drive(session, url, bodies[:count], concurrency)
                         lat[name] += got
                         wall[name] += seconds
                         sent[name] += count
+                await asyncio.sleep(1.0)  # the last mirrored calls: their CPU counts too
+                cpu_end = {name: _tree_cpu(pid) for name, pid in pids.items()}
+                live_end = {name: _tree_cpu(pid, False) for name, pid in pids.items()}
                 rows = {}
                 for name in targets:
+                    cpu = cpu_end[name] - cpu_start[name]
                     rows[name] = {
+                        # the target's own processes (proxy + its workers; for direct,
+                        # the upstream), all work included, ms per request answered
+                        "cpu_ms_per_req": 1000.0 * cpu / (count * rounds),
+                        # the first process only (mirrorgate: the live process)
+                        "live_cpu_ms_per_req": 1000.0
+                        * (live_end[name] - live_start[name])
+                        / (count * rounds),
                         "p50_ms": _pct(lat[name], 50),
                         "p99_ms": _pct(lat[name], 99),
                         "req_per_s": len(lat[name]) / wall[name],
@@ -302,7 +359,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                         rows[name]["added_p99_ms"] = rows[name]["p99_ms"] - rows["direct"]["p99_ms"]
                 results[f"concurrency {concurrency}"] = rows
             counters: dict[str, dict[str, float]] = {}
-            for name in SHADOWED:
+            shadowed = [n for n in targets if n.removesuffix(BASELINE) in SHADOWED]
+            for name in shadowed:
                 # let the last mirrored calls finish before reading the counters
                 for _ in range(100):
                     async with session.get(f"{targets[name]}/metrics") as resp:
@@ -317,6 +375,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     ),
                     "dropped": sum(_all(text, "mirrorgate_shadow_dropped_total")),
                     "failed": sum(_all(text, "mirrorgate_shadow_failures_total")),
+                }
+            for name in PROTOTYPES:
+                async with session.get(f"{targets[name]}/_mirror_stats") as resp:
+                    stats = json.loads(await resp.read())
+                counters[name] = {
+                    "sent": sent[name],
+                    "candidate_ok": float(stats["finished"]),
+                    "dropped": float(stats["dropped"]),
+                    "failed": float(stats["failed"]),
                 }
             if "nginx mirror" in targets:
                 await asyncio.sleep(1.0)
@@ -347,6 +414,24 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             await proc.wait()
 
 
+def _tree_cpu(pid: int, children: bool = True) -> float:
+    """User + system CPU seconds of ``pid`` and (``children``) its descendants (/proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            if not children:
+                break
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def _metric(text: str, name: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + " "):
@@ -369,15 +454,23 @@ def _markdown(report: dict[str, Any]) -> str:
         out += [
             f"**{label}** ({rows['direct']['n']} requests per target, interleaved rounds)",
             "",
-            "| target | p50 ms | p99 ms | req/s | added p50 ms | added p99 ms |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| target | p50 ms | p99 ms | req/s | added p50 ms | added p99 ms "
+            "| CPU ms/req | of which live process |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, r in rows.items():
             added50 = f"{r['added_p50_ms']:+.2f}" if "added_p50_ms" in r else ""
             added99 = f"{r['added_p99_ms']:+.2f}" if "added_p99_ms" in r else ""
+            # direct: the champion upstream serves every row's calls, no per-row figure
+            cpu = (
+                ""
+                if name == "direct"
+                else f"{r['cpu_ms_per_req']:.2f} | {r['live_cpu_ms_per_req']:.2f}"
+            )
+            cpu = cpu or " | "
             out.append(
                 f"| {name} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['req_per_s']:.0f} "
-                f"| {added50} | {added99} |"
+                f"| {added50} | {added99} | {cpu} |"
             )
         out.append("")
     out += ["| mirroring target | requests sent | candidate calls OK | dropped | failed |"]
@@ -389,26 +482,45 @@ def _markdown(report: dict[str, Any]) -> str:
         )
     c1 = report["results"]["concurrency 1"]
     c32 = report["results"]["concurrency 32"]
-    shadow = "mirrorgate shadow, worker process (default)"
     floor = "aiohttp pass-through (floor)"
     out.append("")
 
-    def added_ratio(name: str, base: str, q: str, target: str) -> str:
+    def added_ratio(name: str, base: str, q: str) -> str:
         mine, theirs = c1[name][f"added_{q}_ms"], c1[base][f"added_{q}_ms"]
         if theirs <= 0:
             # the reference added nothing measurable: neighbours' noise, no ratio
-            return f"- {name} vs {base}, added {q} (c=1): {mine:+.2f} vs {theirs:+.2f} ms, no ratio"
-        return f"- {name} / {base}, added {q} (c=1): {mine / theirs:.2f} ({target})"
+            return f"{mine:+.2f} vs {theirs:+.2f} ms"
+        return f"{mine / theirs:.2f}"
 
+    mirroring = [n for n in c1 if n.removesuffix(BASELINE) in SHADOWED or n in PROTOTYPES]
     if "nginx mirror" in c1:
-        for q in ("p50", "p99"):
-            out.append(added_ratio(shadow, "nginx mirror", q, "target <= 1.5"))
-        ratio = c32[shadow]["req_per_s"] / c32["nginx mirror"]["req_per_s"]
-        out.append(f"- {shadow} / nginx mirror, req/s (c=32): {ratio:.2f} (target >= 0.75)")
-    for q in ("p50", "p99"):
-        out.append(added_ratio("mirrorgate, no candidate", floor, q, "target <= 1.2"))
-    ratio = c32["mirrorgate, no candidate"]["req_per_s"] / c32[floor]["req_per_s"]
-    out.append(f"- mirrorgate, no candidate / {floor}, req/s (c=32): {ratio:.2f}")
+        out += [
+            "Against nginx mirror (targets: added p50 and p99 <= 1.5x, req/s >= 0.75x):",
+            "",
+            "| row | added p50 / nginx | added p99 / nginx | req/s / nginx (c=32) |",
+            "|---|---:|---:|---:|",
+        ]
+        for name in mirroring:
+            rps = c32[name]["req_per_s"] / c32["nginx mirror"]["req_per_s"]
+            out.append(
+                f"| {name} | {added_ratio(name, 'nginx mirror', 'p50')} "
+                f"| {added_ratio(name, 'nginx mirror', 'p99')} | {rps:.2f} |"
+            )
+        out.append("")
+    out += [
+        "Against the aiohttp floor (target for no candidate: <= 1.2x):",
+        "",
+        "| row | added p50 / floor | added p99 / floor | req/s / floor (c=32) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in c1:
+        if name in ("direct", floor, "nginx mirror"):
+            continue
+        rps = c32[name]["req_per_s"] / c32[floor]["req_per_s"]
+        out.append(
+            f"| {name} | {added_ratio(name, floor, 'p50')} "
+            f"| {added_ratio(name, floor, 'p99')} | {rps:.2f} |"
+        )
     return "\n".join(out)
 
 
@@ -421,6 +533,15 @@ if __name__ == "__main__":
     )
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--json", action="store_true", help="print the raw report as JSON")
+    parser.add_argument(
+        "--no-variants", action="store_true", help="skip the in-process and 2-live-process rows"
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (e.g. main): its no-candidate and default shadow rows run "
+        "too, interleaved with this tree's, for a before/after from one run",
+    )
     ns = parser.parse_args()
     report = asyncio.run(main(ns))
     print(json.dumps(report, indent=2) if ns.json else _markdown(report))

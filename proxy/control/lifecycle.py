@@ -485,6 +485,9 @@ class RolloutLifecycle:
 def live_latency_middleware(ops: OpsMetrics) -> Any:
     """End-to-end latency of live inference requests, as their client sees it."""
 
+    # One child per status class, looked up once (labels() locks and builds a key).
+    by_class: dict[int, Any] = {}
+
     @web.middleware
     async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         if request.method != "POST" or not request.path.endswith("/infer"):
@@ -500,7 +503,11 @@ def live_latency_middleware(ops: OpsMetrics) -> Any:
             code = exc.status
             raise
         finally:
-            ops.live_duration.labels(f"{code // 100}xx").observe(time.perf_counter() - started)
+            cls = code // 100
+            child = by_class.get(cls)
+            if child is None:
+                child = by_class[cls] = ops.live_duration.labels(f"{cls}xx")
+            child.observe(time.perf_counter() - started)
 
     return middleware
 

@@ -45,6 +45,7 @@ class ProxyMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._calls: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self.requests = Counter(
             "mirrorgate_proxy_requests",
             "Model calls by role (champion|candidate) and resulting HTTP status code.",
@@ -117,9 +118,23 @@ class ProxyMetrics:
         )
 
     def observe_call(self, role: str, code: int, seconds: float | None) -> None:
-        self.requests.labels(role=role, code=str(code)).inc()
+        # Per request on the live path: the labelled children are looked up once and
+        # kept (prometheus_client's labels() takes a lock and builds a key every call).
+        key = (role, code)
+        children = self._calls.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(role=role, code=str(code)),
+                self.request_duration.labels(role=role),
+            )
+            if len(self._calls) < 1024:  # roles x statuses: a handful in practice
+                self._calls[key] = children
+        children[0].inc()
         if seconds is not None:
-            self.request_duration.labels(role=role).observe(seconds)
+            children[1].observe(seconds)
+
+    def observe_champion(self, code: int, seconds: float | None) -> None:
+        self.observe_call("champion", code, seconds)
 
     def set_gate(
         self, gate: str, slice_: str, status: str, statistic: float, threshold: float

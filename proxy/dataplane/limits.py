@@ -267,7 +267,14 @@ def make_limits_middleware(
         try:
             # Read (and cache) the whole body under a deadline; the handler's own
             # read() returns the cached bytes.
-            await asyncio.wait_for(request.read(), limits.body_timeout_s)
+            if request.content.is_eof():
+                # Already all in memory (the usual small request, which arrives with
+                # its head): the read cannot wait, so no timer is armed for it.
+                await request.read()
+            else:
+                # asyncio.timeout, not wait_for: no extra task per request on 3.11.
+                async with asyncio.timeout(limits.body_timeout_s):
+                    await request.read()
         except TimeoutError:
             raise LimitError(
                 f"request body not received within {limits.body_timeout_s:g} s "

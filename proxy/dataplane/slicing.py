@@ -126,12 +126,30 @@ def _feature_value(item: Any) -> FeatureValue:
     return float(item)
 
 
+@dataclass(frozen=True, slots=True)
+class ParameterSlices:
+    """The parameter part of :meth:`Slicer.request_slices` as a small picklable value:
+    a pass-through pair carries it to the shadow worker (pickled per request), so it
+    holds the configured keys only, not the whole :class:`Slicer`."""
+
+    keys: tuple[str, ...]
+
+    def __call__(self, parameters: Mapping[str, Any]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for key in self.keys:
+            text = _scalar_text(parameters.get(key))
+            if text is not None:
+                out[key] = text
+        return out
+
+
 class Slicer:
     """Computes a request's slices and each row's features from the configuration."""
 
     def __init__(self, slices: SlicesSettings, features: FeaturesSettings) -> None:
         self.header_keys = list(slices.headers)
         self.parameter_keys = list(slices.parameters)
+        self.parameter_slices = ParameterSlices(tuple(self.parameter_keys))
         self.feature_input = features.input
         self.feature_names = list(features.names)
         self.rules = [parse_rule(key, text) for key, text in slices.rules.items()]

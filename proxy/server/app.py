@@ -320,8 +320,9 @@ async def infer(request: web.Request) -> web.StreamResponse:
                 mirror,
                 served,
                 state.slicer.request_slices(request.headers, {}),
-                functools.partial(state.slicer.request_slices, {}),
-                functools.partial(state.metrics.observe_call, "champion"),
+                # picklable and small: it travels with each pair to the shadow worker
+                state.slicer.parameter_slices,
+                state.metrics.observe_champion,
                 candidate=remote_candidate,
                 observe_candidate=functools.partial(state.metrics.observe_call, "candidate"),
             )

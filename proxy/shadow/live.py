@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RECONNECT_S = 0.1
+# Jobs buffered before a write is forced within one loop iteration (bounded buffer).
+FLUSH_JOBS = 64
 # Headers the control-plane forward passes on (both ways): auth and the body's type.
 _FORWARD_REQUEST = ("Authorization", "Content-Type")
 
@@ -83,6 +85,8 @@ class ShadowChannel:
         self.worker_ready = False
         self.latest: dict[str, Any] | None = None
         self._transport: asyncio.WriteTransport | None = None
+        self._pending: list[tuple[_Job, CallOutcome | None]] = []
+        self._flush_handle: asyncio.Handle | None = None
         self._sent = self._sent_bytes = self._acked_jobs = self._acked_bytes = 0
         self._closing = False
         self._unpicklable_logged = False
@@ -101,24 +105,56 @@ class ShadowChannel:
         if self._sent - self._acked_jobs >= self.settings.handoff_max_jobs:
             self._drop("handoff_full")
             return
-        try:
-            payload = pickle.dumps((job, other), protocol=pickle.HIGHEST_PROTOCOL)
-        except (pickle.PicklingError, AttributeError, TypeError):
-            # e.g. a job carrying a closure: never an error on the live path; the job
-            # must carry data (raw bytes, arrays) and module-level callables only.
-            if not self._unpicklable_logged:
-                self._unpicklable_logged = True
-                log.exception("a mirrored job cannot be handed off (dropped, counted)")
-            self._drop("unpicklable")
-            return
-        if self._sent_bytes - self._acked_bytes + len(payload) > self.settings.handoff_max_bytes:
-            self._drop("handoff_bytes")
-            return
-        # A non-blocking write: the kernel takes it, else the transport buffers it (the
-        # byte bound above caps that buffer).
-        transport.write(wire.frame(wire.JOB, payload))
+        # Counted as sent from here (a disconnect before the write counts it lost, as
+        # any job the worker never took in). The first job of a loop iteration is
+        # written at once: the worker starts on it while the client is being answered
+        # (measured best at concurrency 1). Jobs that follow in the same iteration (many
+        # under load) are buffered and written together by one call_soon callback: one
+        # system call and one worker wake-up for all of them.
         self._sent += 1
-        self._sent_bytes += len(payload)
+        self._pending.append((job, other))
+        if self._flush_handle is None:
+            self._write_pending()
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+        elif len(self._pending) >= FLUSH_JOBS:
+            self._write_pending()
+
+    def _flush(self) -> None:
+        """End of a coalescing window (also drain's): write what was buffered."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._write_pending()
+
+    def _write_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        transport = self._transport
+        if not pending or transport is None:
+            return  # _disconnected counted them (worker_down)
+        frames: list[bytes] = []
+        for pair in pending:
+            try:
+                payload = pickle.dumps(pair, protocol=pickle.HIGHEST_PROTOCOL)
+            except (pickle.PicklingError, AttributeError, TypeError):
+                # e.g. a job carrying a closure: never an error on the live path; the
+                # job must carry data (raw bytes, arrays) and module-level callables.
+                if not self._unpicklable_logged:
+                    self._unpicklable_logged = True
+                    log.exception("a mirrored job cannot be handed off (dropped, counted)")
+                self._sent -= 1
+                self._drop("unpicklable")
+                continue
+            outstanding = self._sent_bytes - self._acked_bytes + len(payload)
+            if outstanding > self.settings.handoff_max_bytes:
+                self._sent -= 1
+                self._drop("handoff_bytes")
+                continue
+            frames.append(wire.frame(wire.JOB, payload))
+            self._sent_bytes += len(payload)
+        if frames:
+            # A non-blocking write: the kernel takes it, else the transport buffers it
+            # (the byte bound above caps that buffer).
+            transport.write(b"".join(frames))
 
     @property
     def outstanding(self) -> int:
@@ -136,8 +172,9 @@ class ShadowChannel:
         log.info("connected to the shadow worker")
 
     def _disconnected(self) -> None:
-        lost = self._sent - self._acked_jobs
+        lost = self._sent - self._acked_jobs  # written or still pending: never taken in
         self._transport = None
+        self._pending.clear()
         if lost:
             # Handed off but never taken in: the worker died with them.
             self._drop("worker_down", lost)
@@ -218,6 +255,7 @@ class ShadowChannel:
         Returns the jobs cut (counted as dropped, reason ``shutdown``)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout_s)
+        self._flush()  # what the last requests handed off goes out before the wait
         while self._transport is not None and self.outstanding > 0:
             remaining = deadline - loop.time()
             if remaining <= 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 from multidict import CIMultiDict
@@ -35,6 +37,16 @@ def test_header_and_parameter_slices_only_configured_keys() -> None:
         "tenant": "acme",
         "beta": "true",
     }
+
+
+def test_parameter_slices_travel_small_and_agree_with_the_slicer() -> None:
+    # what a pass-through pair carries to the shadow worker (pickled per request)
+    slicer = _slicer(rules={"big": "age > 50"}, parameters=["tenant", "beta"])
+    params = {"tenant": "t" * 500, "beta": False, "other": "ignored"}
+    carried = pickle.loads(pickle.dumps(slicer.parameter_slices))
+    assert carried(params) == slicer.request_slices({}, params)
+    assert carried(params) == {"tenant": "t" * MAX_VALUE_LEN, "beta": "false"}
+    assert len(pickle.dumps(slicer.parameter_slices)) < len(pickle.dumps(slicer))
 
 
 def test_parameter_wins_over_header_for_the_same_key() -> None:

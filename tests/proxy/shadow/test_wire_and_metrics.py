@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 from typing import Any
 
@@ -13,7 +14,7 @@ from proxy.core.config import ShadowSettings
 from proxy.core.metrics import ProxyMetrics
 from proxy.dataplane.mirror import CallOutcome, _Job
 from proxy.shadow import wire
-from proxy.shadow.live import ShadowChannel
+from proxy.shadow.live import FLUSH_JOBS, ShadowChannel
 from proxy.shadow.metrics_merge import merge_exposition
 
 
@@ -76,16 +77,26 @@ def test_counters_are_summed_and_gauges_are_the_workers() -> None:
 
 class _Transport:
     """Stands in for the Unix socket transport (no worker needed to test the bounds):
-    records what would be written."""
+    records each write and the frames it carried."""
 
     def __init__(self) -> None:
+        self.writes = 0
         self.frames: list[bytes] = []
+        self._reader = wire.FrameReader()
 
     def is_closing(self) -> bool:
         return False
 
     def write(self, data: bytes) -> None:
-        self.frames.append(data)
+        self.writes += 1
+        for kind, payload in self._reader.feed(data):
+            assert kind == wire.JOB
+            self.frames.append(payload)
+
+
+async def _next_iteration() -> None:
+    """Let the loop run the callbacks scheduled so far (the channel's flush)."""
+    await asyncio.sleep(0)
 
 
 def _channel(**settings: int) -> tuple[ShadowChannel, ProxyMetrics, _Transport]:
@@ -113,35 +124,80 @@ def _dropped(metrics: ProxyMetrics, reason: str) -> float:
     )
 
 
-def test_the_handoff_bounds_outstanding_jobs_and_acks_free_room() -> None:
+async def test_the_handoff_bounds_outstanding_jobs_and_acks_free_room() -> None:
     channel, metrics, transport = _channel(handoff_max_jobs=3)
     for i in range(5):
         channel.submit(_job(i), None)
-    assert len(transport.frames) == 3 and channel.outstanding == 3
-    assert _dropped(metrics, "handoff_full") == 2
+    assert channel.outstanding == 3 and _dropped(metrics, "handoff_full") == 2
+    await _next_iteration()
+    assert len(transport.frames) == 3
     channel._acked(2, 0)  # the worker took two in
     channel.submit(_job(5), None)
+    await _next_iteration()
     assert len(transport.frames) == 4 and channel.outstanding == 2
     # what was written is the job, readable on the other side
-    ((_, payload),) = wire.FrameReader().feed(transport.frames[-1])
-    job, other = pickle.loads(payload)
+    job, other = pickle.loads(transport.frames[-1])
     assert job.request_id == "r5" and other is None
     assert np.array_equal(job.inputs["x"], np.full((1, 4), 5, np.float32))
 
 
-def test_a_job_that_cannot_be_pickled_is_dropped_never_raised() -> None:
+async def test_the_first_job_is_written_at_once_the_rest_of_the_iteration_together() -> None:
+    channel, _, transport = _channel()
+    for i in range(10):
+        channel.submit(_job(i), None)
+    # the first goes out at once (the worker starts on it while the client is
+    # answered); the other nine wait for the end of the loop iteration
+    assert transport.writes == 1 and len(transport.frames) == 1
+    assert channel.outstanding == 10
+    await _next_iteration()
+    # one more write for the nine, in order, each its own frame
+    assert transport.writes == 2
+    assert [pickle.loads(p)[0].request_id for p in transport.frames] == [f"r{i}" for i in range(10)]
+    await _next_iteration()
+    channel.submit(_job(10), None)  # a new iteration: written at once again
+    assert transport.writes == 3 and len(transport.frames) == 11
+
+
+async def test_the_write_buffer_is_bounded_within_one_iteration() -> None:
+    channel, _, transport = _channel()
+    for i in range(FLUSH_JOBS + 2):
+        channel.submit(_job(i), None)
+    # the first at once, then FLUSH_JOBS buffered ones forced out, one still buffered
+    assert transport.writes == 2 and len(transport.frames) == FLUSH_JOBS + 1
+    await _next_iteration()
+    assert transport.writes == 3 and len(transport.frames) == FLUSH_JOBS + 2
+
+
+async def test_the_byte_bound_drops_at_write_time_and_counts() -> None:
+    size = len(pickle.dumps((_job(0), None), protocol=pickle.HIGHEST_PROTOCOL))
+    channel, metrics, transport = _channel(handoff_max_bytes=2 * size + size // 2)
+    for i in range(3):
+        channel.submit(_job(i), None)
+    await _next_iteration()
+    assert len(transport.frames) == 2 and _dropped(metrics, "handoff_bytes") == 1
+    assert channel.outstanding == 2  # the dropped one is not waiting for an ack
+
+
+async def test_a_job_that_cannot_be_pickled_is_dropped_never_raised() -> None:
     channel, metrics, transport = _channel()
     channel.submit(_job(0, payload={"bad": lambda: None}), None)  # type: ignore[dict-item]
-    assert transport.frames == []
-    assert _dropped(metrics, "unpicklable") == 1
+    channel.submit(_job(1), None)
+    await _next_iteration()
+    assert [pickle.loads(p)[0].request_id for p in transport.frames] == ["r1"]
+    assert _dropped(metrics, "unpicklable") == 1 and channel.outstanding == 1
 
 
-def test_jobs_lost_with_the_worker_are_counted() -> None:
-    channel, metrics, _ = _channel()
+async def test_jobs_lost_with_the_worker_are_counted() -> None:
+    channel, metrics, transport = _channel()
     for i in range(4):
         channel.submit(_job(i), None)
+    await _next_iteration()
     channel._acked(1, 0)
+    channel.submit(_job(4), None)  # written at once
+    channel.submit(_job(5), None)  # still buffered when the worker goes
     channel._disconnected()
-    assert _dropped(metrics, "worker_down") == 3
+    assert _dropped(metrics, "worker_down") == 5
+    await _next_iteration()
+    assert len(transport.frames) == 5  # the buffered one was never written
     channel.submit(_job(9), None)  # no worker connected now
-    assert _dropped(metrics, "worker_down") == 4
+    assert _dropped(metrics, "worker_down") == 6

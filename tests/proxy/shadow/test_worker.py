@@ -265,7 +265,9 @@ async def test_a_crashed_worker_is_restarted_and_the_live_path_keeps_serving(
                 i = 1000 + len(sent)
                 sent.append(f"r{i}")
                 await _infer(session, served.base, i)
-                return f"r{i}" in _finished(candidate.upstream)
+                # any of them: a pair is handed off after its answer, so the candidate
+                # may finish it only after the client has its response
+                return bool(set(sent[11:]) & _finished(candidate.upstream))
 
             await until(mirrored_again, "requests mirrored by the new worker")
             await until(lambda: _idle(session, served.base), "worker idle")
