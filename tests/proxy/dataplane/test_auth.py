@@ -9,7 +9,7 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from proxy.dataplane.auth import bearer_auth
-from proxy.server.app import error_middleware
+from proxy.dataplane.v2 import error_middleware
 
 
 async def _ok(request: web.Request) -> web.Response:
