@@ -57,6 +57,19 @@ if _CACHE_KIB:
 
     _db._sqlite_pragmas = _with_cache
 
+if os.environ.get("SOAK_SQLITE_NO_STATEMENT_CACHE"):
+    # A/B of the sqlite3 module's prepared-statement cache (128 per connection, C memory).
+    import sqlite3
+    import sqlite3.dbapi2
+
+    _connect = sqlite3.dbapi2.connect
+
+    def _uncached(*args: Any, **kwargs: Any) -> Any:
+        kwargs["cached_statements"] = 0
+        return _connect(*args, **kwargs)
+
+    sqlite3.connect = sqlite3.dbapi2.connect = _uncached
+
 
 def _every(seconds: float, fn: Callable[[], object]) -> None:
     def loop() -> None:
