@@ -8,6 +8,16 @@ per 10k requests after the warm-up (a least-squares slope over the samples past
 WARMUP requests).
 
     python benchmarks/soak.py [--requests 6000] [--concurrency 8] [--json]
+        [--trace DIR] [--progress] [--max-s SECONDS]
+
+With an HTTP candidate ``serve`` runs the shadow work in a worker process by default
+(``shadow.process: auto``); the VmRSS of the live process and of the worker are sampled
+and their slopes reported separately and summed. ``--trace DIR`` runs ``serve`` under
+tracemalloc (benchmarks/_traced_serve.py, much slower) and takes a snapshot of both
+processes at the end of the warm-up and at the end; the top growth by source line of
+each is printed (the snapshots stay in DIR). ``--progress`` prints a line per sample to
+stderr (for long runs with output in a log file); ``--max-s`` stops sending after that
+many seconds (the report's ``requests`` is what was sent).
 
 The issue's target is 200k requests; on this shared 2-core machine a run is kept
 short (say so when quoting it). The load average is printed.
@@ -17,34 +27,122 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiohttp
 import numpy as np
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.faults.helpers import (
-    AUTH,
-    TOKEN,
-    body,
-    own_upstream,
-    ready,
-    rss_kib,
-    start_serve,
-    stop,
-    until,
-)
+from tests.faults.helpers import AUTH, TOKEN, body, own_upstream, ready, rss_kib, until
 from tests.proxy.conftest import N_CLASSES
 
+ROOT = Path(__file__).resolve().parents[1]
 
-async def main(n: int, concurrency: int, sample: int, warmup: int) -> dict[str, Any]:
+
+def _log_file(path: Path) -> BinaryIO:
+    return open(path, "wb")  # the child inherits the descriptor; ours closes after spawn
+
+
+async def _serve(config: dict[str, Any], tmp: Path, trace: Path | None) -> tuple[Any, str]:
+    """``serve`` as a child; stderr goes to a file (a pipe nobody reads for an hour
+    could fill and block the proxy). Returns (process, base url)."""
+    path = tmp / "mirrorgate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIRRORGATE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    argv = ["-m", "proxy"]
+    if trace is not None:
+        env["SOAK_TRACE_DIR"] = str(trace)
+    if any(k.startswith("SOAK_") for k in env):  # diagnostics: benchmarks/_traced_serve.py
+        argv = [str(ROOT / "benchmarks" / "_traced_serve.py")]
+    with _log_file(tmp / "serve.stderr") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *argv,
+            "serve",
+            "--config",
+            str(path),
+            "--port",
+            "0",
+            cwd=tmp,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=err,
+        )
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode()
+    if not line.startswith("mirrorgate: listening on "):
+        raise AssertionError(f"serve did not start: {line!r}\n{(tmp / 'serve.stderr').read_text()}")
+    return proc, line.split()[-1]
+
+
+def _worker_pid(tmp: Path) -> int | None:
+    """The shadow worker's pid, from the line serve prints when it starts it."""
+    for line in (tmp / "serve.stderr").read_text(errors="replace").splitlines():
+        if line.startswith("mirrorgate: shadow worker pid "):
+            return int(line.split()[-1])
+    return None
+
+
+def _rss_parts(pid: int) -> dict[str, float]:
+    """RssAnon / RssFile / RssShmem in MiB: heap growth is anonymous memory."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                out[line.split(":")[0]] = round(int(line.split()[1]) / 1024.0, 1)
+    return out
+
+
+def _slope(samples: list[tuple[int, float]], warmup: int) -> float:
+    """Least-squares MiB per 10k requests over the samples at or past ``warmup``."""
+    after = [(k, v) for k, v in samples if k >= warmup]
+    if len(after) < 2:
+        return float("nan")
+    xs = np.array([k for k, _ in after], dtype=float)
+    ys = np.array([v for _, v in after], dtype=float)
+    return float(np.polyfit(xs, ys, 1)[0]) * 10_000
+
+
+async def _snapshot(trace: Path, pids: list[int], n: int) -> None:
+    for pid in pids:
+        os.kill(pid, signal.SIGUSR1)
+    for pid in pids:
+        await until(lambda pid=pid: (trace / f"{pid}-{n}.snap").exists(), "snapshot", 6000)
+
+
+def _trace_report(trace: Path, pid: int, top: int = 25) -> list[str]:
+    first = tracemalloc.Snapshot.load(str(trace / f"{pid}-1.snap"))
+    last = tracemalloc.Snapshot.load(str(trace / f"{pid}-2.snap"))
+    out = []
+    for stat in last.compare_to(first, "traceback")[:top]:
+        frames = " <- ".join(
+            f"{f.filename.split('/mirrorgate/')[-1]}:{f.lineno}" for f in stat.traceback
+        )
+        out.append(f"{stat.size_diff / 1024:+9.1f} KiB {stat.count_diff:+7d} blocks  {frames}")
+    return out
+
+
+async def main(
+    n: int,
+    concurrency: int,
+    sample: int,
+    warmup: int,
+    trace: Path | None,
+    progress: bool,
+    max_s: float | None = None,
+) -> dict[str, Any]:
     champion = await own_upstream(seed=1)
     candidate = await own_upstream(seed=2)
     tmp = Path(tempfile.mkdtemp(prefix="mg-soak-"))
@@ -61,16 +159,23 @@ async def main(n: int, concurrency: int, sample: int, warmup: int) -> dict[str, 
         "mirror": {"timeout_ms": 2000},
         "storage": {"url": f"sqlite:///{tmp / 'pairs.sqlite'}"},
     }
-    proc, base = await start_serve(config, tmp)
+    proc, base = await _serve(config, tmp, trace)
     assert proc.pid is not None
     await until(lambda: ready(base), "proxy ready")
+    worker = _worker_pid(tmp)
+    pids = [proc.pid] + ([worker] if worker is not None else [])
     counter = {"next": 0, "done": 0, "failures": 0}
-    samples: list[tuple[int, int]] = []
+    samples: list[tuple[int, float, float]] = []  # (requests, live MiB, worker MiB)
+    parts: list[tuple[int, dict[str, float]]] = []
+    snap = asyncio.Event()
+    t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     labels = rng.integers(0, N_CLASSES, size=n + concurrency)
 
     async def client(session: aiohttp.ClientSession) -> None:
         while counter["next"] < n:
+            if max_s is not None and time.perf_counter() - t0 > max_s:
+                break  # the time box: the report says how many requests were sent
             counter["next"] += 1
             i = counter["next"]
             try:
@@ -88,36 +193,75 @@ async def main(n: int, concurrency: int, sample: int, warmup: int) -> dict[str, 
                 counter["failures"] += 1
             counter["done"] += 1
             if counter["done"] % sample == 0:
-                samples.append((counter["done"], rss_kib(proc.pid)))
+                live = rss_kib(proc.pid) / 1024.0
+                shadow = rss_kib(worker) / 1024.0 if worker is not None else 0.0
+                samples.append((counter["done"], live, shadow))
+                parts.append((counter["done"], _rss_parts(proc.pid)))
+                if progress:
+                    print(
+                        f"{time.strftime('%H:%M:%S')} {counter['done']} requests, "
+                        f"{counter['done'] / (time.perf_counter() - t0):.1f}/s, "
+                        f"failures {counter['failures']}, live {live:.1f} MiB, "
+                        f"worker {shadow:.1f} MiB, load {os.getloadavg()[0]:.1f}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            if trace is not None and counter["done"] == warmup:
+                snap.set()
+
+    async def snapshots() -> None:
+        assert trace is not None
+        await snap.wait()
+        await _snapshot(trace, pids, 1)
 
     started = time.perf_counter()
     try:
         timeout = aiohttp.ClientTimeout(total=30)
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            await asyncio.gather(*(client(session) for _ in range(concurrency)))
+            tasks = [client(session) for _ in range(concurrency)]
+            if trace is not None:
+                tasks.append(snapshots())
+            await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - started
+        if trace is not None:
+            await _snapshot(trace, pids, 2)
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{base}/v1/rollout", headers=AUTH) as resp:
                 harvest = (await resp.json()).get("harvest")
     finally:
-        await stop(proc)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if worker is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
         await champion.close()
         await candidate.close()
-    after = [(k, v) for k, v in samples if k >= warmup]
-    slope = float("nan")
-    if len(after) >= 2:
-        xs = np.array([k for k, _ in after], dtype=float)
-        ys = np.array([v for _, v in after], dtype=float) / 1024.0
-        slope = float(np.polyfit(xs, ys, 1)[0]) * 10_000
-    return {
-        "requests": n,
+    live_slope = _slope([(k, a) for k, a, _ in samples], warmup)
+    worker_slope = _slope([(k, b) for k, _, b in samples], warmup)
+    report: dict[str, Any] = {
+        "requests": counter["done"],
+        "requests_asked": n,
         "concurrency": concurrency,
         "live_failures": counter["failures"],
-        "requests_per_s": n / elapsed,
-        "rss_mib": [(k, round(v / 1024.0, 1)) for k, v in samples],
-        "rss_growth_mib_per_10k_after_warmup": slope,
+        "requests_per_s": counter["done"] / elapsed,
+        "shadow_worker": worker is not None,
+        "rss_mib": [(k, round(a, 1), round(b, 1)) for k, a, b in samples],
+        "rss_growth_mib_per_10k_after_warmup": {
+            "live": live_slope,
+            "worker": worker_slope,
+            "total": live_slope + worker_slope,
+        },
+        "warmup": warmup,
+        "live_rss_parts_mib": parts,
+        "live_anon_growth_mib_per_10k_after_warmup": _slope(
+            [(k, p.get("RssAnon", 0.0)) for k, p in parts], warmup
+        ),
         "harvest": harvest,
     }
+    if trace is not None:
+        report["tracemalloc_growth"] = {str(pid): _trace_report(trace, pid) for pid in pids}
+    return report
 
 
 if __name__ == "__main__":
@@ -127,8 +271,24 @@ if __name__ == "__main__":
     parser.add_argument("--sample", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=1500)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--trace", type=Path, default=None, help="tracemalloc snapshots here")
+    parser.add_argument("--max-s", type=float, default=None, help="stop sending after this")
+    parser.add_argument("--progress", action="store_true", help="a line per sample (stderr)")
     args = parser.parse_args()
+    if args.trace is not None:
+        args.trace = args.trace.resolve()  # serve runs in its own working directory
+        args.trace.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    report = asyncio.run(main(args.requests, args.concurrency, args.sample, args.warmup))
+    report = asyncio.run(
+        main(
+            args.requests,
+            args.concurrency,
+            args.sample,
+            args.warmup,
+            args.trace,
+            args.progress,
+            args.max_s,
+        )
+    )
     report["load_average"] = {"before": load_before, "after": os.getloadavg()}
     print(json.dumps(report, indent=None if not args.json else 2))

@@ -28,6 +28,13 @@ from sqlalchemy.pool import StaticPool
 
 from storage.errors import StorageError
 
+# SQLite's page cache, per connection (``PRAGMA cache_size``, KiB). Each pooled
+# connection keeps its own, filled with every page it touches, so a growing database
+# grows the process by (connections in the pool) x (this bound): at 32 MB it was the
+# whole of the 200k-request soak's memory growth (docs/faults.md, "Soak"). 2 MiB is
+# SQLite's own default; the recorder appends, so its hot pages are few.
+SQLITE_CACHE_KIB = 2000
+
 _PG_SCHEMES = {"postgresql", "postgres", "postgresql+psycopg"}
 
 
@@ -141,6 +148,6 @@ def _sqlite_pragmas(engine: Engine, *, journal: str | None, busy_timeout_ms: int
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
             cur.execute("PRAGMA temp_store=MEMORY")
-            cur.execute("PRAGMA cache_size=-32000")
+            cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
         finally:
             cur.close()
