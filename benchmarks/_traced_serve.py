@@ -94,6 +94,6 @@ if os.environ.get("SOAK_MALLOC_TRIM_S"):
 
 
 if __name__ == "__main__":
-    from proxy.cli import main
+    from proxy.cli.main import main
 
     raise SystemExit(main())
