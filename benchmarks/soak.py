@@ -10,9 +10,16 @@ WARMUP requests).
     python benchmarks/soak.py [--requests 6000] [--concurrency 8] [--json]
         [--trace DIR] [--progress] [--max-s SECONDS]
 
-With an HTTP candidate ``serve`` runs the shadow work in a worker process by default
-(``shadow.process: auto``); the VmRSS of the live process and of the worker are sampled
-and their slopes reported separately and summed. ``--trace DIR`` runs ``serve`` under
+The candidate is random, so the gates abort it after a few hundred pairs; the soak sets
+``mirror.shadow_after_abort: true`` so that the shadow side (candidate calls, pairing,
+recording, gates, labels, harvesting) stays busy for the whole run
+(``--no-shadow-after-abort``: round 3's soak, mirroring stops at the abort). Every
+``--poll-s`` seconds the proxy's own counters are read (/metrics, GET /v1/rollout): the
+report's ``shadow_busy`` gives candidate calls, pairs and labels written per request sent
+in each window (about 1 when busy, 0 once mirroring stopped). ``--shadow-process``
+(default false, the in-process dispatcher) runs the shadow work in a worker process; the
+VmRSS of the live process and of the worker are then sampled and their slopes reported
+separately and summed. ``--trace DIR`` runs ``serve`` under
 tracemalloc (benchmarks/_traced_serve.py, much slower) and takes a snapshot of both
 processes at the end of the warm-up and at the end; the top growth by source line of
 each is printed (the snapshots stay in DIR). ``--progress`` prints a line per sample to
@@ -28,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -105,6 +113,79 @@ def _rss_parts(pid: int) -> dict[str, float]:
     return out
 
 
+def _sum(families: dict[str, Any], name: str, **labels: str) -> float:
+    fam = families.get(name)
+    if fam is None:
+        return float("nan")
+    return float(
+        sum(
+            s.value
+            for s in fam.samples
+            if s.name.endswith("_total") and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+    )
+
+
+async def _shadow_counters(session: aiohttp.ClientSession, base: str) -> dict[str, Any]:
+    """What the proxy itself says it did on the shadow side (/metrics, GET /v1/rollout)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with session.get(f"{base}/metrics", headers=AUTH) as resp:
+        text = await resp.text()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    async with session.get(f"{base}/v1/rollout", headers=AUTH) as resp:
+        rollout = await resp.json()
+    harvest = (
+        {
+            s.labels["outcome"]: s.value
+            for s in fams["mirrorgate_harvest_cases"].samples
+            if s.name.endswith("_total")
+        }
+        if "mirrorgate_harvest_cases" in fams
+        else {}
+    )
+    return {
+        "candidate_calls": _sum(fams, "mirrorgate_proxy_requests", role="candidate"),
+        "champion_calls": _sum(fams, "mirrorgate_proxy_requests", role="champion"),
+        "pairs_written": _sum(fams, "mirrorgate_recorder_written"),
+        "pairs_dropped": _sum(fams, "mirrorgate_recorder_dropped"),
+        "labels_written": _sum(fams, "mirrorgate_recorder_labels_written"),
+        "labels_dropped": _sum(fams, "mirrorgate_recorder_labels_dropped"),
+        "shadow_dropped": _sum(fams, "mirrorgate_shadow_dropped"),
+        "shadow_failures": _sum(fams, "mirrorgate_shadow_failures"),
+        "harvest": harvest,
+        "verdict": rollout.get("verdict", rollout.get("status")),
+        "n_pairs_rollout": rollout.get("n_pairs", rollout.get("pairs")),
+    }
+
+
+def _busy(windows: list[dict[str, Any]], done: int) -> dict[str, Any]:
+    """Per poll window: candidate calls and pairs written per request sent in it. A
+    shadow side that went quiet (an abort without shadow_after_abort) shows as ~0."""
+    rows = []
+    for a, b in itertools.pairwise(windows):
+        dn = b["requests"] - a["requests"]
+        if dn <= 0:
+            continue
+        rows.append(
+            {
+                "requests": b["requests"],
+                "candidate_per_request": round(
+                    (b["candidate_calls"] - a["candidate_calls"]) / dn, 3
+                ),
+                "pairs_per_request": round((b["pairs_written"] - a["pairs_written"]) / dn, 3),
+                "labels_per_request": round((b["labels_written"] - a["labels_written"]) / dn, 3),
+            }
+        )
+    return {
+        "windows": len(rows),
+        "min_candidate_per_request": min((r["candidate_per_request"] for r in rows), default=None),
+        "min_pairs_per_request": min((r["pairs_per_request"] for r in rows), default=None),
+        "min_labels_per_request": min((r["labels_per_request"] for r in rows), default=None),
+        "per_window": rows,
+    }
+
+
 def _slope(samples: list[tuple[int, float]], warmup: int) -> float:
     """Least-squares MiB per 10k requests over the samples at or past ``warmup``."""
     after = [(k, v) for k, v in samples if k >= warmup]
@@ -142,6 +223,9 @@ async def main(
     trace: Path | None,
     progress: bool,
     max_s: float | None = None,
+    shadow_after_abort: bool = True,
+    shadow_process: bool | str = False,
+    poll_s: float = 30.0,
 ) -> dict[str, Any]:
     champion = await own_upstream(seed=1)
     candidate = await own_upstream(seed=2)
@@ -156,7 +240,11 @@ async def main(
             "champion": model("champion", champion.url),
             "candidate": model("c", candidate.url),
         },
-        "mirror": {"timeout_ms": 2000},
+        # shadow_after_abort: the gates abort this random candidate after a few hundred
+        # pairs; without it the rest of the soak would mirror nothing (round 3 found 99.8%
+        # of a 200k soak ran with no candidate calls, pairs or harvesting).
+        "mirror": {"timeout_ms": 2000, "shadow_after_abort": shadow_after_abort},
+        "shadow": {"process": shadow_process},
         "storage": {"url": f"sqlite:///{tmp / 'pairs.sqlite'}"},
     }
     proc, base = await _serve(config, tmp, trace)
@@ -209,6 +297,22 @@ async def main(
             if trace is not None and counter["done"] == warmup:
                 snap.set()
 
+    windows: list[dict[str, float]] = []  # the proxy's own counters, every poll_s
+
+    async def poll(session: aiohttp.ClientSession) -> None:
+        """The shadow side's counters through the run: busy throughout, not just at first."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), poll_s)
+            try:
+                windows.append(
+                    {"requests": counter["done"], **await _shadow_counters(session, base)}
+                )
+            except (aiohttp.ClientError, TimeoutError):
+                pass  # a missed poll is no failure of the live path
+
+    stop = asyncio.Event()
+
     async def snapshots() -> None:
         assert trace is not None
         await snap.wait()
@@ -218,11 +322,16 @@ async def main(
     try:
         timeout = aiohttp.ClientTimeout(total=30)
         async with aiohttp.ClientSession(timeout=timeout) as session:
+            poller = asyncio.ensure_future(poll(session))
             tasks = [client(session) for _ in range(concurrency)]
             if trace is not None:
                 tasks.append(snapshots())
             await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            await asyncio.sleep(3)  # let the last mirrored calls and writes land
+            stop.set()
+            await poller
+            final = await _shadow_counters(session, base)
         if trace is not None:
             await _snapshot(trace, pids, 2)
         async with aiohttp.ClientSession() as session:
@@ -258,6 +367,10 @@ async def main(
             [(k, p.get("RssAnon", 0.0)) for k, p in parts], warmup
         ),
         "harvest": harvest,
+        "shadow_after_abort": shadow_after_abort,
+        "shadow_counters_end": final,
+        "shadow_counters_windows": windows,
+        "shadow_busy": _busy(windows, counter["done"]),
     }
     if trace is not None:
         report["tracemalloc_growth"] = {str(pid): _trace_report(trace, pid) for pid in pids}
@@ -274,6 +387,14 @@ if __name__ == "__main__":
     parser.add_argument("--trace", type=Path, default=None, help="tracemalloc snapshots here")
     parser.add_argument("--max-s", type=float, default=None, help="stop sending after this")
     parser.add_argument("--progress", action="store_true", help="a line per sample (stderr)")
+    parser.add_argument(
+        "--no-shadow-after-abort",
+        dest="shadow_after_abort",
+        action="store_false",
+        help="let an abort stop the mirroring (round 3's soak: mostly post-abort)",
+    )
+    parser.add_argument("--shadow-process", choices=["false", "true", "auto"], default="false")
+    parser.add_argument("--poll-s", type=float, default=30.0, help="proxy counters every so often")
     args = parser.parse_args()
     if args.trace is not None:
         args.trace = args.trace.resolve()  # serve runs in its own working directory
@@ -288,6 +409,9 @@ if __name__ == "__main__":
             args.trace,
             args.progress,
             args.max_s,
+            args.shadow_after_abort,
+            {"false": False, "true": True}.get(args.shadow_process, "auto"),
+            args.poll_s,
         )
     )
     report["load_average"] = {"before": load_before, "after": os.getloadavg()}

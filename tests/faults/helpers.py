@@ -8,7 +8,7 @@ import sys
 from asyncio.subprocess import Process
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiohttp
 import numpy as np
@@ -92,13 +92,28 @@ async def own_upstream(seed: int, **fault: Any) -> OwnedUpstream:
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def spawn_serve(config: dict[str, Any], tmp_path: Path) -> Process:
+async def spawn_serve(
+    config: dict[str, Any], tmp_path: Path, stderr_file: Path | int | None = None
+) -> Process:
     """``python -m proxy serve`` on ``config`` as a child process on a free port (stdout
-    and stderr piped; no ``MIRRORGATE_`` variables leak in from the test's environment)."""
+    piped; no ``MIRRORGATE_`` variables leak in from the test's environment). stderr is
+    piped, or written to ``stderr_file`` for long runs: a pipe nobody reads fills at
+    64 KiB and then blocks the serve process in its next log line (event loop and all),
+    which is how benchmarks/fault_matrix.py used to wedge after its database phases. An
+    ``int`` is a descriptor the child writes its stderr to (a pipe the test holds)."""
     path = tmp_path / "mirrorgate.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIRRORGATE_")}
     env["PYTHONPATH"] = str(ROOT)
+    if isinstance(stderr_file, int):
+        return await _exec(path, tmp_path, env, stderr_file)
+    if stderr_file is not None:
+        with log_file(stderr_file) as err:  # the child keeps its own descriptor
+            return await _exec(path, tmp_path, env, err)
+    return await _exec(path, tmp_path, env, asyncio.subprocess.PIPE)
+
+
+async def _exec(path: Path, cwd: Path, env: dict[str, str], stderr: Any) -> Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -108,31 +123,43 @@ async def spawn_serve(config: dict[str, Any], tmp_path: Path) -> Process:
         str(path),
         "--port",
         "0",
-        cwd=tmp_path,
+        cwd=cwd,
         env=env,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=stderr,
     )
 
 
-async def start_serve(config: dict[str, Any], tmp_path: Path) -> tuple[Process, str]:
+async def start_serve(
+    config: dict[str, Any], tmp_path: Path, stderr_file: Path | None = None
+) -> tuple[Process, str]:
     """``python -m proxy serve`` as a child process on a free port; returns (proc, base)."""
-    proc = await spawn_serve(config, tmp_path)
+    proc = await spawn_serve(config, tmp_path, stderr_file)
     assert proc.stdout is not None
     line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
     if not line.startswith("mirrorgate: listening on "):
-        err = await proc.stderr.read() if proc.stderr else b""
-        raise AssertionError(f"serve did not start: {line!r}\n{err.decode()[-3000:]}")
+        raise AssertionError(f"serve did not start: {line!r}\n{await stop(proc, stderr_file)}")
     return proc, line.split()[-1]
 
 
-async def stop(proc: Process) -> str:
-    """Kill if still running; return stderr's tail for messages."""
+async def stop(proc: Process, stderr_file: Path | None = None) -> str:
+    """Kill if still running; return stderr's tail (from the pipe or ``stderr_file``)."""
     if proc.returncode is None:
         proc.kill()
         await proc.wait()
+    if stderr_file is not None:
+        return tail(stderr_file)
     err = await proc.stderr.read() if proc.stderr else b""
     return err.decode(errors="replace")[-4000:]
+
+
+def log_file(path: Path) -> BinaryIO:
+    return open(path, "wb")
+
+
+def tail(path: Path, chars: int = 4000) -> str:
+    """The end of a log file (a few KiB: read at failure or teardown only)."""
+    return path.read_bytes().decode(errors="replace")[-chars:]
 
 
 async def ready(base: str) -> bool:

@@ -27,6 +27,7 @@ from aiohttp import web
 from gates.presets import DESCRIPTIONS as PRESET_TEXT
 from proxy.core.config import MirrorgateConfig, load_config
 from proxy.core.errors import ConfigError, MirrorgateError
+from proxy.core.logqueue import install_queued_logging
 from proxy.dataplane.limits import (
     GuardedAppRunner,
     default_max_connections,
@@ -85,11 +86,16 @@ def run(args: argparse.Namespace) -> int:
     from proxy.shadow.worker import run_loop
 
     check(config, args.config)
-    if split_mode(config):
-        # The sinks live in the shadow worker process (proxy/shadow/worker.py).
-        pairs_out = getattr(args, "pairs_out", None)
-        return run_loop(serve(config, pairs_out=pairs_out), config.server.event_loop)
-    return run_loop(serve(config, sinks=build_sinks(config, args)), config.server.event_loop)
+    # A blocked stderr must not stop the event loop (and the live path) in a log write.
+    restore_logging = install_queued_logging()
+    try:
+        if split_mode(config):
+            # The sinks live in the shadow worker process (proxy/shadow/worker.py).
+            pairs_out = getattr(args, "pairs_out", None)
+            return run_loop(serve(config, pairs_out=pairs_out), config.server.event_loop)
+        return run_loop(serve(config, sinks=build_sinks(config, args)), config.server.event_loop)
+    finally:
+        restore_logging()
 
 
 async def serve(

@@ -1,0 +1,81 @@
+"""Log lines leave the serving process through a bounded queue and a writer thread.
+
+A log handler that writes to stderr blocks its caller when stderr blocks: a pipe nobody
+reads (a wedged log collector, a parent that stopped reading) fills at 64 KiB, and the
+next ``log.warning`` on the event loop then stops the whole proxy, live path included.
+A database outage makes that likely: every failed gate-evaluation write logs a
+traceback from the event loop (benchmarks/fault_matrix.py wedged that way, docs/faults.md
+"Round 4"). Here the root logger's handlers run in one daemon thread fed by a bounded
+queue; the event loop only formats the message and enqueues it, and when the queue is
+full the record is dropped and counted, never waited for. The lines that do get out keep
+their order and their format.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+# Records held while stderr is blocked: enough for a burst, bounded in memory.
+DEFAULT_MAX_RECORDS = 10_000
+_STOP = None
+
+
+class _DroppingQueueHandler(logging.Handler):
+    def __init__(self, records: queue.Queue[logging.LogRecord | None]) -> None:
+        super().__init__()
+        self.records = records
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Freeze the message now (its arguments may change or die later); the traceback
+        # (exc_info) travels as is so the writer's formatter renders it as before.
+        record.msg = record.getMessage()
+        record.args = None
+        try:
+            self.records.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+def _drain(records: queue.Queue[logging.LogRecord | None], handlers: list[logging.Handler]) -> None:
+    while True:
+        record = records.get()
+        if record is _STOP:
+            return
+        for handler in handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+        del record  # no traceback (and its frames) kept alive while waiting
+
+
+def install_queued_logging(
+    max_records: int = DEFAULT_MAX_RECORDS, stop_timeout_s: float = 2.0
+) -> Callable[[], int]:
+    """Move the root logger's handlers behind a queue and a writer thread. Returns
+    ``restore``: flushes what it can within ``stop_timeout_s`` (a blocked stderr must not
+    hold the exit either), puts the handlers back and returns the number of dropped
+    records."""
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    records: queue.Queue[logging.LogRecord | None] = queue.Queue(max_records)
+    front = _DroppingQueueHandler(records)
+    writer = threading.Thread(
+        target=_drain, args=(records, handlers), name="mirrorgate-log-writer", daemon=True
+    )
+    writer.start()
+    root.handlers = [front]
+
+    def restore() -> int:
+        root.handlers = handlers
+        try:
+            records.put(_STOP, timeout=stop_timeout_s)
+        except queue.Full:
+            pass
+        else:
+            writer.join(stop_timeout_s)
+        return front.dropped
+
+    return restore
