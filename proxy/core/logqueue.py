@@ -14,6 +14,7 @@ their order and their format.
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import queue
 import threading
 from collections.abc import Callable
@@ -23,19 +24,24 @@ DEFAULT_MAX_RECORDS = 10_000
 _STOP = None
 
 
-class _DroppingQueueHandler(logging.Handler):
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
+    """The stdlib's queue handler, except that a full queue drops and counts instead of
+    reporting an error on the very stderr that is blocked, and that the traceback
+    travels as ``exc_info`` (the JSON log format renders it as its own field)."""
+
     def __init__(self, records: queue.Queue[logging.LogRecord | None]) -> None:
-        super().__init__()
-        self.records = records
+        super().__init__(records)
         self.dropped = 0
 
-    def emit(self, record: logging.LogRecord) -> None:
-        # Freeze the message now (its arguments may change or die later); the traceback
-        # (exc_info) travels as is so the writer's formatter renders it as before.
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        # Freeze the message now (its arguments may change or die later).
         record.msg = record.getMessage()
         record.args = None
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
         try:
-            self.records.put_nowait(record)
+            self.queue.put_nowait(record)
         except queue.Full:
             self.dropped += 1
 
