@@ -3,7 +3,8 @@
 A live process (``mirrorgate serve`` with a candidate) keeps its champion (and its
 candidate, to answer canary traffic) but runs no mirrored work: its
 :class:`~proxy.dataplane.mirror.MirrorDispatcher` hands every job to :meth:`ShadowChannel.submit`,
-which pickles it and writes one frame on a Unix socket to the worker. ``submit`` never
+which writes it as one frame on a Unix socket to the worker (a pass-through pair as
+its raw bytes, anything else pickled: proxy/shadow/wire.py). ``submit`` never
 waits: it drops and counts (``mirrorgate_shadow_dropped_total{reason}``) when
 
 * ``worker_down``: no worker connected (it died and is restarting, or is not up yet);
@@ -132,9 +133,15 @@ class ShadowChannel:
         if not pending or transport is None:
             return  # _disconnected counted them (worker_down)
         frames: list[bytes] = []
-        for pair in pending:
+        for job, other in pending:
+            kind = wire.EXCHANGE
             try:
-                payload = pickle.dumps(pair, protocol=pickle.HIGHEST_PROTOCOL)
+                # A pass-through pair (nearly every job with a remote champion) goes as
+                # its raw bytes in a compact frame; anything else is pickled.
+                payload = wire.encode_exchange(job) if other is None else None
+                if payload is None:
+                    kind = wire.JOB
+                    payload = pickle.dumps((job, other), protocol=pickle.HIGHEST_PROTOCOL)
             except (pickle.PicklingError, AttributeError, TypeError):
                 # e.g. a job carrying a closure: never an error on the live path; the
                 # job must carry data (raw bytes, arrays) and module-level callables.
@@ -149,7 +156,7 @@ class ShadowChannel:
                 self._sent -= 1
                 self._drop("handoff_bytes")
                 continue
-            frames.append(wire.frame(wire.JOB, payload))
+            frames.append(wire.frame(kind, payload))
             self._sent_bytes += len(payload)
         if frames:
             # A non-blocking write: the kernel takes it, else the transport buffers it

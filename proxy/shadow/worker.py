@@ -63,9 +63,9 @@ class _Intake(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         taken = 0
         for kind, payload in self.reader.feed(data):
-            if kind != wire.JOB:
+            if kind != wire.JOB and kind != wire.EXCHANGE:
                 continue
-            self.hub.take(payload)
+            self.hub.take(kind, payload)
             self.jobs += 1
             self.bytes += len(payload)
             taken += 1
@@ -89,6 +89,7 @@ class WorkerHub:
         self.control_url = control_url
         self.peers: set[_Intake] = set()
         self.ready = False
+        self.exchanges = wire.ExchangeReader()
         self.taken = Counter(
             "mirrorgate_shadow_handoff_taken",
             "Jobs the shadow worker took in from the live processes' hand-off.",
@@ -110,7 +111,7 @@ class WorkerHub:
         for peer in list(self.peers):
             peer.send_state()
 
-    def take(self, payload: bytes) -> None:
+    def take(self, kind: int, payload: bytes) -> None:
         mirror = self.proxy.mirror
         if mirror is None:
             # Jobs from a live process that served before the worker loaded (readiness
@@ -118,7 +119,10 @@ class WorkerHub:
             self.proxy.metrics.shadow_dropped.labels(reason="worker_loading").inc()
             return
         try:
-            job, other = pickle.loads(payload)
+            if kind == wire.EXCHANGE:
+                job, other = self.exchanges.decode(payload), None
+            else:
+                job, other = pickle.loads(payload)
         except Exception:
             log.exception("a handed-off job could not be read")
             self.proxy.metrics.shadow_dropped.labels(reason="bad_job").inc()

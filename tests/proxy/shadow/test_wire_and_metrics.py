@@ -82,6 +82,7 @@ class _Transport:
     def __init__(self) -> None:
         self.writes = 0
         self.frames: list[bytes] = []
+        self.kinds: list[int] = []
         self._reader = wire.FrameReader()
 
     def is_closing(self) -> bool:
@@ -90,7 +91,8 @@ class _Transport:
     def write(self, data: bytes) -> None:
         self.writes += 1
         for kind, payload in self._reader.feed(data):
-            assert kind == wire.JOB
+            assert kind in (wire.JOB, wire.EXCHANGE)
+            self.kinds.append(kind)
             self.frames.append(payload)
 
 
@@ -201,3 +203,22 @@ async def test_jobs_lost_with_the_worker_are_counted() -> None:
     assert len(transport.frames) == 5  # the buffered one was never written
     channel.submit(_job(9), None)  # no worker connected now
     assert _dropped(metrics, "worker_down") == 6
+
+
+async def test_pass_through_pairs_go_as_exchange_frames_the_rest_pickled() -> None:
+    from tests.proxy.shadow.test_exchange_frames import _exchange_job
+
+    channel, metrics, transport = _channel()
+    exchange = _exchange_job()
+    channel.submit(exchange, None)
+    channel.submit(_job(1), None)  # decoded inputs: pickled
+    channel.submit(_exchange_job(), CallOutcome(None, 0.2, "timeout: x", "timeout"))
+    await _next_iteration()
+    assert transport.kinds == [wire.EXCHANGE, wire.JOB, wire.JOB]
+    assert wire.ExchangeReader().decode(transport.frames[0]).request_id == "req-1"
+    assert pickle.loads(transport.frames[1])[0].request_id == "r1"
+    job, other = pickle.loads(transport.frames[2])
+    assert other.reason == "timeout" and job.request_id == "req-1"
+    # the byte accounting counts each frame's payload, whatever its kind
+    assert channel._sent_bytes == sum(len(f) for f in transport.frames)
+    assert channel.outstanding == 3 and _dropped(metrics, "unpicklable") == 0
