@@ -219,9 +219,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     lambda s, u, b: _saturate(s, u, b, args.concurrency),
                 ),
             )
-            for t in targets:  # the worker's own timers (gates' tick, flushes), no traffic
-                cpu0 = _cpu(t.worker_pid)
-                await asyncio.sleep(args.idle_s)
+            # the workers' own timers (gates' tick, flushes), no traffic: every target
+            # over the same window, after the warm-ups' work settled
+            await asyncio.sleep(2.0)
+            idle0 = [_cpu(t.worker_pid) for t in targets]
+            await asyncio.sleep(args.idle_s)
+            for t, cpu0 in zip(targets, idle0, strict=True):
                 t.idle_ms_per_s = 1000.0 * (_cpu(t.worker_pid) - cpu0) / args.idle_s
             for _ in range(args.rounds):
                 for phase, count, drive in phases:

@@ -329,6 +329,26 @@ class HttpBackend:
     async def infer(
         self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None
     ) -> dict[str, np.ndarray]:
+        body, headers = self.infer_request(inputs, outputs)
+        reply = await self._send("POST", self._infer_url, body, headers, self._timeout_s)
+        return await self.infer_result(reply, outputs)
+
+    # The two halves of :meth:`infer` around the transport, so that another transport
+    # (the shadow worker's raw client, proxy/shadow/candidate_client.py) makes the same
+    # request and reads the reply by the same rules.
+
+    @property
+    def infer_url(self) -> str:
+        return self._infer_url
+
+    @property
+    def timeout_s(self) -> float:
+        return self._timeout_s
+
+    def infer_request(
+        self, inputs: dict[str, np.ndarray], outputs: list[str] | None
+    ) -> tuple[bytes, list[tuple[str, str]]]:
+        """The body and headers of a rebuilt infer call (encoding per the upstream)."""
         rid = context.request_id.get()
         binary = self.binary
         body, header_length = encode_infer_request(
@@ -342,7 +362,10 @@ class HttpBackend:
             headers.append(("X-Request-Id", rid))
         if header_length is not None:
             headers.append((HEADER_LENGTH, str(header_length)))
-        reply = await self._send("POST", self._infer_url, body, headers, self._timeout_s)
+        return body, headers
+
+    async def infer_result(self, reply: Reply, outputs: list[str] | None) -> dict[str, np.ndarray]:
+        """The outputs of a rebuilt call's reply; the upstream's failures as errors."""
         if reply.status != 200:
             message = (
                 f"upstream {self.model!r} answered {upstream_message(reply.status, reply.body)}"

@@ -32,11 +32,13 @@ from typing import Any, cast
 from aiohttp import web
 from prometheus_client import Counter
 
+from proxy.backends.http import HttpBackend
 from proxy.core.config import MirrorgateConfig
 from proxy.core.errors import MirrorgateError
 from proxy.dataplane.state import STATE, ProxyState
 from proxy.server.app import create_app
 from proxy.shadow import wire
+from proxy.shadow.candidate_client import RawCandidate
 from storage.sink import PairSink
 
 log = logging.getLogger("mirrorgate.shadow")
@@ -194,6 +196,19 @@ def _sinks(config: MirrorgateConfig, pairs_out: str | None) -> list[PairSink]:
     return sinks
 
 
+def _raw_candidate(state: ProxyState) -> None:
+    """The mirrored candidate calls on the raw keep-alive pool (candidate_client.py).
+
+    Swapped in after the models loaded: the pinned check at start used the aiohttp
+    client, which is the same request by the same rules. A candidate that is not a bare
+    ``HttpBackend`` (an in-process model) keeps its own ``infer``."""
+    mirror, candidate = state.mirror, state.candidate
+    if mirror is None or type(candidate) is not HttpBackend or mirror.candidate is not candidate:
+        return
+    raw = RawCandidate(candidate)
+    state.candidate = mirror.candidate = raw
+
+
 async def _worker(
     config: MirrorgateConfig, socket_path: str, pairs_out: str | None, conn: Connection
 ) -> int:
@@ -236,6 +251,7 @@ async def _worker(
                     if isinstance(error, MirrorgateError)
                     else MirrorgateError(f"model load failed: {error!r}")
                 )
+        _raw_candidate(state)
         hub.ready = True
         hub.broadcast()
         log.info("shadow worker ready (control plane %s)", hub.control_url)
