@@ -285,3 +285,84 @@ async def test_a_crashed_worker_is_restarted_and_the_live_path_keeps_serving(
         if served.proc.returncode is None:
             served.proc.kill()
     assert "the shadow worker exited" in "".join(served.lines)
+
+
+async def _send_mix(session: aiohttp.ClientSession, base: str) -> int:
+    """JSON, binary-tensor and batched requests, slice header and parameter: the
+    shapes of traffic a pair is built from. Returns the pairs they make."""
+    from proxy.protocol.codec import HEADER_LENGTH, encode_infer_request
+    from tests.faults.helpers import features
+
+    url = f"{base}/v2/models/{MODEL}/infer"
+    pairs = 0
+    for i in range(6):
+        doc = body(i, rows=1 + i % 3)
+        doc["parameters"] = {"tenant": f"t{i % 2}"}
+        async with session.post(url, json=doc, headers={"X-Mirrorgate-Slice-region": "eu"}) as resp:
+            assert resp.status == 200, await resp.text()
+        pairs += 1 + i % 3
+    for i in range(6, 10):
+        raw, hl = encode_infer_request({"x": features(i, 1)}, request_id=f"r{i}")
+        headers = {HEADER_LENGTH: str(hl), "Content-Type": "application/octet-stream"}
+        async with session.post(url, data=raw, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+        pairs += 1
+    return pairs
+
+
+def _comparable(path: Path) -> list[dict[str, Any]]:
+    """The recorded pairs minus what differs between two runs by nature (time)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        row.pop("ts", None)
+        for side in ("champion", "candidate"):
+            row[side].pop("latency_ms", None)
+    return sorted(rows, key=lambda r: r["id"])
+
+
+async def _record_mix(
+    run: Path, champion: str, candidate: str, process: bool
+) -> tuple[int, list[dict[str, Any]]]:
+    slicing = {"slices": {"headers": ["region"], "parameters": ["tenant"]}}
+    served = await _serve(run, champion, candidate, shadow={"process": process}, **slicing)
+    try:
+        async with aiohttp.ClientSession() as session:
+            pairs = await _send_mix(session, served.base)
+
+            async def all_written() -> bool:
+                m = await _metrics(session, served.base)
+                return m.get("mirrorgate_recorder_written_total", 0) >= pairs
+
+            await until(all_written, f"{pairs} pairs written")
+            await until(lambda: _idle(session, served.base), "worker idle")
+            m = await _metrics(session, served.base)
+            # exact accounting: every request became its pairs, nothing dropped
+            assert m["mirrorgate_recorder_written_total"] == pairs
+            dropped = sum(v for k, v in m.items() if k.startswith("mirrorgate_shadow_dropped"))
+            assert dropped == 0
+            if process:
+                assert m["mirrorgate_shadow_handoff_taken_total"] == 10
+        assert await served.stop() == 0
+    finally:
+        if served.proc.returncode is None:
+            served.proc.kill()
+    return pairs, _comparable(run / "pairs.jsonl")
+
+
+async def test_the_worker_records_the_pairs_the_in_process_path_records_and_counts_each(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    # the worker gets pass-through pairs as X frames and calls the candidate on the raw
+    # client; the in-process path decodes the same job objects and calls through aiohttp
+    champion = await start_upstream(seed=1)
+    candidate = await start_upstream(seed=2)
+    for name in ("in-process", "worker"):
+        (tmp_path / name).mkdir()
+    pairs, here = await _record_mix(tmp_path / "in-process", champion.url, candidate.url, False)
+    _, there = await _record_mix(tmp_path / "worker", champion.url, candidate.url, True)
+    assert len(there) == pairs == 16  # rows 1+2+3+1+2+3 and four single ones
+    assert there == here
+    # the slices came through the frame (a header) and the worker's decode (a parameter)
+    json_rows = [r for r in there if "tenant" in r["slices"]]
+    assert len(json_rows) == 12 and {r["slices"]["tenant"] for r in json_rows} == {"t0", "t1"}
+    assert all(r["slices"]["region"] == "eu" for r in json_rows)
