@@ -4,9 +4,9 @@ Starts, as separate processes on loopback: the V2 test upstream (``softmax(x @ W
 tests/proxy/upstream.py) as champion and one as candidate, and ``mirrorgate serve`` with
 both remote (``kind: http``), shadow mode, ``shadow.process: true`` (the live process
 hands each pair to the shadow worker process), storage on (a throwaway SQLite file,
-inputs captured per the default policy) and gates on. ``--baseline DIR`` starts a second
-``serve`` running the code of another checkout (``DIR`` holds its ``proxy`` package),
-with its own upstreams' load shared: before and after in one run, phases interleaved.
+inputs captured per the default policy) and gates on. ``--baseline DIR`` (repeatable) starts
+one more ``serve`` running the code of another checkout (``DIR`` holds its ``proxy``
+package) on the same upstreams: before and after in one run, phases interleaved.
 
 Two phases per round, for each target in turn:
 
@@ -175,8 +175,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         cand_proc, candidate = await _spawn(*up, "--seed", "2")
         procs += [champ_proc, cand_proc]
         roots = [("this tree", ROOT)]
-        if args.baseline:
-            roots.append(("baseline", args.baseline.resolve()))
+        for base in args.baseline or ():
+            roots.append((f"baseline {base.name}", base.resolve()))
         targets: list[Target] = []
         for name, root in roots:
             path = tmp / f"{len(targets)}.yaml"
@@ -305,13 +305,14 @@ def _markdown(report: dict[str, Any]) -> str:
     for name, idle in report["idle_ms_per_s"].items():
         out.append(f"- {name}: worker CPU with no traffic {idle:.1f} ms per second")
     names = list(report["targets"])
-    if len(names) == 2:
+    if len(names) > 1:
         out.append("")
+    for other in names[1:]:
         for phase in report["targets"][names[0]]:
             mine = report["targets"][names[0]][phase]["worker_ms_per_pair"]
-            base = report["targets"][names[1]][phase]["worker_ms_per_pair"]
+            base = report["targets"][other][phase]["worker_ms_per_pair"]
             out.append(
-                f"- {labels[phase]}: worker CPU per pair, this tree / baseline: {mine / base:.2f}"
+                f"- {labels[phase]}: worker CPU per pair, this tree / {other}: {mine / base:.2f}"
             )
     return "\n".join(out)
 
@@ -329,8 +330,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "--baseline",
         type=Path,
-        help="another checkout (e.g. main): a second serve with its code, phases "
-        "interleaved with this tree's, for a before/after from one run",
+        action="append",
+        help="another checkout (e.g. main; repeatable): one more serve with its code, "
+        "phases interleaved with this tree's, for a before/after from one run",
     )
     ns = parser.parse_args()
     result = asyncio.run(main(ns))
