@@ -11,6 +11,7 @@ from __future__ import annotations
 import pickle
 import random
 import struct
+from typing import Any
 
 import numpy as np
 import pytest
@@ -36,8 +37,9 @@ def _exchange_job(
     headers: tuple[tuple[str, str], ...] = (("traceparent", "00-ab-cd-01"),),
     keys: tuple[str, ...] = ("tenant",),
     offload: bool = False,
+    features: int = 8,
 ) -> _Job:
-    x = np.arange(8, dtype=np.float32).reshape(1, 8)
+    x = np.arange(features, dtype=np.float32).reshape(1, features)
     body, hl = encode_infer_request(
         {"x": x}, request_id="req-1", parameters={"tenant": "acme"}, binary=binary
     )
@@ -206,3 +208,66 @@ def test_hostile_lengths_counts_flags_and_text_are_frame_errors() -> None:
             reader.decode(bytes(data))
         except wire.FrameError:
             pass
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    def submit(self, record: Any) -> bool:
+        self.records.append(record)
+        return True
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_the_worker_takes_good_frames_and_counts_bad_ones_as_bad_job() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from proxy.core.metrics import ProxyMetrics
+    from proxy.dataplane.mirror import MirrorDispatcher
+    from proxy.dataplane.slicing import Slicer
+    from proxy.dataplane.state import ProxyState
+    from proxy.shadow.worker import WorkerHub
+    from tests.faults.helpers import until
+    from tests.proxy.conftest import N_FEATURES, NumpyBackend, make_config
+    from tests.proxy.upstream import UpstreamModel
+
+    config = make_config("http://127.0.0.1:9", "http://127.0.0.1:9")
+    registry = CollectorRegistry()
+    metrics = ProxyMetrics(registry)
+    sink = _Sink()
+    model = UpstreamModel(N_FEATURES, 3, 1)
+    state = ProxyState(
+        config=config,
+        registry=registry,
+        metrics=metrics,
+        slicer=Slicer(config.slices, config.features),
+        sinks=[sink],
+    )
+    state.mirror = MirrorDispatcher(
+        champion=NumpyBackend(model),
+        candidate=NumpyBackend(model),
+        config=config,
+        sinks=[sink],
+        metrics=metrics,
+    )
+    hub = WorkerHub(state, "http://127.0.0.1:1")
+
+    def count(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    good = wire.encode_exchange(_exchange_job(features=N_FEATURES))
+    assert good is not None
+    hub.take(wire.EXCHANGE, good)
+    await until(lambda: len(sink.records) == 1, "the pair recorded")
+    record = sink.records[0]
+    assert record.id == "req-1" and record.candidate.error is None
+    assert record.slices == {"region": "eu", "tenant": "acme"}
+    for bad in (good[:-1], good + b"x", b"", b"\0" * 80):
+        hub.take(wire.EXCHANGE, bad)
+    hub.take(wire.JOB, b"not a pickle")
+    assert count("mirrorgate_shadow_dropped_total", reason="bad_job") == 5
+    assert count("mirrorgate_shadow_handoff_taken_total") == 1
+    assert len(sink.records) == 1
