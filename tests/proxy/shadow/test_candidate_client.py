@@ -237,3 +237,50 @@ async def test_a_header_that_would_split_the_request_is_refused() -> None:
     with pytest.raises(BackendError) as err:
         await client.post("/p", [("X-Evil", "a\r\nX-Injected: 1")], b"", 5.0)
     assert err.value.status == 400
+
+
+async def test_tls_with_the_backends_ca_and_client_certificate(tmp_path: Any) -> None:
+    import ssl
+
+    from aiohttp import web
+
+    from tests.proxy.dataplane.test_passthrough import _make_pki
+    from tests.proxy.upstream import Upstream, UpstreamModel
+
+    _make_pki(tmp_path)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tmp_path / "ca.pem"))
+    ctx.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    ctx.verify_mode = ssl.CERT_REQUIRED  # mTLS: no client certificate, no service
+    upstream = Upstream(UpstreamModel(N_FEATURES, 3, 1))
+    runner = web.AppRunner(upstream.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    mtls = {
+        "ca_file": str(tmp_path / "ca.pem"),
+        "cert_file": str(tmp_path / "client.pem"),
+        "key_file": str(tmp_path / "client.key"),
+    }
+    try:
+        raw = RawCandidate(
+            await HttpBackend.create(_settings(f"https://127.0.0.1:{port}", upstream=mtls))
+        )
+        try:
+            for seed in range(2):
+                out = await raw.infer({"x": _x(1, seed)})
+                want = upstream.model.predict(_x(1, seed))["probs"]
+                np.testing.assert_allclose(out["probs"], want)
+            assert len(raw.client._idle) == 1  # kept alive over TLS too
+        finally:
+            await raw.aclose()
+        # the same client without its certificate is refused by the upstream
+        no_cert = CandidateClient(
+            f"https://127.0.0.1:{port}",
+            tls=ssl.create_default_context(cafile=str(tmp_path / "ca.pem")),
+        )
+        with pytest.raises(BackendError):
+            await no_cert.post("/v2/models/model/infer", [], b"{}", 5.0)
+        no_cert.close()
+    finally:
+        await runner.cleanup()
