@@ -56,12 +56,19 @@ from proxy.protocol.codec import HEADER_LENGTH, encode_infer_request  # noqa: E4
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _config(champion: str, candidate: str, storage_url: str) -> dict[str, Any]:
+def _config(
+    champion: str, candidate: str, storage_url: str, event_loop: str = "asyncio"
+) -> dict[str, Any]:
     def model(name: str, url: str) -> dict[str, Any]:
         return {"name": name, "kind": "http", "url": url, "model": "model", "timeout_ms": 10000}
 
     return {
-        "server": {"host": "127.0.0.1", "model_name": "model", "shutdown_timeout_s": 5},
+        "server": {
+            "host": "127.0.0.1",
+            "model_name": "model",
+            "shutdown_timeout_s": 5,
+            "event_loop": event_loop,
+        },
         "models": {"champion": model("champion", champion), "candidate": model("c", candidate)},
         "mirror": {
             "mode": "shadow",
@@ -174,14 +181,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         champ_proc, champion = await _spawn(*up, "--seed", "1")
         cand_proc, candidate = await _spawn(*up, "--seed", "2")
         procs += [champ_proc, cand_proc]
-        roots = [("this tree", ROOT)]
+        roots = [("this tree", ROOT, "asyncio")]
+        if args.uvloop:
+            roots.append(("this tree, uvloop", ROOT, "uvloop"))
         for base in args.baseline or ():
-            roots.append((f"baseline {base.name}", base.resolve()))
+            roots.append((f"baseline {base.name}", base.resolve(), "asyncio"))
         targets: list[Target] = []
-        for name, root in roots:
+        for name, root, loop in roots:
             path = tmp / f"{len(targets)}.yaml"
             db = f"sqlite:///{tmp / f'{len(targets)}.sqlite'}"
-            path.write_text(yaml.safe_dump(_config(champion, candidate, db)))
+            path.write_text(yaml.safe_dump(_config(champion, candidate, db, loop)))
             proc, base = await _spawn(
                 "-m",
                 "proxy",
@@ -333,6 +342,11 @@ if __name__ == "__main__":
         action="append",
         help="another checkout (e.g. main; repeatable): one more serve with its code, "
         "phases interleaved with this tree's, for a before/after from one run",
+    )
+    parser.add_argument(
+        "--uvloop",
+        action="store_true",
+        help="one more serve of this tree with server.event_loop: uvloop (if installed)",
     )
     ns = parser.parse_args()
     result = asyncio.run(main(ns))
