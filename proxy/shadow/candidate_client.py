@@ -121,6 +121,7 @@ class _Conn(asyncio.Protocol):
         status = self.parser.get_status_code()
         if 100 <= status < 200:  # an interim answer: the real one follows
             self._reset()
+            self.received = True  # the upstream has the request: never retried now
             return
         connection = next((v for k, v in self.headers if k.lower() == "connection"), None)
         reply = Reply(
@@ -240,6 +241,13 @@ class CandidateClient:
         for conn in idle:
             if conn.transport is not None:
                 conn.transport.close()
+
+
+def supports(backend: HttpBackend) -> bool:
+    """Whether the raw pool sends what aiohttp would for this backend: not for a URL
+    carrying credentials (aiohttp turns them into basic auth; the pool does not)."""
+    parts = urlsplit(backend.base_url)
+    return parts.scheme in ("http", "https") and parts.username is None
 
 
 class RawCandidate:

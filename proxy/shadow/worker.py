@@ -37,8 +37,7 @@ from proxy.core.config import MirrorgateConfig
 from proxy.core.errors import MirrorgateError
 from proxy.dataplane.state import STATE, ProxyState
 from proxy.server.app import create_app
-from proxy.shadow import wire
-from proxy.shadow.candidate_client import RawCandidate
+from proxy.shadow import candidate_client, wire
 from storage.sink import PairSink
 
 log = logging.getLogger("mirrorgate.shadow")
@@ -205,7 +204,9 @@ def _raw_candidate(state: ProxyState) -> None:
     mirror, candidate = state.mirror, state.candidate
     if mirror is None or type(candidate) is not HttpBackend or mirror.candidate is not candidate:
         return
-    raw = RawCandidate(candidate)
+    if not candidate_client.supports(candidate):
+        return
+    raw = candidate_client.RawCandidate(candidate)
     state.candidate = mirror.candidate = raw
 
 

@@ -284,3 +284,17 @@ async def test_tls_with_the_backends_ca_and_client_certificate(tmp_path: Any) ->
         no_cert.close()
     finally:
         await runner.cleanup()
+
+
+async def test_a_url_with_credentials_stays_on_aiohttp(start_upstream: Any) -> None:
+    # aiohttp sends a URL's user:password as basic auth; the raw pool would not
+    from proxy.shadow.candidate_client import supports
+
+    up = await start_upstream()
+    plain = await HttpBackend.create(_settings(up.url))
+    with_auth = await HttpBackend.create(_settings(up.url.replace("://", "://u:p@")))
+    try:
+        assert supports(plain) and not supports(with_auth)
+    finally:
+        await plain.aclose()
+        await with_auth.aclose()
