@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import pickle
+import struct
 from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
@@ -91,6 +92,7 @@ class ShadowChannel:
         self._sent = self._sent_bytes = self._acked_jobs = self._acked_bytes = 0
         self._closing = False
         self._unpicklable_logged = False
+        self._exchange_logged = False
         self._task: asyncio.Task[None] | None = None
         self._progress = asyncio.Event()
         self._proxy_state: ProxyState | None = None
@@ -134,11 +136,10 @@ class ShadowChannel:
             return  # _disconnected counted them (worker_down)
         frames: list[bytes] = []
         for job, other in pending:
-            kind = wire.EXCHANGE
+            # A pass-through pair (nearly every job with a remote champion) goes as its
+            # raw bytes in a compact frame; anything else is pickled.
+            kind, payload = wire.EXCHANGE, self._exchange(job) if other is None else None
             try:
-                # A pass-through pair (nearly every job with a remote champion) goes as
-                # its raw bytes in a compact frame; anything else is pickled.
-                payload = wire.encode_exchange(job) if other is None else None
                 if payload is None:
                     kind = wire.JOB
                     payload = pickle.dumps((job, other), protocol=pickle.HIGHEST_PROTOCOL)
@@ -162,6 +163,17 @@ class ShadowChannel:
             # A non-blocking write: the kernel takes it, else the transport buffers it
             # (the byte bound above caps that buffer).
             transport.write(b"".join(frames))
+
+    def _exchange(self, job: _Job) -> bytes | None:
+        try:
+            return wire.encode_exchange(job)
+        except (AttributeError, TypeError, ValueError, OverflowError, struct.error):
+            # a field of another type than the frame carries (bytes for a text, a
+            # value past its width): not an error, the job is pickled instead
+            if not self._exchange_logged:
+                self._exchange_logged = True
+                log.warning("a pass-through job does not fit an X frame: pickled", exc_info=True)
+            return None
 
     @property
     def outstanding(self) -> int:

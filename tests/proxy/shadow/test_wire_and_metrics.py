@@ -222,3 +222,18 @@ async def test_pass_through_pairs_go_as_exchange_frames_the_rest_pickled() -> No
     # the byte accounting counts each frame's payload, whatever its kind
     assert channel._sent_bytes == sum(len(f) for f in transport.frames)
     assert channel.outstanding == 3 and _dropped(metrics, "unpicklable") == 0
+
+
+async def test_an_exchange_with_fields_of_another_type_is_pickled_not_dropped() -> None:
+    from tests.proxy.shadow.test_exchange_frames import _exchange_job
+
+    channel, metrics, transport = _channel()
+    odd = _exchange_job()
+    assert odd.decode is not None
+    odd.decode.header_length = b"12"  # type: ignore[attr-defined]  # bytes, not text
+    channel.submit(odd, None)
+    await _next_iteration()
+    assert transport.kinds == [wire.JOB]
+    job, other = pickle.loads(transport.frames[0])
+    assert job.decode.header_length == b"12" and other is None
+    assert _dropped(metrics, "unpicklable") == 0 and channel.outstanding == 1
