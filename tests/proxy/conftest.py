@@ -206,14 +206,21 @@ def start_proxy(aiohttp_client: Any, live_path: str) -> Callable[..., Awaitable[
     served through ``live_path`` (the byte-level front when "bytes")."""
 
     async def start(config: MirrorgateConfig, **kwargs: Any) -> Proxy:
-        sink = kwargs.pop("sink", None) or MemorySink()
-        registry = CollectorRegistry()
-        app = create_app(config, sinks=[sink], registry=registry, **kwargs)
-        if live_path == "bytes":
-            client = await aiohttp_client(FrontTestServer(app))
-        else:
-            client = await aiohttp_client(app)
-        await wait_loaded(app)
-        return Proxy(client, sink, registry)
+        return await serve_proxy(aiohttp_client, config, live_path, **kwargs)
 
     return start
+
+
+async def serve_proxy(
+    aiohttp_client: Any, config: MirrorgateConfig, live_path: str, **kwargs: Any
+) -> Proxy:
+    """A proxy app with a MemorySink, models loaded, served through ``live_path``."""
+    sink = kwargs.pop("sink", None) or MemorySink()
+    registry = CollectorRegistry()
+    app = create_app(config, sinks=[sink], registry=registry, **kwargs)
+    if live_path == "bytes":
+        client = await aiohttp_client(FrontTestServer(app))
+    else:
+        client = await aiohttp_client(app)
+    await wait_loaded(app)
+    return Proxy(client, sink, registry)
