@@ -112,8 +112,9 @@ class _Conn(asyncio.Protocol):
         else:
             waiter.set_exception(
                 BackendError(
-                    f"upstream {self.pool.base_url} connection failed: connection lost "
-                    f"mid-response{f' ({exc!r})' if exc else ''}"
+                    # aiohttp's words for it ("payload"): both live paths say the same
+                    f"upstream {self.pool.base_url} connection failed: response payload "
+                    f"is not completed, connection lost mid-response{f' ({exc!r})' if exc else ''}"
                 )
             )
 

@@ -616,7 +616,6 @@ class FrontServer:
         backend = self._champion()
         mirror = state.mirror
         assert backend is not None and mirror is not None
-        keep_alive = request.keep_alive and not self.closing
         limit = self._max_body
         coding = content_coding(request.coding)
         header_length = request.header_length
@@ -643,6 +642,7 @@ class FrontServer:
         try:
             reply = await pool.request(head, body, timeout_s)
         except MirrorgateError as exc:
+            keep_alive = request.keep_alive and not self.closing
             state.metrics.observe_champion(exc.status, time.perf_counter() - start)
             failures.failure(backend.base_url, exc.status, exc.message)
             message = f"champion: {exc.message}"
@@ -651,6 +651,8 @@ class FrontServer:
                 keep_alive,
             )
         latency = time.perf_counter() - start
+        # Decided now: a stop that began while the champion worked ends this connection.
+        keep_alive = request.keep_alive and not self.closing
         status = reply.status
         state.metrics.observe_champion(status, latency)
         if status >= 500:
