@@ -215,12 +215,18 @@ class RawPool:
         self._all.add(conn)
         return conn
 
-    async def _once(self, conn: _Conn, head: bytes, body: bytes) -> RawReply:
+    async def _once(self, conn: _Conn, head: bytes, body: bytes, deadline: float) -> RawReply:
+        waiter = conn.send(head, body)
+        # The deadline as one timer on the waiter (no asyncio.timeout: no task lookup
+        # and no cancellation machinery per request on the live path).
+        timer = asyncio.get_running_loop().call_at(deadline, _expire, waiter)
         try:
-            reply = await conn.send(head, body)
+            reply = await waiter
         except BaseException:
             conn._abort()  # mid-exchange (deadline, cancel, failure): never reused
             raise
+        finally:
+            timer.cancel()
         conn.waiter = None
         if reply.keep_alive and not self._closed and len(self._idle) < MAX_IDLE:
             if conn.transport is not None and not conn.transport.is_closing():
@@ -237,26 +243,27 @@ class RawPool:
     async def request(self, head: bytes, body: bytes, timeout_s: float) -> RawReply:
         """Send ``head`` (request line and headers, ending in a blank line) and ``body``;
         the reply, or :class:`BackendTimeout` / :class:`BackendError`."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
         try:
-            async with asyncio.timeout(timeout_s):
-                conn = None
-                while self._idle:
-                    candidate = self._idle.pop()
-                    if candidate.transport is not None and not candidate.transport.is_closing():
-                        conn = candidate
-                        break
-                if conn is not None:
-                    try:
-                        return await self._once(conn, head, body)
-                    except _Stale:
-                        pass  # closed while idle: once more, on a fresh connection
+            conn = None
+            while self._idle:
+                candidate = self._idle.pop()
+                if candidate.transport is not None and not candidate.transport.is_closing():
+                    conn = candidate
+                    break
+            if conn is not None:
                 try:
-                    return await self._once(await self._connect(), head, body)
-                except _Stale as exc:
-                    raise BackendError(
-                        f"upstream {self.base_url} connection failed: "
-                        f"closed before answering ({exc})"
-                    ) from exc
+                    return await self._once(conn, head, body, deadline)
+                except _Stale:
+                    pass  # closed while idle: once more, on a fresh connection
+            async with asyncio.timeout_at(deadline):  # connecting (rare: the pool keeps them)
+                conn = await self._connect()
+            try:
+                return await self._once(conn, head, body, deadline)
+            except _Stale as exc:
+                raise BackendError(
+                    f"upstream {self.base_url} connection failed: closed before answering ({exc})"
+                ) from exc
         except TimeoutError as exc:
             raise BackendTimeout(
                 f"upstream {self.base_url} timed out after {timeout_s * 1000:g} ms"
@@ -269,6 +276,11 @@ class RawPool:
         for conn in list(self._all):
             self._close_conn(conn)
         self._idle.clear()
+
+
+def _expire(waiter: asyncio.Future[RawReply]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 def request_head(
