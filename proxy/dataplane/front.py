@@ -39,27 +39,31 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
-from aiohttp.helpers import rfc822_formatted_time
-from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict
 from prometheus_client import Counter
 
-from proxy.backends.http import HttpBackend, Reply, ssl_context
-from proxy.backends.rawhttp import RawPool, RawReply, request_head
+from proxy.backends.http import HttpBackend, ssl_context
+from proxy.backends.rawhttp import RawPool, request_head
 from proxy.core import context
 from proxy.core.errors import MirrorgateError
 from proxy.core.runtime_settings import ServerLimits
+from proxy.dataplane.http11 import (
+    NAME,
+    Request,
+    as_reply,
+    client_headers,
+    json_error,
+    parse_head,
+    response,
+)
 from proxy.dataplane.limits import _Shed, content_coding
 from proxy.dataplane.passthrough import (
-    MAX_REQUEST_ID_LEN,
     _peek_id,
     _peek_id_coded,
     _usable_id,
@@ -67,8 +71,6 @@ from proxy.dataplane.passthrough import (
     failures,
 )
 from proxy.dataplane.state import ProxyState
-from proxy.protocol.codec import error_body
-from proxy.protocol.headers import HOP_BY_HOP, REQUEST_FRAMING
 
 log = logging.getLogger(__name__)
 
@@ -76,179 +78,8 @@ log = logging.getLogger(__name__)
 MAX_HEAD = 8190
 # Bytes buffered past the request being answered before the client is paused.
 PAUSE_AT = 1 << 20
-_HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([\t\x20-\x7e]*)")
-_NAME = re.compile(r"[A-Za-z0-9._~-]+")
-_INFER = re.compile(rb"/v2/models/([A-Za-z0-9._~-]+)(?:/versions/([A-Za-z0-9._~-]+))?/infer")
-_HOP = frozenset(h.encode() for h in HOP_BY_HOP)
-_FRAMING = frozenset(h.encode() for h in REQUEST_FRAMING)
-_SERVER = SERVER_SOFTWARE.encode()
-_REASONS = {200: b"OK", 408: b"Request Timeout", 500: b"Internal Server Error"}
 
 IDLE, BODY, BUSY, SPLICE, CLOSED = range(5)
-
-
-@dataclass(slots=True)
-class _Request:
-    """What the fast path read from a request head."""
-
-    version10: bool
-    keep_alive: bool
-    path: bytes  # the path from /v2 on, the served name already mapped
-    lines: list[bytes]  # end-to-end header lines the champion gets
-    headers: tuple[tuple[str, str], ...]  # the same, as context.client_headers wants
-    length: int
-    header_length: str | None
-    coding: str | None  # the client's Content-Encoding value
-    request_id: str | None  # the client's X-Request-Id, as sent
-    has_accept: bool
-
-
-def parse_head(head: bytes, served: bytes, model: bytes, max_body: int) -> _Request | None:
-    """The fast path's reading of a request head (without its blank line), or None:
-    anything it is not sure of goes to the aiohttp app, which judges it."""
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[0] != b"POST":
-        return None
-    target, version = parts[1], parts[2]
-    if version == b"HTTP/1.1":
-        version10 = False
-    elif version == b"HTTP/1.0":
-        version10 = True
-    else:
-        return None
-    match = _INFER.fullmatch(target)
-    if match is None or match.group(1) != served or match.group(2) in (b".", b".."):
-        return None
-    path = b"/v2/models/" + model + target[11 + len(served) :]
-    length = -1
-    keep_alive = not version10
-    named: set[bytes] = set()
-    fields: list[tuple[bytes, bytes, bytes]] = []
-    header_length = coding = request_id = None
-    has_accept = False
-    for line in lines[1:]:
-        m = _HEADER.fullmatch(line)
-        if m is None:
-            return None
-        name, value = m.group(1), m.group(2).strip(b" \t")
-        lname = name.lower()
-        if lname == b"content-length":
-            if length >= 0 or not value.isdigit() or len(value) > 18:
-                return None
-            length = int(value)
-        elif lname in (b"transfer-encoding", b"expect", b"upgrade"):
-            return None
-        elif lname == b"connection":
-            for token in value.lower().split(b","):
-                token = token.strip(b" \t")
-                if token == b"upgrade":
-                    return None
-                if token == b"close":
-                    keep_alive = False
-                elif token == b"keep-alive":
-                    keep_alive = True
-                elif token:
-                    named.add(token)
-        elif lname == b"content-encoding":
-            if coding is not None:
-                return None
-            coding = value.decode()
-        elif lname == b"inference-header-content-length":
-            if header_length is not None:
-                return None
-            header_length = value.decode()
-        elif lname == b"x-request-id" and request_id is None:
-            request_id = value.decode()
-        elif lname == b"accept":
-            has_accept = True
-        fields.append((lname, name, value))
-    if length <= 0 or length > max_body:
-        return None
-    kept = [
-        (name, value)
-        for lname, name, value in fields
-        if lname not in _HOP and lname not in named and lname not in _FRAMING
-    ]
-    return _Request(
-        version10,
-        keep_alive,
-        path,
-        [name + b": " + value for name, value in kept],
-        tuple((name.decode(), value.decode()) for name, value in kept),
-        length,
-        header_length,
-        coding,
-        request_id,
-        has_accept,
-    )
-
-
-def _response(
-    version10: bool,
-    status: int,
-    reason: bytes,
-    lines: list[bytes],
-    body: bytes,
-    keep_alive: bool,
-    *,
-    has_type: bool,
-    has_date: bool,
-    has_server: bool,
-) -> bytes:
-    """A response as aiohttp's server writes it for the same ``web.Response``: its own
-    framing, and Content-Type/Date/Server/Connection only where they are missing."""
-    out = [b"HTTP/1.0 " if version10 else b"HTTP/1.1 ", b"%d %s\r\n" % (status, reason)]
-    for line in lines:
-        out += (line, b"\r\n")
-    empty = status in (204, 304) or 100 <= status < 200
-    if not empty:
-        out.append(b"Content-Length: %d\r\n" % len(body))
-        if body and not has_type:
-            out.append(b"Content-Type: application/octet-stream\r\n")
-    if not has_date:
-        out += (b"Date: ", rfc822_formatted_time().encode(), b"\r\n")
-    if not has_server:
-        out += (b"Server: ", _SERVER, b"\r\n")
-    if keep_alive:
-        if version10:
-            out.append(b"Connection: keep-alive\r\n")
-    elif not version10:
-        out.append(b"Connection: close\r\n")
-    out.append(b"\r\n")
-    if not empty:
-        out.append(body)
-    return b"".join(out)
-
-
-def _json_error(
-    version10: bool, status: int, message: str, keep_alive: bool, request_id: str | None = None
-) -> bytes:
-    """``{"error": ...}`` as proxy/dataplane/v2.py's error_middleware answers it."""
-    lines = [b"Content-Type: application/json"]
-    if request_id is not None and 0 < len(request_id) <= MAX_REQUEST_ID_LEN:
-        lines.append(b"X-Request-Id: " + request_id.encode())
-    reason = _REASONS.get(status) or _reason(status)
-    return _response(
-        version10,
-        status,
-        reason,
-        lines,
-        error_body(message),
-        keep_alive,
-        has_type=True,
-        has_date=False,
-        has_server=False,
-    )
-
-
-def _reason(status: int) -> bytes:
-    from http import HTTPStatus
-
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
 
 
 class _Delegate(asyncio.Protocol):
@@ -290,7 +121,7 @@ class _Client(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.phase = IDLE
-        self.request: _Request | None = None
+        self.request: Request | None = None
         self.need = 0
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
@@ -385,7 +216,7 @@ class _Client(asyncio.Protocol):
             self.front.state.metrics.observe_call("champion", 408, None)
             request = self.request
             self.transport.write(
-                _json_error(request.version10 if request else False, 408, message, False)
+                json_error(request.version10 if request else False, 408, message, False)
             )
         self._close()
 
@@ -426,7 +257,7 @@ class _Client(asyncio.Protocol):
             front.answered += 1
             self.loop.create_task(self._answer(request, body))
 
-    async def _answer(self, request: _Request, body: bytes) -> None:
+    async def _answer(self, request: Request, body: bytes) -> None:
         front = self.front
         try:
             try:
@@ -434,7 +265,7 @@ class _Client(asyncio.Protocol):
             except Exception as exc:
                 log.exception("unhandled error on POST %r", request.path)
                 keep_alive = request.keep_alive
-                answer = _json_error(
+                answer = json_error(
                     request.version10,
                     500,
                     f"internal error: {type(exc).__name__}",
@@ -525,7 +356,7 @@ class FrontServer:
         self._pool: RawPool | None = None
         self._pool_of: HttpBackend | None = None
         self._served = state.config.server.model_name.encode()
-        self._usable = _NAME.fullmatch(state.config.server.model_name) is not None
+        self._usable = NAME.fullmatch(state.config.server.model_name) is not None
         self._max_body = state.config.server.max_body_bytes
 
     # ------------------------------------------------------------ listener
@@ -592,13 +423,13 @@ class FrontServer:
         # Canary routing is the aiohttp path's (one draw per request, never two).
         return mirror.candidate is None or mirror.candidate_stopped or mirror.canary_weight <= 0
 
-    def eligible(self, head: bytes) -> _Request | None:
+    def eligible(self, head: bytes) -> Request | None:
         if not self._usable or not self.serving():
             return None
         champion = self._champion()
         assert champion is not None
         model = champion.model
-        if _NAME.fullmatch(model) is None:
+        if NAME.fullmatch(model) is None:
             return None
         return parse_head(head, self._served, model.encode(), self._max_body)
 
@@ -610,7 +441,7 @@ class FrontServer:
             self._pool_of = backend
         return self._pool
 
-    async def answer(self, request: _Request, body: bytes) -> tuple[bytes, bool]:
+    async def answer(self, request: Request, body: bytes) -> tuple[bytes, bool]:
         """The client's answer to a fast-path request, and whether to keep the connection."""
         state = self.state
         backend = self._champion()
@@ -647,7 +478,7 @@ class FrontServer:
             failures.failure(backend.base_url, exc.status, exc.message)
             message = f"champion: {exc.message}"
             return (
-                _json_error(request.version10, exc.status, message, keep_alive, request.request_id),
+                json_error(request.version10, exc.status, message, keep_alive, request.request_id),
                 keep_alive,
             )
         latency = time.perf_counter() - start
@@ -657,11 +488,11 @@ class FrontServer:
         state.metrics.observe_champion(status, latency)
         if status >= 500:
             failures.failure(backend.base_url, status, reply.body[:200].decode(errors="replace"))
-        out, kept = _client_headers(reply)
+        out, kept = client_headers(reply)
         if b"x-request-id" not in kept:
             out.append(b"X-Request-Id: " + rid.encode())
         out.append(b"X-Mirrorgate-Served-By: champion")
-        answer = _response(
+        answer = response(
             request.version10,
             status,
             reply.reason,
@@ -681,7 +512,7 @@ class FrontServer:
                 decode=exchange_decoder(
                     body,
                     header_length,
-                    _as_reply(reply),
+                    as_reply(reply),
                     state.slicer.parameter_slices,
                     coding,
                     limit,
@@ -690,51 +521,11 @@ class FrontServer:
             )
         return answer, keep_alive
 
-    def _slices(self, request: _Request) -> dict[str, str]:
+    def _slices(self, request: Request) -> dict[str, str]:
         slicer = self.state.slicer
         if not slicer.header_keys:
             return {}
         return slicer.request_slices(CIMultiDict(request.headers), {})
-
-
-def _client_headers(reply: RawReply) -> tuple[list[bytes], set[bytes]]:
-    """The champion's end-to-end header lines for the client (hop-by-hop, those its
-    Connection names, its framing and a served-by of its own dropped), and the
-    lower-case names kept."""
-    named: set[bytes] = set()
-    for name, value in reply.headers:
-        if name.lower() == b"connection":
-            named.update(t.strip(b" \t").lower() for t in value.split(b","))
-    out: list[bytes] = []
-    kept: set[bytes] = set()
-    for name, value in reply.headers:
-        lname = name.lower()
-        if (
-            lname in _HOP
-            or lname in named
-            or lname == b"content-length"
-            or lname == b"x-mirrorgate-served-by"
-        ):
-            continue
-        kept.add(lname)
-        out.append(name + b": " + value)
-    return out, kept
-
-
-def _as_reply(reply: RawReply) -> Reply:
-    """The champion's answer as passthrough's :class:`Reply` (what the decoder reads)."""
-    named = {
-        t.strip(b" \t").lower()
-        for name, value in reply.headers
-        if name.lower() == b"connection"
-        for t in value.split(b",")
-    }
-    headers = tuple(
-        (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        for name, value in reply.headers
-        if name.lower() not in _HOP and name.lower() not in named
-    )
-    return Reply(reply.status, reply.reason.decode("latin-1"), headers, reply.body)
 
 
 # ---------------------------------------------------------------- which live path
