@@ -4,10 +4,12 @@ Starts, as separate processes on loopback: the V2 test upstream (``softmax(x @ W
 champion and two candidate upstreams (one for nginx, one for the mirrorgates, so
 candidate calls are attributable), a minimal aiohttp pass-through proxy (the Python
 floor, benchmarks/passthrough_floor.py), nginx with ``mirror`` to the candidate (when
-``nginx`` is installed: Debian's nginx-light), and ``mirrorgate serve`` four ways: no
+``nginx`` is installed: Debian's nginx-light), and ``mirrorgate serve`` several ways: no
 candidate; shadow in-process (the design before the worker process); the default
 (shadow in a worker process); the same with two live processes (``server.workers: 2``);
-and, with ``BENCH_UVLOOP=1``, the default on uvloop. Every mirrorgate
+no candidate and the default again on the aiohttp live path (``server.live_path:
+aiohttp``, the live path before the byte-level front); and, with ``BENCH_UVLOOP=1``,
+the default on uvloop. Every mirrorgate
 records pairs to SQLite and runs the gates. Two prototype rows (benchmarks/mirror_floor.py,
 measurement only) show the cheapest Python mirror: ``asyncio.Protocol`` forwarding of the
 raw bytes, with and without handing each pair to a child process. ``--baseline DIR``
@@ -197,14 +199,17 @@ def _pct(values: list[float], q: float) -> float:
 
 
 MIRRORGATES = {
-    # name: (candidate?, shadow.process, server.event_loop, server.workers)
-    "mirrorgate, no candidate": (False, "auto", "asyncio", 1),
-    "mirrorgate shadow, in-process (before)": (True, False, "asyncio", 1),
-    "mirrorgate shadow, worker process (default)": (True, True, "asyncio", 1),
-    "mirrorgate shadow, worker process, 2 live processes": (True, True, "asyncio", 2),
+    # name: (candidate?, shadow.process, server.event_loop, server.workers, server.live_path)
+    # live_path None: the default (auto: the byte-level front before a remote champion)
+    "mirrorgate, no candidate": (False, "auto", "asyncio", 1, None),
+    "mirrorgate, no candidate, aiohttp live path": (False, "auto", "asyncio", 1, "aiohttp"),
+    "mirrorgate shadow, in-process (before)": (True, False, "asyncio", 1, "aiohttp"),
+    "mirrorgate shadow, worker process (default)": (True, True, "asyncio", 1, None),
+    "mirrorgate shadow, worker process, aiohttp live path": (True, True, "asyncio", 1, "aiohttp"),
+    "mirrorgate shadow, worker process, 2 live processes": (True, True, "asyncio", 2, None),
 }
 if os.environ.get("BENCH_UVLOOP"):  # runs A/B of docs/benchmarks.md
-    MIRRORGATES["mirrorgate shadow, worker process, uvloop"] = (True, True, "uvloop", 1)
+    MIRRORGATES["mirrorgate shadow, worker process, uvloop"] = (True, True, "uvloop", 1, None)
 SHADOWED = [name for name, (cand, *_) in MIRRORGATES.items() if cand]
 # Rows --no-variants leaves out (shorter runs; the targets are judged without them)
 VARIANTS = (
@@ -275,7 +280,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         if args.baseline:
             rows += [(name, args.baseline) for name in BASELINE_ROWS]
         for name, root in rows:
-            with_cand, process, loop, workers = MIRRORGATES[name]
+            with_cand, process, loop, workers, live_path = MIRRORGATES[name]
             path = tmp / f"{len(targets)}.yaml"
             db = f"sqlite:///{tmp / f'{len(targets)}.sqlite'}"
             config = _proxy_config(
@@ -286,6 +291,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 event_loop=loop,
                 workers=workers,
             )
+            if live_path is not None and root == ROOT:  # a baseline tree may predate it
+                config["server"]["live_path"] = live_path
             path.write_text(yaml.safe_dump(config))
             proc, base = await _spawn(
                 "-m",

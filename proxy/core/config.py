@@ -127,6 +127,13 @@ class ServerSettings(_Strict):
         le=64,
         description="live-path processes sharing the port (SO_REUSEPORT); serve only",
     )
+    live_path: Literal["auto", "aiohttp", "bytes"] = Field(
+        "auto",
+        description="how serve answers live infer requests: bytes (a byte-level listener "
+        "forwarding to a remote champion, everything else handed to the aiohttp app), "
+        "aiohttp (the aiohttp app for everything), auto (bytes when the champion is kind "
+        "http); serve only: docs/proxy.md",
+    )
     event_loop: Literal["asyncio", "uvloop"] = Field(
         "asyncio",
         description="serve's event loop; uvloop (if installed) measured slower here: "

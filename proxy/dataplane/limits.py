@@ -349,6 +349,11 @@ class GuardedAppRunner(web.AppRunner):
             registry=registry,
         )
 
+    @property
+    def shed(self) -> Counter:
+        """The shed counter (the byte-level front counts its own sheds in it too)."""
+        return self._shed
+
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         # Same object, one overridden method: aiohttp builds the Server itself.

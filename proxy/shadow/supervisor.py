@@ -34,6 +34,8 @@ from aiohttp import web
 
 from proxy.core.config import MirrorgateConfig
 from proxy.core.errors import ConfigError, MirrorgateError
+from proxy.dataplane.front import DelegateDir, FrontServer, start_front, uses_bytes
+from proxy.dataplane.limits import GuardedAppRunner, default_max_connections
 from proxy.dataplane.state import STATE
 from proxy.server.app import create_app
 from proxy.shadow.live import ShadowChannel
@@ -252,17 +254,37 @@ async def _live(config: MirrorgateConfig, socket_path: str, host: str, port: int
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     app = live_app(config, socket_path)
-    runner = web.AppRunner(
+    limits = config.server.limits
+    max_connections = limits.max_connections or default_max_connections()
+    use_bytes = uses_bytes(config.server.live_path, config.models.champion.kind)
+    runner = GuardedAppRunner(
         app,
+        max_connections=max_connections * 2 if use_bytes else max_connections,
+        registry=app[STATE].registry,
         handle_signals=False,
         shutdown_timeout=config.server.shutdown_timeout_s,
+        keepalive_timeout=limits.keepalive_timeout_s,
         access_log=None,
     )
     await runner.setup()
+    front: FrontServer | None = None
+    where: DelegateDir | None = None
     try:
-        site = web.TCPSite(runner, host, port, reuse_port=True)
         try:
-            await site.start()
+            if use_bytes:
+                # As in serve: the byte-level front on the shared port, this app behind it.
+                front, where, _ = await start_front(
+                    runner,
+                    app[STATE],
+                    host,
+                    port,
+                    limits=limits,
+                    max_connections=max_connections,
+                    shed=runner.shed,
+                    reuse_port=True,
+                )
+            else:
+                await web.TCPSite(runner, host, port, reuse_port=True).start()
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
         await stop.wait()
@@ -272,5 +294,12 @@ async def _live(config: MirrorgateConfig, socket_path: str, host: str, port: int
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), config.server.drain_delay_s)
     finally:
+        if front is not None:
+            front.stop_accepting()
+            await front.drain(config.server.shutdown_timeout_s)
         await runner.cleanup()
+        if front is not None:
+            front.close()
+        if where is not None:
+            where.remove()
     return 0

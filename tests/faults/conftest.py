@@ -6,6 +6,6 @@ the fault tests drive exactly the servers the proxy tests do.
 
 from __future__ import annotations
 
-from tests.proxy.conftest import start_proxy, start_upstream
+from tests.proxy.conftest import live_path, start_proxy, start_upstream
 
-__all__ = ["start_proxy", "start_upstream"]
+__all__ = ["live_path", "start_proxy", "start_upstream"]

@@ -16,7 +16,13 @@ from typing import Any
 import pytest
 
 from tests.faults.helpers import AUTH, TOKEN
-from tests.proxy.conftest import make_config
+from tests.proxy.conftest import LIVE_PATHS, make_config
+
+
+@pytest.fixture(params=LIVE_PATHS)
+def live_path(request: pytest.FixtureRequest) -> str:
+    """Every test here holds on both live paths (``server.live_path``)."""
+    return str(request.param)
 
 
 async def _raw(proxy: Any, head: bytes) -> bytes:

@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 
 from tests.faults.helpers import body, own_upstream
-from tests.proxy.conftest import make_config
+from tests.proxy.conftest import LIVE_PATHS, make_config
+
+
+@pytest.fixture(params=LIVE_PATHS)
+def live_path(request: pytest.FixtureRequest) -> str:
+    """Every test here holds on both live paths (``server.live_path``)."""
+    return str(request.param)
+
 
 # mode -> (status, words the error message must contain)
 # Mirrorgate's own errors (the champion gave no answer). An answer the champion gave,

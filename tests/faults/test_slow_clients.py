@@ -14,17 +14,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import pytest
 
 from tests.faults.helpers import ready, start_serve, stop, until
-from tests.proxy.conftest import N_FEATURES
+from tests.proxy.conftest import LIVE_PATHS, N_FEATURES
 
 INFER = "/v2/models/classifier/infer"
 
 
-def _config(champion: str, **limits: Any) -> dict[str, Any]:
+def _config(champion: str, live_path: str, **limits: Any) -> dict[str, Any]:
     model = {"name": "champion", "kind": "http", "url": champion, "model": "model"}
     return {
-        "server": {"model_name": "classifier", "limits": limits},
+        "server": {"model_name": "classifier", "limits": limits, "live_path": live_path},
         "models": {"champion": {**model, "timeout_ms": 60000}},
         "storage": {"url": "sqlite:///pairs.sqlite"},
     }
@@ -54,12 +55,13 @@ async def _infer_ok(base: str) -> bool:
         return False
 
 
+@pytest.mark.parametrize("live_path", LIVE_PATHS)
 async def test_idle_partial_and_slow_body_connections_are_closed(
-    start_upstream: Any, tmp_path: Path
+    start_upstream: Any, tmp_path: Path, live_path: str
 ) -> None:
     champion = await start_upstream(seed=1)
     proc, base = await start_serve(
-        _config(champion.url, keepalive_timeout_s=0.5, body_timeout_s=0.5), tmp_path
+        _config(champion.url, live_path, keepalive_timeout_s=0.5, body_timeout_s=0.5), tmp_path
     )
     try:
         await until(lambda: ready(base), "proxy ready")
@@ -83,13 +85,14 @@ async def test_idle_partial_and_slow_body_connections_are_closed(
         await stop(proc)
 
 
+@pytest.mark.parametrize("live_path", LIVE_PATHS)
 async def test_connections_over_the_cap_are_shed_and_logging_stays_bounded(
-    start_upstream: Any, tmp_path: Path
+    start_upstream: Any, tmp_path: Path, live_path: str
 ) -> None:
     cap, n = 6, 40
     champion = await start_upstream(seed=1)
     proc, base = await start_serve(
-        _config(champion.url, max_connections=cap, keepalive_timeout_s=120), tmp_path
+        _config(champion.url, live_path, max_connections=cap, keepalive_timeout_s=120), tmp_path
     )
     held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     shed_while_filling = 0

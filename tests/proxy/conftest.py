@@ -8,10 +8,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
+from yarl import URL
 
 from proxy.core.config import MirrorgateConfig, load_config
+from proxy.dataplane.front import DelegateDir, FrontServer, start_front
+from proxy.dataplane.limits import GuardedAppRunner, default_max_connections
 from proxy.dataplane.state import STATE
 from proxy.protocol.base import ModelIdentity, ModelMetadata, TensorSpec
 from proxy.server.app import create_app, wait_loaded
@@ -137,20 +140,87 @@ class Proxy:
         self.registry = registry
         self.state = client.app[STATE] if client.app is not None else None
 
+    @property
+    def front(self) -> FrontServer | None:
+        """The byte-level front when the proxy is served through it."""
+        server = self.client.server
+        return server.front if isinstance(server, FrontTestServer) else None
+
     def metric(self, name: str, **labels: str) -> float:
         return self.registry.get_sample_value(name, labels) or 0.0
 
 
+class FrontTestServer(TestServer):
+    """The app behind the byte-level front (proxy/dataplane/front.py), as ``serve`` runs
+    it with ``server.live_path: bytes``: the front on a loopback port, the app on a
+    private Unix socket behind it."""
+
+    front: FrontServer | None = None
+    where: DelegateDir | None = None
+
+    async def start_server(self, **kwargs: Any) -> None:
+        if self.runner:
+            return
+        state = self.app[STATE]
+        limits = state.config.server.limits
+        cap = limits.max_connections or default_max_connections()
+        runner = GuardedAppRunner(
+            self.app,
+            max_connections=cap * 2,
+            registry=state.registry,
+            keepalive_timeout=limits.keepalive_timeout_s,
+            access_log=None,
+        )
+        self.runner = runner
+        await runner.setup()
+        self.front, self.where, (host, port) = await start_front(
+            runner, state, "127.0.0.1", 0, limits=limits, max_connections=cap, shed=runner.shed
+        )
+        self.host, self.port, self.scheme = host, port, "http"
+        self._root = URL(f"http://{host}:{port}")
+
+    async def close(self) -> None:
+        if self.front is not None:
+            self.front.stop_accepting()
+            await self.front.drain(self.app[STATE].config.server.shutdown_timeout_s)
+        await super().close()
+        if self.front is not None:
+            self.front.close()
+        if self.where is not None:
+            self.where.remove()
+
+
 @pytest.fixture
-def start_proxy(aiohttp_client: Any) -> Callable[..., Awaitable[Proxy]]:
-    """``await start_proxy(config)``: the proxy app with a MemorySink, models loaded."""
+def live_path() -> str:
+    """Which live path ``start_proxy`` serves through; modules that hold for both
+    override it with ``params=LIVE_PATHS``."""
+    return "aiohttp"
+
+
+LIVE_PATHS = ["aiohttp", "bytes"]
+
+
+@pytest.fixture
+def start_proxy(aiohttp_client: Any, live_path: str) -> Callable[..., Awaitable[Proxy]]:
+    """``await start_proxy(config)``: the proxy app with a MemorySink, models loaded,
+    served through ``live_path`` (the byte-level front when "bytes")."""
 
     async def start(config: MirrorgateConfig, **kwargs: Any) -> Proxy:
-        sink = kwargs.pop("sink", None) or MemorySink()
-        registry = CollectorRegistry()
-        app = create_app(config, sinks=[sink], registry=registry, **kwargs)
-        client = await aiohttp_client(app)
-        await wait_loaded(app)
-        return Proxy(client, sink, registry)
+        return await serve_proxy(aiohttp_client, config, live_path, **kwargs)
 
     return start
+
+
+async def serve_proxy(
+    aiohttp_client: Any, config: MirrorgateConfig, live_path: str, **kwargs: Any
+) -> Proxy:
+    """A proxy app with a MemorySink, models loaded, served through ``live_path``."""
+    sink = kwargs.pop("sink", None) or MemorySink()
+    registry = CollectorRegistry()
+    app = create_app(config, sinks=[sink], registry=registry, **kwargs)
+    if live_path == "bytes":
+        client = await aiohttp_client(FrontTestServer(app))
+    else:
+        client = await aiohttp_client(app)
+    await wait_loaded(app)
+    return Proxy(client, sink, registry)

@@ -28,6 +28,7 @@ from gates.presets import DESCRIPTIONS as PRESET_TEXT
 from proxy.core.config import MirrorgateConfig, load_config
 from proxy.core.errors import ConfigError, MirrorgateError
 from proxy.core.logqueue import install_queued_logging
+from proxy.dataplane.front import DelegateDir, FrontServer, start_front, uses_bytes
 from proxy.dataplane.limits import (
     GuardedAppRunner,
     default_max_connections,
@@ -135,9 +136,13 @@ async def serve(
     state = app[STATE]
     limits = config.server.limits
     log_limiter = install_log_limits(limits.log_lines_per_minute)
+    max_connections = limits.max_connections or default_max_connections()
+    use_bytes = uses_bytes(config.server.live_path, config.models.champion.kind)
     runner = GuardedAppRunner(
         app,
-        max_connections=limits.max_connections or default_max_connections(),
+        # Behind the byte-level front the cap is the front's (one app connection per
+        # client connection at most; the margin covers closes still in flight).
+        max_connections=max_connections * 2 if use_bytes else max_connections,
         registry=state.registry,
         handle_signals=False,
         shutdown_timeout=config.server.shutdown_timeout_s,
@@ -151,17 +156,36 @@ async def serve(
         if supervisor is not None:
             await supervisor.stop()
         raise
+    front: FrontServer | None = None
+    delegate_dir: DelegateDir | None = None
     try:
-        site = web.TCPSite(
-            runner, config.server.host, config.server.port, reuse_port=supervisor is not None
-        )
         try:
-            await site.start()
+            if use_bytes:
+                # The byte-level live path (proxy/dataplane/front.py): this app behind it
+                # on a private Unix socket, for everything the fast path hands on.
+                front, delegate_dir, (host, port) = await start_front(
+                    runner,
+                    state,
+                    config.server.host,
+                    config.server.port,
+                    limits=limits,
+                    max_connections=max_connections,
+                    shed=runner.shed,
+                    reuse_port=supervisor is not None,
+                )
+            else:
+                site = web.TCPSite(
+                    runner,
+                    config.server.host,
+                    config.server.port,
+                    reuse_port=supervisor is not None,
+                )
+                await site.start()
+                host, port = runner.addresses[0][:2]
         except OSError as exc:
             raise ConfigError(
                 f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}"
             ) from exc
-        host, port = runner.addresses[0][:2]
         if supervisor is not None:
             supervisor.start_live(host, port)
         announce(f"mirrorgate: listening on http://{host}:{port}")
@@ -225,9 +249,18 @@ async def serve(
         if supervisor is not None:
             # SIGTERM the other live processes now: they drain alongside this one.
             supervisor.signal_live()
+        if front is not None:
+            # No new connections; requests in hand are answered (bounded) before the
+            # app below stops (its cleanup drains the mirror those requests fed).
+            front.stop_accepting()
+            await front.drain(config.server.shutdown_timeout_s)
         if control_runner is not None:
             await control_runner.cleanup()
         await runner.cleanup()
+        if front is not None:
+            front.close()
+        if delegate_dir is not None:
+            delegate_dir.remove()
         if supervisor is not None:
             # Every live process has drained into the worker: now it drains and stops.
             await supervisor.stop()

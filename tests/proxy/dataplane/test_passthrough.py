@@ -24,9 +24,17 @@ from proxy.core.errors import BackendError
 from proxy.core.ratelog import FailureLog
 from proxy.protocol.base import ModelMetadata
 from proxy.protocol.codec import HEADER_LENGTH, encode_infer_request
-from tests.proxy.conftest import N_FEATURES, make_config
+from tests.proxy.conftest import LIVE_PATHS, N_FEATURES, make_config
 
 INFER = "/v2/models/classifier/infer"
+
+
+@pytest.fixture(params=LIVE_PATHS)
+def live_path(request: pytest.FixtureRequest) -> str:
+    """Every test here holds on both live paths (``server.live_path``)."""
+    return str(request.param)
+
+
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 
 

@@ -26,12 +26,19 @@ import tritonclient.http.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from proxy.core.config import load_config
+from tests.proxy.conftest import LIVE_PATHS
 from tests.support.mlserver import MLServer, MLServerUnavailable, ensure_venv, write_model
 
 REQUIRE = os.environ.get("MIRRORGATE_REQUIRE_SERVICES") == "1"
 MODEL = "digits"
 TOKEN = "mls-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(params=LIVE_PATHS)
+def live_path(request: pytest.FixtureRequest) -> str:
+    """Every test here holds on both live paths (``server.live_path``)."""
+    return str(request.param)
 
 
 class Pair:

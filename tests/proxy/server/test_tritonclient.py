@@ -15,7 +15,13 @@ import tritonclient.http as triton
 import tritonclient.http.aio as triton_aio
 
 from proxy.protocol.codec import DATATYPES
-from tests.proxy.conftest import N_FEATURES, make_config
+from tests.proxy.conftest import LIVE_PATHS, N_FEATURES, make_config
+
+
+@pytest.fixture(params=LIVE_PATHS)
+def live_path(request: pytest.FixtureRequest) -> str:
+    """Every test here holds on both live paths (``server.live_path``)."""
+    return str(request.param)
 
 
 def _url(proxy: Any) -> str:

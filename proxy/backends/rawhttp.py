@@ -1,0 +1,292 @@
+"""A raw HTTP/1.1 client pool for one upstream: the byte-level live path's champion calls.
+
+``aiohttp``'s client costs about as much CPU per request as its server, which is most
+of what mirrorgate added over nginx in front of a remote champion (docs/benchmarks.md).
+The byte-level front (proxy/dataplane/front.py) already has the client's request as
+bytes; this pool sends a request head it built plus the body bytes as they came on a
+pooled keep-alive connection (``asyncio.Protocol``, no stream objects) and reads the
+response with ``httptools`` (llhttp, the parser uvicorn uses): framing by
+``Content-Length``, chunked, or the end of the connection.
+
+The rules are :class:`proxy.backends.http.HttpBackend`'s, so the two live paths fail
+alike:
+
+* one deadline (the backend's ``timeout_ms``) covers connect, send and the whole
+  response read; a miss is :class:`BackendTimeout` (504);
+* TLS with the backend's context (:func:`proxy.backends.http.ssl_context`: configured
+  CA, optional client certificate);
+* a request that fails on a *reused* pooled connection before any response byte
+  arrived (the upstream closed the idle connection) is retried once on a fresh
+  connection: nothing reached the upstream's application, so the retry cannot run a
+  model twice. Any other failure is not retried;
+* any other failure is a :class:`BackendError` (502) naming the upstream.
+
+Concurrency is bounded by the caller (one request in flight per client connection,
+and client connections are capped), so the pool itself only caps its idle connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httptools
+
+from proxy.core.errors import BackendError, BackendTimeout
+
+MAX_IDLE = 256
+# Bodies up to this size are joined to the head (one send); larger ones go separately.
+JOIN_BELOW = 1 << 18
+
+
+class _Stale(Exception):
+    """The connection ended before any response byte (a reused one: retried once)."""
+
+
+@dataclass(slots=True)
+class RawReply:
+    """An upstream's answer as it came: status, reason, header lines, body (de-chunked)."""
+
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    keep_alive: bool
+
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive connection; one exchange at a time."""
+
+    def __init__(self, pool: RawPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.waiter: asyncio.Future[RawReply] | None = None
+        self.got_bytes = False
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunks: list[bytes] = []
+        self.done = False
+
+    # ------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if self.waiter is None:
+            # Bytes while idle: the upstream broke the protocol (or sent a late 408);
+            # this connection cannot be trusted for the next request.
+            self._abort()
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(
+                BackendError(f"upstream {self.pool.base_url} sent a malformed answer: {exc}")
+            )
+            self._abort()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.pool._forget(self)
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return
+        if not self.got_bytes:
+            waiter.set_exception(_Stale(repr(exc) if exc else "connection closed"))
+        elif self.parser.get_status_code() and self._eof_framed():
+            # A body delimited by the end of the connection (no length, not chunked).
+            self._finish(keep_alive=False)
+        else:
+            waiter.set_exception(
+                BackendError(
+                    # aiohttp's words for it ("payload"): both live paths say the same
+                    f"upstream {self.pool.base_url} connection failed: response payload "
+                    f"is not completed, connection lost mid-response{f' ({exc!r})' if exc else ''}"
+                )
+            )
+
+    # ------------------------------------------------------------ httptools callbacks
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # An interim answer (e.g. an unsolicited 100 Continue): the real one follows.
+            self.reason, self.headers, self.chunks = b"", [], []
+            return
+        self._finish(keep_alive=self.parser.should_keep_alive())
+
+    # ------------------------------------------------------------ internals
+
+    def _eof_framed(self) -> bool:
+        names = {n.lower() for n, _ in self.headers}
+        return b"content-length" not in names and b"transfer-encoding" not in names
+
+    def _finish(self, keep_alive: bool) -> None:
+        waiter = self.waiter
+        if waiter is None or waiter.done() or self.done:
+            return
+        self.done = True
+        body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        waiter.set_result(
+            RawReply(self.parser.get_status_code(), self.reason, self.headers, body, keep_alive)
+        )
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def send(self, head: bytes, body: bytes) -> asyncio.Future[RawReply]:
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.got_bytes = self.done = False
+        self.reason, self.headers, self.chunks = b"", [], []
+        if len(body) < JOIN_BELOW:
+            self.transport.write(head + body)
+        else:
+            self.transport.write(head)
+            self.transport.write(body)
+        return self.waiter
+
+
+class RawPool:
+    """Keep-alive connections to one upstream (``http(s)://host[:port]``)."""
+
+    def __init__(self, url: str, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        parts = urlsplit(url)
+        self.base_url = url.rstrip("/")
+        self.secure = parts.scheme.lower() == "https"
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if self.secure else 80)
+        # The Host header aiohttp's client sends: the port only when not the default.
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.secure else 80
+        self.host_header = (host if self.port == default else f"{host}:{self.port}").encode()
+        # A base path (``http://h/prefix``) prefixes every request path.
+        self.base_path = parts.path.rstrip("/")
+        self.ssl: ssl.SSLContext | None = None
+        if self.secure:
+            self.ssl = ssl_context or ssl.create_default_context()
+        self._idle: list[_Conn] = []
+        self._all: set[_Conn] = set()
+        self._closed = False
+
+    def _forget(self, conn: _Conn) -> None:
+        self._all.discard(conn)
+        try:
+            self._idle.remove(conn)
+        except ValueError:
+            pass
+
+    async def _connect(self) -> _Conn:
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(
+            lambda: _Conn(self),
+            self.host,
+            self.port,
+            ssl=self.ssl,
+            server_hostname=self.host if self.ssl is not None else None,
+        )
+        self._all.add(conn)
+        return conn
+
+    async def _once(self, conn: _Conn, head: bytes, body: bytes, deadline: float) -> RawReply:
+        waiter = conn.send(head, body)
+        # The deadline as one timer on the waiter (no asyncio.timeout: no task lookup
+        # and no cancellation machinery per request on the live path).
+        timer = asyncio.get_running_loop().call_at(deadline, _expire, waiter)
+        try:
+            reply = await waiter
+        except BaseException:
+            conn._abort()  # mid-exchange (deadline, cancel, failure): never reused
+            raise
+        finally:
+            timer.cancel()
+        conn.waiter = None
+        if reply.keep_alive and not self._closed and len(self._idle) < MAX_IDLE:
+            if conn.transport is not None and not conn.transport.is_closing():
+                self._idle.append(conn)
+                return reply
+        self._close_conn(conn)
+        return reply
+
+    @staticmethod
+    def _close_conn(conn: _Conn) -> None:
+        if conn.transport is not None:
+            conn.transport.close()
+
+    async def request(self, head: bytes, body: bytes, timeout_s: float) -> RawReply:
+        """Send ``head`` (request line and headers, ending in a blank line) and ``body``;
+        the reply, or :class:`BackendTimeout` / :class:`BackendError`."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        try:
+            conn = None
+            while self._idle:
+                candidate = self._idle.pop()
+                if candidate.transport is not None and not candidate.transport.is_closing():
+                    conn = candidate
+                    break
+            if conn is not None:
+                try:
+                    return await self._once(conn, head, body, deadline)
+                except _Stale:
+                    pass  # closed while idle: once more, on a fresh connection
+            async with asyncio.timeout_at(deadline):  # connecting (rare: the pool keeps them)
+                conn = await self._connect()
+            try:
+                return await self._once(conn, head, body, deadline)
+            except _Stale as exc:
+                raise BackendError(
+                    f"upstream {self.base_url} connection failed: closed before answering ({exc})"
+                ) from exc
+        except TimeoutError as exc:
+            raise BackendTimeout(
+                f"upstream {self.base_url} timed out after {timeout_s * 1000:g} ms"
+            ) from exc
+        except (OSError, ssl.SSLError) as exc:
+            raise BackendError(f"upstream {self.base_url} connection failed: {exc!r}") from exc
+
+    def close(self) -> None:
+        self._closed = True
+        for conn in list(self._all):
+            self._close_conn(conn)
+        self._idle.clear()
+
+
+def _expire(waiter: asyncio.Future[RawReply]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+def request_head(
+    method: bytes, target: bytes, host: bytes, headers: Sequence[bytes], length: int
+) -> bytes:
+    """An HTTP/1.1 request head: ``headers`` are complete ``Name: value`` lines."""
+    lines = [method + b" " + target + b" HTTP/1.1", b"Host: " + host, *headers]
+    lines.append(b"Content-Length: %d" % length)
+    return b"\r\n".join(lines) + b"\r\n\r\n"

@@ -1,0 +1,577 @@
+"""The byte-level live path: the data port in front of a remote champion (``server.live_path``).
+
+In front of a V2 server the live path only forwards bytes (docs/proxy.md), and what
+``aiohttp``'s server and client cost per request is then most of what mirrorgate adds
+(docs/benchmarks.md, "cheapest Python mirror"). This listener answers the one plain,
+hot request itself, at the ``asyncio.Protocol`` level, and hands everything else to the
+aiohttp data app unchanged:
+
+* **Fast path**: ``POST /v2/models/{served}[/versions/{v}]/infer``, HTTP/1.1 or 1.0,
+  a ``Content-Length`` body within ``server.max_body_bytes`` (no chunked body, no
+  ``Expect``, no ``Upgrade``), a head of plain ASCII ``Name: value`` lines, the models
+  loaded and the request answered by the champion (no canary weight in force). It
+  forwards to the champion exactly what :func:`proxy.dataplane.passthrough.infer`
+  forwards (the same end-to-end headers, path, body bytes and ``Content-Encoding``)
+  over a raw keep-alive pool (proxy/backends/rawhttp.py), answers the champion's
+  status, headers and body as the aiohttp path does (same hop-by-hop filtering, same
+  ``X-Request-Id``/``X-Mirrorgate-Served-By``, ``Date``/``Server`` when the champion
+  sent none), observes the same metrics and hands the exchange to the mirror with the
+  same decoder: the shadow worker cannot tell the two paths apart.
+* **Everything else** (any other path or method, chunked or ``Expect``, over the
+  limit, an unusual head, canary traffic, models not loaded): the connection is
+  spliced, from that request's first byte on and for the rest of its life, to a
+  connection to the aiohttp data app, which listens on a Unix socket in a private
+  (0700) directory and answers with all its behaviour (errors, limits, auth, 413/417,
+  metadata, health, /v1 and /metrics on the data port).
+
+The slow-client bounds of proxy/dataplane/limits.py hold here too: an idle connection,
+or one whose request head is incomplete, is closed after ``keepalive_timeout_s``; a
+body not complete within ``body_timeout_s`` gets the same 408 and the connection
+closes; connections past ``max_connections`` (counted here, spliced ones included) are
+shed at accept time with the same 503 and counter. Deadlines are re-armed lazily (one
+timer per connection, moved only when it fires early), so a request costs no timer
+churn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from typing import Any
+
+from multidict import CIMultiDict
+from prometheus_client import Counter
+
+from proxy.backends.http import HttpBackend, ssl_context
+from proxy.backends.rawhttp import RawPool, request_head
+from proxy.core import context
+from proxy.core.errors import MirrorgateError
+from proxy.core.runtime_settings import ServerLimits
+from proxy.dataplane.http11 import (
+    NAME,
+    Request,
+    as_reply,
+    client_headers,
+    json_error,
+    parse_head,
+    response,
+)
+from proxy.dataplane.limits import _Shed, content_coding
+from proxy.dataplane.passthrough import (
+    _peek_id,
+    _peek_id_coded,
+    _usable_id,
+    exchange_decoder,
+    failures,
+)
+from proxy.dataplane.state import ProxyState
+
+log = logging.getLogger(__name__)
+
+# Longest request head the fast path reads (aiohttp's line limit); longer goes to aiohttp.
+MAX_HEAD = 8190
+# Bytes buffered past the request being answered before the client is paused.
+PAUSE_AT = 1 << 20
+
+IDLE, BODY, BUSY, SPLICE, CLOSED = range(5)
+
+
+class _Delegate(asyncio.Protocol):
+    """The aiohttp side of a spliced connection: its bytes go to the client as they come."""
+
+    def __init__(self, client: _Client) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.client.transport is not None:
+            self.client.transport.write(data)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.client._close()  # aiohttp closed its side: so does the client's
+
+    def pause_writing(self) -> None:
+        if self.client.transport is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client.transport is not None:
+            self.client.transport.resume_reading()
+
+
+class _Client(asyncio.Protocol):
+    """One client connection on the data port."""
+
+    def __init__(self, front: FrontServer) -> None:
+        self.front = front
+        self.loop = front.loop
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.phase = IDLE
+        self.request: Request | None = None
+        self.need = 0
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.paused = False
+        self.delegate: _Delegate | None = None
+        self.pending: list[bytes] = []
+        self.half_closed = False
+
+    # ------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        front = self.front
+        front.opening = max(0, front.opening - 1)
+        front.clients.add(self)
+        self._until(front.limits.keepalive_timeout_s)
+        if front.closing:
+            self._close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase == SPLICE:
+            delegate = self.delegate
+            if delegate is not None and delegate.transport is not None:
+                delegate.transport.write(data)
+            else:
+                self.pending.append(data)
+            return
+        self.buf += data
+        if self.phase == BUSY:
+            if len(self.buf) > PAUSE_AT and self.transport is not None and not self.paused:
+                self.paused = True
+                self.transport.pause_reading()
+            return
+        self._advance()
+
+    def eof_received(self) -> bool | None:
+        self.half_closed = True
+        if self.phase == SPLICE:
+            delegate = self.delegate
+            if delegate is not None and delegate.transport is not None:
+                if delegate.transport.can_write_eof():
+                    delegate.transport.write_eof()
+                    return True
+                return None
+            return True  # sent on once the delegate connection is up
+        if self.phase == BUSY:
+            return True  # answer the request in hand, then close
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.phase = CLOSED
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.front.clients.discard(self)
+        self.front._settled()
+        delegate = self.delegate
+        if delegate is not None and delegate.transport is not None:
+            delegate.transport.close()
+
+    def pause_writing(self) -> None:
+        delegate = self.delegate
+        if delegate is not None and delegate.transport is not None:
+            delegate.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        delegate = self.delegate
+        if delegate is not None and delegate.transport is not None:
+            delegate.transport.resume_reading()
+
+    # ------------------------------------------------------------ deadlines
+
+    def _until(self, seconds: float) -> None:
+        self.deadline = self.loop.time() + seconds
+        if self.timer is None:
+            self.timer = self.loop.call_at(self.deadline, self._expired)
+
+    def _expired(self) -> None:
+        self.timer = None
+        if self.phase not in (IDLE, BODY):
+            return
+        if self.loop.time() < self.deadline:
+            self.timer = self.loop.call_at(self.deadline, self._expired)
+            return
+        if self.phase == BODY and self.transport is not None:
+            # limits.py's 408: counted as a refused infer request, answered, closed.
+            seconds = self.front.limits.body_timeout_s
+            message = (
+                f"request body not received within {seconds:g} s (server.limits.body_timeout_s)"
+            )
+            self.front.state.metrics.observe_call("champion", 408, None)
+            request = self.request
+            self.transport.write(
+                json_error(request.version10 if request else False, 408, message, False)
+            )
+        self._close()
+
+    # ------------------------------------------------------------ requests
+
+    def _advance(self) -> None:
+        """Read the next request from the buffer: answer it here, or splice."""
+        front = self.front
+        if self.phase == IDLE:
+            end = self.buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+            if end < 0:
+                if len(self.buf) > MAX_HEAD:
+                    self._splice()
+                return
+            request = front.eligible(bytes(self.buf[:end]))
+            if request is None:
+                self._splice()
+                return
+            self.request = request
+            self.need = end + 4 + request.length
+            self.phase = BODY
+            self.deadline = self.loop.time() + front.limits.body_timeout_s
+            if self.timer is not None and self.timer.when() > self.deadline:
+                self.timer.cancel()
+                self.timer = None
+            if self.timer is None:
+                self.timer = self.loop.call_at(self.deadline, self._expired)
+        if self.phase == BODY and len(self.buf) >= self.need:
+            request = self.request
+            assert request is not None
+            if not front.serving():
+                self._splice()  # the weight or the models changed meanwhile
+                return
+            body = bytes(self.buf[self.need - request.length : self.need])
+            del self.buf[: self.need]
+            self.phase = BUSY
+            front.busy += 1
+            front.answered += 1
+            self.loop.create_task(self._answer(request, body))
+
+    async def _answer(self, request: Request, body: bytes) -> None:
+        front = self.front
+        try:
+            try:
+                answer, keep_alive = await front.answer(request, body)
+            except Exception as exc:
+                log.exception("unhandled error on POST %r", request.path)
+                keep_alive = request.keep_alive
+                answer = json_error(
+                    request.version10,
+                    500,
+                    f"internal error: {type(exc).__name__}",
+                    keep_alive and not front.closing,
+                    request.request_id,
+                )
+            transport = self.transport
+            if transport is None:
+                return
+            if not keep_alive or front.closing or self.half_closed:
+                transport.write(answer)
+                self._close()
+                return
+            transport.write(answer)
+            self.phase = IDLE
+            self.request = None
+            self._until(front.limits.keepalive_timeout_s)
+            if self.paused:
+                self.paused = False
+                transport.resume_reading()
+            if self.buf:
+                self._advance()  # a pipelined request
+        finally:
+            front.busy -= 1
+            front._settled()
+
+    def _splice(self) -> None:
+        """From this request's first byte on, the connection is the aiohttp app's."""
+        self.phase = SPLICE
+        self.front.spliced += 1
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.pending.append(bytes(self.buf))
+        self.buf = bytearray()
+        self.loop.create_task(self._connect_delegate())
+
+    async def _connect_delegate(self) -> None:
+        try:
+            transport, delegate = await self.loop.create_unix_connection(
+                lambda: _Delegate(self), self.front.delegate_path
+            )
+        except OSError as exc:
+            log.error("the data app's socket refused a connection: %r", exc)
+            self._close()
+            return
+        if self.transport is None:
+            transport.close()
+            return
+        self.delegate = delegate
+        transport.write(b"".join(self.pending))
+        self.pending.clear()
+        if self.half_closed and transport.can_write_eof():
+            transport.write_eof()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class FrontServer:
+    """The byte-level listener of the data port, with the aiohttp data app behind it."""
+
+    def __init__(
+        self,
+        state: ProxyState,
+        delegate_path: str,
+        *,
+        limits: ServerLimits,
+        max_connections: int,
+        shed: Counter,
+    ) -> None:
+        self.state = state
+        self.delegate_path = delegate_path
+        self.limits = limits
+        self.max_connections = max_connections
+        self.shed = shed
+        self.loop = asyncio.get_running_loop()
+        self.clients: set[_Client] = set()
+        self.opening = 0
+        self.busy = 0
+        self.closing = False
+        # Requests answered here, connections handed to the aiohttp app (tests, docs).
+        self.answered = 0
+        self.spliced = 0
+        self._settled_event = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._pool: RawPool | None = None
+        self._pool_of: HttpBackend | None = None
+        self._served = state.config.server.model_name.encode()
+        self._usable = NAME.fullmatch(state.config.server.model_name) is not None
+        self._max_body = state.config.server.max_body_bytes
+
+    # ------------------------------------------------------------ listener
+
+    def _accept(self) -> asyncio.Protocol:
+        if len(self.clients) + self.opening >= self.max_connections:
+            self.shed.inc()
+            return _Shed()
+        self.opening += 1
+        return _Client(self)
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> tuple[str, int]:
+        self._server = await self.loop.create_server(
+            self._accept, host, port, reuse_port=reuse_port or None, backlog=1024
+        )
+        sockname = self._server.sockets[0].getsockname()
+        return sockname[0], sockname[1]
+
+    def stop_accepting(self) -> None:
+        """No new connections; idle ones close now, busy ones after their answer."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        for client in list(self.clients):
+            if client.phase == IDLE and not client.buf:
+                client._close()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) for the requests in hand to be answered, then
+        close what is not spliced (spliced connections end with the aiohttp app's)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while self._in_hand():
+                    self._settled_event.clear()
+                    await self._settled_event.wait()
+        for client in list(self.clients):
+            if client.phase != SPLICE:
+                client._close()
+
+    def _in_hand(self) -> bool:
+        return self.busy > 0 or any(c.phase == BODY for c in self.clients)
+
+    def _settled(self) -> None:
+        self._settled_event.set()
+
+    def close(self) -> None:
+        """After the aiohttp app stopped: every connection and the pool."""
+        for client in list(self.clients):
+            client._close()
+        if self._pool is not None:
+            self._pool.close()
+
+    # ------------------------------------------------------------ the fast path
+
+    def _champion(self) -> HttpBackend | None:
+        champion = self.state.champion
+        return champion if isinstance(champion, HttpBackend) else None
+
+    def serving(self) -> bool:
+        """Whether the champion answers this request (else the aiohttp app judges)."""
+        mirror = self.state.mirror
+        if mirror is None or self._champion() is None:
+            return False
+        # Canary routing is the aiohttp path's (one draw per request, never two).
+        return mirror.candidate is None or mirror.candidate_stopped or mirror.canary_weight <= 0
+
+    def eligible(self, head: bytes) -> Request | None:
+        if not self._usable or not self.serving():
+            return None
+        champion = self._champion()
+        assert champion is not None
+        model = champion.model
+        if NAME.fullmatch(model) is None:
+            return None
+        return parse_head(head, self._served, model.encode(), self._max_body)
+
+    def _pool_for(self, backend: HttpBackend) -> RawPool:
+        if self._pool_of is not backend or self._pool is None:
+            if self._pool is not None:
+                self._pool.close()
+            self._pool = RawPool(backend.base_url, ssl_context=ssl_context(backend.settings))
+            self._pool_of = backend
+        return self._pool
+
+    async def answer(self, request: Request, body: bytes) -> tuple[bytes, bool]:
+        """The client's answer to a fast-path request, and whether to keep the connection."""
+        state = self.state
+        backend = self._champion()
+        mirror = state.mirror
+        assert backend is not None and mirror is not None
+        limit = self._max_body
+        coding = content_coding(request.coding)
+        header_length = request.header_length
+        # DESIGN's order: the body's id, else the header, else generated (passthrough.infer).
+        if coding:
+            body_rid = await _peek_id_coded(body, header_length, coding, limit)
+        else:
+            body_rid = _peek_id(body, header_length)
+        client_rid = (request.request_id or "").strip() or None
+        rid = _usable_id(body_rid) or _usable_id(client_rid) or uuid.uuid4().hex
+        context.request_id.set(rid)
+        context.client_headers.set(request.headers)
+        lines = request.lines
+        if request.coding is not None:
+            lines = [*lines, b"Content-Encoding: " + request.coding.encode()]
+        if not request.has_accept:
+            lines = [*lines, b"Accept: */*"]  # what aiohttp's client adds
+        pool = self._pool_for(backend)
+        head = request_head(
+            b"POST", pool.base_path.encode() + request.path, pool.host_header, lines, len(body)
+        )
+        timeout_s = backend.settings.timeout_ms / 1000.0
+        start = time.perf_counter()
+        try:
+            reply = await pool.request(head, body, timeout_s)
+        except MirrorgateError as exc:
+            keep_alive = request.keep_alive and not self.closing
+            state.metrics.observe_champion(exc.status, time.perf_counter() - start)
+            failures.failure(backend.base_url, exc.status, exc.message)
+            message = f"champion: {exc.message}"
+            return (
+                json_error(request.version10, exc.status, message, keep_alive, request.request_id),
+                keep_alive,
+            )
+        latency = time.perf_counter() - start
+        # Decided now: a stop that began while the champion worked ends this connection.
+        keep_alive = request.keep_alive and not self.closing
+        status = reply.status
+        state.metrics.observe_champion(status, latency)
+        if status >= 500:
+            failures.failure(backend.base_url, status, reply.body[:200].decode(errors="replace"))
+        out, kept = client_headers(reply)
+        if b"x-request-id" not in kept:
+            out.append(b"X-Request-Id: " + rid.encode())
+        out.append(b"X-Mirrorgate-Served-By: champion")
+        answer = response(
+            request.version10,
+            status,
+            reply.reason,
+            out,
+            reply.body,
+            keep_alive,
+            has_type=b"content-type" in kept,
+            has_date=b"date" in kept,
+            has_server=b"server" in kept,
+        )
+        if status == 200 and mirror.candidate is not None:
+            mirror.mirror_exchange(
+                rid,
+                slices=self._slices(request),
+                latency_s=latency,
+                nbytes=len(body) + len(reply.body),
+                decode=exchange_decoder(
+                    body,
+                    header_length,
+                    as_reply(reply),
+                    state.slicer.parameter_slices,
+                    coding,
+                    limit,
+                ),
+                offload=bool(coding),
+            )
+        return answer, keep_alive
+
+    def _slices(self, request: Request) -> dict[str, str]:
+        slicer = self.state.slicer
+        if not slicer.header_keys:
+            return {}
+        return slicer.request_slices(CIMultiDict(request.headers), {})
+
+
+# ---------------------------------------------------------------- which live path
+
+
+def uses_bytes(live_path: str, champion_kind: str) -> bool:
+    """``server.live_path``: ``auto`` is the byte-level path in front of a remote champion."""
+    if live_path == "auto":
+        return champion_kind == "http"
+    return live_path == "bytes"
+
+
+class DelegateDir:
+    """A private (0700) directory holding the aiohttp app's Unix socket."""
+
+    def __init__(self) -> None:
+        self.path = tempfile.mkdtemp(prefix="mirrorgate-data-")
+        os.chmod(self.path, 0o700)
+        self.socket = os.path.join(self.path, "data.sock")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+async def start_front(
+    runner: Any,
+    state: ProxyState,
+    host: str,
+    port: int,
+    *,
+    limits: ServerLimits,
+    max_connections: int,
+    shed: Counter,
+    reuse_port: bool = False,
+) -> tuple[FrontServer, DelegateDir, tuple[str, int]]:
+    """Serve ``runner``'s app on a private Unix socket and the front on ``host:port``."""
+    from aiohttp import web
+
+    where = DelegateDir()
+    try:
+        await web.UnixSite(runner, where.socket).start()
+        front = FrontServer(
+            state, where.socket, limits=limits, max_connections=max_connections, shed=shed
+        )
+        address = await front.start(host, port, reuse_port=reuse_port)
+    except BaseException:
+        where.remove()
+        raise
+    return front, where, address

@@ -1,0 +1,209 @@
+"""The raw champion pool (proxy/backends/rawhttp.py) against real loopback servers:
+framing (length, chunked, end of connection), the stale-connection retry, errors, TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from proxy.backends.rawhttp import RawPool, request_head
+from proxy.core.errors import BackendError, BackendTimeout
+
+Answer = Callable[[int, int], bytes | None]  # (connection no., request no.) -> bytes, None: close
+
+
+async def _server(answer: Answer) -> tuple[asyncio.Server, str, list[int]]:
+    """A raw HTTP/1.1 server: reads Content-Length requests, writes what ``answer`` says."""
+    per_connection: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        per_connection.append(0)
+        me = len(per_connection) - 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                await reader.readexactly(length)
+                per_connection[me] += 1
+                out = answer(me, per_connection[me])
+                if out is None:
+                    break
+                writer.write(out)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}", per_connection
+
+
+def _head(pool: RawPool) -> bytes:
+    return request_head(b"POST", b"/v2/models/m/infer", pool.host_header, [], 2)
+
+
+OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
+
+
+async def test_stale_pooled_connection_is_retried_once_on_a_fresh_one() -> None:
+    # The first request on each connection is answered; a second is met with a close
+    # before any byte: what an upstream that dropped an idle connection looks like.
+    server, url, per_connection = await _server(lambda conn, n: OK if n == 1 else None)
+    pool = RawPool(url)
+    try:
+        first = await pool.request(_head(pool), b"{}", 10)
+        second = await pool.request(_head(pool), b"{}", 10)
+        assert first.status == second.status == 200 and second.body == b'{"ok":true}'
+        assert per_connection == [2, 1]  # met the closed one, then went out on a new one
+    finally:
+        pool.close()
+        server.close()
+
+
+async def test_a_fresh_connection_that_closes_unanswered_is_not_retried() -> None:
+    server, url, per_connection = await _server(lambda conn, n: None)
+    pool = RawPool(url)
+    try:
+        with pytest.raises(BackendError, match="connection failed"):
+            await pool.request(_head(pool), b"{}", 10)
+        assert per_connection == [1]
+    finally:
+        pool.close()
+        server.close()
+
+
+async def test_mid_response_loss_is_an_error_not_a_retry() -> None:
+    partial = b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"half'
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(2)
+        writer.write(partial)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    pool = RawPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        with pytest.raises(BackendError, match="mid-response"):
+            await pool.request(_head(pool), b"{}", 10)
+    finally:
+        pool.close()
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'4\r\n{"ok\r\n7\r\n":true}\r\n0\r\n\r\n',
+        b"HTTP/1.1 100 Continue\r\n\r\n" + OK,
+    ],
+    ids=["chunked", "interim-100"],
+)
+async def test_framing(answer: bytes) -> None:
+    server, url, _ = await _server(lambda conn, n: answer)
+    pool = RawPool(url)
+    try:
+        for _ in range(2):  # and the connection is reusable after it
+            reply = await pool.request(_head(pool), b"{}", 10)
+            assert (reply.status, reply.body, reply.keep_alive) == (200, b'{"ok":true}', True)
+    finally:
+        pool.close()
+        server.close()
+
+
+async def test_body_ended_by_the_connection_close() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b'{"ok":true}'
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(2)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    pool = RawPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        reply = await pool.request(_head(pool), b"{}", 10)
+        assert (reply.status, reply.body, reply.keep_alive) == (200, b'{"ok":true}', False)
+    finally:
+        pool.close()
+        server.close()
+
+
+async def test_refused_and_deadline() -> None:
+    server, url, _ = await _server(lambda conn, n: OK)
+    server.close()
+    await server.wait_closed()
+    pool = RawPool(url)
+    with pytest.raises(BackendError, match="connection failed") as refused:
+        await pool.request(_head(pool), b"{}", 10)
+    assert refused.value.status == 502
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(3600)
+
+    quiet = await asyncio.start_server(hang, "127.0.0.1", 0)
+    pool = RawPool(f"http://127.0.0.1:{quiet.sockets[0].getsockname()[1]}")
+    try:
+        with pytest.raises(BackendTimeout, match="timed out after 50 ms") as late:
+            await pool.request(_head(pool), b"{}", 0.05)
+        assert late.value.status == 504
+    finally:
+        pool.close()
+        quiet.close()
+
+
+async def test_tls_with_ca_and_client_certificate(tmp_path: Path) -> None:
+    from proxy.backends.http import ssl_context
+    from proxy.core.config import BackendSettings
+    from tests.proxy.dataplane.test_passthrough import _make_pki
+
+    _make_pki(tmp_path)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tmp_path / "ca.pem"))
+    ctx.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    ctx.verify_mode = ssl.CERT_REQUIRED
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(2)
+            writer.write(OK)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    files = {"ca_file": str(tmp_path / "ca.pem")}
+    mtls = {
+        **files,
+        "cert_file": str(tmp_path / "client.pem"),
+        "key_file": str(tmp_path / "client.key"),
+    }
+    try:
+        for upstream, works in ((mtls, True), (files, False), ({}, False)):
+            settings = BackendSettings(name="t", kind="http", url=url, model="m", upstream=upstream)
+            pool = RawPool(url, ssl_context=ssl_context(settings))
+            try:
+                if works:
+                    reply = await pool.request(_head(pool), b"{}", 10)
+                    assert reply.body == b'{"ok":true}'
+                else:
+                    with pytest.raises(BackendError):
+                        await pool.request(_head(pool), b"{}", 10)
+            finally:
+                pool.close()
+    finally:
+        server.close()

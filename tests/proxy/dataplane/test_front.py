@@ -1,0 +1,330 @@
+"""The byte-level live path (proxy/dataplane/front.py) answers as the aiohttp path does.
+
+Each comparison runs the same raw request bytes through both live paths in front of the
+same real upstream and compares the raw answers (status line, headers but ``Date``,
+body bytes), then the pairs both recorded. The front's own counters say which path
+answered (fast path or spliced to the aiohttp app), so a test cannot pass by accident
+on the wrong one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import logging
+import re
+from typing import Any
+
+import numpy as np
+import pytest
+
+from proxy.protocol.codec import HEADER_LENGTH, encode_infer_request
+from tests.proxy.conftest import N_FEATURES, Proxy, make_config, serve_proxy
+
+INFER = "/v2/models/classifier/infer"
+
+
+def _x(rows: int = 2, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(rows, N_FEATURES)).astype(np.float32)
+
+
+def _json(x: np.ndarray, **extra: Any) -> bytes:
+    data = {"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}
+    return json.dumps({"inputs": [data], **extra}).encode()
+
+
+def _request(
+    body: bytes, headers: dict[str, str] | None = None, path: str = INFER, close: bool = True
+) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: proxy", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def _exchange(proxy: Proxy, raw: bytes) -> bytes:
+    """Send ``raw`` on a new connection; everything answered until the server closes."""
+    server = proxy.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(raw)
+    data = b""
+    while chunk := await asyncio.wait_for(reader.read(65536), 60):
+        data += chunk
+    writer.close()
+    return data
+
+
+def _normal(answer: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
+    """Status line, headers (lower-case names, sorted, ``Date`` aside) and body."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = []
+    for line in lines:
+        name, _, value = line.partition(b":")
+        name, value = name.lower(), value.strip()
+        if name == b"x-request-id" and re.fullmatch(rb"[0-9a-f]{32}", value):
+            value = b"<generated>"  # each proxy generates its own
+        if name != b"date":
+            headers.append((name, value))
+    return status, sorted(headers), body
+
+
+async def _both(aiohttp_client: Any, config: Any, **kwargs: Any) -> tuple[Proxy, Proxy]:
+    slow = await serve_proxy(aiohttp_client, config, "aiohttp", **kwargs)
+    fast = await serve_proxy(aiohttp_client, config, "bytes", **kwargs)
+    assert fast.front is not None and slow.front is None
+    return slow, fast
+
+
+async def _settled(proxy: Proxy, n: int) -> None:
+    assert proxy.state is not None
+    for _ in range(3000):
+        if len(proxy.sink.records) >= n and proxy.state.mirror.in_flight == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{len(proxy.sink.records)} pairs, expected {n}")
+
+
+def _pairs(proxy: Proxy) -> list[dict[str, Any]]:
+    """The recorded pairs without what differs by construction (time, latency)."""
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k != "ts" and "latency" not in k}
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+        return value
+
+    return sorted((strip(r.to_dict()) for r in proxy.sink.records), key=lambda d: d["id"])
+
+
+def _bodies() -> dict[str, tuple[bytes, dict[str, str]]]:
+    x = _x(2, seed=3)
+    binary, hl = encode_infer_request({"x": x}, request_id="bin-1", binary=True)
+    plain = _json(x, id="gz-1")
+    return {
+        "json": (_json(x, id="json-1"), {"Content-Type": "application/json"}),
+        "binary": (binary, {HEADER_LENGTH: str(hl)}),
+        "gzip": (gzip.compress(plain, mtime=0), {"Content-Encoding": "gzip"}),
+        "header-id": (_json(x), {"X-Request-Id": "from-header", "traceparent": "00-a-b-01"}),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_bodies()))
+async def test_fast_path_answers_and_pairs_exactly_as_the_aiohttp_path(
+    aiohttp_client: Any, start_upstream: Any, kind: str
+) -> None:
+    champion = await start_upstream(seed=1, raw_bodies=True)
+    candidate = await start_upstream(seed=2)
+    config = make_config(champion.url, candidate.url, storage={"capture": "all"})
+    slow, fast = await _both(aiohttp_client, config)
+    body, headers = _bodies()[kind]
+    raw = _request(body, {**headers, "X-Tenant": "acme", "Authorization": "Bearer t"})
+    answers = [_normal(await _exchange(p, raw)) for p in (slow, fast)]
+    assert answers[0] == answers[1]
+    status, got_headers, got = answers[1]
+    assert status == b"HTTP/1.1 200 OK", got[:300]
+    # Both sent the champion the same request (the id each generated aside).
+    (first, second) = champion.upstream.received
+    assert first[1] == second[1] == body
+    assert {k: v for k, v in first[0].items()} == {k: v for k, v in second[0].items()}
+    assert first[0]["X-Tenant"] == "acme" and first[0]["Authorization"] == "Bearer t"
+    # ... and what the champion answers the same bytes directly.
+    direct = await fast.client.session.post(
+        f"{champion.url}/v2/models/model/infer", data=body, headers=headers
+    )
+    assert got == await direct.read()
+    assert (b"x-mirrorgate-served-by", b"champion") in got_headers
+    assert fast.front is not None and (fast.front.answered, fast.front.spliced) == (1, 0)
+    rows = 2
+    await _settled(slow, rows)
+    await _settled(fast, rows)
+    if kind == "header-id":
+        assert {r["id"] for r in _pairs(fast)} == {"from-header#0", "from-header#1"}
+    assert _pairs(slow) == _pairs(fast)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /v2/models/classifier HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n",
+        b"GET /v2/health/ready HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n",
+        b"GET /v2/models/classifier/ready HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n",
+        b"GET /v2/nothing/here HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n",
+        b"GET /elsewhere HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n",
+        b"GET /v1/rollout HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer nope\r\n"
+        b"Connection: close\r\n\r\n",
+        b"GET /v1/rollout HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n",
+        b"POST /v2/models/classifier/infer HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n"
+        b'Connection: close\r\n\r\n4\r\n{"in\r\n0\r\n\r\n',
+        b"POST /v2/models/classifier/infer HTTP/1.1\r\nHost: p\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 99999999\r\nConnection: close\r\n\r\n",
+        b"POST /v2/models/classifier/infer HTTP/1.1\r\nHost: p\r\nContent-Length: 99999999\r\n"
+        b"Connection: close\r\n\r\n",
+        b"POST /v2/models/other/infer HTTP/1.1\r\nHost: p\r\nContent-Length: 2\r\n"
+        b"Connection: close\r\n\r\n{}",
+        b"PUT /v2/models/classifier/infer HTTP/1.1\r\nHost: p\r\nContent-Length: 2\r\n"
+        b"Connection: close\r\n\r\n{}",
+        b"POST /v2/models/classifier/infer HTTP/1.1\r\nHost: p\r\nContent-Length: 2\r\n"
+        b"Content-Length: 3\r\nConnection: close\r\n\r\n{}",
+        b"POST /v2/models/classifier/infer HTTP/1.1\r\nHost: p\r\nBad Header: x\r\n"
+        b"Content-Length: 2\r\nConnection: close\r\n\r\n{}",
+        b"NOT HTTP AT ALL\r\n\r\n",
+    ],
+    ids=[
+        "metadata",
+        "health",
+        "model-ready",
+        "v2-other",
+        "404",
+        "bad-token",
+        "no-token",
+        "chunked",
+        "expect-over-limit",
+        "over-limit",
+        "other-model",
+        "put",
+        "two-lengths",
+        "bad-header",
+        "garbage",
+    ],
+)
+async def test_everything_else_is_the_aiohttp_apps_answer(
+    aiohttp_client: Any, start_upstream: Any, raw: bytes
+) -> None:
+    champion = await start_upstream(seed=1)
+    candidate = await start_upstream(seed=2)
+    config = make_config(
+        champion.url,
+        candidate.url,
+        server={"control_token": "secret", "max_body_bytes": 1 << 20},
+    )
+    slow, fast = await _both(aiohttp_client, config)
+    answers = [_normal(await _exchange(p, raw)) for p in (slow, fast)]
+    assert answers[0] == answers[1]
+    assert fast.front is not None and (fast.front.answered, fast.front.spliced) == (0, 1)
+    if b"Bearer nope" in raw:
+        assert answers[1][0].startswith(b"HTTP/1.1 401")
+        assert any(name == b"www-authenticate" for name, _ in answers[1][1])
+
+
+async def test_one_connection_goes_fast_then_spliced_for_the_rest_of_its_life(
+    aiohttp_client: Any, start_upstream: Any
+) -> None:
+    champion = await start_upstream(seed=1)
+    candidate = await start_upstream(seed=2)
+    proxy = await serve_proxy(aiohttp_client, make_config(champion.url, candidate.url), "bytes")
+    await _one_connection(proxy)
+
+
+async def _one_connection(proxy: Proxy) -> None:
+    server = proxy.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    x = _x(1)
+    for i in range(2):
+        writer.write(_request(_json(x, id=f"k{i}"), close=False))
+        status, headers, _ = await _read_one(reader)
+        assert status == b"HTTP/1.1 200 OK" and (b"x-request-id", f"k{i}".encode()) in headers
+    writer.write(b"GET /v2/models/classifier HTTP/1.1\r\nHost: p\r\n\r\n")
+    status, _, body = await _read_one(reader)
+    assert status == b"HTTP/1.1 200 OK" and json.loads(body)["name"] == "model"
+    writer.write(_request(_json(x, id="k2"), close=False))
+    status, headers, _ = await _read_one(reader)
+    assert status == b"HTTP/1.1 200 OK" and (b"x-request-id", b"k2") in headers
+    writer.close()
+    assert proxy.front is not None
+    assert (proxy.front.answered, proxy.front.spliced) == (2, 1)
+
+
+async def _read_one(reader: asyncio.StreamReader) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+    status, headers, _ = _normal(head)
+    length = int(dict(headers).get(b"content-length", b"0"))
+    body = await asyncio.wait_for(reader.readexactly(length), 60)
+    return status, headers, body
+
+
+async def test_pipelined_and_http10_requests(aiohttp_client: Any, start_upstream: Any) -> None:
+    champion = await start_upstream(seed=1)
+    slow, fast = await _both(aiohttp_client, make_config(champion.url))
+    x = _x(1)
+    pipelined = _request(_json(x, id="p0"), close=False) + _request(_json(x, id="p1"))
+    http10 = _request(_json(x, id="old"), close=False).replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    for raw in (pipelined, http10):
+        answers = [await _exchange(p, raw) for p in (slow, fast)]
+        assert _split(answers[0]) == _split(answers[1])
+    answer = await _exchange(fast, pipelined)
+    assert answer.count(b"HTTP/1.1 200 OK") == 2
+    assert answer.index(b"X-Request-Id: p0") < answer.index(b"X-Request-Id: p1")
+    assert (await _exchange(fast, http10)).startswith(b"HTTP/1.0 200 OK")
+    assert fast.front is not None and fast.front.spliced == 0 and fast.front.answered == 6
+
+
+def _split(answer: bytes) -> list[tuple[bytes, list[tuple[bytes, bytes]], bytes]]:
+    """Each response of a close-delimited stream of Content-Length responses."""
+    out = []
+    while answer:
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        status, headers, _ = _normal(head + b"\r\n\r\n")
+        length = int(dict(headers).get(b"content-length", b"0"))
+        out.append((status, headers, rest[:length]))
+        answer = rest[length:]
+    return out
+
+
+@pytest.mark.parametrize("status", [400, 500, 503])
+async def test_champion_errors_pass_through_as_written(
+    aiohttp_client: Any, start_upstream: Any, status: int
+) -> None:
+    champion = await start_upstream(seed=1, mode="error", status=status, message="boom")
+    candidate = await start_upstream(seed=2)
+    slow, fast = await _both(aiohttp_client, make_config(champion.url, candidate.url))
+    raw = _request(_json(_x(1), id="e1"))
+    answers = [_normal(await _exchange(p, raw)) for p in (slow, fast)]
+    assert answers[0] == answers[1]
+    assert answers[1][0].startswith(b"HTTP/1.1 %d" % status) and b"boom" in answers[1][2]
+    assert fast.metric("mirrorgate_proxy_requests_total", role="champion", code=str(status)) == 1
+    await asyncio.sleep(0.05)
+    assert candidate.upstream.stats.started == 0 and not fast.sink.records
+
+
+async def test_champion_refused_is_a_502_error_and_the_server_keeps_serving(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.faults.helpers import own_upstream
+
+    up = await own_upstream(seed=1)
+    try:
+        proxy = await serve_proxy(aiohttp_client, make_config(up.url), "bytes")
+    finally:
+        await up.close()  # connection refused from here on
+    server = proxy.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    with caplog.at_level(logging.WARNING, logger="proxy.dataplane.passthrough"):
+        for i in range(2):  # the same connection: still served after the first 502
+            writer.write(_request(_json(_x(1)), {"X-Request-Id": f"r{i}"}, close=False))
+            status, headers, body = await _read_one(reader)
+            assert status == b"HTTP/1.1 502 Bad Gateway"
+            assert (b"content-type", b"application/json") in headers
+            assert (b"x-request-id", f"r{i}".encode()) in headers
+            error = json.loads(body)["error"]
+            assert error.startswith(f"champion: upstream {up.url} connection failed")
+    writer.close()
+    assert any(up.url in r.getMessage() and "502" in r.getMessage() for r in caplog.records)
+    metrics = await proxy.client.get("/metrics")
+    assert metrics.status == 200
+    assert proxy.metric("mirrorgate_proxy_requests_total", role="champion", code="502") == 2
+
+
+async def test_champion_deadline_is_a_504(aiohttp_client: Any, start_upstream: Any) -> None:
+    champion = await start_upstream(seed=1)
+    config = make_config(champion.url, models={"champion": {"timeout_ms": 200}})
+    slow, fast = await _both(aiohttp_client, config)
+    champion.upstream.set_fault("hang")
+    raw = _request(_json(_x(1)))
+    answers = [_normal(await _exchange(p, raw)) for p in (slow, fast)]
+    assert answers[0] == answers[1]
+    assert answers[1][0] == b"HTTP/1.1 504 Gateway Timeout"
+    assert "timed out after 200 ms" in json.loads(answers[1][2])["error"]
