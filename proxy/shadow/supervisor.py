@@ -34,6 +34,7 @@ from aiohttp import web
 
 from proxy.core.config import MirrorgateConfig
 from proxy.core.errors import ConfigError, MirrorgateError
+from proxy.core.heap import freeze_heap
 from proxy.dataplane.state import STATE
 from proxy.server.app import create_app
 from proxy.shadow.live import ShadowChannel
@@ -259,6 +260,7 @@ async def _live(config: MirrorgateConfig, socket_path: str, host: str, port: int
         access_log=None,
     )
     await runner.setup()
+    freeze_heap("live process started")  # full GC passes skip the start-up heap
     try:
         site = web.TCPSite(runner, host, port, reuse_port=True)
         try:

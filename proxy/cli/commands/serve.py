@@ -27,6 +27,7 @@ from aiohttp import web
 from gates.presets import DESCRIPTIONS as PRESET_TEXT
 from proxy.core.config import MirrorgateConfig, load_config
 from proxy.core.errors import ConfigError, MirrorgateError
+from proxy.core.heap import freeze_heap
 from proxy.core.logqueue import install_queued_logging
 from proxy.dataplane.limits import (
     GuardedAppRunner,
@@ -98,6 +99,11 @@ def run(args: argparse.Namespace) -> int:
         restore_logging()
 
 
+def _freeze_when_loaded(loading: asyncio.Task[Any]) -> None:
+    if not loading.cancelled() and loading.exception() is None:
+        freeze_heap("models loaded")
+
+
 async def serve(
     config: MirrorgateConfig,
     *,
@@ -151,6 +157,11 @@ async def serve(
         if supervisor is not None:
             await supervisor.stop()
         raise
+    # Full GC passes stall the live loop for as long as they traverse the heap: what
+    # lives as long as the process is taken out of them, now and once loaded.
+    freeze_heap("serve started")
+    if state.loading is not None:
+        state.loading.add_done_callback(_freeze_when_loaded)
     try:
         site = web.TCPSite(
             runner, config.server.host, config.server.port, reuse_port=supervisor is not None
