@@ -11,7 +11,9 @@ in every measured latency too):
   more than 2 ms late (what every callback on that loop, a live request's included,
   waited at that moment);
 * ``gc <unix time> <generation> <ms> <collected>``: a collection of generation 1 or 2
-  and how long it stopped the process.
+  and how long it stopped the process;
+* ``fullgc <unix time> <ms> <objects>``: a full collection forced by SIGUSR2 (the
+  benchmark sends one between phases): what a full pass costs with the heap as it is.
 
 ``FAULT_NO_GC_FREEZE=1`` turns proxy/core/heap.py's freeze into a no-op (the A/B of
 that change: ``--no-gc-freeze``).
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import signal
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -68,11 +71,23 @@ def _watch_gc(log: _Log) -> None:
 
 
 def probe(path: str) -> None:
-    """Log this process's GC pauses and its running loop's lag to ``path``."""
+    """Log this process's GC pauses and its running loop's lag to ``path``; on SIGUSR2,
+    time one full collection as the heap is now (``fullgc <unix time> <ms> <objects>``,
+    objects: what a full pass traverses)."""
     log = _Log(path)
     _watch_gc(log)
-    task = asyncio.get_running_loop().create_task(_lag_probe(log))
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(_lag_probe(log))
     _tasks.add(task)
+
+    def full_pass() -> None:
+        tracked = len(gc.get_objects())
+        start = time.perf_counter()
+        gc.collect()
+        ms = (time.perf_counter() - start) * 1000
+        log.write(f"fullgc {time.time():.4f} {ms:.2f} {tracked}")
+
+    loop.add_signal_handler(signal.SIGUSR2, full_pass)
 
 
 def _install(directory: str) -> None:

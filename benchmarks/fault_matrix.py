@@ -345,6 +345,9 @@ async def main(
             for name in selected:
                 await world(name)
                 phases.append(await phase(name, cycle))
+                if diagnose:
+                    # What a full GC pass costs serve now; outside every phase's window.
+                    phases[-1]["serve_full_gc"] = await _forced_full_gc(proc.pid, tmp)
                 print(json.dumps(phases[-1]), flush=True)
         if lock is not None:  # the recorder must be able to settle before the accounting
             lock.execute("ROLLBACK")
@@ -494,6 +497,20 @@ def _diagnosis(
             "slowest_in_stall": sum(1 for s in slowest if hit(s, stall_windows)),
         }
     return out
+
+
+async def _forced_full_gc(pid: int, tmp: Path) -> dict[str, float]:
+    path = tmp / f"{pid}.lag"
+    before = path.read_text().count("fullgc ")
+    os.kill(pid, signal.SIGUSR2)
+    for _ in range(250):
+        await asyncio.sleep(0.02)
+        lines = [line for line in path.read_text().splitlines() if line.startswith("fullgc ")]
+        if len(lines) > before:
+            _, _, ms, objects = lines[-1].split()
+            await asyncio.sleep(0.5)  # let the requests it held finish before the next phase
+            return {"ms": float(ms), "objects": float(objects)}
+    return {}
 
 
 async def _settled(proc: asyncio.subprocess.Process, base: str, log: Path) -> bool:
