@@ -15,7 +15,8 @@ the end the pair accounting read from ``/metrics`` before the SIGTERM:
 answered = written + recorder drops + shadow drops (+ still buffered).
 
     python benchmarks/fault_matrix.py [--rate 100] [--phase-s 6] [--warmup-s 5] [--json]
-        [--shadow-process | --both]
+        [--shadow-process | --both] [--phases baseline,...] [--cycles N]
+        [--diagnose [--no-gc-freeze]]
 
 The load runs ``--warmup-s`` seconds before the baseline phase starts (not reported), so
 the reference p99 carries no connection set-up or first-use cost. For a p99 that is not
@@ -27,6 +28,24 @@ answer within the client's 10 s).
 decoding, recorder, gates and harvester in the shadow worker process, docs/shadow-worker.md);
 ``--both`` runs the matrix in-process and then with the worker, one after the other in
 the same invocation, and prints the two side by side (p99 / own baseline per phase).
+
+``--phases a,b,...`` runs only those phases, in that order (always starting with
+``baseline``); ``--cycles N`` repeats that sequence N times, each cycle against its own
+baseline (interleaved A/B of a fault against the baseline on a noisy machine). Each
+phase sets the state it needs whatever the previous one left (candidate up and healthy,
+failing, or stopped; database lock; champion fault); ``baseline`` and ``candidate
+back`` first wait, with the load running and not reported, until the candidate's
+circuit is closed again.
+
+Per phase, besides latency and failures: serve's CPU per request sent (all its threads),
+this process's, the seconds serve's event-loop thread waited on a run queue (the
+machine's other processes), the circuit state at the end and what the proxy did
+(candidate calls, circuit-open drops, candidate failures, pairs written, circuit
+transitions). ``--diagnose`` runs serve through benchmarks/_lag_serve.py and adds the
+event-loop lag and GC pauses of serve and of this process, how many of the phase's
+slowest 1% were in flight during a full collection or a stall, and the cost of one
+forced full collection of serve after each phase (``--no-gc-freeze`` with it: serve
+without proxy/core/heap.py's freeze, the A/B).
 
 The machine is shared (2 cores, many agents): the load average is printed.
 """
@@ -281,6 +300,7 @@ async def main(
     runner = asyncio.create_task(load.run())
     phases: list[dict[str, Any]] = []
     lock: sqlite3.Connection | None = None
+    circuit_wait: dict[str, float] = {}
 
     async def phase(name: str, cycle: int) -> dict[str, Any]:
         before = await metrics(base)
@@ -294,6 +314,7 @@ async def main(
         return {
             **summarize(name, rows),
             "cycle": cycle,
+            "waited_for_circuit_close_s": round(circuit_wait.pop(name, 0.0), 1),
             "serve_stderr_bytes": log.stat().st_size,
             # Where the CPU went during the phase: serve (all its threads) and this
             # process (load generator and both upstreams), ms per request sent.
@@ -335,6 +356,18 @@ async def main(
             db_path.unlink(missing_ok=True)
         elif name == "champion hung":
             champion.upstream.set_fault("hang")
+        if name in ("baseline", "candidate back"):
+            # A healthy candidate, mirrored again: wait (load running, not reported) for
+            # the circuit to close. After the candidate faults its open period has grown
+            # to mirror.circuit.max_open_s (60 s): without this wait "candidate back" was
+            # a whole phase of open circuit (no call, no pair) and the recovery fell into
+            # the next phase.
+            waited = time.perf_counter()
+            while total(await metrics(base), "mirrorgate_shadow_circuit_state") != 0:
+                if time.perf_counter() - waited > 120:
+                    raise AssertionError(f"{name}: the circuit did not close in 120 s")
+                await asyncio.sleep(0.5)
+            circuit_wait[name] = time.perf_counter() - waited
 
     try:
         if warmup_s > 0:
