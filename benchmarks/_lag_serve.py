@@ -12,8 +12,9 @@ in every measured latency too):
   waited at that moment);
 * ``gc <unix time> <generation> <ms> <collected>``: a collection of generation 1 or 2
   and how long it stopped the process;
-* ``fullgc <unix time> <ms> <objects>``: a full collection forced by SIGUSR2 (the
-  benchmark sends one between phases): what a full pass costs with the heap as it is.
+* ``fullgc <unix time> <ms> <objects> <type=count,...>``: a full collection forced by
+  SIGUSR2 (the benchmark sends one between phases): what a full pass costs with the
+  heap as it is, and the commonest types it traverses (counted before the pass).
 
 ``FAULT_NO_GC_FREEZE=1`` turns proxy/core/heap.py's freeze into a no-op (the A/B of
 that change: ``--no-gc-freeze``).
@@ -26,6 +27,7 @@ with a run without it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import os
 import signal
@@ -81,11 +83,16 @@ def probe(path: str) -> None:
     _tasks.add(task)
 
     def full_pass() -> None:
-        tracked = len(gc.get_objects())
+        objects = gc.get_objects()
+        tracked = len(objects)
+        # What a full pass traverses, by type (the 6 commonest): what grows after start-up.
+        census = collections.Counter(type(o).__qualname__ for o in objects).most_common(6)
+        del objects
         start = time.perf_counter()
         gc.collect()
         ms = (time.perf_counter() - start) * 1000
-        log.write(f"fullgc {time.time():.4f} {ms:.2f} {tracked}")
+        top = ",".join(f"{name}={n}" for name, n in census)
+        log.write(f"fullgc {time.time():.4f} {ms:.2f} {tracked} {top}")
 
     loop.add_signal_handler(signal.SIGUSR2, full_pass)
 

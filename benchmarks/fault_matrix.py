@@ -532,7 +532,7 @@ def _diagnosis(
     return out
 
 
-async def _forced_full_gc(pid: int, tmp: Path) -> dict[str, float]:
+async def _forced_full_gc(pid: int, tmp: Path) -> dict[str, Any]:
     path = tmp / f"{pid}.lag"
     before = path.read_text().count("fullgc ")
     os.kill(pid, signal.SIGUSR2)
@@ -540,9 +540,13 @@ async def _forced_full_gc(pid: int, tmp: Path) -> dict[str, float]:
         await asyncio.sleep(0.02)
         lines = [line for line in path.read_text().splitlines() if line.startswith("fullgc ")]
         if len(lines) > before:
-            _, _, ms, objects = lines[-1].split()
+            parts = lines[-1].split()
             await asyncio.sleep(0.5)  # let the requests it held finish before the next phase
-            return {"ms": float(ms), "objects": float(objects)}
+            return {
+                "ms": float(parts[2]),
+                "objects": float(parts[3]),
+                "commonest": parts[4] if len(parts) > 4 else "",
+            }
     return {}
 
 

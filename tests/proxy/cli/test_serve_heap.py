@@ -2,7 +2,7 @@
 (proxy/core/heap.py), in-process and with the shadow worker, and still serves.
 
 A full GC pass stops every thread of the process while it traverses the heap; the fault
-matrix caught 100-180 ms passes of serve in its slowest requests (docs/faults.md). The
+matrix caught 100-350 ms passes of serve in its slowest requests (docs/faults.md). The
 freeze is visible only inside the process, so the test reads the lines serve logs
 when it freezes: the counts it reports are ``gc.get_freeze_count()`` at that moment.
 """
