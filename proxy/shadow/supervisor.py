@@ -34,6 +34,7 @@ from aiohttp import web
 
 from proxy.core.config import MirrorgateConfig
 from proxy.core.errors import ConfigError, MirrorgateError
+from proxy.core.heap import freeze_heap
 from proxy.dataplane.front import DelegateDir, FrontServer, start_front, uses_bytes
 from proxy.dataplane.limits import GuardedAppRunner, default_max_connections
 from proxy.dataplane.state import STATE
@@ -269,6 +270,7 @@ async def _live(config: MirrorgateConfig, socket_path: str, host: str, port: int
     await runner.setup()
     front: FrontServer | None = None
     where: DelegateDir | None = None
+    freeze_heap("live process started")  # full GC passes skip the start-up heap
     try:
         try:
             if use_bytes:

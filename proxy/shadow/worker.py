@@ -35,6 +35,7 @@ from prometheus_client import Counter
 from proxy.backends.http import HttpBackend
 from proxy.core.config import MirrorgateConfig
 from proxy.core.errors import MirrorgateError
+from proxy.core.heap import freeze_heap
 from proxy.dataplane.state import STATE, ProxyState
 from proxy.server.app import create_app
 from proxy.shadow import candidate_client, wire
@@ -253,6 +254,7 @@ async def _worker(
                     else MirrorgateError(f"model load failed: {error!r}")
                 )
         _raw_candidate(state)
+        freeze_heap("shadow worker loaded")  # full GC passes skip the start-up heap
         hub.ready = True
         hub.broadcast()
         log.info("shadow worker ready (control plane %s)", hub.control_url)

@@ -27,6 +27,7 @@ from aiohttp import web
 from gates.presets import DESCRIPTIONS as PRESET_TEXT
 from proxy.core.config import MirrorgateConfig, load_config
 from proxy.core.errors import ConfigError, MirrorgateError
+from proxy.core.heap import freeze_heap
 from proxy.core.logqueue import install_queued_logging
 from proxy.dataplane.front import DelegateDir, FrontServer, start_front, uses_bytes
 from proxy.dataplane.limits import (
@@ -99,6 +100,11 @@ def run(args: argparse.Namespace) -> int:
         restore_logging()
 
 
+def _freeze_when_loaded(loading: asyncio.Task[Any]) -> None:
+    if not loading.cancelled() and loading.exception() is None:
+        freeze_heap("models loaded")
+
+
 async def serve(
     config: MirrorgateConfig,
     *,
@@ -158,6 +164,11 @@ async def serve(
         raise
     front: FrontServer | None = None
     delegate_dir: DelegateDir | None = None
+    # Full GC passes stall the live loop for as long as they traverse the heap: what
+    # lives as long as the process is taken out of them, now and once loaded.
+    freeze_heap("serve started")
+    if state.loading is not None:
+        state.loading.add_done_callback(_freeze_when_loaded)
     try:
         try:
             if use_bytes:
