@@ -259,14 +259,18 @@ def test_a_header_that_would_split_the_request_is_refused_before_sending() -> No
 
 
 async def test_idle_connections_are_capped_by_max_idle() -> None:
-    release = asyncio.Event()
+    arrived: list[int] = []
+    all_in = asyncio.Event()  # four requests held at once: four connections
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
                 await reader.readuntil(b"\r\n\r\n")
                 await reader.readexactly(2)
-                await release.wait()
+                arrived.append(1)
+                if len(arrived) == 4:
+                    all_in.set()
+                await all_in.wait()
                 writer.write(OK)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -277,9 +281,8 @@ async def test_idle_connections_are_capped_by_max_idle() -> None:
     pool = RawPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", max_idle=2)
     try:
         calls = [asyncio.ensure_future(pool.request(_head(pool), b"{}", 10)) for _ in range(4)]
-        while len(pool._all) < 4:  # four concurrent requests: four connections
-            await asyncio.sleep(0.01)
-        release.set()
+        await asyncio.wait_for(all_in.wait(), 60)
+        assert len(pool._all) == 4
         for reply in await asyncio.gather(*calls):
             assert reply.status == 200
         assert len(pool._idle) == 2  # the other two were closed, not kept
