@@ -301,10 +301,13 @@ class RawPool:
             raise BackendError(f"upstream {self.base_url} connection failed: {exc!r}") from exc
 
     def close(self) -> None:
+        """Close the idle connections now; one in the middle of an exchange finishes it
+        and is closed then (``_once``), so a pool replaced while requests are in flight
+        (the front's, when the champion changes) fails none of them."""
         self._closed = True
-        for conn in list(self._all):
+        idle, self._idle = self._idle, []
+        for conn in idle:
             self._close_conn(conn)
-        self._idle.clear()
 
 
 def _expire(waiter: asyncio.Future[RawReply]) -> None:

@@ -289,3 +289,51 @@ async def test_idle_connections_are_capped_by_max_idle() -> None:
     finally:
         pool.close()
         server.close()
+
+
+async def test_close_lets_an_exchange_in_flight_finish_then_closes_its_connection() -> None:
+    # The front replaces its pool when the champion changes, with requests in flight.
+    arrived = asyncio.Event()
+    release = asyncio.Event()
+    served: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(2)
+                served.append(1)
+                arrived.set()
+                await release.wait()
+                writer.write(OK)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    pool = RawPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        await asyncio.wait_for(
+            asyncio.gather(pool.request(_head(pool), b"{}", 10), _go(release)), 60
+        )
+        assert len(pool._idle) == 1  # one idle connection, then one busy with a request
+        release.clear()
+        arrived.clear()
+        call = asyncio.ensure_future(pool.request(_head(pool), b"{}", 10))
+        await asyncio.wait_for(arrived.wait(), 60)
+        pool.close()
+        release.set()
+        reply = await call
+        assert (reply.status, reply.body) == (200, b'{"ok":true}')
+        assert len(served) == 2  # answered on its own connection: not sent again
+        assert pool._idle == [] and all(
+            c.transport is None or c.transport.is_closing() for c in pool._all
+        )
+    finally:
+        pool.close()
+        server.close()
+
+
+async def _go(event: asyncio.Event) -> None:
+    event.set()
