@@ -1,12 +1,19 @@
-"""A raw HTTP/1.1 client pool for one upstream: the byte-level live path's champion calls.
+"""A raw HTTP/1.1 client pool for one upstream: the one used by both raw callers.
 
-``aiohttp``'s client costs about as much CPU per request as its server, which is most
-of what mirrorgate added over nginx in front of a remote champion (docs/benchmarks.md).
-The byte-level front (proxy/dataplane/front.py) already has the client's request as
-bytes; this pool sends a request head it built plus the body bytes as they came on a
-pooled keep-alive connection (``asyncio.Protocol``, no stream objects) and reads the
-response with ``httptools`` (llhttp, the parser uvicorn uses): framing by
-``Content-Length``, chunked, or the end of the connection.
+``aiohttp``'s client costs about as much CPU per request as its server (request and
+response objects, multidicts, URL objects, the trace signal that detects reused
+connections, stream readers). Two callers skip it:
+
+* the byte-level front (proxy/dataplane/front.py), whose champion call already has the
+  client's request as bytes: it builds a head with :func:`request_head`;
+* the shadow worker's mirrored candidate calls (proxy/shadow/candidate_client.py), which
+  build the head from :meth:`proxy.backends.http.HttpBackend.infer_request`'s headers
+  with :func:`header_lines`.
+
+This pool sends the head plus the body bytes on a pooled keep-alive connection
+(``asyncio.Protocol``, no stream objects) and reads the response with ``httptools``
+(llhttp, the parser uvicorn uses): framing by ``Content-Length``, chunked, or the end
+of the connection.
 
 The rules are :class:`proxy.backends.http.HttpBackend`'s, so the two live paths fail
 alike:
@@ -19,10 +26,17 @@ alike:
   arrived (the upstream closed the idle connection) is retried once on a fresh
   connection: nothing reached the upstream's application, so the retry cannot run a
   model twice. Any other failure is not retried;
-* any other failure is a :class:`BackendError` (502) naming the upstream.
+* an interim (1xx) answer means the upstream has the request: from then on nothing is
+  retried, and the final answer that follows is the reply;
+* any other failure is a :class:`BackendError` (502) naming the upstream, worded as
+  :meth:`HttpBackend._send <proxy.backends.http.HttpBackend>` words aiohttp's
+  (``upstream <url> connection failed: ...``);
+* a header value or name that would split the request (CR, LF) is refused before
+  anything is sent: a :class:`BackendError` with status 400 (:func:`header_lines`).
 
-Concurrency is bounded by the caller (one request in flight per client connection,
-and client connections are capped), so the pool itself only caps its idle connections.
+Concurrency is bounded by the callers (the front: one request in flight per client
+connection, and client connections are capped; the worker: its mirror's concurrency),
+so the pool itself only caps its idle connections (``max_idle``).
 """
 
 from __future__ import annotations
@@ -30,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -67,6 +81,7 @@ class _Conn(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future[RawReply] | None = None
         self.got_bytes = False
+        self.headers_done = False
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: list[bytes] = []
@@ -91,7 +106,9 @@ class _Conn(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(
-                BackendError(f"upstream {self.pool.base_url} sent a malformed answer: {exc}")
+                BackendError(
+                    f"upstream {self.pool.base_url} connection failed: malformed answer: {exc}"
+                )
             )
             self._abort()
 
@@ -106,7 +123,7 @@ class _Conn(asyncio.Protocol):
             return
         if not self.got_bytes:
             waiter.set_exception(_Stale(repr(exc) if exc else "connection closed"))
-        elif self.parser.get_status_code() and self._eof_framed():
+        elif self.headers_done and self._eof_framed():
             # A body delimited by the end of the connection (no length, not chunked).
             self._finish(keep_alive=False)
         else:
@@ -126,6 +143,11 @@ class _Conn(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
+    def on_headers_complete(self) -> None:
+        # Only a complete head can frame a body by the end of the connection: a loss
+        # inside the head is a failure, not a reply.
+        self.headers_done = True
+
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
 
@@ -133,7 +155,10 @@ class _Conn(asyncio.Protocol):
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             # An interim answer (e.g. an unsolicited 100 Continue): the real one follows.
+            # ``got_bytes`` stays set: the upstream has the request, so a loss from here
+            # on is never retried (it could run the model twice).
             self.reason, self.headers, self.chunks = b"", [], []
+            self.headers_done = False
             return
         self._finish(keep_alive=self.parser.should_keep_alive())
 
@@ -164,7 +189,7 @@ class _Conn(asyncio.Protocol):
     def send(self, head: bytes, body: bytes) -> asyncio.Future[RawReply]:
         assert self.transport is not None
         self.waiter = asyncio.get_running_loop().create_future()
-        self.got_bytes = self.done = False
+        self.got_bytes = self.done = self.headers_done = False
         self.reason, self.headers, self.chunks = b"", [], []
         if len(body) < JOIN_BELOW:
             self.transport.write(head + body)
@@ -177,7 +202,9 @@ class _Conn(asyncio.Protocol):
 class RawPool:
     """Keep-alive connections to one upstream (``http(s)://host[:port]``)."""
 
-    def __init__(self, url: str, *, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, url: str, *, ssl_context: ssl.SSLContext | None = None, max_idle: int = MAX_IDLE
+    ) -> None:
         parts = urlsplit(url)
         self.base_url = url.rstrip("/")
         self.secure = parts.scheme.lower() == "https"
@@ -192,6 +219,7 @@ class RawPool:
         self.ssl: ssl.SSLContext | None = None
         if self.secure:
             self.ssl = ssl_context or ssl.create_default_context()
+        self.max_idle = max_idle
         self._idle: list[_Conn] = []
         self._all: set[_Conn] = set()
         self._closed = False
@@ -228,7 +256,7 @@ class RawPool:
         finally:
             timer.cancel()
         conn.waiter = None
-        if reply.keep_alive and not self._closed and len(self._idle) < MAX_IDLE:
+        if reply.keep_alive and not self._closed and len(self._idle) < self.max_idle:
             if conn.transport is not None and not conn.transport.is_closing():
                 self._idle.append(conn)
                 return reply
@@ -262,7 +290,8 @@ class RawPool:
                 return await self._once(conn, head, body, deadline)
             except _Stale as exc:
                 raise BackendError(
-                    f"upstream {self.base_url} connection failed: closed before answering ({exc})"
+                    f"upstream {self.base_url} connection failed: closed the connection "
+                    f"without answering ({exc})"
                 ) from exc
         except TimeoutError as exc:
             raise BackendTimeout(
@@ -272,10 +301,13 @@ class RawPool:
             raise BackendError(f"upstream {self.base_url} connection failed: {exc!r}") from exc
 
     def close(self) -> None:
+        """Close the idle connections now; one in the middle of an exchange finishes it
+        and is closed then (``_once``), so a pool replaced while requests are in flight
+        (the front's, when the champion changes) fails none of them."""
         self._closed = True
-        for conn in list(self._all):
+        idle, self._idle = self._idle, []
+        for conn in idle:
             self._close_conn(conn)
-        self._idle.clear()
 
 
 def _expire(waiter: asyncio.Future[RawReply]) -> None:
@@ -290,3 +322,21 @@ def request_head(
     lines = [method + b" " + target + b" HTTP/1.1", b"Host: " + host, *headers]
     lines.append(b"Content-Length: %d" % length)
     return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def header_lines(headers: Iterable[tuple[str, str]]) -> list[bytes]:
+    """``Name: value`` lines for :func:`request_head` from decoded header pairs.
+
+    A CR or LF (or a colon in a name) would let a value end its line and start another
+    header, or the body, of the caller's choosing: refused (400) before anything is
+    sent (aiohttp's writer refuses them too)."""
+    lines = []
+    for name, value in headers:
+        if "\r" in name or "\n" in name or ":" in name or "\r" in value or "\n" in value:
+            raise BackendError(f"a header the upstream cannot be sent: {name!r}", status=400)
+        lines.append(
+            name.encode("utf-8", "surrogateescape")
+            + b": "
+            + value.encode("utf-8", "surrogateescape")
+        )
+    return lines

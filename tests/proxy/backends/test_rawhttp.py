@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.backends.rawhttp import RawPool, request_head
+from proxy.backends.rawhttp import RawPool, header_lines, request_head
 from proxy.core.errors import BackendError, BackendTimeout
 
 Answer = Callable[[int, int], bytes | None]  # (connection no., request no.) -> bytes, None: close
@@ -207,3 +207,133 @@ async def test_tls_with_ca_and_client_certificate(tmp_path: Path) -> None:
                 pool.close()
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # an interim answer, then the connection is lost: the upstream had the request
+        b"HTTP/1.1 100 Continue\r\n\r\n",
+        # the connection is lost inside the head: no end-of-connection body
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/pl",
+    ],
+    ids=["after-100", "inside-head"],
+)
+async def test_a_loss_after_the_first_byte_is_an_error_and_never_retried(answer: bytes) -> None:
+    # The second request goes out on a reused connection, where a loss before any byte
+    # would be retried: after these bytes it must not be (nor read as a reply).
+    connections: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(0)
+        try:
+            for out in (OK, answer):
+                await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(2)
+                connections[-1] += 1
+                writer.write(out)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    pool = RawPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        assert (await pool.request(_head(pool), b"{}", 10)).status == 200
+        with pytest.raises(BackendError, match="connection failed") as err:
+            await pool.request(_head(pool), b"{}", 10)
+        assert err.value.status == 502
+        assert connections == [2]  # no second connection: not retried
+    finally:
+        pool.close()
+        server.close()
+
+
+def test_a_header_that_would_split_the_request_is_refused_before_sending() -> None:
+    assert header_lines([("X-Ok", "a b")]) == [b"X-Ok: a b"]
+    for bad in [("X-Evil", "a\r\nX-Injected: 1"), ("X-Evil", "a\nb"), ("X:Evil", "a")]:
+        with pytest.raises(BackendError) as err:
+            header_lines([bad])
+        assert err.value.status == 400
+
+
+async def test_idle_connections_are_capped_by_max_idle() -> None:
+    arrived: list[int] = []
+    all_in = asyncio.Event()  # four requests held at once: four connections
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(2)
+                arrived.append(1)
+                if len(arrived) == 4:
+                    all_in.set()
+                await all_in.wait()
+                writer.write(OK)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    pool = RawPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", max_idle=2)
+    try:
+        calls = [asyncio.ensure_future(pool.request(_head(pool), b"{}", 10)) for _ in range(4)]
+        await asyncio.wait_for(all_in.wait(), 60)
+        assert len(pool._all) == 4
+        for reply in await asyncio.gather(*calls):
+            assert reply.status == 200
+        assert len(pool._idle) == 2  # the other two were closed, not kept
+    finally:
+        pool.close()
+        server.close()
+
+
+async def test_close_lets_an_exchange_in_flight_finish_then_closes_its_connection() -> None:
+    # The front replaces its pool when the champion changes, with requests in flight.
+    arrived = asyncio.Event()
+    release = asyncio.Event()
+    served: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(2)
+                served.append(1)
+                arrived.set()
+                await release.wait()
+                writer.write(OK)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    pool = RawPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        await asyncio.wait_for(
+            asyncio.gather(pool.request(_head(pool), b"{}", 10), _go(release)), 60
+        )
+        assert len(pool._idle) == 1  # one idle connection, then one busy with a request
+        release.clear()
+        arrived.clear()
+        call = asyncio.ensure_future(pool.request(_head(pool), b"{}", 10))
+        await asyncio.wait_for(arrived.wait(), 60)
+        pool.close()
+        release.set()
+        reply = await call
+        assert (reply.status, reply.body) == (200, b'{"ok":true}')
+        assert len(served) == 2  # answered on its own connection: not sent again
+        assert pool._idle == [] and all(
+            c.transport is None or c.transport.is_closing() for c in pool._all
+        )
+    finally:
+        pool.close()
+        server.close()
+
+
+async def _go(event: asyncio.Event) -> None:
+    event.set()
