@@ -5,6 +5,13 @@ writes a snapshot to ``$SOAK_TRACE_DIR/<pid>-<n>.snap`` on each SIGUSR1. The sha
 worker is started with ``spawn``, which runs the parent's main file again as
 ``__mp_main__`` in the child: the module-level code below therefore traces the live
 process and the worker alike (the ``if __name__`` block runs only in the live one).
+
+With ``SOAK_STATS_DIR`` set (``SOAK_STATS_S`` seconds apart, default 30), each process
+appends a JSON line to ``$SOAK_STATS_DIR/stats-<pid>.jsonl``: /proc/self/smaps_rollup,
+SQLite's own heap (``sqlite3_memory_used``: page caches, statements, schemas, which
+tracemalloc does not see), the SQLAlchemy pools, gc counts, object counts by type and
+the 25 largest containers with the attribute that holds them and their approximate size
+(how the harvester's id memory and the capture cache were found, docs/faults.md "Round 5").
 """
 
 from __future__ import annotations
@@ -75,7 +82,10 @@ def _every(seconds: float, fn: Callable[[], object]) -> None:
     def loop() -> None:
         while True:
             time.sleep(seconds)
-            fn()
+            try:
+                fn()
+            except Exception as exc:  # a diagnostic must not stop (a dict changed size...)
+                print(f"soak diagnostics: {exc!r}", file=sys.stderr, flush=True)
 
     threading.Thread(target=loop, daemon=True, name="soak-diagnostics").start()
 
