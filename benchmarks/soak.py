@@ -24,7 +24,11 @@ tracemalloc (benchmarks/_traced_serve.py, much slower) and takes a snapshot of b
 processes at the end of the warm-up and at the end; the top growth by source line of
 each is printed (the snapshots stay in DIR). ``--progress`` prints a line per sample to
 stderr (for long runs with output in a log file); ``--max-s`` stops sending after that
-many seconds (the report's ``requests`` is what was sent).
+many seconds (the report's ``requests`` is what was sent). Any ``SOAK_*`` variable in
+the environment runs serve through benchmarks/_traced_serve.py; ``SOAK_STATS_DIR=DIR``
+(and ``SOAK_STATS_S``) makes each process sample smaps_rollup, SQLite's heap, object
+counts and its largest containers into ``DIR/stats-<pid>.jsonl`` (docs/faults.md,
+"Round 5").
 
 The issue's target is 200k requests; on this shared 2-core machine a run is kept
 short (say so when quoting it). The load average is printed.

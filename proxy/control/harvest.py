@@ -61,7 +61,15 @@ OUTCOMES = (
     "dropped_queue_full",
     "write_error",
 )
-SEEN_IDS = 100_000  # record ids already harvested (one case per pair, whatever the rules)
+# Ids of pairs a label-free rule matched that may still be matched again by
+# ``wrong_label`` when their label arrives (one case per pair, whatever the rules). A pair
+# is labelled at most once (the join hands it over and forgets it), so its id is dropped
+# then: what stays are matched pairs still waiting for a label, which the gates' join
+# itself bounds (``max_pending_pairs``, 100,000, and the label window). This cap, the
+# join's, is the backstop for pairs that never get a label. Before, every matched id was
+# kept until 100,000 of them: ~16 MiB that a labelled soak filled over its first ~120k
+# requests (docs/faults.md, "Round 5").
+SEEN_IDS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,15 +200,25 @@ class Harvester:
     def on_pairs(self, records: list[PairRecord], engine: RolloutEngine, now: float) -> bool:
         force = self._check_live(records, engine, now)
         self._harvest(
-            records, match_rules(records, self.settings, task=self.gate_task, rules=LABEL_FREE)
+            records,
+            match_rules(records, self.settings, task=self.gate_task, rules=LABEL_FREE),
+            last_look=False,
         )
         return force
 
     def on_labelled(self, records: list[PairRecord], engine: RolloutEngine, now: float) -> bool:
+        # A pair is labelled once: this is the last rule that can match it.
         self._harvest(
-            records, match_rules(records, self.settings, task=self.gate_task, rules=(WRONG_LABEL,))
+            records,
+            match_rules(records, self.settings, task=self.gate_task, rules=(WRONG_LABEL,)),
+            last_look=True,
         )
         return False
+
+    @property
+    def remembered_ids(self) -> int:
+        """Matched pairs' ids kept for deduplication (see ``SEEN_IDS``)."""
+        return len(self._seen)
 
     def _check_live(self, records: list[PairRecord], engine: RolloutEngine, now: float) -> bool:
         pinned = self.pinned
@@ -232,13 +250,20 @@ class Harvester:
                 )
         return missed
 
-    def _harvest(self, records: list[PairRecord], rules: list[str | None]) -> None:
+    def _harvest(
+        self, records: list[PairRecord], rules: list[str | None], *, last_look: bool
+    ) -> None:
         for record, rule in zip(records, rules, strict=True):
-            if rule is None or record.id in self._seen:
-                continue
-            self._seen[record.id] = None
-            if len(self._seen) > SEEN_IDS:
-                self._seen.popitem(last=False)
+            if last_look:
+                # No rule looks at this pair again: forget its id whatever happens.
+                if self._seen.pop(record.id, 0) is None or rule is None:
+                    continue  # (already harvested by a label-free rule) or no match
+            else:
+                if rule is None or record.id in self._seen:
+                    continue
+                self._seen[record.id] = None
+                if len(self._seen) > SEEN_IDS:
+                    self._seen.popitem(last=False)
             self.counters.matched += 1
             inputs = record.inputs
             if not inputs and self.recorder is not None:

@@ -32,6 +32,7 @@ from proxy.control.engines import new_engine
 from proxy.core.config import MirrorgateConfig
 from proxy.core.errors import Conflict
 from proxy.core.metrics import ProxyMetrics
+from proxy.core.ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
     from proxy.control.replicas import ReplicaCoordinator
@@ -85,6 +86,9 @@ class RolloutCounters:
 DECISION_RETRY_PAUSES_S = (0.05, 0.2, 0.5)
 # How often the engine's resume state is saved besides after every decision.
 STATE_SAVE_EVERY_S = 5.0
+# At most one log line per failing kind of write in this many seconds (a database
+# outage otherwise writes a traceback per tick: ~5 a second, proxy/core/ratelog.py).
+LOG_INTERVAL_S = 10.0
 
 
 class DecisionObserver(Protocol):
@@ -108,8 +112,13 @@ class RolloutService:
         clock: Callable[[], float] = time.time,
         tick_s: float = 0.2,
         apply: Callable[[Evaluation], None] | None = None,
+        log_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        # Failures that repeat on every tick while the database is down (evaluation,
+        # evidence, resume-state and decision writes) log one line per kind every
+        # LOG_INTERVAL_S with the count suppressed since, not a traceback per tick.
+        self.failures = RateLimitedLog(log, LOG_INTERVAL_S, clock=log_clock)
         self.metrics = metrics
         self.clock = clock
         self.tick_s = tick_s
@@ -392,7 +401,9 @@ class RolloutService:
                 raise
             except Exception:
                 # The gates must never take the proxy down; the next tick tries again.
-                log.exception("gate evaluation failed")
+                self.failures.log(
+                    "evaluate", logging.ERROR, "gate evaluation failed", exc_info=True
+                )
             if closing:
                 return
 
@@ -434,7 +445,12 @@ class RolloutService:
             await asyncio.to_thread(resumable.save_state, state, now)
         except Exception:
             # The decisions table is the durable record; the state only saves evidence.
-            log.warning("saving the rollout's resume state failed", exc_info=True)
+            self.failures.log(
+                "save_state",
+                logging.WARNING,
+                "saving the rollout's resume state failed",
+                exc_info=True,
+            )
 
     def _advance(
         self, pairs: list[PairRecord], labels: list[LabelEvent], now: float, force: bool
@@ -494,7 +510,13 @@ class RolloutService:
             return bool(fn(records, self.engine, now))
         except Exception:
             # A hook (harvest) must never stop the gates.
-            log.exception("rollout hook %r failed", fn)
+            self.failures.log(
+                f"hook:{getattr(fn, '__qualname__', type(fn).__name__)}",
+                logging.ERROR,
+                "rollout hook %r failed",
+                fn,
+                exc_info=True,
+            )
             return False
 
     def _apply(self, evaluation: Evaluation) -> None:
@@ -522,7 +544,12 @@ class RolloutService:
             await asyncio.to_thread(self.store.record_evaluation, evaluation)
         except Exception:
             self.counters.persist_errors += 1
-            log.exception("persisting a gate evaluation failed")
+            self.failures.log(
+                "persist_evaluation",
+                logging.ERROR,
+                "persisting a gate evaluation failed",
+                exc_info=True,
+            )
         if evaluation.decision is not None:
             await self._persist_decision(evaluation.decision)
 
@@ -558,11 +585,15 @@ class RolloutService:
                 self.counters.persist_errors += 1
                 if self.observer is not None:
                     self.observer.decision_persist_failed()
-                log.warning(
+                # Retried on every tick until it lands: rate-limited (the decision's own
+                # "NOT persisted yet" error and its readiness header are not).
+                self.failures.log(
+                    "persist_decision",
+                    logging.WARNING,
                     "persisting decision %s failed (attempt %d)",
                     decision.action,
                     attempt + 1,
-                    exc_info=attempt == 0,
+                    exc_info=True,
                 )
             if pause is not None:
                 await asyncio.sleep(pause)

@@ -9,6 +9,12 @@ traceback from the event loop (benchmarks/fault_matrix.py wedged that way, docs/
 queue; the event loop only formats the message and enqueues it, and when the queue is
 full the record is dropped and counted, never waited for. The lines that do get out keep
 their order and their format.
+
+Every process of ``mirrorgate serve`` installs it: the first live process (``serve``
+itself), the shadow worker and the extra live processes of ``server.workers > 1``
+(:func:`configure_child_logging`, their ``multiprocessing`` entry points). The drops are
+exported as ``mirrorgate_logging_dropped_total`` (:class:`DroppedLogRecords`, registered
+on each app's registry; the live process's /metrics sums the worker's in).
 """
 
 from __future__ import annotations
@@ -17,7 +23,11 @@ import logging
 import logging.handlers
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 # Records held while stderr is blocked: enough for a burst, bounded in memory.
 DEFAULT_MAX_RECORDS = 10_000
@@ -85,3 +95,32 @@ def install_queued_logging(
         return front.dropped
 
     return restore
+
+
+def dropped_records() -> int:
+    """Records this process's queued logging dropped so far (0 when not installed)."""
+    return sum(
+        h.dropped for h in logging.getLogger().handlers if isinstance(h, _DroppingQueueHandler)
+    )
+
+
+class DroppedLogRecords(Collector):
+    """``mirrorgate_logging_dropped_total``: read at scrape time from the handler the
+    process installed (a log record is not an event of one app: the count is the
+    process's, whichever registry asks)."""
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "mirrorgate_logging_dropped",
+            "Log records dropped because the log queue was full (stderr blocked or slow)",
+        )
+        family.add_metric([], float(dropped_records()))
+        yield family
+
+
+def configure_child_logging(level: int, format: str) -> Callable[[], int]:
+    """Logging for a ``multiprocessing`` (spawn) child of ``serve``: the same stderr
+    handler format as before, behind the same bounded queue as the parent's (the child
+    shares the parent's stderr, so the same blocked pipe would stop its event loop)."""
+    logging.basicConfig(level=level, format=format)
+    return install_queued_logging()

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from proxy.core.logqueue import DroppedLogRecords
+
 # Inference latencies: sub-millisecond loopback calls up to multi-second timeouts.
 LATENCY_BUCKETS = (
     0.0005,
@@ -116,6 +118,8 @@ class ProxyMetrics:
             "Share of live traffic served by the candidate (0..1).",
             registry=registry,
         )
+        # The process's queued logging (proxy/core/logqueue.py): records it dropped.
+        registry.register(DroppedLogRecords())
 
     def observe_call(self, role: str, code: int, seconds: float | None) -> None:
         # Per request on the live path: the labelled children are looked up once and

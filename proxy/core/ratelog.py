@@ -8,6 +8,7 @@ and none of its failures may go unmentioned.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -43,3 +44,50 @@ class FailureLog:
             f" ({skipped} more like it since the last line)" if skipped else "",
         )
         return True
+
+
+class RateLimitedLog:
+    """One line per key at most every ``interval_s``, with how many were suppressed.
+
+    For failures that repeat on every tick while a dependency is down (the rollout's
+    evaluation, evidence and decision writes during a database outage): the first one
+    is logged at once with its traceback, the rest of the interval only counted, and the
+    next line says how many there were, so nothing goes unmentioned and the log grows by
+    a bounded number of records per interval and key, not per evaluation. Keys are the
+    call sites' fixed names (a bounded set). Thread-safe: the gates' worker thread logs
+    through it as well as the event loop.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = logger
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def log(self, key: str, level: int, msg: str, *args: object, exc_info: bool = False) -> bool:
+        """Log (True) or count as suppressed (False)."""
+        now = self._clock()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval_s:
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                return False
+            self._last[key] = now
+            skipped = self._suppressed.pop(key, 0)
+        if skipped:
+            msg += " (%d more like it since the last line)"
+            args = (*args, skipped)
+        self._log.log(level, msg, *args, exc_info=exc_info)
+        return True
+
+    def suppressed(self, key: str) -> int:
+        """Failures counted for ``key`` since its last line."""
+        with self._lock:
+            return self._suppressed.get(key, 0)

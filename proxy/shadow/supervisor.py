@@ -35,6 +35,7 @@ from aiohttp import web
 from proxy.core.config import MirrorgateConfig
 from proxy.core.errors import ConfigError, MirrorgateError
 from proxy.core.heap import freeze_heap
+from proxy.core.logqueue import configure_child_logging
 from proxy.dataplane.front import DelegateDir, FrontServer, start_front, uses_bytes
 from proxy.dataplane.limits import GuardedAppRunner, default_max_connections
 from proxy.dataplane.state import STATE
@@ -241,13 +242,17 @@ def live_entry(
     config: MirrorgateConfig, socket_path: str, host: str, port: int, log_level: int
 ) -> None:
     """``multiprocessing`` target (spawn): one more live process on the shared port."""
-    logging.basicConfig(
-        level=log_level, format="%(asctime)s %(levelname)s %(name)s[live]: %(message)s"
+    restore_logging = configure_child_logging(
+        log_level, "%(asctime)s %(levelname)s %(name)s[live]: %(message)s"
     )
     # The supervisor stops this process (SIGTERM) after its own listener closed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
-    sys.exit(run_loop(_live(config, socket_path, host, port), config.server.event_loop))
+    try:
+        code = run_loop(_live(config, socket_path, host, port), config.server.event_loop)
+    finally:
+        restore_logging()
+    sys.exit(code)
 
 
 async def _live(config: MirrorgateConfig, socket_path: str, host: str, port: int) -> int:

@@ -36,6 +36,7 @@ from proxy.backends.http import HttpBackend
 from proxy.core.config import MirrorgateConfig
 from proxy.core.errors import MirrorgateError
 from proxy.core.heap import freeze_heap
+from proxy.core.logqueue import configure_child_logging
 from proxy.dataplane.state import STATE, ProxyState
 from proxy.server.app import create_app
 from proxy.shadow import candidate_client, wire
@@ -145,8 +146,8 @@ def worker_entry(
     log_level: int,
 ) -> None:
     """``multiprocessing`` target (spawn): run the worker until SIGTERM."""
-    logging.basicConfig(
-        level=log_level, format="%(asctime)s %(levelname)s %(name)s[shadow]: %(message)s"
+    restore_logging = configure_child_logging(
+        log_level, "%(asctime)s %(levelname)s %(name)s[shadow]: %(message)s"
     )
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
@@ -159,6 +160,8 @@ def worker_entry(
         log.exception("the shadow worker failed")
         conn.send(("error", f"shadow worker failed: {exc!r}"))
         code = 2
+    finally:
+        restore_logging()
     sys.exit(code)
 
 

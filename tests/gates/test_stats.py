@@ -216,3 +216,24 @@ def test_linear_bets_are_the_best_e_variables_for_the_ternary_null(p_neg, p_pos,
     lams = np.linspace(0.001, 0.999, 999)
     le = ternary_log_e(n, s1, s2, theta, "less", lambdas=lams) + np.log(len(lams))
     assert le / n >= 0.99 * -best_linear.fun
+
+
+def test_ternary_limit_tables_are_bounded_and_exact() -> None:
+    """The per-limit tables are a cache: at most ``_TABLES_MAX`` of them whatever the
+    number of distinct limits seen (a data-dependent limit is new at every evaluation),
+    and a cached table gives what the direct computation gives."""
+    from gates import stats
+
+    rng = np.random.default_rng(7)
+    n, s2 = np.array([50.0, 80.0]), np.array([20.0, 30.0])
+    s1 = np.array([4.0, -6.0])
+    thetas = rng.uniform(-0.5, 0.5, size=3 * stats._TABLES_MAX)
+    for theta in thetas:
+        cached = stats.ternary_log_e(n, s1, s2, float(theta), "greater")
+        # 9 distinct limits take the direct path (no table): the oracle.
+        many = np.concatenate([[theta], rng.uniform(-0.5, 0.5, size=8)])
+        direct = stats.ternary_log_e(
+            np.full(9, n[0]), np.full(9, s1[0]), np.full(9, s2[0]), many, "greater"
+        )
+        assert cached[0] == pytest.approx(direct[0], rel=1e-12, abs=1e-12)
+        assert len(stats._TABLES) <= stats._TABLES_MAX
