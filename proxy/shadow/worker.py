@@ -216,6 +216,12 @@ async def _worker(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # The worker serves /v1 and /metrics on its private loopback listener whatever port
+    # the live side shows them on (``server.control_port`` is process 0's listener, which
+    # forwards here): its own app keeps the control routes.
+    config = config.model_copy(
+        update={"server": config.server.model_copy(update={"control_port": None})}
+    )
     app = create_app(config, sinks=_sinks(config, pairs_out), storage=True)
     state = app[STATE]
     runner = web.AppRunner(
