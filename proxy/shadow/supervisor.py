@@ -36,6 +36,7 @@ from aiohttp import web
 
 from proxy.core.config import MirrorgateConfig
 from proxy.core.errors import ConfigError, MirrorgateError
+from proxy.core.logqueue import install_queued_logging
 from proxy.dataplane.front import DelegateDir, FrontServer, start_front, uses_bytes
 from proxy.dataplane.limits import GuardedAppRunner, default_max_connections
 from proxy.dataplane.state import STATE
@@ -244,7 +245,13 @@ def live_entry(
     # The supervisor stops this process (SIGTERM) after its own listener closed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
-    sys.exit(run_loop(_live(config, socket_path, host, port), config.server.event_loop))
+    # A live process: a blocked stderr must not stop its loop in a log write (as in serve).
+    restore_logging = install_queued_logging()
+    try:
+        code = run_loop(_live(config, socket_path, host, port), config.server.event_loop)
+    finally:
+        restore_logging()
+    sys.exit(code)
 
 
 async def _live(config: MirrorgateConfig, socket_path: str, host: str, port: int) -> int:

@@ -35,6 +35,7 @@ from prometheus_client import Counter
 from proxy.backends.http import HttpBackend
 from proxy.core.config import MirrorgateConfig
 from proxy.core.errors import MirrorgateError
+from proxy.core.logqueue import install_queued_logging
 from proxy.dataplane.state import STATE, ProxyState
 from proxy.server.app import create_app
 from proxy.shadow import candidate_client, wire
@@ -149,6 +150,10 @@ def worker_entry(
     )
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
+    # As in serve: a blocked stderr (a pipe nobody reads) must not stop this loop in a
+    # log write; the worker logs the most (every failed evaluation write, with a database
+    # outage). Only the writer thread waits (tests/faults/test_blocked_stderr.py).
+    restore_logging = install_queued_logging()
     try:
         code = run_loop(_worker(config, socket_path, pairs_out, conn), config.server.event_loop)
     except MirrorgateError as exc:
@@ -158,6 +163,8 @@ def worker_entry(
         log.exception("the shadow worker failed")
         conn.send(("error", f"shadow worker failed: {exc!r}"))
         code = 2
+    finally:
+        restore_logging()
     sys.exit(code)
 
 
