@@ -222,6 +222,10 @@ class ShadowChannel:
         mirror = state.mirror
         if latest["stopped"] and not mirror.candidate_stopped:
             mirror.stop_candidate()
+        elif not latest["stopped"] and mirror.candidate_stopped:
+            # The worker started a new rollout for a new candidate revision (the
+            # lifecycle's identity poll) after an abort: as in-process, it is called again.
+            mirror.restart_candidate()
         try:
             mirror.set_canary_weight(float(latest["weight"]))
         except ValueError:
