@@ -217,6 +217,23 @@ def _raw_candidate(state: ProxyState) -> None:
     state.candidate = mirror.candidate = raw
 
 
+STATE_POLL_S = 0.1
+
+
+async def _watch_state(hub: WorkerHub) -> None:
+    """Broadcast the state whenever it changed, whatever changed it: evaluations are
+    broadcast at once (``apply_and_broadcast``), but a new rollout after an abort (the
+    lifecycle's ``restart_candidate``) applies no evaluation, and a live side still
+    stopped would mirror nothing to make one (tests/deploy/test_rollout_controllers.py)."""
+    last = hub.state()
+    while True:
+        await asyncio.sleep(STATE_POLL_S)
+        now = hub.state()
+        if now != last:
+            hub.broadcast()
+            last = now
+
+
 async def _worker(
     config: MirrorgateConfig, socket_path: str, pairs_out: str | None, conn: Connection
 ) -> int:
@@ -268,8 +285,10 @@ async def _worker(
         _raw_candidate(state)
         hub.ready = True
         hub.broadcast()
+        watcher = loop.create_task(_watch_state(hub))
         log.info("shadow worker ready (control plane %s)", hub.control_url)
         await stop.wait()
+        watcher.cancel()
         log.info("shadow worker stopping: draining mirrored work")
     finally:
         if server is not None:
