@@ -5,8 +5,10 @@ champion and two candidate upstreams (one for nginx, one for the mirrorgates, so
 candidate calls are attributable), a minimal aiohttp pass-through proxy (the Python
 floor, benchmarks/passthrough_floor.py), nginx with ``mirror`` to the candidate (when
 ``nginx`` is installed: Debian's nginx-light), and ``mirrorgate serve`` several ways: no
-candidate; shadow in-process (the design before the worker process); the default
-(shadow in a worker process); the same with two live processes (``server.workers: 2``);
+candidate; shadow in-process (the design before the worker process, on the aiohttp
+live path; and on the byte-level live path, side by side with the worker); the default
+(``shadow.process: auto``: the shadow work in a worker process for this remote
+candidate); the same with two live processes (``server.workers: 2``);
 no candidate and the default again on the aiohttp live path (``server.live_path:
 aiohttp``, the live path before the byte-level front); and, with ``BENCH_UVLOOP=1``,
 the default on uvloop. Every mirrorgate
@@ -204,7 +206,9 @@ MIRRORGATES = {
     "mirrorgate, no candidate": (False, "auto", "asyncio", 1, None),
     "mirrorgate, no candidate, aiohttp live path": (False, "auto", "asyncio", 1, "aiohttp"),
     "mirrorgate shadow, in-process (before)": (True, False, "asyncio", 1, "aiohttp"),
-    "mirrorgate shadow, worker process (default)": (True, True, "asyncio", 1, None),
+    "mirrorgate shadow, in-process, byte-level live path": (True, False, "asyncio", 1, None),
+    # the real defaults: shadow.process auto (a worker for a remote candidate), live_path auto
+    "mirrorgate shadow, worker process (default)": (True, "auto", "asyncio", 1, None),
     "mirrorgate shadow, worker process, aiohttp live path": (True, True, "asyncio", 1, "aiohttp"),
     "mirrorgate shadow, worker process, 2 live processes": (True, True, "asyncio", 2, None),
 }
@@ -214,6 +218,7 @@ SHADOWED = [name for name, (cand, *_) in MIRRORGATES.items() if cand]
 # Rows --no-variants leaves out (shorter runs; the targets are judged without them)
 VARIANTS = (
     "mirrorgate shadow, in-process (before)",
+    "mirrorgate shadow, in-process, byte-level live path",
     "mirrorgate shadow, worker process, 2 live processes",
 )
 # The rows --baseline DIR repeats with the code of DIR (before/after in one run).

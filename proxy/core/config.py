@@ -221,22 +221,25 @@ class ReplicasSettings(_Strict):
 
 
 class ShadowSettings(_Strict):
-    """Where ``mirrorgate serve`` does the shadow work (docs/proxy.md, "Shadow worker").
+    """Where ``mirrorgate serve`` does the shadow work (docs/shadow-worker.md).
 
-    ``process: true``: the candidate call, the pair's decoding, recording and the gates run
-    in a separate worker process fed through a bounded hand-off; the live processes only
-    forward, answer and hand off. ``false``: all in the serving process (the in-process
-    dispatcher; what ``create_app`` always does; the default). ``auto``: a worker process
-    when the candidate is a remote (``http``) model; in-process models stay in one
-    process, because the live process must hold the candidate to serve canary traffic (a
-    second copy of the model) and the latency gate would compare calls made under two
-    processes' CPU contention. Off by default for now: on the 2-core machine it was
-    measured on it bought no throughput (docs/benchmarks.md), and the control plane is
-    then reached through the data port (no ``server.control_port``).
+    ``auto`` (the default): a worker process when the candidate is a remote (``http``)
+    model: the candidate call, the pair's decoding, recording and the gates run in a
+    separate worker process fed through a bounded hand-off, and the live processes only
+    forward, answer and hand off, so none of it shares the live loop or its GIL (issue 11
+    item 5). The control plane and /metrics stay reachable where they were: through the
+    data port, or on ``server.control_port``'s listener in the serving process, which
+    forwards /v1 to the worker and merges its metrics. In-process candidates (ONNX/Torch)
+    stay in one process under ``auto``, because the live process must hold the candidate
+    anyway to serve canary traffic (the worker would load a second copy of the model),
+    and the latency gate would compare a champion run in one process with a candidate run
+    in another under two processes' CPU contention. ``true``: the worker process whatever
+    the candidate's kind. ``false``: all in the serving process (the in-process
+    dispatcher; what ``create_app`` alone always does).
     """
 
     process: bool | Literal["auto"] = Field(
-        False,
+        "auto",
         description="shadow work in a worker process: auto (remote candidates), true, false",
     )
     handoff_max_jobs: int = Field(

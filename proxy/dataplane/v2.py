@@ -385,7 +385,9 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     body = generate_latest(state.registry)
     channel = state.extras.get(HANDOFF)
     if channel is not None:  # a live process: the shadow worker's metrics merged in
-        body = await channel.metrics_text(body)  # type: ignore[attr-defined]
+        body = await channel.metrics_text(  # type: ignore[attr-defined]
+            body, request.headers.get("Authorization")
+        )
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -295,9 +295,12 @@ def create_app(
     app.on_shutdown.append(_on_shutdown)
     add_data_plane_routes(app)
     if handoff is not None:
-        # A live process: /v1 is forwarded to the shadow worker, which owns the rollout.
+        # A live process: /v1 is forwarded to the shadow worker, which owns the rollout
+        # (on the data port, or on the control listener with server.control_port).
         state.extras[HANDOFF] = handoff
         handoff.install(app)
+        if config.server.control_port is not None:
+            state.extras[CONTROL_APP] = _control_app(state, forward=handoff.forward_control)
     elif config.server.control_port is None:
         setup_control_plane(app)
     else:
@@ -305,17 +308,27 @@ def create_app(
     return app
 
 
-def _control_app(state: ProxyState) -> web.Application:
+def _control_app(
+    state: ProxyState,
+    forward: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None,
+) -> web.Application:
     """The control plane's own application (``server.control_port``): /v1/... and
     /metrics, sharing the data app's state; ``serve`` gives it its own listener. The
-    data app owns the lifecycle; this one has none."""
+    data app owns the lifecycle; this one has none.
+
+    ``forward``: a live process in split mode (proxy/shadow/): /v1/... goes to the
+    shadow worker's control plane as it came (the worker checks the tokens, by the same
+    rules), and /metrics merges the worker's metrics into this process's."""
     server = state.config.server
     limits = make_limits_middleware(server.limits, server.max_body_bytes)
     control = web.Application(
         client_max_size=server.max_body_bytes, middlewares=[error_middleware, limits]
     )
     control[STATE] = state
-    setup_control_plane(control)
+    if forward is None:
+        setup_control_plane(control)
+    else:
+        control.router.add_route("*", "/v1/{tail:.*}", forward)
     control.router.add_get("/metrics", metrics_endpoint)
     return control
 

@@ -16,7 +16,8 @@ The worker acks what it has taken in (cumulative counts), so "outstanding" is ex
 sends the rollout state the live path needs (canary weight, stage, candidate stopped);
 readiness waits for the worker's first "ready" state, so an abort decided before serving
 (the pinned check) holds from the first request. ``/v1/...`` is forwarded to the worker's
-control listener, and ``/metrics`` merges the worker's metrics into this process's.
+control listener (from the data port, or from the ``server.control_port`` listener's app
+when that is set), and ``/metrics`` merges the worker's metrics into this process's.
 """
 
 from __future__ import annotations
@@ -221,6 +222,10 @@ class ShadowChannel:
         mirror = state.mirror
         if latest["stopped"] and not mirror.candidate_stopped:
             mirror.stop_candidate()
+        elif not latest["stopped"] and mirror.candidate_stopped:
+            # The worker started a new rollout for a new candidate revision (the
+            # lifecycle's identity poll) after an abort: as in-process, it is called again.
+            mirror.restart_candidate()
         try:
             mirror.set_canary_weight(float(latest["weight"]))
         except ValueError:
@@ -242,7 +247,10 @@ class ShadowChannel:
         from proxy.dataplane.state import STATE
 
         self.metrics = app[STATE].metrics
-        app.router.add_route("*", "/v1/{tail:.*}", self._forward_control)
+        if app[STATE].config.server.control_port is None:
+            # Else the control listener's app forwards (proxy/server/app.py _control_app):
+            # the data port then serves no /v1, as without a worker.
+            app.router.add_route("*", "/v1/{tail:.*}", self.forward_control)
         app.cleanup_ctx.append(self._lifecycle)
 
     async def _lifecycle(self, app: web.Application) -> Any:
@@ -297,7 +305,7 @@ class ShadowChannel:
 
     # ------------------------------------------------------------ control plane, metrics
 
-    async def _forward_control(self, request: web.Request) -> web.Response:
+    async def forward_control(self, request: web.Request) -> web.Response:
         """``/v1/...`` is served by the worker (it holds the gates and the store)."""
         if self.control_url is None or self._session is None:
             raise NotReady("the control plane is not up: the shadow worker is starting")
@@ -316,16 +324,26 @@ class ShadowChannel:
         except aiohttp.ClientError as exc:
             raise NotReady(f"the shadow worker's control plane is unreachable: {exc}") from exc
 
-    async def metrics_text(self, local: bytes) -> bytes:
-        """This process's metrics merged with the worker's (counters summed)."""
+    async def metrics_text(self, local: bytes, authorization: str | None = None) -> bytes:
+        """This process's metrics merged with the worker's (counters summed).
+
+        ``authorization``: the client's header, passed on (the worker checks
+        ``server.metrics_token`` as this process did)."""
         if self.control_url is None or self._session is None:
             return local
+        headers = {"Authorization": authorization} if authorization else {}
         try:
             async with self._session.get(
-                self.control_url + "/metrics", timeout=aiohttp.ClientTimeout(total=5)
+                self.control_url + "/metrics",
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=5),
             ) as resp:
                 remote = await resp.read()
+                status = resp.status
         except (aiohttp.ClientError, TimeoutError):
             log.warning("the shadow worker's metrics are unreachable: serving the live ones")
+            return local
+        if status != 200:
+            log.warning("the shadow worker's metrics answered %d: serving the live ones", status)
             return local
         return merge_exposition(local, remote)

@@ -4,7 +4,9 @@
   bind the same port with ``SO_REUSEPORT`` (the kernel spreads connections over them).
   Each runs :func:`proxy.server.app.create_app` with a :class:`ShadowChannel`.
 * One shadow worker process (proxy/shadow/worker.py) does every mirrored call, the
-  pairs, the recorder, the gates and the control plane.
+  pairs, the recorder, the gates and the control plane. Clients reach the control plane
+  and /metrics through live process 0 (the data port, or ``server.control_port``'s
+  listener in this process): ``/v1`` is forwarded to the worker, /metrics merged with it.
 * A worker that dies is restarted (``shadow.restart``, after ``RESTART_DELAY_S``): the
   live path keeps serving meanwhile, its hand-offs counted as dropped
   (``worker_down``); readiness stays 200 because the live path is healthy.
@@ -50,19 +52,15 @@ START_TIMEOUT_S = 120.0
 
 
 def split_mode(config: MirrorgateConfig) -> bool:
-    """Whether ``serve`` runs the shadow work in its own process."""
+    """Whether ``serve`` runs the shadow work in its own process (``shadow.process``).
+
+    With ``server.control_port`` the control listener stays in the serving process
+    (live process 0): it forwards ``/v1/...`` to the worker and merges ``/metrics``
+    (proxy/server/app.py ``_control_app``)."""
     candidate = config.models.candidate
     if candidate is None or config.shadow.process is False:
         return False
-    split = config.shadow.process is True or candidate.kind == "http"
-    if split and config.server.control_port is not None:
-        # The worker owns the rollout and the live side forwards /v1 to it through the
-        # data port; a separate control listener would have nothing behind it.
-        raise ConfigError(
-            "shadow.process: the control plane is served through the data port in split "
-            "mode; unset server.control_port or set shadow.process: false"
-        )
-    return split
+    return config.shadow.process is True or candidate.kind == "http"
 
 
 class ShadowSupervisor:

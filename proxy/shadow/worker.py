@@ -146,6 +146,9 @@ def worker_entry(
     log_level: int,
 ) -> None:
     """``multiprocessing`` target (spawn): run the worker until SIGTERM."""
+    # As in serve: a blocked stderr (a pipe nobody reads) must not stop this loop in a
+    # log write; the worker logs the most (every failed evaluation write, with a database
+    # outage). Only the writer thread waits (tests/faults/test_blocked_stderr.py).
     restore_logging = configure_child_logging(
         log_level, "%(asctime)s %(levelname)s %(name)s[shadow]: %(message)s"
     )
@@ -214,12 +217,35 @@ def _raw_candidate(state: ProxyState) -> None:
     state.candidate = mirror.candidate = raw
 
 
+STATE_POLL_S = 0.1
+
+
+async def _watch_state(hub: WorkerHub) -> None:
+    """Broadcast the state whenever it changed, whatever changed it: evaluations are
+    broadcast at once (``apply_and_broadcast``), but a new rollout after an abort (the
+    lifecycle's ``restart_candidate``) applies no evaluation, and a live side still
+    stopped would mirror nothing to make one (tests/deploy/test_rollout_controllers.py)."""
+    last = hub.state()
+    while True:
+        await asyncio.sleep(STATE_POLL_S)
+        now = hub.state()
+        if now != last:
+            hub.broadcast()
+            last = now
+
+
 async def _worker(
     config: MirrorgateConfig, socket_path: str, pairs_out: str | None, conn: Connection
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # The worker serves /v1 and /metrics on its private loopback listener whatever port
+    # the live side shows them on (``server.control_port`` is process 0's listener, which
+    # forwards here): its own app keeps the control routes.
+    config = config.model_copy(
+        update={"server": config.server.model_copy(update={"control_port": None})}
+    )
     app = create_app(config, sinks=_sinks(config, pairs_out), storage=True)
     state = app[STATE]
     runner = web.AppRunner(
@@ -260,8 +286,10 @@ async def _worker(
         freeze_heap("shadow worker loaded")  # full GC passes skip the start-up heap
         hub.ready = True
         hub.broadcast()
+        watcher = loop.create_task(_watch_state(hub))
         log.info("shadow worker ready (control plane %s)", hub.control_url)
         await stop.wait()
+        watcher.cancel()
         log.info("shadow worker stopping: draining mirrored work")
     finally:
         if server is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.faults.helpers import body, own_upstream, ready, stop, until
 
@@ -27,16 +28,40 @@ F_SETPIPE_SZ = 1031  # Linux fcntl: set a pipe's capacity
 PIPE_BYTES = 4096
 
 
-def _writing_to_pipe(pid: int) -> bool:
-    """Some thread of ``pid`` sleeps in the kernel's pipe write: stderr is blocked. (A
-    pipe is full when it has no free page, not when it holds PIPE_BYTES bytes: a
-    traceback larger than the room left waits with the pipe part empty.)"""
-    for task in Path(f"/proc/{pid}/task").iterdir():
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux /proc/PID/task/TID/children)."""
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
         try:
-            if "pipe_write" in (task / "wchan").read_text():
-                return True
+            tasks = list(Path(f"/proc/{current}/task").iterdir())
         except OSError:
-            continue  # the thread ended meanwhile
+            continue  # it ended meanwhile
+        for task in tasks:
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    return pids
+
+
+def _writing_to_pipe(pid: int) -> bool:
+    """Some thread of ``pid`` or of a process it started (the shadow worker) sleeps in
+    the kernel's pipe write: stderr is blocked. (A pipe is full when it has no free page,
+    not when it holds PIPE_BYTES bytes: a traceback larger than the room left waits with
+    the pipe part empty.)"""
+    for proc in _tree(pid):
+        try:
+            tasks = list(Path(f"/proc/{proc}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                if "pipe_write" in (task / "wchan").read_text():
+                    return True
+            except OSError:
+                continue  # the thread ended meanwhile
     return False
 
 
@@ -47,7 +72,13 @@ def _pipe_bytes(fd: int) -> int:
     return int(buf[0])
 
 
-async def test_live_path_answers_while_stderr_is_blocked(tmp_path: Path) -> None:
+@pytest.mark.parametrize("process", [False, "auto"], ids=["in-process", "worker"])
+async def test_live_path_answers_while_stderr_is_blocked(
+    tmp_path: Path, process: bool | str
+) -> None:
+    # Both shapes of serve: one process (shadow.process false), and the default with a
+    # remote candidate, where the shadow worker (a child sharing the stderr) logs the
+    # failed evaluation writes: its writer thread blocks, never a loop.
     from tests.faults.helpers import spawn_serve
 
     champion = await own_upstream(seed=1)
@@ -64,6 +95,7 @@ async def test_live_path_answers_while_stderr_is_blocked(tmp_path: Path) -> None
         "storage": {"url": f"sqlite:///{db}", "flush_interval_ms": 50},
         # An evaluation per new pair: with the database gone, a logged traceback each.
         "rollout": {"evaluate_every_pairs": 1, "evaluate_every_s": 0.2},
+        "shadow": {"process": process},
     }
     read_end, write_end = os.pipe()
     assert fcntl.fcntl(read_end, F_SETPIPE_SZ, PIPE_BYTES) == PIPE_BYTES
@@ -117,7 +149,10 @@ async def test_live_path_answers_while_stderr_is_blocked(tmp_path: Path) -> None
             async with session.get(f"{base}/v2/health/ready") as resp:
                 assert resp.status == 200
     finally:
-        await stop(proc)
+        # The read end first: a process still blocked writing to it (the shadow worker,
+        # which outlives a killed serve long enough to drain and exit) gets EPIPE and
+        # exits, instead of holding serve's stdout pipe that stop() waits on.
         os.close(read_end)
+        await stop(proc)
         await champion.close()
         await candidate.close()

@@ -114,7 +114,8 @@ async def serve(
 ) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code. Raises on a failed start.
 
-    With a candidate (and ``shadow.process``), this process is a live process and the
+    With a candidate in split mode (``shadow.process``: ``auto`` and a remote candidate,
+    or ``true``), this process is a live process and the
     shadow work runs in a worker process (proxy/shadow/supervisor.py); ``pairs_out`` is
     then the worker's JSON Lines sink.
     """
@@ -134,7 +135,10 @@ async def serve(
             await supervisor.stop()
             raise
     elif config.server.workers > 1:
-        raise ConfigError("server.workers > 1 needs a candidate and shadow.process: true")
+        raise ConfigError(
+            "server.workers > 1 needs a candidate and the shadow worker "
+            "(shadow.process: auto with a remote candidate, or true)"
+        )
     else:
         # Storage on: pairs, labels, evaluations and decisions are recorded in
         # config.storage; a schema or database it cannot use stops the start (exit 2).

@@ -76,8 +76,8 @@ async def _serve(tmp_path: Path, champion: str, candidate: str, **extra: Any) ->
         "storage": {"url": f"sqlite:///{tmp_path / 'mirrorgate.sqlite'}"},
         **extra,
     }
-    # The split is opt-in (shadow.process defaults to false): these tests are about it.
-    config["shadow"] = {"process": True, **config.get("shadow", {})}
+    # No shadow.process here: its default (auto) splits for a remote candidate, which is
+    # what these tests are about; _record_mix sets it both ways.
     path = tmp_path / "mirrorgate.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIRRORGATE_")}
