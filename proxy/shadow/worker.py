@@ -153,6 +153,9 @@ def worker_entry(
         log_level, "%(asctime)s %(levelname)s %(name)s[shadow]: %(message)s"
     )
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if config.shadow.worker_nice:
+        # Live work first: the scheduler runs this process on the CPU the live path leaves.
+        os.nice(config.shadow.worker_nice)
     die_with_parent()
     try:
         code = run_loop(_worker(config, socket_path, pairs_out, conn), config.server.event_loop)

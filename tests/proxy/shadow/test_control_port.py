@@ -8,6 +8,7 @@ Real ``python -m proxy serve`` child (and its worker process), real V2 upstreams
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,9 @@ async def test_control_port_in_split_mode_forwards_v1_merges_metrics_and_aborts(
     try:
         (worker,) = served.worker_pids()  # split mode: a worker process was started
         assert worker != served.proc.pid
+        # shadow.worker_nice (default 10): the worker runs below the live process's priority
+        live_nice = os.getpriority(os.PRIO_PROCESS, served.proc.pid)
+        assert os.getpriority(os.PRIO_PROCESS, worker) == min(19, live_nice + 10)
         assert served.proc.stdout is not None
         line = (await asyncio.wait_for(served.proc.stdout.readline(), 60)).decode()
         assert line.startswith("mirrorgate: control plane on "), line
