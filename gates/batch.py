@@ -157,6 +157,17 @@ def _feature_column(values: list[Any]) -> NDArray[Any]:
     return col
 
 
+def first_rows(ids: Sequence[str]) -> BoolArray:
+    """False on the rows ``1..B-1`` of a batched request (id ``<request id>#<row>``),
+    True elsewhere; decided per id, so a request split over two batches counts once."""
+    out = np.ones(len(ids), dtype=bool)
+    for i, rid in enumerate(ids):
+        _, sep, row = rid.rpartition("#")
+        if sep and row.isdigit() and row != "0":
+            out[i] = False
+    return out
+
+
 @dataclass
 class PairBatch:
     """Column view of ``records``; ``n`` rows, arrays aligned with the record order."""
@@ -187,6 +198,11 @@ class PairBatch:
     datatype: str | None = None
     # first contract violation seen in this batch: (reason, champion, candidate) text
     contract_example: tuple[str, str, str] | None = None
+    # True on the first (or only) row of each request, None: every row is its own
+    # request (column-built batches). Call-level quantities (a call's latency) are one
+    # observation per request, not one per row: the B rows of a batched request share
+    # one champion and one candidate call (records.py: ids ``<request id>#<row>``).
+    first_row: BoolArray | None = None
     _features: dict[str, tuple[FloatArray, NDArray[Any] | None]] = field(default_factory=dict)
     _derived: dict[str, Any] = field(default_factory=dict)
 
@@ -262,6 +278,7 @@ class PairBatch:
             output_name=names.most_common(1)[0][0] if names else None,
             datatype=dtypes.most_common(1)[0][0] if dtypes else None,
             contract_example=example,
+            first_row=first_rows([r.id for r in records]),
         )
 
     @classmethod
@@ -316,6 +333,7 @@ class PairBatch:
             output_name=cols.champion_desc[0],
             datatype=cols.champion_desc[1],
             contract_example=example,
+            first_row=first_rows(cols.ids),
         )
 
     # ----------------------------------------------------------------- derived columns
@@ -390,6 +408,7 @@ class PairBatch:
             champion_timeout=self.champion_timeout[rows],
             candidate_timeout=self.candidate_timeout[rows],
             observed=self.observed[rows],
+            first_row=None if self.first_row is None else self.first_row[rows],
             champion_latency=self.champion_latency[rows],
             candidate_latency=self.candidate_latency[rows],
             slices={k: (v, c[rows]) for k, (v, c) in self.slices.items()},

@@ -8,7 +8,10 @@ beyond every bucket. Both models are treated alike.
 Latency, paired (``latency.paired``): per request, ``b = 1[cand > max_ratio * champ +
 slack]``; the Bernoulli mixture e-process tests ``P(b = 1) <= paired_max_share`` (0.5: a
 sign test that the median per-request ratio is within the limit). Pairs are the unit, so
-the test sees the request-level difference that two marginal histograms cannot.
+the test sees the request-level difference that two marginal histograms cannot. A
+request is one observation, for the quantiles too: the B rows of a batched request share
+its two calls' latencies, and counting them B times would take B identical draws for B
+independent ones (8 rows: two slow requests were "16 of 16" and aborted a candidate).
 
 Latency, quantiles: each model's latencies go into the same fixed log-spaced histogram (4%
 wide buckets from 1 us to 1000 s; mergeable by addition, bounded memory, quantiles to
@@ -114,6 +117,9 @@ class LatencyGate(Gate):
         ok_c = ~np.isnan(lc) & (lc >= 0)
         ok_a = ~np.isnan(la) & (la >= 0)
         mask = batch.observed & ok_c & ok_a
+        if batch.first_row is not None:
+            # one observation per call: the rows of a batched request share its latency
+            mask &= batch.first_row
         if not mask.any():
             return
         size = len(LAT_EDGES)

@@ -329,7 +329,9 @@ class LatencySettings(_Family):
     quantiles: list[float] = Field(default_factory=lambda: [0.95, 0.99])
     max_ratio: float = Field(1.5, gt=0, description="candidate quantile <= ratio x champion's")
     slack_ms: float = Field(5.0, ge=0, description="... + slack (sub-ms noise is not a fail)")
-    min_samples: int = Field(500, ge=1, description="pairs before a latency check may PASS")
+    min_samples: int = Field(
+        500, ge=1, description="requests before a latency check may PASS (one per batched request)"
+    )
     paired: bool = Field(
         True, description="also test per request: candidate > max_ratio x champion + slack"
     )

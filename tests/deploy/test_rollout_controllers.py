@@ -67,18 +67,23 @@ def live_config(upstream: str, db: Path) -> dict[str, Any]:
     config["models"]["candidate"].update(url=upstream, model=CANDIDATE)
     config["storage"] = {"url": f"sqlite:///{db}", "capture": "failures"}
     config["replicas"] = {"enabled": False}
-    # KNOWN BUG (splitctl, session 12), pinned in-process until fixed: under the default
-    # shadow worker (shadow.process: auto, remote candidate) the Argo abort-then-promote
-    # run sometimes ends the good revision's rollout "aborted" when the whole file runs
-    # (it passes alone). Not diagnosed by the deadline; the split-mode fixes it needed so
-    # far (restart_candidate reaching the live side) are in proxy/shadow/.
-    config["shadow"] = {"process": False}
     config["server"].update(host="127.0.0.1", shutdown_timeout_s=5)
     config["lifecycle"]["identity_poll_s"] = 0.2
     # No labels here: the regressed revision (every top class flipped) is caught by the
     # tolerance checks, which block under the `equivalence` preset (under the shipped
     # `retrained` preset they are evidence and the labelled accuracy gate decides).
     config["gates"]["preset"] = "equivalence"
+    # Latency is evidence here, not a verdict: the champion and the candidate are one
+    # in-test upstream (tests/deploy/v2_upstream.py, a thread of this pytest process,
+    # which also runs the client), so their latencies are not those of two servers.
+    # Measured on the GOOD revision (same upstream, same answers): the candidate's p50 is
+    # 2-3x the champion's in-process and 2-7x under the default shadow worker (timed in
+    # the worker, which also records and gates every pair, vs the live process). Under
+    # the worker, `latency.p95` (n=208, n=312 rows) and `latency.paired` (16/16: the
+    # first two 8-row requests, each row then counted; gates/latency.py now counts a
+    # request once) aborted the good revision in 3 of 8 whole-file runs; the rollout
+    # state (stop/restart, stage, verdict per revision) was right in all of them.
+    config["gates"]["latency"] = {"blocking": False}
     for stage in config["rollout"]["stages"]:
         stage.update(min_pairs=40, min_labels=0, min_duration_s=0, require=["tolerance"])
     config["rollout"].update(evaluate_every_pairs=16, evaluate_every_s=0.2)

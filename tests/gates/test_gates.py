@@ -156,3 +156,38 @@ def test_paired_latency_check_on_per_request_ratios():
     same.update(_latency_records(400, 1.0, 0.0, seed=3))
     res = next(r for r in same.results if r.name == "latency.paired")
     assert res.status is Status.PASS and res.statistic < 0.1
+
+
+def test_latency_counts_each_request_once_not_each_row():
+    """The B rows of a batched request (ids ``<request>#<row>``) share its two calls'
+    latencies: one observation. Two slow 8-row requests were "16 of 16" and failed
+    ``latency.paired`` (the Argo abort-then-promote run under the shadow worker); as
+    many slow single-row requests are 16 observations and do fail."""
+    import dataclasses
+
+    settings = only("latency", latency={"slack_ms": 0.0})
+
+    def requests(count: int, rows: int) -> list:
+        out = []
+        for q in range(count):
+            for row in range(rows):
+                r = record(q * rows + row, [0.25, 0.75], [0.25, 0.75], lat=(1.0, 10.0))
+                rid = f"q{q}#{row}" if rows > 1 else f"q{q}"
+                out.append(dataclasses.replace(r, id=rid))
+        return out
+
+    def paired(records: list):
+        gate = LatencyGate(settings, alpha=0.05)
+        gate.update(records)
+        return next(r for r in gate.results if r.name == "latency.paired")
+
+    batched = paired(requests(2, 8))
+    assert batched.n == 2 and batched.status is not Status.FAIL
+    single = paired(requests(16, 1))
+    assert single.n == 16 and single.status is Status.FAIL
+    # a request whose rows arrive in two batches still counts once
+    gate = LatencyGate(settings, alpha=0.05)
+    rows = requests(1, 8)
+    gate.update(rows[:3])
+    gate.update(rows[3:])
+    assert next(r for r in gate.results if r.name == "latency.paired").n == 1
