@@ -59,13 +59,14 @@ async def test_control_port_in_split_mode_forwards_v1_merges_metrics_and_aborts(
             "metrics_token": METRICS_TOKEN,
             "shutdown_timeout_s": 60,
         },
+        shadow={"worker_nice": 5},
     )
     try:
         (worker,) = served.worker_pids()  # split mode: a worker process was started
         assert worker != served.proc.pid
-        # shadow.worker_nice (default 10): the worker runs below the live process's priority
+        # shadow.worker_nice: 5 (below): the worker runs below the live process's priority
         live_nice = os.getpriority(os.PRIO_PROCESS, served.proc.pid)
-        assert os.getpriority(os.PRIO_PROCESS, worker) == min(19, live_nice + 10)
+        assert os.getpriority(os.PRIO_PROCESS, worker) == min(19, live_nice + 5)
         assert served.proc.stdout is not None
         line = (await asyncio.wait_for(served.proc.stdout.readline(), 60)).decode()
         assert line.startswith("mirrorgate: control plane on "), line
