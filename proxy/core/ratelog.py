@@ -10,40 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-
-
-class FailureLog:
-    def __init__(
-        self,
-        logger: logging.Logger,
-        interval_s: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._log = logger
-        self._interval = interval_s
-        self._clock = clock
-        self._last: dict[tuple[str, int], float] = {}
-        self._suppressed: dict[tuple[str, int], int] = {}
-
-    def failure(self, upstream: str, status: int, reason: str) -> bool:
-        """Log one failure (or count it as suppressed); True when a line was written."""
-        key = (upstream, status)
-        now = self._clock()
-        last = self._last.get(key)
-        if last is not None and now - last < self._interval:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return False
-        self._last[key] = now
-        skipped = self._suppressed.pop(key, 0)
-        self._log.warning(
-            "upstream %s failed a client request: %d %s%s",
-            upstream,
-            status,
-            reason[:500],
-            f" ({skipped} more like it since the last line)" if skipped else "",
-        )
-        return True
+from collections.abc import Callable, Hashable
 
 
 class RateLimitedLog:
@@ -54,8 +21,8 @@ class RateLimitedLog:
     is logged at once with its traceback, the rest of the interval only counted, and the
     next line says how many there were, so nothing goes unmentioned and the log grows by
     a bounded number of records per interval and key, not per evaluation. Keys are the
-    call sites' fixed names (a bounded set). Thread-safe: the gates' worker thread logs
-    through it as well as the event loop.
+    call sites' fixed names or (upstream, status) pairs (bounded sets). Thread-safe: the
+    gates' worker thread logs through it as well as the event loop.
     """
 
     def __init__(
@@ -67,11 +34,13 @@ class RateLimitedLog:
         self._log = logger
         self.interval_s = interval_s
         self._clock = clock
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._last: dict[Hashable, float] = {}
+        self._suppressed: dict[Hashable, int] = {}
         self._lock = threading.Lock()
 
-    def log(self, key: str, level: int, msg: str, *args: object, exc_info: bool = False) -> bool:
+    def log(
+        self, key: Hashable, level: int, msg: str, *args: object, exc_info: bool = False
+    ) -> bool:
         """Log (True) or count as suppressed (False)."""
         now = self._clock()
         with self._lock:
@@ -87,7 +56,31 @@ class RateLimitedLog:
         self._log.log(level, msg, *args, exc_info=exc_info)
         return True
 
-    def suppressed(self, key: str) -> int:
+    def suppressed(self, key: Hashable) -> int:
         """Failures counted for ``key`` since its last line."""
         with self._lock:
             return self._suppressed.get(key, 0)
+
+
+class FailureLog:
+    """Upstream failures that reach a client: one line per (upstream, status) at most every
+    ``interval_s`` (the limiter above, keyed by both)."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._limit = RateLimitedLog(logger, interval_s, clock)
+
+    def failure(self, upstream: str, status: int, reason: str) -> bool:
+        """Log one failure (or count it as suppressed); True when a line was written."""
+        return self._limit.log(
+            (upstream, status),
+            logging.WARNING,
+            "upstream %s failed a client request: %d %s",
+            upstream,
+            status,
+            reason[:500],
+        )

@@ -15,7 +15,14 @@ from typing import Any
 import aiohttp
 
 from tests.faults.helpers import until
-from tests.proxy.shadow.test_worker import AUTH, _finished, _infer, _serve
+from tests.proxy.shadow.test_worker import (
+    AUTH,
+    _finished,
+    _infer,
+    _serve,
+    drained,
+    metric_values,
+)
 
 METRICS_TOKEN = "metrics-only-token"
 METRICS_AUTH = {"Authorization": f"Bearer {METRICS_TOKEN}"}
@@ -24,21 +31,11 @@ METRICS_AUTH = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 async def _metrics(session: aiohttp.ClientSession, control: str) -> dict[str, float]:
     async with session.get(f"{control}/metrics", headers=METRICS_AUTH) as resp:
         assert resp.status == 200, await resp.text()
-        text = await resp.text()
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
+        return metric_values(await resp.text())
 
 
 async def _idle(session: aiohttp.ClientSession, control: str) -> bool:
-    m = await _metrics(session, control)
-    return (
-        m.get("mirrorgate_shadow_in_flight", 1) == 0
-        and m.get("mirrorgate_shadow_queue_depth", 1) == 0
-    )
+    return drained(await _metrics(session, control))
 
 
 async def test_control_port_in_split_mode_forwards_v1_merges_metrics_and_aborts(

@@ -129,9 +129,8 @@ async def _infer(session: aiohttp.ClientSession, base: str, i: int) -> None:
         assert answer["id"] == f"r{i}"
 
 
-async def _metrics(session: aiohttp.ClientSession, base: str) -> dict[str, float]:
-    async with session.get(f"{base}/metrics") as resp:
-        text = await resp.text()
+def metric_values(text: str) -> dict[str, float]:
+    """A Prometheus exposition as {series: value}."""
     values: dict[str, float] = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -140,16 +139,25 @@ async def _metrics(session: aiohttp.ClientSession, base: str) -> dict[str, float
     return values
 
 
+async def _metrics(session: aiohttp.ClientSession, base: str) -> dict[str, float]:
+    async with session.get(f"{base}/metrics") as resp:
+        return metric_values(await resp.text())
+
+
 def _finished(upstream: Any) -> set[str]:
     return {rid for kind, rid in upstream.events if kind == "finish"}
 
 
-async def _idle(session: aiohttp.ClientSession, base: str) -> bool:
-    m = await _metrics(session, base)
+def drained(m: dict[str, float]) -> bool:
+    """No mirrored work in flight or queued (in a /metrics snapshot)."""
     return (
         m.get("mirrorgate_shadow_in_flight", 1) == 0
         and m.get("mirrorgate_shadow_queue_depth", 1) == 0
     )
+
+
+async def _idle(session: aiohttp.ClientSession, base: str) -> bool:
+    return drained(await _metrics(session, base))
 
 
 async def test_pairs_and_gates_come_from_the_worker_and_abort_reaches_the_live_side(
