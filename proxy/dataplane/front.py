@@ -18,11 +18,16 @@ aiohttp data app unchanged:
   sent none), observes the same metrics and hands the exchange to the mirror with the
   same decoder: the shadow worker cannot tell the two paths apart.
 * **Everything else** (any other path or method, chunked or ``Expect``, over the
-  limit, an unusual head, canary traffic, models not loaded): the connection is
-  spliced, from that request's first byte on and for the rest of its life, to a
-  connection to the aiohttp data app, which listens on a Unix socket in a private
-  (0700) directory and answers with all its behaviour (errors, limits, auth, 413/417,
-  metadata, health, /v1 and /metrics on the data port).
+  limit, an unusual head, canary traffic, models not loaded) is answered by the aiohttp
+  data app, which listens on a Unix socket in a private (0700) directory, with all its
+  behaviour (errors, limits, auth, 413/417, metadata, health, /v1 and /metrics on the
+  data port), over a connection the client's connection keeps to it. A keep-alive
+  HTTP/1.1 request framed by ``Content-Length`` (or bodiless) is *relayed*: its answer
+  is passed back as it comes and read only to see where it ends, and the connection
+  is the front's again after it (a readiness or metadata request must not cost a
+  client the fast path for the rest of its connection). What cannot be framed or
+  delimited that way is *spliced*: the connection is the app's from that request's
+  first byte on.
 
 The slow-client bounds of proxy/dataplane/limits.py hold here too: an idle connection,
 or one whose request head is incomplete, is closed after ``keepalive_timeout_s``; a
@@ -45,6 +50,7 @@ import time
 import uuid
 from typing import Any
 
+import httptools
 from multidict import CIMultiDict
 from prometheus_client import Counter
 
@@ -60,6 +66,7 @@ from proxy.dataplane.http11 import (
     client_headers,
     json_error,
     parse_head,
+    relay_length,
     response,
 )
 from proxy.dataplane.limits import _Shed, content_coding
@@ -79,37 +86,78 @@ MAX_HEAD = 8190
 # Bytes buffered past the request being answered before the client is paused.
 PAUSE_AT = 1 << 20
 
-IDLE, BODY, BUSY, SPLICE, CLOSED = range(5)
+# RELAY: a request the aiohttp app answers is on its way there and back; the connection
+# returns to IDLE after its answer (or becomes SPLICE when it cannot).
+IDLE, BODY, BUSY, SPLICE, CLOSED, RELAY = range(6)
 
 
 class _Delegate(asyncio.Protocol):
-    """The aiohttp side of a spliced connection: its bytes go to the client as they come."""
+    """A client's connection to the aiohttp app: its bytes go to the client as they
+    come. While a relayed request is answered, they are also read (httptools) to see
+    where the answer ends, and the client's connection is taken back there."""
 
     def __init__(self, client: _Client) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
+        self.parser: httptools.HttpResponseParser | None = None
+        self.complete = False
+        self.keep_alive = False
+        # When it last went idle (aiohttp closes it keepalive_timeout_s later).
+        self.since = client.loop.time()
+
+    def expect_answer(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.complete = False
+
+    def on_message_complete(self) -> None:  # httptools
+        self.complete = True
+        # Read here: httptools forgets it once the message is over.
+        assert self.parser is not None
+        self.keep_alive = self.parser.should_keep_alive()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self.client.transport is not None:
-            self.client.transport.write(data)
+        client = self.client
+        if client.transport is not None:
+            client.transport.write(data)
+        parser = self.parser
+        if parser is None:
+            if client.phase != SPLICE:
+                client._close()  # an answer nobody asked for: the connection is not sound
+            return
+        try:
+            parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # Not an answer the front can delimit: the rest of the connection is aiohttp's.
+            self.parser = None
+            client._splice_rest()
+            return
+        if self.complete:
+            self.parser = None
+            self.since = client.loop.time()
+            client._relayed(self.keep_alive)
 
     def eof_received(self) -> bool | None:
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self.client._close()  # aiohttp closed its side: so does the client's
+        client = self.client
+        if client.delegate is not self:
+            return  # a stale one the client already replaced
+        client.delegate = None
+        if client.phase in (SPLICE, RELAY):
+            client._close()  # aiohttp closed its side mid-answer or for good: so does the client
+        # Otherwise it was idle between relays (aiohttp's keep-alive timeout): the next
+        # relayed request opens another.
 
     def pause_writing(self) -> None:
-        if self.client.transport is not None:
-            self.client.transport.pause_reading()
+        self.client._hold_reading(True)
 
     def resume_writing(self) -> None:
-        if self.client.transport is not None:
-            self.client.transport.resume_reading()
+        self.client._hold_reading(False)
 
 
 class _Client(asyncio.Protocol):
@@ -125,9 +173,12 @@ class _Client(asyncio.Protocol):
         self.need = 0
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
-        self.paused = False
+        self.paused = False  # reading paused: too much buffered past the request in hand
+        self.held = False  # reading paused: the aiohttp side cannot take more
         self.delegate: _Delegate | None = None
+        self.connecting = False
         self.pending: list[bytes] = []
+        self.relay_left = 0  # body bytes of the relayed request still to send on
         self.half_closed = False
 
     # ------------------------------------------------------------ asyncio.Protocol
@@ -142,16 +193,21 @@ class _Client(asyncio.Protocol):
             self._close()
 
     def data_received(self, data: bytes) -> None:
-        if self.phase == SPLICE:
-            delegate = self.delegate
-            if delegate is not None and delegate.transport is not None:
-                delegate.transport.write(data)
-            else:
-                self.pending.append(data)
+        phase = self.phase
+        if phase == SPLICE:
+            self._to_delegate(data)
             return
+        if phase == RELAY and self.relay_left > 0:
+            if len(data) <= self.relay_left:
+                self.relay_left -= len(data)
+                self._to_delegate(data)
+                return
+            self._to_delegate(data[: self.relay_left])
+            data = data[self.relay_left :]
+            self.relay_left = 0
         self.buf += data
-        if self.phase == BUSY:
-            if len(self.buf) > PAUSE_AT and self.transport is not None and not self.paused:
+        if phase == BUSY or phase == RELAY:
+            if len(self.buf) > PAUSE_AT and self.transport is not None:
                 self.paused = True
                 self.transport.pause_reading()
             return
@@ -159,6 +215,8 @@ class _Client(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self.half_closed = True
+        if self.phase == RELAY and self.relay_left > 0:
+            self._splice_rest()  # a cut body: aiohttp judges it, the connection is its
         if self.phase == SPLICE:
             delegate = self.delegate
             if delegate is not None and delegate.transport is not None:
@@ -167,7 +225,7 @@ class _Client(asyncio.Protocol):
                     return True
                 return None
             return True  # sent on once the delegate connection is up
-        if self.phase == BUSY:
+        if self.phase == BUSY or self.phase == RELAY:
             return True  # answer the request in hand, then close
         return None
 
@@ -192,6 +250,22 @@ class _Client(asyncio.Protocol):
         delegate = self.delegate
         if delegate is not None and delegate.transport is not None:
             delegate.transport.resume_reading()
+
+    def _hold_reading(self, hold: bool) -> None:
+        """The aiohttp side's flow control, without undoing a pause of our own."""
+        self.held = hold
+        if self.transport is None:
+            return
+        if hold:
+            self.transport.pause_reading()
+        elif not self.paused:
+            self.transport.resume_reading()
+
+    def _unpause(self) -> None:
+        if self.paused:
+            self.paused = False
+            if self.transport is not None and not self.held:
+                self.transport.resume_reading()
 
     # ------------------------------------------------------------ deadlines
 
@@ -231,9 +305,14 @@ class _Client(asyncio.Protocol):
                 if len(self.buf) > MAX_HEAD:
                     self._splice()
                 return
-            request = front.eligible(bytes(self.buf[:end]))
+            head = bytes(self.buf[:end])
+            request = front.eligible(head)
             if request is None:
-                self._splice()
+                length = relay_length(head)
+                if length is None:
+                    self._splice()
+                else:
+                    self._relay(end + 4 + length)
                 return
             self.request = request
             self.need = end + 4 + request.length
@@ -283,25 +362,97 @@ class _Client(asyncio.Protocol):
             self.phase = IDLE
             self.request = None
             self._until(front.limits.keepalive_timeout_s)
-            if self.paused:
-                self.paused = False
-                transport.resume_reading()
+            self._unpause()
             if self.buf:
                 self._advance()  # a pipelined request
         finally:
             front.busy -= 1
             front._settled()
 
+    def _relay(self, size: int) -> None:
+        """This request (``size`` bytes with its head) is the aiohttp app's to answer;
+        the connection comes back after the answer (:meth:`_relayed`)."""
+        front = self.front
+        front.relayed += 1
+        self.phase = RELAY
+        take = min(size, len(self.buf))
+        data = bytes(self.buf[:take])
+        del self.buf[:take]
+        self.relay_left = size - take
+        delegate = self._kept_delegate()
+        if delegate is not None:
+            delegate.expect_answer()
+        self._to_delegate(data)
+
+    def _kept_delegate(self) -> _Delegate | None:
+        """The delegate connection, unless it has been idle long enough that aiohttp
+        may be closing it as a request arrives: then a fresh one, not a request lost in
+        that race."""
+        delegate = self.delegate
+        if delegate is not None and (
+            delegate.transport is None
+            or self.loop.time() - delegate.since > self.front.limits.keepalive_timeout_s / 2
+        ):
+            self.delegate = None
+            if delegate.transport is not None:
+                delegate.transport.close()
+            return None
+        return delegate
+
+    def _relayed(self, keep_alive: bool) -> None:
+        """The aiohttp app's answer to the relayed request has been passed on."""
+        if self.phase != RELAY:
+            return
+        if not keep_alive or self.relay_left > 0:
+            # aiohttp will close it, or answered before the body was all sent (an
+            # early 413/401): what follows is between the client and aiohttp.
+            self._splice_rest()
+            return
+        front = self.front
+        self.phase = IDLE
+        front._settled()
+        if front.closing or self.half_closed:
+            self._close()
+            return
+        self._until(front.limits.keepalive_timeout_s)
+        self._unpause()
+        if self.buf:
+            self._advance()  # a pipelined request
+
     def _splice(self) -> None:
         """From this request's first byte on, the connection is the aiohttp app's."""
-        self.phase = SPLICE
         self.front.spliced += 1
+        self.phase = SPLICE
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.pending.append(bytes(self.buf))
+        data = bytes(self.buf)
         self.buf = bytearray()
-        self.loop.create_task(self._connect_delegate())
+        self._kept_delegate()
+        self._to_delegate(data)
+
+    def _splice_rest(self) -> None:
+        """From the end of a relayed request on, the connection is the aiohttp app's."""
+        if self.phase == SPLICE:
+            return
+        self.front.spliced += 1
+        self.phase = SPLICE
+        self.front._settled()
+        data = bytes(self.buf)
+        self.buf = bytearray()
+        self._unpause()
+        if data:
+            self._to_delegate(data)
+
+    def _to_delegate(self, data: bytes) -> None:
+        delegate = self.delegate
+        if delegate is not None and delegate.transport is not None:
+            delegate.transport.write(data)
+            return
+        self.pending.append(data)
+        if not self.connecting:
+            self.connecting = True
+            self.loop.create_task(self._connect_delegate())
 
     async def _connect_delegate(self) -> None:
         try:
@@ -310,15 +461,19 @@ class _Client(asyncio.Protocol):
             )
         except OSError as exc:
             log.error("the data app's socket refused a connection: %r", exc)
+            self.connecting = False
             self._close()
             return
+        self.connecting = False
         if self.transport is None:
             transport.close()
             return
         self.delegate = delegate
+        if self.phase == RELAY:
+            delegate.expect_answer()
         transport.write(b"".join(self.pending))
         self.pending.clear()
-        if self.half_closed and transport.can_write_eof():
+        if self.phase == SPLICE and self.half_closed and transport.can_write_eof():
             transport.write_eof()
 
     def _close(self) -> None:
@@ -350,6 +505,7 @@ class FrontServer:
         self.closing = False
         # Requests answered here, connections handed to the aiohttp app (tests, docs).
         self.answered = 0
+        self.relayed = 0  # requests relayed to the aiohttp app, the connection kept
         self.spliced = 0
         self._settled_event = asyncio.Event()
         self._server: asyncio.Server | None = None
@@ -397,7 +553,7 @@ class FrontServer:
                 client._close()
 
     def _in_hand(self) -> bool:
-        return self.busy > 0 or any(c.phase == BODY for c in self.clients)
+        return self.busy > 0 or any(c.phase in (BODY, RELAY) for c in self.clients)
 
     def _settled(self) -> None:
         self._settled_event.set()

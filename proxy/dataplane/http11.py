@@ -47,26 +47,41 @@ class Request:
     has_accept: bool
 
 
-def parse_head(head: bytes, served: bytes, model: bytes, max_body: int) -> Request | None:
-    """The fast path's reading of a request head (without its blank line), or None:
-    anything it is not sure of goes to the aiohttp app, which judges it."""
+@dataclass(slots=True)
+class Head:
+    """A request head as both front paths read it (strictly: None for anything odd)."""
+
+    method: bytes
+    target: bytes
+    version10: bool
+    keep_alive: bool
+    length: int  # -1: no Content-Length
+    plain: bool  # no Transfer-Encoding, Expect or Upgrade: Content-Length framing only
+    named: set[bytes]  # what its Connection header names (hop-by-hop for this request)
+    fields: list[tuple[bytes, bytes, bytes]]  # (lower-case name, name, value)
+    header_length: str | None
+    coding: str | None
+    request_id: str | None
+    has_accept: bool
+
+
+def read_head(head: bytes) -> Head | None:
+    """A request head (without its blank line), or None where it is not plainly
+    HTTP/1.x ``Name: value`` lines with at most one digit-only Content-Length."""
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[0] != b"POST":
+    if len(parts) != 3:
         return None
-    target, version = parts[1], parts[2]
+    method, target, version = parts
     if version == b"HTTP/1.1":
         version10 = False
     elif version == b"HTTP/1.0":
         version10 = True
     else:
         return None
-    match = _INFER.fullmatch(target)
-    if match is None or match.group(1) != served or match.group(2) in (b".", b".."):
-        return None
-    path = b"/v2/models/" + model + target[11 + len(served) :]
     length = -1
     keep_alive = not version10
+    plain = True
     named: set[bytes] = set()
     fields: list[tuple[bytes, bytes, bytes]] = []
     header_length = coding = request_id = None
@@ -82,13 +97,13 @@ def parse_head(head: bytes, served: bytes, model: bytes, max_body: int) -> Reque
                 return None
             length = int(value)
         elif lname in (b"transfer-encoding", b"expect", b"upgrade"):
-            return None
+            plain = False
         elif lname == b"connection":
             for token in value.lower().split(b","):
                 token = token.strip(b" \t")
                 if token == b"upgrade":
-                    return None
-                if token == b"close":
+                    plain = False
+                elif token == b"close":
                     keep_alive = False
                 elif token == b"keep-alive":
                     keep_alive = True
@@ -107,25 +122,67 @@ def parse_head(head: bytes, served: bytes, model: bytes, max_body: int) -> Reque
         elif lname == b"accept":
             has_accept = True
         fields.append((lname, name, value))
-    if length <= 0 or length > max_body:
-        return None
-    kept = [
-        (name, value)
-        for lname, name, value in fields
-        if lname not in _HOP and lname not in named and lname not in _FRAMING
-    ]
-    return Request(
+    return Head(
+        method,
+        target,
         version10,
         keep_alive,
-        path,
-        [name + b": " + value for name, value in kept],
-        tuple((name.decode(), value.decode()) for name, value in kept),
         length,
+        plain,
+        named,
+        fields,
         header_length,
         coding,
         request_id,
         has_accept,
     )
+
+
+def parse_head(head: bytes, served: bytes, model: bytes, max_body: int) -> Request | None:
+    """The fast path's reading of a request head (without its blank line), or None:
+    anything it is not sure of goes to the aiohttp app, which judges it."""
+    if not head.startswith(b"POST "):
+        return None
+    h = read_head(head)
+    if h is None or not h.plain or h.length <= 0 or h.length > max_body:
+        return None
+    target = h.target
+    match = _INFER.fullmatch(target)
+    if match is None or match.group(1) != served or match.group(2) in (b".", b".."):
+        return None
+    path = b"/v2/models/" + model + target[11 + len(served) :]
+    named = h.named
+    kept = [
+        (name, value)
+        for lname, name, value in h.fields
+        if lname not in _HOP and lname not in named and lname not in _FRAMING
+    ]
+    return Request(
+        h.version10,
+        h.keep_alive,
+        path,
+        [name + b": " + value for name, value in kept],
+        tuple((name.decode(), value.decode()) for name, value in kept),
+        h.length,
+        h.header_length,
+        h.coding,
+        h.request_id,
+        h.has_accept,
+    )
+
+
+def relay_length(head: bytes) -> int | None:
+    """The body length of a request the aiohttp app answers that the front can relay
+    and then take the connection back (proxy/dataplane/front.py), or None: the
+    connection is then spliced for good. Relayed: HTTP/1.1 keep-alive requests framed
+    by Content-Length alone (or bodiless), whose answer is delimited by its own
+    framing (not HEAD, whose answer has a length but no body; not CONNECT)."""
+    h = read_head(head)
+    if h is None or not h.plain or h.version10 or not h.keep_alive:
+        return None
+    if h.method in (b"HEAD", b"CONNECT"):
+        return None
+    return max(h.length, 0)
 
 
 def response(

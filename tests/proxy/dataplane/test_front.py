@@ -3,8 +3,8 @@
 Each comparison runs the same raw request bytes through both live paths in front of the
 same real upstream and compares the raw answers (status line, headers but ``Date``,
 body bytes), then the pairs both recorded. The front's own counters say which path
-answered (fast path or spliced to the aiohttp app), so a test cannot pass by accident
-on the wrong one.
+answered (fast path, relayed to the aiohttp app for one request, or spliced to it for
+the rest of the connection), so a test cannot pass by accident on the wrong one.
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ async def test_everything_else_is_the_aiohttp_apps_answer(
         assert any(name == b"www-authenticate" for name, _ in answers[1][1])
 
 
-async def test_one_connection_goes_fast_then_spliced_for_the_rest_of_its_life(
+async def test_one_connection_comes_back_to_the_fast_path_after_a_relayed_request(
     aiohttp_client: Any, start_upstream: Any
 ) -> None:
     champion = await start_upstream(seed=1)
@@ -235,7 +235,9 @@ async def _one_connection(proxy: Proxy) -> None:
     assert status == b"HTTP/1.1 200 OK" and (b"x-request-id", b"k2") in headers
     writer.close()
     assert proxy.front is not None
-    assert (proxy.front.answered, proxy.front.spliced) == (2, 1)
+    # The metadata GET was the aiohttp app's; the infer after it is the fast path's again
+    # (a client that checks readiness or metadata first must not lose the fast path).
+    assert (proxy.front.answered, proxy.front.relayed, proxy.front.spliced) == (3, 1, 0)
 
 
 async def _read_one(reader: asyncio.StreamReader) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
@@ -260,6 +262,172 @@ async def test_pipelined_and_http10_requests(aiohttp_client: Any, start_upstream
     assert answer.index(b"X-Request-Id: p0") < answer.index(b"X-Request-Id: p1")
     assert (await _exchange(fast, http10)).startswith(b"HTTP/1.0 200 OK")
     assert fast.front is not None and fast.front.spliced == 0 and fast.front.answered == 6
+
+
+def _mixed(x: np.ndarray) -> list[bytes]:
+    """Keep-alive requests of every kind on one connection, the last one closing it."""
+    get = "GET {} HTTP/1.1\r\nHost: p\r\n\r\n"
+    return [
+        get.format("/v2/health/ready").encode(),
+        _request(_json(x, id="m0"), close=False),
+        get.format("/v2/models/classifier").encode(),
+        get.format("/v2/models/classifier/ready").encode(),
+        _request(_json(x, id="m1"), close=False),
+        # the aiohttp app's error answer keeps the connection; so does the champion's
+        _request(b"{}", path="/v2/models/other/infer", close=False),
+        _request(b'{"inputs": 3}', close=False),
+        get.format("/v2/nothing/here").encode(),
+        _request(_json(x, id="m2"), close=False),
+        b"OPTIONS /v2 HTTP/1.1\r\nHost: p\r\nContent-Length: 0\r\n\r\n",
+        _request(_json(x, id="m3")),
+    ]
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["one-by-one", "pipelined"])
+async def test_relayed_requests_keep_the_connection_and_answer_as_aiohttp(
+    aiohttp_client: Any, start_upstream: Any, pipelined: bool
+) -> None:
+    champion = await start_upstream(seed=1)
+    candidate = await start_upstream(seed=2)
+    slow, fast = await _both(aiohttp_client, make_config(champion.url, candidate.url))
+    requests = _mixed(_x(1))
+    if pipelined:
+        answers = [_split(await _exchange(p, b"".join(requests))) for p in (slow, fast)]
+    else:
+        answers = [await _one_by_one(p, requests) for p in (slow, fast)]
+    assert answers[0] == answers[1]
+    statuses = [status.split(b" ")[1] for status, _, _ in answers[1]]
+    # statuses[9]: whatever aiohttp says to OPTIONS (the same on both paths, above)
+    expected = [b"200"] * 5 + [b"404", b"400", b"404", b"200", statuses[9], b"200"]
+    assert statuses == expected
+    assert fast.front is not None
+    # answered: the 4 infers and the bad one (the champion's own 400, passed through);
+    # relayed: the 6 others, each on the same connection.
+    assert (fast.front.answered, fast.front.relayed, fast.front.spliced) == (5, 6, 0)
+    await _settled(fast, 4)
+    assert {r.to_dict()["id"] for r in fast.sink.records} == {"m0", "m1", "m2", "m3"}
+
+
+async def _one_by_one(proxy: Proxy, requests: list[bytes]) -> list[Any]:
+    """Each request on one connection, the next sent once the answer is read."""
+    server = proxy.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    out = []
+    for raw in requests:
+        writer.write(raw)
+        status, headers, body = await _read_one(reader)
+        out.append((status, sorted((k, v) for k, v in headers if k != b"date"), body))
+    assert await asyncio.wait_for(reader.read(), 60) == b""  # the last one closed it
+    writer.close()
+    return [_normal_one(*answer) for answer in out]
+
+
+def _normal_one(
+    status: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
+    raw = status + b"\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+    return _normal(raw + b"\r\n" + body)
+
+
+async def test_a_request_relay_cannot_frame_splices_the_rest_of_the_connection(
+    aiohttp_client: Any, start_upstream: Any
+) -> None:
+    champion = await start_upstream(seed=1)
+    slow, fast = await _both(aiohttp_client, make_config(champion.url))
+    x = _x(1)
+    chunked = (
+        f"POST {INFER} HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        + b"%x\r\n" % len(_json(x, id="c0"))
+        + _json(x, id="c0")
+        + b"\r\n0\r\n\r\n"
+    )
+    raw = _request(_json(x, id="f0"), close=False) + chunked + _request(_json(x, id="f1"))
+    answers = [_split(await _exchange(p, raw)) for p in (slow, fast)]
+    assert answers[0] == answers[1]
+    assert [a[0] for a in answers[1]] == [b"HTTP/1.1 200 OK"] * 3
+    assert fast.front is not None
+    # The chunked request and everything after it went to aiohttp, for good.
+    assert (fast.front.answered, fast.front.relayed, fast.front.spliced) == (1, 0, 1)
+
+
+async def test_an_early_answer_to_a_relayed_body_splices_the_rest(
+    aiohttp_client: Any, start_upstream: Any
+) -> None:
+    """A declared body over the limit is refused (413) before it is sent; what the
+    client sends after that is between the client and aiohttp."""
+    champion = await start_upstream(seed=1)
+    config = make_config(champion.url, server={"max_body_bytes": 1024})
+    slow, fast = await _both(aiohttp_client, config)
+    head = f"POST {INFER} HTTP/1.1\r\nHost: p\r\nContent-Length: 5000\r\n\r\n".encode()
+    answers = []
+    for proxy in (slow, fast):
+        server = proxy.client.server
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(head + b"x" * 100)
+        status, _, body = await _read_one(reader)
+        answers.append((status, body))
+        writer.close()
+    assert answers[0] == answers[1]
+    assert answers[1][0].startswith(b"HTTP/1.1 413")
+    assert fast.front is not None
+    assert (fast.front.answered, fast.front.relayed, fast.front.spliced) == (0, 1, 1)
+
+
+async def test_the_connection_outlives_an_idle_aiohttp_side(
+    aiohttp_client: Any, start_upstream: Any
+) -> None:
+    """aiohttp closes the front's idle connection to it after its keep-alive timeout
+    while the client keeps its own alive on the fast path: the next relayed request
+    gets a fresh one, the client's connection is not cut."""
+    champion = await start_upstream(seed=1)
+    config = make_config(champion.url, server={"limits": {"keepalive_timeout_s": 0.5}})
+    proxy = await serve_proxy(aiohttp_client, config, "bytes")
+    server = proxy.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    ready = b"GET /v2/health/ready HTTP/1.1\r\nHost: p\r\n\r\n"
+    writer.write(ready)
+    assert (await _read_one(reader))[0] == b"HTTP/1.1 200 OK"
+    assert proxy.front is not None
+    (client,) = proxy.front.clients
+    first = client.delegate
+    assert first is not None and first.transport is not None
+    for i in range(200):  # fast-path traffic until aiohttp has dropped its idle side
+        writer.write(_request(_json(_x(1), id=f"i{i}"), close=False))
+        assert (await _read_one(reader))[0] == b"HTTP/1.1 200 OK"
+        if first.transport is None:
+            break
+        await asyncio.sleep(0.05)
+    assert first.transport is None and client.delegate is None
+    writer.write(ready)
+    assert (await _read_one(reader))[0] == b"HTTP/1.1 200 OK"
+    assert client.delegate is not None and client.delegate is not first
+    writer.close()
+    assert (proxy.front.relayed, proxy.front.spliced) == (2, 0)
+
+
+async def test_a_long_idle_aiohttp_side_is_replaced_before_a_relayed_request(
+    aiohttp_client: Any, start_upstream: Any
+) -> None:
+    """Past half aiohttp's keep-alive timeout, the front does not send a request on a
+    connection aiohttp may be closing at that moment: it opens a fresh one."""
+    champion = await start_upstream(seed=1)
+    config = make_config(champion.url, server={"limits": {"keepalive_timeout_s": 4}})
+    proxy = await serve_proxy(aiohttp_client, config, "bytes")
+    server = proxy.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    ready = b"GET /v2/health/ready HTTP/1.1\r\nHost: p\r\n\r\n"
+    writer.write(ready)
+    assert (await _read_one(reader))[0] == b"HTTP/1.1 200 OK"
+    assert proxy.front is not None
+    (client,) = proxy.front.clients
+    first = client.delegate
+    assert first is not None
+    first.since -= 3  # as if idle for 3 s of aiohttp's 4
+    writer.write(ready)
+    assert (await _read_one(reader))[0] == b"HTTP/1.1 200 OK"
+    assert client.delegate is not None and client.delegate is not first
+    assert first.transport is None or first.transport.is_closing()
+    writer.close()
 
 
 def _split(answer: bytes) -> list[tuple[bytes, list[tuple[bytes, bytes]], bytes]]:
