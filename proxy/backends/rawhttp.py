@@ -44,8 +44,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
@@ -243,8 +244,9 @@ class RawPool:
         self._all.add(conn)
         return conn
 
-    async def _once(self, conn: _Conn, head: bytes, body: bytes, deadline: float) -> RawReply:
-        waiter = conn.send(head, body)
+    async def _wait(
+        self, conn: _Conn, waiter: asyncio.Future[RawReply], deadline: float
+    ) -> RawReply:
         # The deadline as one timer on the waiter (no asyncio.timeout: no task lookup
         # and no cancellation machinery per request on the live path).
         timer = asyncio.get_running_loop().call_at(deadline, _expire, waiter)
@@ -271,23 +273,41 @@ class RawPool:
     async def request(self, head: bytes, body: bytes, timeout_s: float) -> RawReply:
         """Send ``head`` (request line and headers, ending in a blank line) and ``body``;
         the reply, or :class:`BackendTimeout` / :class:`BackendError`."""
+        return await self.start(head, body, timeout_s)
+
+    def start(self, head: bytes, body: bytes, timeout_s: float) -> Coroutine[Any, Any, RawReply]:
+        """:meth:`request`, the bytes already sent when a kept connection is idle (the
+        usual case): the caller works while the upstream answers, then awaits the reply.
+        The returned coroutine must be awaited (it owns the connection)."""
         deadline = asyncio.get_running_loop().time() + timeout_s
+        conn = None
+        while self._idle:
+            candidate = self._idle.pop()
+            if candidate.transport is not None and not candidate.transport.is_closing():
+                conn = candidate
+                break
+        waiter = conn.send(head, body) if conn is not None else None
+        return self._reply(conn, waiter, head, body, deadline, timeout_s)
+
+    async def _reply(
+        self,
+        conn: _Conn | None,
+        waiter: asyncio.Future[RawReply] | None,
+        head: bytes,
+        body: bytes,
+        deadline: float,
+        timeout_s: float,
+    ) -> RawReply:
         try:
-            conn = None
-            while self._idle:
-                candidate = self._idle.pop()
-                if candidate.transport is not None and not candidate.transport.is_closing():
-                    conn = candidate
-                    break
-            if conn is not None:
+            if conn is not None and waiter is not None:
                 try:
-                    return await self._once(conn, head, body, deadline)
+                    return await self._wait(conn, waiter, deadline)
                 except _Stale:
                     pass  # closed while idle: once more, on a fresh connection
             async with asyncio.timeout_at(deadline):  # connecting (rare: the pool keeps them)
                 conn = await self._connect()
             try:
-                return await self._once(conn, head, body, deadline)
+                return await self._wait(conn, conn.send(head, body), deadline)
             except _Stale as exc:
                 raise BackendError(
                     f"upstream {self.base_url} connection failed: closed the connection "
@@ -302,7 +322,7 @@ class RawPool:
 
     def close(self) -> None:
         """Close the idle connections now; one in the middle of an exchange finishes it
-        and is closed then (``_once``), so a pool replaced while requests are in flight
+        and is closed then (``_wait``), so a pool replaced while requests are in flight
         (the front's, when the champion changes) fails none of them."""
         self._closed = True
         idle, self._idle = self._idle, []

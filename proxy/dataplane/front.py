@@ -179,6 +179,7 @@ class _Client(asyncio.Protocol):
         self.connecting = False
         self.pending: list[bytes] = []
         self.relay_left = 0  # body bytes of the relayed request still to send on
+        self.delivered = False  # the fast-path request in hand has had its answer
         self.half_closed = False
 
     # ------------------------------------------------------------ asyncio.Protocol
@@ -338,36 +339,50 @@ class _Client(asyncio.Protocol):
 
     async def _answer(self, request: Request, body: bytes) -> None:
         front = self.front
+        self.delivered = False
         try:
-            try:
-                answer, keep_alive = await front.answer(request, body)
-            except Exception as exc:
+            await front.answer(self, request, body)
+        except Exception as exc:
+            if self.delivered:
+                # The client has its answer: what failed is the work after it.
+                log.exception("error after answering POST %r", request.path)
+            else:
                 log.exception("unhandled error on POST %r", request.path)
-                keep_alive = request.keep_alive
-                answer = json_error(
-                    request.version10,
-                    500,
-                    f"internal error: {type(exc).__name__}",
-                    keep_alive and not front.closing,
-                    request.request_id,
+                self.deliver(
+                    request,
+                    json_error(
+                        request.version10,
+                        500,
+                        f"internal error: {type(exc).__name__}",
+                        request.keep_alive and not front.closing,
+                        request.request_id,
+                    ),
+                    request.keep_alive,
                 )
-            transport = self.transport
-            if transport is None:
-                return
-            if not keep_alive or front.closing or self.half_closed:
-                transport.write(answer)
-                self._close()
-                return
-            transport.write(answer)
-            self.phase = IDLE
-            self.request = None
-            self._until(front.limits.keepalive_timeout_s)
-            self._unpause()
-            if self.buf:
-                self._advance()  # a pipelined request
         finally:
             front.busy -= 1
             front._settled()
+
+    def deliver(self, request: Request, answer: bytes, keep_alive: bool) -> None:
+        """Write the answer to a fast-path request; the connection is ready for the next
+        one (or closed). Called once per request, before the work that follows the
+        answer (metrics, the mirror hand-off), which the client need not wait for."""
+        self.delivered = True
+        transport = self.transport
+        if transport is None:
+            return
+        front = self.front
+        if not keep_alive or front.closing or self.half_closed:
+            transport.write(answer)
+            self._close()
+            return
+        transport.write(answer)
+        self.phase = IDLE
+        self.request = None
+        self._until(front.limits.keepalive_timeout_s)
+        self._unpause()
+        if self.buf:
+            self._advance()  # a pipelined request
 
     def _relay(self, size: int) -> None:
         """This request (``size`` bytes with its head) is the aiohttp app's to answer;
@@ -597,8 +612,9 @@ class FrontServer:
             self._pool_of = backend
         return self._pool
 
-    async def answer(self, request: Request, body: bytes) -> tuple[bytes, bool]:
-        """The client's answer to a fast-path request, and whether to keep the connection."""
+    async def answer(self, client: _Client, request: Request, body: bytes) -> None:
+        """Answer a fast-path request (``client.deliver``), then observe it and hand the
+        exchange to the mirror."""
         state = self.state
         backend = self._champion()
         mirror = state.mirror
@@ -606,14 +622,6 @@ class FrontServer:
         limit = self._max_body
         coding = content_coding(request.coding)
         header_length = request.header_length
-        # DESIGN's order: the body's id, else the header, else generated (passthrough.infer).
-        if coding:
-            body_rid = await _peek_id_coded(body, header_length, coding, limit)
-        else:
-            body_rid = _peek_id(body, header_length)
-        client_rid = (request.request_id or "").strip() or None
-        rid = _usable_id(body_rid) or _usable_id(client_rid) or uuid.uuid4().hex
-        context.request_id.set(rid)
         context.client_headers.set(request.headers)
         lines = request.lines
         if request.coding is not None:
@@ -625,40 +633,58 @@ class FrontServer:
             b"POST", pool.base_path.encode() + request.path, pool.host_header, lines, len(body)
         )
         timeout_s = backend.settings.timeout_ms / 1000.0
+        # DESIGN's order for the id: the body's, else the header, else generated
+        # (passthrough.infer). The champion is not sent it, so a plain body's is read
+        # while the champion works (already sent: ``start``); a coded body's first
+        # (decoding may await a thread, and the started exchange must be awaited).
+        if coding:
+            body_rid = await _peek_id_coded(body, header_length, coding, limit)
         start = time.perf_counter()
+        pending = pool.start(head, body, timeout_s)
+        if not coding:
+            body_rid = _peek_id(body, header_length)
+        client_rid = (request.request_id or "").strip() or None
+        rid = _usable_id(body_rid) or _usable_id(client_rid) or uuid.uuid4().hex
+        context.request_id.set(rid)
         try:
-            reply = await pool.request(head, body, timeout_s)
+            reply = await pending
         except MirrorgateError as exc:
             keep_alive = request.keep_alive and not self.closing
-            state.metrics.observe_champion(exc.status, time.perf_counter() - start)
-            failures.failure(backend.base_url, exc.status, exc.message)
             message = f"champion: {exc.message}"
-            return (
+            client.deliver(
+                request,
                 json_error(request.version10, exc.status, message, keep_alive, request.request_id),
                 keep_alive,
             )
+            state.metrics.observe_champion(exc.status, time.perf_counter() - start)
+            failures.failure(backend.base_url, exc.status, exc.message)
+            return
         latency = time.perf_counter() - start
         # Decided now: a stop that began while the champion worked ends this connection.
         keep_alive = request.keep_alive and not self.closing
         status = reply.status
-        state.metrics.observe_champion(status, latency)
-        if status >= 500:
-            failures.failure(backend.base_url, status, reply.body[:200].decode(errors="replace"))
         out, kept = client_headers(reply)
         if b"x-request-id" not in kept:
             out.append(b"X-Request-Id: " + rid.encode())
         out.append(b"X-Mirrorgate-Served-By: champion")
-        answer = response(
-            request.version10,
-            status,
-            reply.reason,
-            out,
-            reply.body,
+        client.deliver(
+            request,
+            response(
+                request.version10,
+                status,
+                reply.reason,
+                out,
+                reply.body,
+                keep_alive,
+                has_type=b"content-type" in kept,
+                has_date=b"date" in kept,
+                has_server=b"server" in kept,
+            ),
             keep_alive,
-            has_type=b"content-type" in kept,
-            has_date=b"date" in kept,
-            has_server=b"server" in kept,
         )
+        state.metrics.observe_champion(status, latency)
+        if status >= 500:
+            failures.failure(backend.base_url, status, reply.body[:200].decode(errors="replace"))
         if status == 200 and mirror.candidate is not None:
             mirror.mirror_exchange(
                 rid,
@@ -675,7 +701,6 @@ class FrontServer:
                 ),
                 offload=bool(coding),
             )
-        return answer, keep_alive
 
     def _slices(self, request: Request) -> dict[str, str]:
         slicer = self.state.slicer
