@@ -44,18 +44,23 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
 
-from proxy.core.errors import BackendError, BackendTimeout
+from proxy.core.errors import BackendError, BackendTimeout, MirrorgateError
 
 MAX_IDLE = 256
 # Bodies up to this size are joined to the head (one send); larger ones go separately.
 JOIN_BELOW = 1 << 18
+
+
+# What RawPool.begin calls with the outcome: (reply, None) or (None, error).
+Done = Callable[["RawReply | None", "MirrorgateError | None"], None]
 
 
 class _Stale(Exception):
@@ -223,6 +228,7 @@ class RawPool:
         self.max_idle = max_idle
         self._idle: list[_Conn] = []
         self._all: set[_Conn] = set()
+        self._tasks: set[asyncio.Task[RawReply]] = set()
         self._closed = False
 
     def _forget(self, conn: _Conn) -> None:
@@ -257,13 +263,24 @@ class RawPool:
             raise
         finally:
             timer.cancel()
+        self._release(conn, reply)
+        return reply
+
+    def _release(self, conn: _Conn, reply: RawReply) -> None:
+        """After a complete reply: the connection back to the idle list, or closed."""
         conn.waiter = None
         if reply.keep_alive and not self._closed and len(self._idle) < self.max_idle:
             if conn.transport is not None and not conn.transport.is_closing():
                 self._idle.append(conn)
-                return reply
+                return
         self._close_conn(conn)
-        return reply
+
+    def _take_idle(self) -> _Conn | None:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return None
 
     @staticmethod
     def _close_conn(conn: _Conn) -> None:
@@ -280,14 +297,84 @@ class RawPool:
         usual case): the caller works while the upstream answers, then awaits the reply.
         The returned coroutine must be awaited (it owns the connection)."""
         deadline = asyncio.get_running_loop().time() + timeout_s
-        conn = None
-        while self._idle:
-            candidate = self._idle.pop()
-            if candidate.transport is not None and not candidate.transport.is_closing():
-                conn = candidate
-                break
+        conn = self._take_idle()
         waiter = conn.send(head, body) if conn is not None else None
         return self._reply(conn, waiter, head, body, deadline, timeout_s)
+
+    def begin(self, head: bytes, body: bytes, timeout_s: float, done: Done) -> None:
+        """:meth:`request` without a task: ``done(reply, None)`` or ``done(None, error)``
+        (:class:`BackendTimeout` / :class:`BackendError`) is called once, from the event
+        loop, never from inside this call. On a kept idle connection (the usual case)
+        the bytes are sent now and the reply costs one callback; otherwise (connecting,
+        the stale-connection retry) a task of this pool runs :meth:`request`'s path."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        conn = self._take_idle()
+        if conn is None:
+            self._spawn(self._reply(None, None, head, body, deadline, timeout_s), done)
+            return
+        waiter = conn.send(head, body)
+        timer = loop.call_at(deadline, _expire, waiter)
+        waiter.add_done_callback(
+            partial(self._settle, conn, timer, head, body, deadline, timeout_s, done)
+        )
+
+    def _settle(
+        self,
+        conn: _Conn,
+        timer: asyncio.TimerHandle,
+        head: bytes,
+        body: bytes,
+        deadline: float,
+        timeout_s: float,
+        done: Done,
+        waiter: asyncio.Future[RawReply],
+    ) -> None:
+        timer.cancel()
+        exc = None if waiter.cancelled() else waiter.exception()
+        if exc is None and not waiter.cancelled():
+            reply = waiter.result()
+            self._release(conn, reply)
+            done(reply, None)
+            return
+        conn._abort()  # mid-exchange: never reused
+        if isinstance(exc, _Stale):
+            # closed while idle: once more, on a fresh connection
+            self._spawn(self._reply(None, None, head, body, deadline, timeout_s), done)
+            return
+        done(None, self._error(exc or asyncio.CancelledError(), timeout_s))
+
+    def _spawn(self, coro: Coroutine[Any, Any, RawReply], done: Done) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # a strong reference until it ends (asyncio keeps weak ones)
+        task.add_done_callback(partial(self._spawned, done))
+
+    def _spawned(self, done: Done, task: asyncio.Task[RawReply]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            done(None, BackendError(f"upstream {self.base_url} call cancelled"))
+            return
+        exc = task.exception()
+        if exc is not None:
+            done(None, exc if isinstance(exc, MirrorgateError) else self._error(exc, 0.0))
+            return
+        done(task.result(), None)
+
+    def _error(self, exc: BaseException, timeout_s: float) -> MirrorgateError:
+        """What :meth:`request` raises for ``exc`` (the same words)."""
+        if isinstance(exc, MirrorgateError):
+            return exc
+        error: MirrorgateError
+        if isinstance(exc, TimeoutError):
+            error = BackendTimeout(
+                f"upstream {self.base_url} timed out after {timeout_s * 1000:g} ms"
+            )
+        elif isinstance(exc, (OSError, ssl.SSLError)):
+            error = BackendError(f"upstream {self.base_url} connection failed: {exc!r}")
+        else:
+            error = BackendError(f"upstream {self.base_url} call failed: {exc!r}")
+        error.__cause__ = exc
+        return error
 
     async def _reply(
         self,

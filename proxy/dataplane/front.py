@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import shutil
@@ -55,7 +56,7 @@ from multidict import CIMultiDict
 from prometheus_client import Counter
 
 from proxy.backends.http import HttpBackend, ssl_context
-from proxy.backends.rawhttp import RawPool, request_head
+from proxy.backends.rawhttp import RawPool, RawReply, request_head
 from proxy.core import context
 from proxy.core.errors import MirrorgateError
 from proxy.core.runtime_settings import ServerLimits
@@ -335,7 +336,19 @@ class _Client(asyncio.Protocol):
             self.phase = BUSY
             front.busy += 1
             front.answered += 1
-            self.loop.create_task(self._answer(request, body))
+            if request.coding is None:
+                self._begin(request, body)  # the usual case: no task per request
+            else:
+                self.loop.create_task(self._answer(request, body))
+
+    def _begin(self, request: Request, body: bytes) -> None:
+        self.delivered = False
+        try:
+            self.front.begin(self, request, body)
+        except Exception as exc:
+            self._internal_error(request, exc)
+            self.front.busy -= 1
+            self.front._settled()
 
     async def _answer(self, request: Request, body: bytes) -> None:
         front = self.front
@@ -343,25 +356,28 @@ class _Client(asyncio.Protocol):
         try:
             await front.answer(self, request, body)
         except Exception as exc:
-            if self.delivered:
-                # The client has its answer: what failed is the work after it.
-                log.exception("error after answering POST %r", request.path)
-            else:
-                log.exception("unhandled error on POST %r", request.path)
-                self.deliver(
-                    request,
-                    json_error(
-                        request.version10,
-                        500,
-                        f"internal error: {type(exc).__name__}",
-                        request.keep_alive and not front.closing,
-                        request.request_id,
-                    ),
-                    request.keep_alive,
-                )
+            self._internal_error(request, exc)
         finally:
             front.busy -= 1
             front._settled()
+
+    def _internal_error(self, request: Request, exc: Exception) -> None:
+        if self.delivered:
+            # The client has its answer: what failed is the work after it.
+            log.error("error after answering POST %r", request.path, exc_info=exc)
+            return
+        log.error("unhandled error on POST %r", request.path, exc_info=exc)
+        self.deliver(
+            request,
+            json_error(
+                request.version10,
+                500,
+                f"internal error: {type(exc).__name__}",
+                request.keep_alive and not self.front.closing,
+                request.request_id,
+            ),
+            request.keep_alive,
+        )
 
     def deliver(self, request: Request, answer: bytes, keep_alive: bool) -> None:
         """Write the answer to a fast-path request; the connection is ready for the next
@@ -612,17 +628,11 @@ class FrontServer:
             self._pool_of = backend
         return self._pool
 
-    async def answer(self, client: _Client, request: Request, body: bytes) -> None:
-        """Answer a fast-path request (``client.deliver``), then observe it and hand the
-        exchange to the mirror."""
-        state = self.state
+    def _champion_head(self, request: Request, body: bytes) -> tuple[HttpBackend, RawPool, bytes]:
+        """The champion, its pool and the request head it is sent (what
+        passthrough.infer forwards)."""
         backend = self._champion()
-        mirror = state.mirror
-        assert backend is not None and mirror is not None
-        limit = self._max_body
-        coding = content_coding(request.coding)
-        header_length = request.header_length
-        context.client_headers.set(request.headers)
+        assert backend is not None
         lines = request.lines
         if request.coding is not None:
             lines = [*lines, b"Content-Encoding: " + request.coding.encode()]
@@ -632,36 +642,69 @@ class FrontServer:
         head = request_head(
             b"POST", pool.base_path.encode() + request.path, pool.host_header, lines, len(body)
         )
-        timeout_s = backend.settings.timeout_ms / 1000.0
-        # DESIGN's order for the id: the body's, else the header, else generated
-        # (passthrough.infer). The champion is not sent it, so a plain body's is read
-        # while the champion works (already sent: ``start``); a coded body's first
-        # (decoding may await a thread, and the started exchange must be awaited).
-        if coding:
-            body_rid = await _peek_id_coded(body, header_length, coding, limit)
+        return backend, pool, head
+
+    def begin(self, client: _Client, request: Request, body: bytes) -> None:
+        """A plain-body fast-path request, without a task: sent to the champion now (on
+        a kept connection), answered from the pool's callback (:meth:`_finish`)."""
+        backend, pool, head = self._champion_head(request, body)
         start = time.perf_counter()
-        pending = pool.start(head, body, timeout_s)
-        if not coding:
-            body_rid = _peek_id(body, header_length)
-        client_rid = (request.request_id or "").strip() or None
-        rid = _usable_id(body_rid) or _usable_id(client_rid) or uuid.uuid4().hex
-        context.request_id.set(rid)
+        exchange = _Exchange(self, client, request, body, backend, start)
+        pool.begin(head, body, backend.settings.timeout_ms / 1000.0, exchange.done)
+        # DESIGN's order for the id: the body's, else the header, else generated
+        # (passthrough.infer). The champion is not sent it: read while it works. Nothing
+        # here may raise now that the exchange is under way (its callback answers).
         try:
-            reply = await pending
+            body_rid = _peek_id(body, request.header_length)
+        except Exception:
+            body_rid = None
+        exchange.rid = _request_id(body_rid, request)
+
+    async def answer(self, client: _Client, request: Request, body: bytes) -> None:
+        """A fast-path request whose body has a Content-Encoding: the id is read from the
+        decoded body first (decoding may await a thread), then as :meth:`begin`."""
+        backend, pool, head = self._champion_head(request, body)
+        coding = content_coding(request.coding)
+        rid = _request_id(
+            await _peek_id_coded(body, request.header_length, coding, self._max_body), request
+        )
+        context.client_headers.set(request.headers)
+        context.request_id.set(rid)
+        start = time.perf_counter()
+        try:
+            reply = await pool.request(head, body, backend.settings.timeout_ms / 1000.0)
         except MirrorgateError as exc:
-            keep_alive = request.keep_alive and not self.closing
-            message = f"champion: {exc.message}"
-            client.deliver(
-                request,
-                json_error(request.version10, exc.status, message, keep_alive, request.request_id),
-                keep_alive,
-            )
-            state.metrics.observe_champion(exc.status, time.perf_counter() - start)
-            failures.failure(backend.base_url, exc.status, exc.message)
+            self._finish(client, request, body, backend, rid, start, None, exc)
             return
+        self._finish(client, request, body, backend, rid, start, reply, None)
+
+    def _finish(
+        self,
+        client: _Client,
+        request: Request,
+        body: bytes,
+        backend: HttpBackend,
+        rid: str,
+        start: float,
+        reply: RawReply | None,
+        error: MirrorgateError | None,
+    ) -> None:
+        """Answer the client (``client.deliver``), then observe the exchange and hand it
+        to the mirror: nothing after the answer is on the client's clock."""
+        state = self.state
         latency = time.perf_counter() - start
         # Decided now: a stop that began while the champion worked ends this connection.
         keep_alive = request.keep_alive and not self.closing
+        if reply is None:
+            assert error is not None
+            message = f"champion: {error.message}"
+            answer = json_error(
+                request.version10, error.status, message, keep_alive, request.request_id
+            )
+            client.deliver(request, answer, keep_alive)
+            state.metrics.observe_champion(error.status, latency)
+            failures.failure(backend.base_url, error.status, error.message)
+            return
         status = reply.status
         out, kept = client_headers(reply)
         if b"x-request-id" not in kept:
@@ -685,7 +728,9 @@ class FrontServer:
         state.metrics.observe_champion(status, latency)
         if status >= 500:
             failures.failure(backend.base_url, status, reply.body[:200].decode(errors="replace"))
-        if status == 200 and mirror.candidate is not None:
+        mirror = state.mirror
+        if status == 200 and mirror is not None and mirror.candidate is not None:
+            coding = content_coding(request.coding)
             mirror.mirror_exchange(
                 rid,
                 slices=self._slices(request),
@@ -693,11 +738,11 @@ class FrontServer:
                 nbytes=len(body) + len(reply.body),
                 decode=exchange_decoder(
                     body,
-                    header_length,
+                    request.header_length,
                     as_reply(reply),
                     state.slicer.parameter_slices,
                     coding,
-                    limit,
+                    self._max_body,
                 ),
                 offload=bool(coding),
             )
@@ -707,6 +752,54 @@ class FrontServer:
         if not slicer.header_keys:
             return {}
         return slicer.request_slices(CIMultiDict(request.headers), {})
+
+
+def _request_id(body_rid: str | None, request: Request) -> str:
+    client_rid = (request.request_id or "").strip() or None
+    return _usable_id(body_rid) or _usable_id(client_rid) or uuid.uuid4().hex
+
+
+class _Exchange:
+    """One plain-body fast-path request between :meth:`FrontServer.begin` and the
+    champion's reply (the pool's callback)."""
+
+    __slots__ = ("backend", "body", "client", "front", "request", "rid", "start")
+
+    def __init__(
+        self,
+        front: FrontServer,
+        client: _Client,
+        request: Request,
+        body: bytes,
+        backend: HttpBackend,
+        start: float,
+    ) -> None:
+        self.front = front
+        self.client = client
+        self.request = request
+        self.body = body
+        self.backend = backend
+        self.start = start
+        self.rid = ""
+
+    def done(self, reply: RawReply | None, error: MirrorgateError | None) -> None:
+        # A context of its own: the pool calls back from the loop's context, which the
+        # request's id and headers (read by the mirror and the logs) must not leak into.
+        contextvars.Context().run(self._done, reply, error)
+
+    def _done(self, reply: RawReply | None, error: MirrorgateError | None) -> None:
+        front, client, request = self.front, self.client, self.request
+        context.client_headers.set(request.headers)
+        context.request_id.set(self.rid)
+        try:
+            front._finish(
+                client, request, self.body, self.backend, self.rid, self.start, reply, error
+            )
+        except Exception as exc:
+            client._internal_error(request, exc)
+        finally:
+            front.busy -= 1
+            front._settled()
 
 
 # ---------------------------------------------------------------- which live path
