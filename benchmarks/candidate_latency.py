@@ -8,7 +8,8 @@ measurement's) and ``mirrorgate serve`` with the shadow work in a worker process
 recording its pairs (``--pairs-out``). ``--hogs`` busy-loop processes at nice 0 keep
 every core busy for the whole run (what a loaded host looks like to the scheduler).
 Targets are driven in interleaved rounds at concurrency ``--concurrency``; then each
-serve is stopped (it flushes its pairs) and the recorded ``champion.latency_ms`` /
+serve's dropped pairs are read from its ``/metrics``, it is stopped (it flushes its
+pairs) and the recorded ``champion.latency_ms`` /
 ``candidate.latency_ms`` are summarised: p50 and p99 of each side, and the median of the
 per-pair difference (candidate minus champion), which the gates would read as the
 candidate being slower.
@@ -48,6 +49,17 @@ from proxy_overhead import _drive, _proxy_config, _spawn, _wait_ready  # noqa: E
 from proxy.protocol.codec import HEADER_LENGTH, encode_infer_request  # noqa: E402
 
 HOG = "while True: pass"
+
+
+async def _dropped(session: aiohttp.ClientSession, base: str) -> float:
+    """Pairs the serve dropped (``mirrorgate_shadow_dropped_total``, every reason)."""
+    async with session.get(f"{base}/metrics") as resp:
+        text = await resp.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("mirrorgate_shadow_dropped_total")
+    )
 
 
 def _summary(path: Path) -> dict[str, Any]:
@@ -146,10 +158,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         # every mirrored call must be in before the serves stop (they flush on SIGTERM)
         await asyncio.sleep(3)
         results: dict[str, Any] = {}
+        async with aiohttp.ClientSession() as session:
+            dropped = {name: await _dropped(session, base) for name, (base, *_) in targets.items()}
         for name, (_, pairs, proc) in targets.items():
             proc.send_signal(signal.SIGTERM)
             await asyncio.wait_for(proc.wait(), 60)
-            results[name] = _summary(pairs)
+            results[name] = {**_summary(pairs), "dropped": dropped[name]}
         return {
             "load_average_start": load_start,
             "load_average_1m_during": load_during,
@@ -175,16 +189,16 @@ def _print(report: dict[str, Any]) -> None:
         f"{report['load_average_start']}, 1m during {report['load_average_1m_during']}"
     )
     head = (
-        f"{'target':<34}{'pairs':>6}{'champ p50':>10}{'champ p99':>10}"
+        f"{'target':<38}{'pairs':>6}{'drop':>5}{'champ p50':>10}{'champ p99':>10}"
         f"{'cand p50':>10}{'cand p99':>10}{'med gap':>9}{'p50 x':>7}{'p99 x':>7}"
     )
     print(head)
     for name, r in report["results"].items():
         if not r.get("pairs"):
-            print(f"{name:<34}{0:>6}")
+            print(f"{name:<38}{0:>6}{r['dropped']:>5.0f}")
             continue
         print(
-            f"{name:<34}{r['pairs']:>6}{r['champion_p50_ms']:>10.2f}{r['champion_p99_ms']:>10.2f}"
+            f"{name:<38}{r['pairs']:>6}{r['dropped']:>5.0f}{r['champion_p50_ms']:>10.2f}{r['champion_p99_ms']:>10.2f}"
             f"{r['candidate_p50_ms']:>10.2f}{r['candidate_p99_ms']:>10.2f}"
             f"{r['median_gap_ms']:>9.2f}{r['p50_ratio']:>7.2f}{r['p99_ratio']:>7.2f}"
         )
