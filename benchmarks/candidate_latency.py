@@ -15,7 +15,8 @@ per-pair difference (candidate minus champion), which the gates would read as th
 candidate being slower.
 
     python benchmarks/candidate_latency.py [--rounds 2] [--requests 150] [--hogs 3]
-        [--concurrency 4] [--nice 0,10] [--upstream-nice -10] [--root LABEL=DIR ...]
+        [--concurrency 4] [--nice 0,10] [--upstream-nice -10] [--max-in-flight 64]
+        [--root LABEL=DIR ...]
 
 ``--root LABEL=DIR`` adds a checkout (``DIR`` holds its ``proxy``, ``gates`` and
 ``storage`` packages), e.g. the tree before the kernel-timestamp timing as
@@ -115,6 +116,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     champion, candidate, f"sqlite:///{tmp / f'{n}.sqlite'}", process=True
                 )
                 config["shadow"]["worker_nice"] = nice
+                config["mirror"]["max_in_flight"] = args.max_in_flight
                 path = tmp / f"{n}.yaml"
                 path.write_text(yaml.safe_dump(config))
                 pairs = tmp / f"{n}.jsonl"
@@ -171,6 +173,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "hogs": args.hogs,
             "concurrency": args.concurrency,
             "upstream_nice": args.upstream_nice,
+            "max_in_flight": args.max_in_flight,
             "requests_per_target": args.requests * args.rounds,
             "results": results,
         }
@@ -185,7 +188,8 @@ def _print(report: dict[str, Any]) -> None:
     print(
         f"cpus {report['cpus']}, {report['hogs']} busy-loop hogs, c={report['concurrency']}, "
         f"{report['requests_per_target']} requests per target, upstreams at nice "
-        f"{report['upstream_nice']}; load average at start "
+        f"{report['upstream_nice']}, mirror.max_in_flight {report['max_in_flight']}; "
+        "load average at start "
         f"{report['load_average_start']}, 1m during {report['load_average_1m_during']}"
     )
     head = (
@@ -212,6 +216,9 @@ def cli() -> None:
     parser.add_argument("--hogs", type=int, default=3, help="busy-loop processes (the load)")
     parser.add_argument("--nice", default="0,10", help="shadow.worker_nice values")
     parser.add_argument("--features", type=int, default=16)
+    parser.add_argument(
+        "--max-in-flight", type=int, default=64, help="mirror.max_in_flight of every serve"
+    )
     parser.add_argument(
         "--upstream-nice",
         type=int,
