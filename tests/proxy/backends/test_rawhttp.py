@@ -401,3 +401,35 @@ async def test_latency_is_when_the_answer_arrived_not_when_a_blocked_loop_read_i
     # the two measurements of this one exchange differ by at least the block.
     assert 0 < reply.latency_s <= answered_at[1] - wall_start
     assert around_the_await - reply.latency_s >= BLOCK_S * 0.99
+
+
+async def test_a_body_larger_than_the_socket_buffers_is_sent_whole() -> None:
+    # 16 MiB cannot go out in one send(): the rest waits for the socket to be writable
+    # (the stamped transport's own write path). The upstream answers with what it read.
+    size = 16 << 20
+    got: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        body = await reader.readexactly(length)
+        got.append(len(body))
+        text = b"%d:%d" % (len(body), body.count(b"x"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(text) + text)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    pool = RawPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        head = request_head(b"POST", b"/v2/models/m/infer", pool.host_header, [], size)
+        reply = await pool.request(head, b"x" * size, 60)
+        assert reply.status == 200 and reply.body == b"%d:%d" % (size, size)
+        assert got == [size]
+    finally:
+        pool.close()
+        server.close()
