@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -52,15 +53,17 @@ from proxy.protocol.codec import HEADER_LENGTH, encode_infer_request  # noqa: E4
 HOG = "while True: pass"
 
 
-async def _dropped(session: aiohttp.ClientSession, base: str) -> float:
-    """Pairs the serve dropped (``mirrorgate_shadow_dropped_total``, every reason)."""
+async def _dropped(session: aiohttp.ClientSession, base: str) -> dict[str, float]:
+    """Pairs the serve dropped, by reason (``mirrorgate_shadow_dropped_total``)."""
     async with session.get(f"{base}/metrics") as resp:
         text = await resp.text()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("mirrorgate_shadow_dropped_total")
-    )
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("mirrorgate_shadow_dropped_total"):
+            match = re.search(r'reason="([^"]*)"', line)
+            reason = match.group(1) if match else "?"
+            out[reason] = out.get(reason, 0.0) + float(line.rsplit(" ", 1)[1])
+    return {k: v for k, v in out.items() if v}
 
 
 def _summary(path: Path) -> dict[str, Any]:
@@ -199,12 +202,14 @@ def _print(report: dict[str, Any]) -> None:
     print(head)
     for name, r in report["results"].items():
         if not r.get("pairs"):
-            print(f"{name:<38}{0:>6}{r['dropped']:>5.0f}")
+            print(f"{name:<38}{0:>6}{sum(r['dropped'].values()):>5.0f} {r['dropped']}")
             continue
         print(
-            f"{name:<38}{r['pairs']:>6}{r['dropped']:>5.0f}{r['champion_p50_ms']:>10.2f}{r['champion_p99_ms']:>10.2f}"
+            f"{name:<38}{r['pairs']:>6}{sum(r['dropped'].values()):>5.0f}"
+            f"{r['champion_p50_ms']:>10.2f}{r['champion_p99_ms']:>10.2f}"
             f"{r['candidate_p50_ms']:>10.2f}{r['candidate_p99_ms']:>10.2f}"
             f"{r['median_gap_ms']:>9.2f}{r['p50_ratio']:>7.2f}{r['p99_ratio']:>7.2f}"
+            + (f"  dropped: {r['dropped']}" if r["dropped"] else "")
         )
 
 
