@@ -34,6 +34,22 @@ alike:
 * a header value or name that would split the request (CR, LF) is refused before
   anything is sent: a :class:`BackendError` with status 400 (:func:`header_lines`).
 
+Latency (:attr:`RawReply.latency_s`) is the upstream's, not the caller's: on a plain-TCP
+connection the socket asks the kernel for receive timestamps (Linux ``SO_TIMESTAMPNS``:
+each ``recvmsg`` returns the ``CLOCK_REALTIME`` arrival time of the last segment it
+read), and the latency is the arrival time of the segment that completed the answer
+minus the wall-clock time taken right before the request bytes were handed to
+``send()``. A process that is descheduled (a loaded host, ``shadow.worker_nice``) reads
+the answer late, but the stamp says when it came. asyncio's socket transport reads with
+``recv()`` (no ancillary data), so plain-TCP connections run on :class:`_StampedTransport`,
+a small transport over the non-blocking socket (``loop.add_reader``/``add_writer``, public
+loop API, works on uvloop too) that feeds the same protocol. TLS connections keep
+asyncio's transport (the record layer hides segments) and the ``perf_counter`` timing, as
+does any connection where the kernel gives no stamp (``RawReply.stamped`` says which).
+A fresh connection's connect time is not in the latency (nor a stale attempt's): the
+clock starts at the send that got the answer. docs/benchmarks.md, "Upstream latency from
+kernel timestamps (session 13)".
+
 Concurrency is bounded by the callers (the front: one request in flight per client
 connection, and client connections are capped; the worker: its mirror's concurrency),
 so the pool itself only caps its idle connections (``max_idle``).
@@ -44,6 +60,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import struct
+import sys
+import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -62,6 +81,17 @@ JOIN_BELOW = 1 << 18
 # What RawPool.begin calls with the outcome: (reply, None) or (None, error).
 Done = Callable[["RawReply | None", "MirrorgateError | None"], None]
 
+# Linux's values (asm-generic and x86; the stdlib's socket module does not name them).
+# Elsewhere no stamps are asked for and every reply is timed with perf_counter.
+SO_TIMESTAMPNS = 35
+SCM_TIMESTAMPNS = SO_TIMESTAMPNS
+STAMPS = sys.platform == "linux"
+# One ``struct timespec`` (two C longs on the 64-bit Linux this targets).
+_TIMESPEC = struct.Struct("@ll")
+_CMSG_SPACE = socket.CMSG_SPACE(_TIMESPEC.size) if STAMPS else 0
+# asyncio's selector transports read up to this much per call.
+READ_SIZE = 1 << 18
+
 
 class _Stale(Exception):
     """The connection ended before any response byte (a reused one: retried once)."""
@@ -69,13 +99,17 @@ class _Stale(Exception):
 
 @dataclass(slots=True)
 class RawReply:
-    """An upstream's answer as it came: status, reason, header lines, body (de-chunked)."""
+    """An upstream's answer as it came: status, reason, header lines, body (de-chunked),
+    and how long the upstream took (``latency_s``: from the kernel's receive timestamp
+    when ``stamped``, else ``perf_counter`` from the send to the parsed answer)."""
 
     status: int
     reason: bytes
     headers: list[tuple[bytes, bytes]]
     body: bytes
     keep_alive: bool
+    latency_s: float = 0.0
+    stamped: bool = False
 
 
 class _Conn(asyncio.Protocol):
@@ -92,6 +126,11 @@ class _Conn(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: list[bytes] = []
         self.done = False
+        # When the request was handed to send() (both clocks), and the kernel's arrival
+        # time of the last segment read so far (_StampedTransport sets it per read).
+        self.sent_perf = 0.0
+        self.sent_wall = 0.0
+        self.arrived: float | None = None
 
     # ------------------------------------------------------------ asyncio.Protocol
 
@@ -180,9 +219,30 @@ class _Conn(asyncio.Protocol):
             return
         self.done = True
         body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        latency, stamped = self._latency()
         waiter.set_result(
-            RawReply(self.parser.get_status_code(), self.reason, self.headers, body, keep_alive)
+            RawReply(
+                self.parser.get_status_code(),
+                self.reason,
+                self.headers,
+                body,
+                keep_alive,
+                latency,
+                stamped,
+            )
         )
+
+    def _latency(self) -> tuple[float, bool]:
+        """The exchange's latency, and whether the kernel's stamp gave it."""
+        elapsed = time.perf_counter() - self.sent_perf
+        if self.arrived is not None:
+            stamped = self.arrived - self.sent_wall
+            # The segment arrived before it was read, so a stamp can only be earlier
+            # than now: one that is not (the wall clock was stepped between the send
+            # and the answer) is not trusted.
+            if 0.0 <= stamped <= elapsed:
+                return stamped, True
+        return elapsed, False
 
     def _fail(self, exc: BaseException) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -197,6 +257,10 @@ class _Conn(asyncio.Protocol):
         self.waiter = asyncio.get_running_loop().create_future()
         self.got_bytes = self.done = self.headers_done = False
         self.reason, self.headers, self.chunks = b"", [], []
+        self.arrived = None
+        # perf first: the fallback interval can only be the longer one (see _latency).
+        self.sent_perf = time.perf_counter()
+        self.sent_wall = time.time()
         if len(body) < JOIN_BELOW:
             self.transport.write(head + body)
         else:
@@ -240,6 +304,12 @@ class RawPool:
 
     async def _connect(self) -> _Conn:
         loop = asyncio.get_running_loop()
+        if self.ssl is None and STAMPS:
+            sock = await _open_socket(loop, self.host, self.port)
+            conn = _Conn(self)
+            _StampedTransport(loop, sock, conn)
+            self._all.add(conn)
+            return conn
         _, conn = await loop.create_connection(
             lambda: _Conn(self),
             self.host,
@@ -415,6 +485,173 @@ class RawPool:
         idle, self._idle = self._idle, []
         for conn in idle:
             self._close_conn(conn)
+
+
+async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """A connected non-blocking TCP socket, as ``loop.create_connection`` would make one
+    (each resolved address in turn; a numeric host resolves without a thread)."""
+    try:
+        infos = socket.getaddrinfo(
+            host,
+            port,
+            type=socket.SOCK_STREAM,
+            proto=socket.IPPROTO_TCP,
+            flags=socket.AI_NUMERICHOST,
+        )
+    except socket.gaierror:
+        infos = await loop.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+    errors: list[OSError] = []
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            errors.append(exc)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    if len(errors) == 1:
+        raise errors[0]
+    # create_connection's wording for several failed addresses
+    raise OSError(f"Multiple exceptions: {', '.join(str(e) for e in errors)}")
+
+
+class _StampedTransport(asyncio.Transport):
+    """A plain-TCP transport that reads with ``recvmsg`` and hands the protocol the
+    kernel's receive timestamp of each read (``_Conn.arrived``) before its bytes.
+
+    What it does is what asyncio's selector socket transport does for this protocol:
+    writes go straight to ``send`` and the rest waits for the socket to be writable; a
+    read of nothing is the end of the connection (``eof_received``, then closed, since
+    the protocol does not keep half-open connections); a read or write error, ``abort``
+    and ``close`` end in one ``connection_lost`` (scheduled, as asyncio does, never
+    from inside the protocol's own call) and the socket closed after it. No flow
+    control: one request at a time goes out, and the reader is never paused."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, conn: _Conn) -> None:
+        super().__init__()
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._conn = conn
+        self._buffer = bytearray()
+        self._closing = False
+        self._lost = False
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        except OSError:
+            pass  # no stamps: every reply falls back to perf_counter
+        conn.connection_made(self)
+        loop.add_reader(self._fd, self._read_ready)
+
+    # ------------------------------------------------------------ asyncio.Transport
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return self._sock
+        if name in ("peername", "sockname"):
+            try:
+                return self._sock.getpeername() if name == "peername" else self._sock.getsockname()
+            except OSError:
+                return default
+        return default
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or not data:
+            return
+        if self._buffer:
+            self._buffer += data
+            return
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._force_close(exc)
+            return
+        if sent < len(data):
+            self._buffer += memoryview(data)[sent:]
+            self._loop.add_writer(self._fd, self._write_ready)
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._loop.remove_reader(self._fd)
+        if not self._buffer:  # else the writer finishes sending, then ends it
+            self._loop.call_soon(self._connection_lost, None)
+
+    def abort(self) -> None:
+        self._force_close(None)
+
+    # ------------------------------------------------------------ internals
+
+    def _read_ready(self) -> None:
+        try:
+            data, ancillary, _, _ = self._sock.recvmsg(READ_SIZE, _CMSG_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._force_close(exc)
+            return
+        if not data:
+            self._conn.eof_received()
+            self.close()
+            return
+        arrived = None
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS:
+                seconds, nanoseconds = _TIMESPEC.unpack_from(payload)
+                arrived = seconds + nanoseconds * 1e-9
+        self._conn.arrived = arrived
+        self._conn.data_received(data)
+
+    def _write_ready(self) -> None:
+        try:
+            sent = self._sock.send(self._buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._force_close(exc)
+            return
+        del self._buffer[:sent]
+        if not self._buffer:
+            self._loop.remove_writer(self._fd)
+            if self._closing:
+                self._loop.call_soon(self._connection_lost, None)
+
+    def _force_close(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        if self._buffer:
+            self._buffer.clear()
+            self._loop.remove_writer(self._fd)
+        if not self._closing:
+            self._closing = True
+            self._loop.remove_reader(self._fd)
+        self._lost = True
+        self._loop.call_soon(self._connection_lost_now, exc)
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._connection_lost_now(exc)
+
+    def _connection_lost_now(self, exc: Exception | None) -> None:
+        try:
+            self._conn.connection_lost(exc)
+        finally:
+            self._sock.close()
 
 
 def _expire(waiter: asyncio.Future[RawReply]) -> None:

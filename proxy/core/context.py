@@ -17,3 +17,10 @@ request_id: ContextVar[str | None] = ContextVar("mirrorgate_request_id", default
 Headers = tuple[tuple[str, str], ...]
 client_headers: ContextVar[Headers] = ContextVar("mirrorgate_client_headers", default=())
 upstream_headers: ContextVar[Headers] = ContextVar("mirrorgate_upstream_headers", default=())
+
+# The last upstream exchange's latency as its transport measured it (the raw pool's
+# kernel receive timestamps: proxy/backends/rawhttp.py), or None when the backend
+# measured none. The mirror clears it before a model call and, when the call set it,
+# records it instead of its own perf_counter around the await, which a descheduled
+# process (the shadow worker under load or ``shadow.worker_nice``) would inflate.
+upstream_latency: ContextVar[float | None] = ContextVar("mirrorgate_upstream_latency", default=None)

@@ -340,6 +340,7 @@ class MirrorDispatcher:
         context.upstream_headers.set(
             forwarded_headers(context.client_headers.get(), settings, role)
         )
+        context.upstream_latency.set(None)  # set again by a backend that measures it
         start = time.perf_counter()
         try:
             async with asyncio.timeout(timeout_s):
@@ -352,7 +353,10 @@ class MirrorDispatcher:
         except BaseException as exc:
             self.metrics.observe_call(role, _status_of(exc), time.perf_counter() - start)
             raise
-        self.metrics.observe_call(role, 200, time.perf_counter() - start)
+        measured = context.upstream_latency.get()
+        self.metrics.observe_call(
+            role, 200, time.perf_counter() - start if measured is None else measured
+        )
         return result
 
     async def infer(
@@ -654,7 +658,11 @@ class MirrorDispatcher:
             return failed
         if role == "candidate":
             self.breaker.record(True)
-        return CallOutcome(out, time.perf_counter() - start)
+        # The transport's measurement when it has one (the worker's raw candidate pool:
+        # kernel receive timestamps), not this await's, which a descheduled worker
+        # stretches (docs/benchmarks.md, "Upstream latency from kernel timestamps").
+        measured = context.upstream_latency.get()
+        return CallOutcome(out, time.perf_counter() - start if measured is None else measured)
 
     def _emit(self, records: list[PairRecord]) -> None:
         for record in records:

@@ -15,6 +15,12 @@ the worker's rebuilt calls:
   / :meth:`~proxy.backends.http.HttpBackend.infer_result`: the encoding negotiated with
   the upstream, the forwarded headers, the request id, the upstream's errors); metadata,
   identity and everything else stay the backend's.
+
+Each call leaves the pool's measurement of the exchange in
+:data:`proxy.core.context.upstream_latency` (``RawReply.latency_s``: the kernel's receive
+timestamp of the answer's last segment minus the send, on plain TCP), which the mirror
+records as the candidate's latency: the worker reading the answer late (descheduled, or
+niced) no longer makes the candidate look slower than it is.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import numpy as np
 
 from proxy.backends.http import HttpBackend, Reply, ssl_context
 from proxy.backends.rawhttp import MAX_IDLE, RawPool, header_lines, request_head
+from proxy.core import context
 from proxy.protocol.base import ModelIdentity, ModelMetadata
 from proxy.protocol.headers import end_to_end
 
@@ -46,6 +53,7 @@ class CandidateClient(RawPool):
             b"POST", path.encode("ascii"), self.host_header, header_lines(headers), len(body)
         )
         raw = await self.request(head, body, timeout_s)
+        context.upstream_latency.set(raw.latency_s)
         decoded = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw.headers]
         connection = next((v for k, v in decoded if k.lower() == "connection"), None)
         return Reply(

@@ -1,10 +1,15 @@
 """The raw champion pool (proxy/backends/rawhttp.py) against real loopback servers:
-framing (length, chunked, end of connection), the stale-connection retry, errors, TLS."""
+framing (length, chunked, end of connection), the stale-connection retry, errors, TLS,
+and the latency taken from the kernel's receive timestamps."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,6 +54,8 @@ async def _server(answer: Answer) -> tuple[asyncio.Server, str, list[int]]:
 def _head(pool: RawPool) -> bytes:
     return request_head(b"POST", b"/v2/models/m/infer", pool.host_header, [], 2)
 
+
+LINUX = sys.platform == "linux"  # where the kernel stamps received segments
 
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
 
@@ -116,6 +123,8 @@ async def test_framing(answer: bytes) -> None:
         for _ in range(2):  # and the connection is reusable after it
             reply = await pool.request(_head(pool), b"{}", 10)
             assert (reply.status, reply.body, reply.keep_alive) == (200, b'{"ok":true}', True)
+            # the final answer's last segment is stamped (not the interim one's)
+            assert reply.stamped is LINUX and reply.latency_s > 0
     finally:
         pool.close()
         server.close()
@@ -136,6 +145,8 @@ async def test_body_ended_by_the_connection_close() -> None:
     try:
         reply = await pool.request(_head(pool), b"{}", 10)
         assert (reply.status, reply.body, reply.keep_alive) == (200, b'{"ok":true}', False)
+        # the end of the connection carries no stamp: the last data segment's is used
+        assert reply.stamped is LINUX and reply.latency_s > 0
     finally:
         pool.close()
         server.close()
@@ -200,6 +211,8 @@ async def test_tls_with_ca_and_client_certificate(tmp_path: Path) -> None:
                 if works:
                     reply = await pool.request(_head(pool), b"{}", 10)
                     assert reply.body == b'{"ok":true}'
+                    # TLS keeps asyncio's transport: timed with perf_counter
+                    assert reply.stamped is False and reply.latency_s > 0
                 else:
                     with pytest.raises(BackendError):
                         await pool.request(_head(pool), b"{}", 10)
@@ -337,3 +350,86 @@ async def test_close_lets_an_exchange_in_flight_finish_then_closes_its_connectio
 
 async def _go(event: asyncio.Event) -> None:
     event.set()
+
+
+BLOCK_S = 1.5  # how long the measuring side's event loop is kept from reading
+
+
+@pytest.mark.skipif(not LINUX, reason="kernel receive timestamps (SO_TIMESTAMPNS) are Linux's")
+async def test_latency_is_when_the_answer_arrived_not_when_a_blocked_loop_read_it() -> None:
+    # The upstream is a thread with blocking sockets, so it answers while this event
+    # loop is blocked (as a descheduled or niced worker's would be). It notes the wall
+    # clock after each answer left: on loopback the segment is in our receive queue,
+    # stamped, by the time sendall returns.
+    listener = socket.create_server(("127.0.0.1", 0))
+    answered = threading.Event()
+    answered_at: list[float] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            seen = b""
+            for n in (1, 2):
+                while seen.count(b"\r\n\r\n{}") < n:  # each request: head, then b"{}"
+                    seen += conn.recv(65536)
+                conn.sendall(OK)
+                answered_at.append(time.time())
+            answered.set()
+            conn.recv(1)  # until the pool closes the connection
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    pool = RawPool(f"http://127.0.0.1:{listener.getsockname()[1]}")
+    try:
+        await pool.request(_head(pool), b"{}", 30)  # a kept connection: start() sends now
+        perf_start, wall_start = time.perf_counter(), time.time()
+        pending = pool.start(_head(pool), b"{}", 30)
+        # Block the loop (no await) until the answer is in the socket, then for BLOCK_S.
+        assert answered.wait(60)
+        time.sleep(BLOCK_S)  # noqa: ASYNC251 - blocking the loop is the point
+        reply = await pending
+        around_the_await = time.perf_counter() - perf_start
+    finally:
+        pool.close()
+        listener.close()
+    await asyncio.to_thread(thread.join, 60)  # the pool closes its connection meanwhile
+    assert not thread.is_alive()
+    assert reply.status == 200 and reply.stamped
+    # What perf_counter around the await says includes the whole block ...
+    assert around_the_await >= BLOCK_S
+    # ... the stamp does not: it is no later than the answer left the upstream, and
+    # the two measurements of this one exchange differ by at least the block.
+    assert 0 < reply.latency_s <= answered_at[1] - wall_start
+    assert around_the_await - reply.latency_s >= BLOCK_S * 0.99
+
+
+async def test_a_body_larger_than_the_socket_buffers_is_sent_whole() -> None:
+    # 16 MiB cannot go out in one send(): the rest waits for the socket to be writable
+    # (the stamped transport's own write path). The upstream answers with what it read.
+    size = 16 << 20
+    got: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        body = await reader.readexactly(length)
+        got.append(len(body))
+        text = b"%d:%d" % (len(body), body.count(b"x"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(text) + text)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    pool = RawPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        head = request_head(b"POST", b"/v2/models/m/infer", pool.host_header, [], size)
+        reply = await pool.request(head, b"x" * size, 60)
+        assert reply.status == 200 and reply.body == b"%d:%d" % (size, size)
+        assert got == [size]
+    finally:
+        pool.close()
+        server.close()
