@@ -692,7 +692,10 @@ class FrontServer:
         """Answer the client (``client.deliver``), then observe the exchange and hand it
         to the mirror: nothing after the answer is on the client's clock."""
         state = self.state
-        latency = time.perf_counter() - start
+        # The champion's latency as the worker measures the candidate's (rawhttp: from
+        # the kernel's receive timestamp where there is one), so the latency gates
+        # compare like with like; a failed call has no answer to stamp.
+        latency = time.perf_counter() - start if reply is None else reply.latency_s
         # Decided now: a stop that began while the champion worked ends this connection.
         keep_alive = request.keep_alive and not self.closing
         if reply is None:
