@@ -8,8 +8,11 @@ inputs captured per the default policy) and gates on. ``--baseline DIR`` (repeat
 one more ``serve`` running the code of another checkout (``DIR`` holds its ``proxy``
 package) on the same upstreams: before and after in one run, phases interleaved.
 
-Two phases per round, for each target in turn:
+Three phases per round, for each target in turn:
 
+* **serial**: one request at a time (concurrency 1, closed loop), ``--serial-requests``
+  of them: the live path's c=1 case, where every per-pair cost the worker has (a loop
+  wake-up, a timer, a commit) is paid once per pair, with nothing to batch it with;
 * **rate**: ``--rate`` requests per second, open loop (each sent at its planned time,
   whatever the previous ones do), ``--rate-requests`` of them;
 * **saturation**: ``--concurrency`` requests at a time, closed loop, as fast as the
@@ -206,7 +209,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             procs.append(proc)
             targets.append(Target(name, base, proc.pid))
         rng = np.random.default_rng(0)
-        n = max(args.rate_requests, args.saturation_requests)
+        n = max(args.rate_requests, args.saturation_requests, args.serial_requests)
         bodies = []
         for i in range(n):
             x = rng.normal(size=(1, args.features)).astype(np.float32)
@@ -221,6 +224,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 t.sent += 100
                 await _accounted(session, t.base, t.sent)
             phases = (
+                ("serial", args.serial_requests, lambda s, u, b: _saturate(s, u, b, 1)),
                 ("rate", args.rate_requests, lambda s, u, b: _rate(s, u, b, args.rate)),
                 (
                     "saturation",
@@ -300,6 +304,7 @@ def _markdown(report: dict[str, Any]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     labels = {
+        "serial": "serial c=1",
         "rate": f"rate {report['rate']:g}/s",
         "saturation": f"saturation c={report['concurrency']}",
     }
@@ -329,6 +334,9 @@ def _markdown(report: dict[str, Any]) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--serial-requests", type=int, default=400, help="serial phase (concurrency 1)"
+    )
     parser.add_argument("--rate", type=float, default=100.0, help="rate phase: requests/s")
     parser.add_argument("--rate-requests", type=int, default=500)
     parser.add_argument("--saturation-requests", type=int, default=1000)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -74,12 +75,36 @@ class CaptureCache:
         return self._bytes
 
 
+# Up to this many classes the top class is found in Python (see ``_argmax``).
+_SMALL = 64
+
+
+def _argmax(values: list[Any]) -> int:
+    """``np.argmax`` of a short list: the first maximum, or the first NaN if any."""
+    best, top = 0, values[0]
+    if top != top:
+        return 0
+    for i in range(1, len(values)):
+        value = values[i]
+        if value != value:
+            return i
+        if value > top:
+            best, top = i, value
+    return best
+
+
 def _top(output: np.ndarray | None) -> int | None:
     if output is None:
         return None
     arr = np.asarray(output)
     if arr.ndim != 1 or arr.size < 2 or arr.dtype.kind not in "biuf":
         return None
+    if arr.size <= _SMALL:
+        # ndarray.argmax releases the GIL whatever the size: on the shadow worker's
+        # event loop (recorder.submit runs this twice per pair) each call handed the GIL
+        # to the recorder's or the gates' thread and waited to get it back (a futex
+        # round trip, up to the 5 ms switch interval while that thread ran). Issue 11.
+        return _argmax(arr.tolist())
     return int(arr.argmax())  # the method: no dispatch per pair for a tiny array
 
 

@@ -53,18 +53,26 @@ class FrameReader:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> Iterator[tuple[int, bytes]]:
-        self._buf += data
+        # Usually no partial frame waits: the frames are sliced from ``data`` itself
+        # (one copy each), not appended to the buffer and copied out of it twice.
+        buf: bytes | bytearray = data
+        if self._buf:
+            self._buf += data
+            buf = self._buf
         offset = 0
-        size = len(self._buf)
+        size = len(buf)
         while size - offset >= HEADER.size:
-            length, kind = HEADER.unpack_from(self._buf, offset)
+            length, kind = HEADER.unpack_from(buf, offset)
             end = offset + HEADER.size + length
             if end > size:
                 break
-            yield kind, bytes(self._buf[offset + HEADER.size : end])
+            yield kind, bytes(buf[offset + HEADER.size : end])
             offset = end
-        if offset:
-            del self._buf[:offset]
+        if buf is self._buf:
+            if offset:
+                del self._buf[:offset]
+        elif offset < size:
+            self._buf += buf[offset:]
 
 
 # ---------------------------------------------------------------- exchange frames

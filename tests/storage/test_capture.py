@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from gates.records import ModelResult, PairRecord
-from storage.capture import CaptureCache, default_failure_rule
+from storage.capture import _SMALL, CaptureCache, _top, default_failure_rule
 from storage.codec import inputs_digest
 from storage.recorder import SqlRecorder
 from tests.storage.factories import eventually, make_record
@@ -107,3 +107,23 @@ def test_default_failure_rule():
     assert not default_failure_rule(rec([0.2, 0.8], [0.3, 0.7], label=1))
     assert default_failure_rule(rec([0.2, 0.8], None, error="boom"))
     assert not default_failure_rule(rec(1.5, 2.5))  # regression: the gates' call
+
+
+def test_the_top_class_is_numpys_argmax_for_small_and_large_outputs():
+    # The rule finds the top class in Python for short outputs (ndarray.argmax releases
+    # the GIL per call): numpy is the oracle, ties (first wins), NaN (the first NaN
+    # wins), infinities, signed zeros, integers and booleans included.
+    rng = np.random.default_rng(11)
+    kinds = (np.float64, np.float32, np.float16, np.int64, np.uint8, np.bool_)
+    for size in (2, 3, 10, _SMALL, _SMALL + 1, 200):
+        for dtype in kinds:
+            for _ in range(40):
+                if dtype is np.bool_:
+                    a = rng.integers(0, 2, size).astype(bool)
+                else:
+                    a = (rng.normal(size=size) * 2).round().astype(dtype)
+                    if a.dtype.kind == "f" and rng.random() < 0.5:
+                        a[rng.integers(0, size)] = rng.choice([np.nan, np.inf, -np.inf, -0.0])
+                assert _top(a) == int(np.argmax(a)), a
+    assert _top(np.array([0.5])) is None and _top(np.zeros((2, 2))) is None
+    assert _top(np.array(["a", "b"])) is None and _top(None) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import random
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,16 @@ def test_frames_survive_any_split_of_the_stream() -> None:
         for i in range(0, len(stream), step):
             got += list(reader.feed(stream[i : i + step]))
         assert got == frames
+    # random cuts: reads that end inside a header, inside a payload, on a boundary,
+    # several frames at once (sliced from the read itself) after a partial one
+    rng = random.Random(3)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(stream)), rng.randint(1, 6)))
+        reader = wire.FrameReader()
+        got = []
+        for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+            got += list(reader.feed(stream[a:b]))
+        assert got == frames and not reader._buf
 
 
 def _samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
