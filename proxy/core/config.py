@@ -250,19 +250,20 @@ class ShadowSettings(_Strict):
     )
     restart: bool = Field(True, description="restart a shadow worker that died")
     # Off by default: at a lower CPU priority the scheduler gives a core to the live process
-    # first (measured on 2 cores, docs/benchmarks.md: nice 10 cut the c=1 added p50 about
-    # 4x and raised c=32 throughput, 0 drops), but the worker also TIMES the candidate: on
-    # a saturated host a deprioritised worker reads the candidate's answer late, and the
-    # latency gates (blocking under the shipped preset) would see a slower candidate than
-    # there is. Until candidate latency is measured independently of the worker's
-    # scheduling, the default keeps the gates' evidence honest over the live path's cost.
+    # first (measured on 2 cores, docs/benchmarks.md: more throughput at c=32, 0 drops).
+    # The candidate's latency is now the kernel's receive stamp (rawhttp), so a late READ
+    # no longer biases the latency gates; but a starved worker also SENDS in bursts that
+    # queue at the candidate's upstream, which then really answers slower at the tail
+    # (docs/shadow-worker.md, "CPU priority"). Until those sends are paced, the default
+    # keeps the gates' evidence honest over the live path's cost.
     worker_nice: int = Field(
         0,
         ge=0,
         le=19,
         description=(
-            "nice increment of the shadow worker process (0: serve's priority); raising it"
-            " biases the candidate latency the gates compare (docs/shadow-worker.md)"
+            "nice increment of the shadow worker process (0: serve's priority); on a"
+            " saturated host raising it can inflate the candidate's tail latency the gates"
+            " compare (docs/shadow-worker.md)"
         ),
     )
 
