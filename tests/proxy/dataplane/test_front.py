@@ -373,35 +373,46 @@ async def test_an_early_answer_to_a_relayed_body_splices_the_rest(
     assert (fast.front.answered, fast.front.relayed, fast.front.spliced) == (0, 1, 1)
 
 
+READY = b"GET /v2/health/ready HTTP/1.1\r\nHost: p\r\n\r\n"
+
+
+async def _relayed_once(
+    start_upstream: Any, aiohttp_client: Any, keepalive_s: float
+) -> tuple[Proxy, asyncio.StreamReader, asyncio.StreamWriter, Any, Any]:
+    """A connection that had one request relayed: the proxy, the connection, the front's
+    client for it and its connection to the aiohttp app."""
+    champion = await start_upstream(seed=1)
+    config = make_config(champion.url, server={"limits": {"keepalive_timeout_s": keepalive_s}})
+    proxy = await serve_proxy(aiohttp_client, config, "bytes")
+    server = proxy.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(READY)
+    assert (await _read_one(reader))[0] == b"HTTP/1.1 200 OK"
+    assert proxy.front is not None
+    (client,) = proxy.front.clients
+    assert client.delegate is not None and client.delegate.transport is not None
+    return proxy, reader, writer, client, client.delegate
+
+
 async def test_the_connection_outlives_an_idle_aiohttp_side(
     aiohttp_client: Any, start_upstream: Any
 ) -> None:
     """aiohttp closes the front's idle connection to it after its keep-alive timeout
     while the client keeps its own alive on the fast path: the next relayed request
     gets a fresh one, the client's connection is not cut."""
-    champion = await start_upstream(seed=1)
-    config = make_config(champion.url, server={"limits": {"keepalive_timeout_s": 0.5}})
-    proxy = await serve_proxy(aiohttp_client, config, "bytes")
-    server = proxy.client.server
-    reader, writer = await asyncio.open_connection(server.host, server.port)
-    ready = b"GET /v2/health/ready HTTP/1.1\r\nHost: p\r\n\r\n"
-    writer.write(ready)
-    assert (await _read_one(reader))[0] == b"HTTP/1.1 200 OK"
-    assert proxy.front is not None
-    (client,) = proxy.front.clients
-    first = client.delegate
-    assert first is not None and first.transport is not None
-    for i in range(200):  # fast-path traffic until aiohttp has dropped its idle side
+    proxy, reader, writer, client, first = await _relayed_once(start_upstream, aiohttp_client, 1)
+    for i in range(400):  # fast-path traffic until aiohttp has dropped its idle side
         writer.write(_request(_json(_x(1), id=f"i{i}"), close=False))
         assert (await _read_one(reader))[0] == b"HTTP/1.1 200 OK"
         if first.transport is None:
             break
         await asyncio.sleep(0.05)
     assert first.transport is None and client.delegate is None
-    writer.write(ready)
+    writer.write(READY)
     assert (await _read_one(reader))[0] == b"HTTP/1.1 200 OK"
     assert client.delegate is not None and client.delegate is not first
     writer.close()
+    assert proxy.front is not None
     assert (proxy.front.relayed, proxy.front.spliced) == (2, 0)
 
 
@@ -410,20 +421,9 @@ async def test_a_long_idle_aiohttp_side_is_replaced_before_a_relayed_request(
 ) -> None:
     """Past half aiohttp's keep-alive timeout, the front does not send a request on a
     connection aiohttp may be closing at that moment: it opens a fresh one."""
-    champion = await start_upstream(seed=1)
-    config = make_config(champion.url, server={"limits": {"keepalive_timeout_s": 4}})
-    proxy = await serve_proxy(aiohttp_client, config, "bytes")
-    server = proxy.client.server
-    reader, writer = await asyncio.open_connection(server.host, server.port)
-    ready = b"GET /v2/health/ready HTTP/1.1\r\nHost: p\r\n\r\n"
-    writer.write(ready)
-    assert (await _read_one(reader))[0] == b"HTTP/1.1 200 OK"
-    assert proxy.front is not None
-    (client,) = proxy.front.clients
-    first = client.delegate
-    assert first is not None
+    _, reader, writer, client, first = await _relayed_once(start_upstream, aiohttp_client, 4)
     first.since -= 3  # as if idle for 3 s of aiohttp's 4
-    writer.write(ready)
+    writer.write(READY)
     assert (await _read_one(reader))[0] == b"HTTP/1.1 200 OK"
     assert client.delegate is not None and client.delegate is not first
     assert first.transport is None or first.transport.is_closing()
