@@ -426,12 +426,12 @@ class RawPool:
             return
         exc = task.exception()
         if exc is not None:
-            done(None, exc if isinstance(exc, MirrorgateError) else self._error(exc, 0.0))
+            done(None, self._error(exc, 0.0))  # _reply's own errors pass as they are
             return
         done(task.result(), None)
 
     def _error(self, exc: BaseException, timeout_s: float) -> MirrorgateError:
-        """What :meth:`request` raises for ``exc`` (the same words)."""
+        """What :meth:`request` and :meth:`begin` give for ``exc`` (one wording)."""
         if isinstance(exc, MirrorgateError):
             return exc
         error: MirrorgateError
@@ -470,12 +470,8 @@ class RawPool:
                     f"upstream {self.base_url} connection failed: closed the connection "
                     f"without answering ({exc})"
                 ) from exc
-        except TimeoutError as exc:
-            raise BackendTimeout(
-                f"upstream {self.base_url} timed out after {timeout_s * 1000:g} ms"
-            ) from exc
-        except (OSError, ssl.SSLError) as exc:
-            raise BackendError(f"upstream {self.base_url} connection failed: {exc!r}") from exc
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
+            raise self._error(exc, timeout_s) from exc
 
     def close(self) -> None:
         """Close the idle connections now; one in the middle of an exchange finishes it

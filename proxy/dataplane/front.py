@@ -62,11 +62,13 @@ from proxy.core.errors import MirrorgateError
 from proxy.core.runtime_settings import ServerLimits
 from proxy.dataplane.http11 import (
     NAME,
+    Head,
     Request,
     as_reply,
     client_headers,
     json_error,
     parse_head,
+    read_head,
     relay_length,
     response,
 )
@@ -307,10 +309,10 @@ class _Client(asyncio.Protocol):
                 if len(self.buf) > MAX_HEAD:
                     self._splice()
                 return
-            head = bytes(self.buf[:end])
-            request = front.eligible(head)
+            head = read_head(bytes(self.buf[:end]))
+            request = None if head is None else front.eligible(head)
             if request is None:
-                length = relay_length(head)
+                length = None if head is None else relay_length(head)
                 if length is None:
                     self._splice()
                 else:
@@ -347,8 +349,7 @@ class _Client(asyncio.Protocol):
             self.front.begin(self, request, body)
         except Exception as exc:
             self._internal_error(request, exc)
-            self.front.busy -= 1
-            self.front._settled()
+            self.front._request_done()
 
     async def _answer(self, request: Request, body: bytes) -> None:
         front = self.front
@@ -358,8 +359,7 @@ class _Client(asyncio.Protocol):
         except Exception as exc:
             self._internal_error(request, exc)
         finally:
-            front.busy -= 1
-            front._settled()
+            front._request_done()
 
     def _internal_error(self, request: Request, exc: Exception) -> None:
         if self.delivered:
@@ -410,12 +410,12 @@ class _Client(asyncio.Protocol):
         data = bytes(self.buf[:take])
         del self.buf[:take]
         self.relay_left = size - take
-        delegate = self._kept_delegate()
+        delegate = self._drop_stale_delegate()
         if delegate is not None:
             delegate.expect_answer()
         self._to_delegate(data)
 
-    def _kept_delegate(self) -> _Delegate | None:
+    def _drop_stale_delegate(self) -> _Delegate | None:
         """The delegate connection, unless it has been idle long enough that aiohttp
         may be closing it as a request arrives: then a fresh one, not a request lost in
         that race."""
@@ -459,7 +459,7 @@ class _Client(asyncio.Protocol):
             self.timer = None
         data = bytes(self.buf)
         self.buf = bytearray()
-        self._kept_delegate()
+        self._drop_stale_delegate()
         self._to_delegate(data)
 
     def _splice_rest(self) -> None:
@@ -589,6 +589,11 @@ class FrontServer:
     def _settled(self) -> None:
         self._settled_event.set()
 
+    def _request_done(self) -> None:
+        """A fast-path request is over (answered, and the work after the answer done)."""
+        self.busy -= 1
+        self._settled()
+
     def close(self) -> None:
         """After the aiohttp app stopped: every connection and the pool."""
         for client in list(self.clients):
@@ -610,7 +615,7 @@ class FrontServer:
         # Canary routing is the aiohttp path's (one draw per request, never two).
         return mirror.candidate is None or mirror.candidate_stopped or mirror.canary_weight <= 0
 
-    def eligible(self, head: bytes) -> Request | None:
+    def eligible(self, head: Head) -> Request | None:
         if not self._usable or not self.serving():
             return None
         champion = self._champion()
@@ -801,8 +806,7 @@ class _Exchange:
         except Exception as exc:
             client._internal_error(request, exc)
         finally:
-            front.busy -= 1
-            front._settled()
+            front._request_done()
 
 
 # ---------------------------------------------------------------- which live path

@@ -1,7 +1,8 @@
 """The HTTP/1.1 bytes the byte-level front reads and writes (proxy/dataplane/front.py).
 
-:func:`parse_head` is the fast path's reading of a request head: strict, and None for
-anything it is not sure of (the aiohttp app then judges the request). The response
+:func:`read_head` reads a request head once (strict: None for anything odd);
+:func:`parse_head` is the fast path's reading of it and :func:`relay_length` the relay's,
+None for anything they are not sure of (the aiohttp app then judges the request). The response
 helpers write what aiohttp's server writes for the same ``web.Response``: its framing,
 and ``Content-Type``/``Date``/``Server``/``Connection`` only where they are missing.
 """
@@ -138,13 +139,10 @@ def read_head(head: bytes) -> Head | None:
     )
 
 
-def parse_head(head: bytes, served: bytes, model: bytes, max_body: int) -> Request | None:
-    """The fast path's reading of a request head (without its blank line), or None:
-    anything it is not sure of goes to the aiohttp app, which judges it."""
-    if not head.startswith(b"POST "):
-        return None
-    h = read_head(head)
-    if h is None or not h.plain or h.length <= 0 or h.length > max_body:
+def parse_head(h: Head, served: bytes, model: bytes, max_body: int) -> Request | None:
+    """The fast path's reading of a request head (:func:`read_head`), or None: anything
+    it is not sure of goes to the aiohttp app, which judges it."""
+    if h.method != b"POST" or not h.plain or h.length <= 0 or h.length > max_body:
         return None
     target = h.target
     match = _INFER.fullmatch(target)
@@ -171,14 +169,13 @@ def parse_head(head: bytes, served: bytes, model: bytes, max_body: int) -> Reque
     )
 
 
-def relay_length(head: bytes) -> int | None:
+def relay_length(h: Head) -> int | None:
     """The body length of a request the aiohttp app answers that the front can relay
     and then take the connection back (proxy/dataplane/front.py), or None: the
     connection is then spliced for good. Relayed: HTTP/1.1 keep-alive requests framed
     by Content-Length alone (or bodiless), whose answer is delimited by its own
     framing (not HEAD, whose answer has a length but no body; not CONNECT)."""
-    h = read_head(head)
-    if h is None or not h.plain or h.version10 or not h.keep_alive:
+    if not h.plain or h.version10 or not h.keep_alive:
         return None
     if h.method in (b"HEAD", b"CONNECT"):
         return None

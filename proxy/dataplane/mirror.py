@@ -170,6 +170,15 @@ def input_rows(inputs: Mapping[str, np.ndarray]) -> int | None:
     return firsts.pop()
 
 
+def _latency_since(start: float) -> float:
+    """A model call's latency: the transport's measurement when it left one (the raw
+    pool's kernel receive timestamps, ``context.upstream_latency``), else this await's
+    ``perf_counter``, which a descheduled worker stretches (docs/benchmarks.md,
+    "Upstream latency from kernel timestamps")."""
+    measured = context.upstream_latency.get()
+    return time.perf_counter() - start if measured is None else measured
+
+
 class MirrorDispatcher:
     """Serves live requests and runs the bounded mirrored work that builds pairs."""
 
@@ -353,10 +362,7 @@ class MirrorDispatcher:
         except BaseException as exc:
             self.metrics.observe_call(role, _status_of(exc), time.perf_counter() - start)
             raise
-        measured = context.upstream_latency.get()
-        self.metrics.observe_call(
-            role, 200, time.perf_counter() - start if measured is None else measured
-        )
+        self.metrics.observe_call(role, 200, _latency_since(start))
         return result
 
     async def infer(
@@ -658,11 +664,7 @@ class MirrorDispatcher:
             return failed
         if role == "candidate":
             self.breaker.record(True)
-        # The transport's measurement when it has one (the worker's raw candidate pool:
-        # kernel receive timestamps), not this await's, which a descheduled worker
-        # stretches (docs/benchmarks.md, "Upstream latency from kernel timestamps").
-        measured = context.upstream_latency.get()
-        return CallOutcome(out, time.perf_counter() - start if measured is None else measured)
+        return CallOutcome(out, _latency_since(start))
 
     def _emit(self, records: list[PairRecord]) -> None:
         for record in records:

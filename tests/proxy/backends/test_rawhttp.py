@@ -87,18 +87,22 @@ async def test_a_fresh_connection_that_closes_unanswered_is_not_retried() -> Non
         server.close()
 
 
-async def test_mid_response_loss_is_an_error_not_a_retry() -> None:
-    partial = b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"half'
+async def _answer_once(answer: bytes) -> tuple[asyncio.Server, RawPool]:
+    """A server that reads one 2-byte request, writes ``answer`` and closes; a pool to it."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         await reader.readexactly(2)
-        writer.write(partial)
+        writer.write(answer)
         await writer.drain()
         writer.close()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    pool = RawPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    return server, RawPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+
+
+async def test_mid_response_loss_is_an_error_not_a_retry() -> None:
+    server, pool = await _answer_once(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"half')
     try:
         with pytest.raises(BackendError, match="mid-response"):
             await pool.request(_head(pool), b"{}", 10)
@@ -131,17 +135,9 @@ async def test_framing(answer: bytes) -> None:
 
 
 async def test_body_ended_by_the_connection_close() -> None:
-    answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b'{"ok":true}'
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        await reader.readexactly(2)
-        writer.write(answer)
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    pool = RawPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    server, pool = await _answer_once(
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b'{"ok":true}'
+    )
     try:
         reply = await pool.request(_head(pool), b"{}", 10)
         assert (reply.status, reply.body, reply.keep_alive) == (200, b'{"ok":true}', False)
