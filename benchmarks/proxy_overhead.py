@@ -214,6 +214,11 @@ MIRRORGATES = {
 }
 if os.environ.get("BENCH_UVLOOP"):  # runs A/B of docs/benchmarks.md
     MIRRORGATES["mirrorgate shadow, worker process, uvloop"] = (True, True, "uvloop", 1, None)
+# BENCH_WORKER_NICE=N adds the default shadow row with ``shadow.worker_nice: N``
+WORKER_NICE = int(os.environ.get("BENCH_WORKER_NICE", "0"))
+NICED = f"mirrorgate shadow, worker process, worker_nice {WORKER_NICE}"
+if WORKER_NICE:
+    MIRRORGATES[NICED] = (True, "auto", "asyncio", 1, None)
 SHADOWED = [name for name, (cand, *_) in MIRRORGATES.items() if cand]
 # Rows --no-variants leaves out (shorter runs; the targets are judged without them)
 VARIANTS = (
@@ -298,6 +303,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             )
             if live_path is not None and root == ROOT:  # a baseline tree may predate it
                 config["server"]["live_path"] = live_path
+            if name == NICED:
+                config["shadow"]["worker_nice"] = WORKER_NICE
             path.write_text(yaml.safe_dump(config))
             proc, base = await _spawn(
                 "-m",

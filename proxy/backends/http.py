@@ -43,6 +43,7 @@ import numpy as np
 from proxy.core import context
 from proxy.core.config import BackendSettings
 from proxy.core.errors import BackendError, BackendTimeout, ConfigError, MirrorgateError
+from proxy.core.inflate import GZIP_WBITS, TooLarge, inflate
 from proxy.protocol.base import ModelIdentity, ModelMetadata
 from proxy.protocol.codec import (
     HEADER_LENGTH,
@@ -56,6 +57,9 @@ from proxy.protocol.headers import Headers, end_to_end
 OFFLOAD_BYTES = 1 << 20
 # Metadata is fetched once at start; allow a cold upstream more than one call's deadline.
 MIN_METADATA_TIMEOUT_S = 5.0
+# The most an upstream's compressed answer may decode to (metadata, a pair's answer): far
+# above any tensor answer the data plane serves, low enough that a bomb is refused.
+MAX_DECODED_ANSWER = 256 * 1024 * 1024
 BINARY_EXTENSION = "binary_tensor_data"
 # What a reused connection closed by the peer looks like before any response byte.
 _STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
@@ -72,19 +76,25 @@ def upstream_message(status: int, body: bytes) -> str:
     return f"{status} {text[:500]}" if text else str(status)
 
 
-def decompress(body: bytes, encoding: str | None) -> bytes:
-    """Undo a ``Content-Encoding`` of gzip or deflate (zlib-wrapped or raw)."""
+def decompress(body: bytes, encoding: str | None, limit: int = MAX_DECODED_ANSWER) -> bytes:
+    """Undo a ``Content-Encoding`` of gzip or deflate (zlib-wrapped or raw) of an
+    upstream's answer, never past ``limit`` decoded bytes: a misbehaving upstream's
+    bomb is a BackendError (the pair or the call fails), not a worker out of memory."""
     name = (encoding or "identity").strip().lower()
     try:
         if name in ("", "identity"):
             return body
         if name in ("gzip", "x-gzip"):
-            return zlib.decompress(body, 16 + zlib.MAX_WBITS)
+            return inflate(body, GZIP_WBITS, limit)
         if name == "deflate":
-            try:
-                return zlib.decompress(body)
+            try:  # zlib-wrapped (RFC 1950) as specified, else raw (RFC 1951)
+                return inflate(body, zlib.MAX_WBITS, limit)
             except zlib.error:
-                return zlib.decompress(body, -zlib.MAX_WBITS)
+                return inflate(body, -zlib.MAX_WBITS, limit)
+    except TooLarge as exc:
+        raise BackendError(
+            f"a {name} answer decompresses past {limit} bytes (the limit on decoded answers)"
+        ) from exc
     except zlib.error as exc:
         raise BackendError(f"cannot decompress a {name} body: {exc}") from exc
     raise BackendError(f"unsupported content encoding {name!r}")

@@ -37,7 +37,6 @@ import logging
 import resource
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -48,14 +47,13 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter
 
 from proxy.core.errors import BadRequest, MirrorgateError, PayloadTooLarge
+from proxy.core.inflate import GZIP_WBITS, TooLarge, deflate_wbits, inflate
 from proxy.core.runtime_settings import ServerLimits
 
 log = logging.getLogger(__name__)
 
 ENCODINGS = {"identity", "gzip", "x-gzip", "deflate"} | ({"br"} if HAS_BROTLI else set())
 ENCODINGS |= {"zstd"} if HAS_ZSTD else set()
-# Output produced per decompression step: what a bomb can allocate past the limit.
-DECODE_STEP = 1 << 16
 # Present on an app that reads request bodies raw (aiohttp's decompression off): the
 # limit, in decoded bytes, that request_body() applies.
 RAW_BODY_LIMIT = web.AppKey("mirrorgate_raw_body_limit", int)
@@ -87,36 +85,6 @@ def _too_large_decoded(limit: int) -> PayloadTooLarge:
     )
 
 
-def _zlib_decode(raw: bytes, wbits: int, limit: int, stop: int | None) -> bytes:
-    """gzip (every member, as aiohttp reads them) or deflate, never more than ``limit``
-    bytes of output, a step at a time: a bomb costs at most the limit in memory."""
-    out: list[bytes] = []
-    size = 0
-    data = raw
-    while True:
-        inflater = zlib.decompressobj(wbits)
-        pending = data
-        while not inflater.eof:
-            # (With the input all taken, zlib may still hold output: ask until none.)
-            chunk = inflater.decompress(pending, DECODE_STEP)
-            pending = inflater.unconsumed_tail
-            if not chunk and not pending:
-                break
-            size += len(chunk)
-            out.append(chunk)
-            if stop is not None and size >= stop:
-                return b"".join(out)[:stop]
-            if size > limit:
-                raise _too_large_decoded(limit)
-        if not inflater.eof:
-            raise zlib.error("incomplete or truncated stream")
-        data = inflater.unused_data
-        if not data:
-            return b"".join(out)
-        if wbits < 16:  # deflate is one stream: bytes after its end are not deflate
-            raise zlib.error("bytes after the end of the stream")
-
-
 def decode_body(raw: bytes, coding: str | None, limit: int, *, stop: int | None = None) -> bytes:
     """A request body decoded from its ``Content-Encoding``.
 
@@ -129,17 +97,14 @@ def decode_body(raw: bytes, coding: str | None, limit: int, *, stop: int | None 
         raise _unsupported(name)
     try:
         if name in ("gzip", "x-gzip"):
-            return _zlib_decode(raw, 16 + zlib.MAX_WBITS, limit, stop)
+            return inflate(raw, GZIP_WBITS, limit, stop)
         if name == "deflate":
-            # RFC 1950 (zlib-wrapped) as specified, raw RFC 1951 as many clients send it:
-            # aiohttp's choice, from the first byte.
-            wbits = zlib.MAX_WBITS if raw[0] & 0x0F == 8 else -zlib.MAX_WBITS
-            return _zlib_decode(raw, wbits, limit, stop)
+            return inflate(raw, deflate_wbits(raw), limit, stop)
         # br/zstd: aiohttp's own decoders, capped one byte past the limit.
         decoder = BrotliDecompressor() if name == "br" else ZSTDDecompressor()
         out = decoder.decompress_sync(raw, max_length=limit + 1)
-    except MirrorgateError:
-        raise
+    except TooLarge as exc:
+        raise _too_large_decoded(limit) from exc
     except Exception as exc:
         raise BadRequest(f"request body does not decode as Content-Encoding {name!r}") from exc
     if len(out) > limit:

@@ -125,3 +125,31 @@ async def test_unreachable_or_unknown_model_fails_at_create(start_upstream: Any)
         await HttpBackend.create(_settings(up.url, model="other"))
     with pytest.raises(BackendError, match="unreachable"):
         await HttpBackend.create(_settings("http://127.0.0.1:9"))
+
+
+# --------------------------------------------------------------------------- decoded answers
+
+
+def test_a_compressed_answer_decodes_as_zlib_does_and_a_bomb_is_refused() -> None:
+    """An upstream's gzip/deflate answer (metadata, a pair's answer) decodes exactly as
+    the stdlib does; one past the limit is a BackendError naming the limit, after at
+    most one decode step past it (proxy/core/inflate.py), never the whole bomb."""
+    import gzip
+    import zlib
+
+    from proxy.backends.http import MAX_DECODED_ANSWER, decompress
+
+    body = b'{"model_name": "m", "outputs": []}' * 50
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    assert decompress(gzip.compress(body), "gzip") == body
+    assert decompress(zlib.compress(body), "deflate") == body
+    assert decompress(raw.compress(body) + raw.flush(), "Deflate") == body  # raw RFC 1951
+    assert decompress(body, None) == body
+    bomb = gzip.compress(b"\0" * (4 << 20))
+    with pytest.raises(BackendError, match="decompresses past 1048576 bytes"):
+        decompress(bomb, "gzip", limit=1 << 20)
+    assert MAX_DECODED_ANSWER >= 64 << 20  # far above any tensor answer served here
+    with pytest.raises(BackendError, match="cannot decompress a gzip body"):
+        decompress(b"not gzip", "gzip")
+    with pytest.raises(BackendError, match="unsupported content encoding 'br'"):
+        decompress(body, "br")
