@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from proxy.control.ops_metrics import OpsMetrics
+from proxy.core.logqueue import DroppedLogRecords
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ AGREED: tuple[Agreed, ...] = (
     Agreed("mirrorgate_proxy_live_duration_seconds", "histogram", ("code_class",)),
     Agreed("mirrorgate_labels_total", "counter", ("status",)),
     Agreed("mirrorgate_labels_unmatched", "gauge"),
+    # the process's queued logging (proxy/core/logqueue.py)
+    Agreed("mirrorgate_logging_dropped_total", "counter"),
 )
 
 SERIES_NAMES: frozenset[str] = frozenset(n for a in AGREED for n in a.series_names())
@@ -171,4 +174,5 @@ def sample_registry() -> CollectorRegistry:
     ops.live_duration.labels(code_class="2xx").observe(0.004)
     ops.labels.labels(status="joined").inc(3)
     ops.labels_unmatched.set(0)
+    registry.register(DroppedLogRecords())  # the proxy's own collector
     return registry

@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.core.config import load_config
+from tests.deploy.agreed_metrics import AGREED
 from tests.deploy.controllers import (
     VERDICTS,
     Live,
@@ -209,7 +211,15 @@ def test_live_metrics_pass_promtool(server: Server, promtool: str) -> None:
     assert status == 200
     result = run_tool([promtool, "check", "metrics"], input=text.decode())
     assert result.returncode == 0, result.stdout + result.stderr
-    assert b"mirrorgate_proxy_requests_total" in text
+    # Every agreed metric the rules and dashboards read is exported, with its type: a
+    # renamed metric breaks here, not silently in a dashboard. (The batcher's exists only
+    # with in-process micro-batching; this deployment's models are remote.)
+    types = {f.name: f.type for f in text_string_to_metric_families(text.decode())}
+    for agreed in AGREED:
+        if agreed.name == "mirrorgate_batcher_batch_size":
+            continue
+        family = agreed.name.removesuffix("_total") if agreed.kind == "counter" else agreed.name
+        assert types.get(family) == agreed.kind, agreed.name
 
 
 def test_control_api_answers_argo_rollouts_and_flagger(server: Server) -> None:
