@@ -16,7 +16,10 @@ candidate being slower.
 
     python benchmarks/candidate_latency.py [--rounds 2] [--requests 150] [--hogs 3]
         [--concurrency 4] [--nice 0,10] [--upstream-nice -10] [--max-in-flight 64]
-        [--root LABEL=DIR ...]
+        [--placements default,pinned] [--root LABEL=DIR ...]
+
+``--placements pinned`` adds each row again with the live process on CPU 0 and the worker
+on CPU 1 (``server.cpus``, ``shadow.worker_cpus``).
 
 ``--root LABEL=DIR`` adds a checkout (``DIR`` holds its ``proxy``, ``gates`` and
 ``storage`` packages), e.g. the tree before the kernel-timestamp timing as
@@ -111,34 +114,43 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             for proc in (champ_proc, cand_proc):
                 os.setpriority(os.PRIO_PROCESS, proc.pid, args.upstream_nice)
         targets: dict[str, tuple[str, Path, asyncio.subprocess.Process]] = {}
-        for label, root in roots.items():
-            for nice in nices:
-                name = f"{label}, worker_nice {nice}"
-                n = len(targets)
-                config = _proxy_config(
-                    champion, candidate, f"sqlite:///{tmp / f'{n}.sqlite'}", process=True
-                )
-                config["shadow"]["worker_nice"] = nice
-                config["mirror"]["max_in_flight"] = args.max_in_flight
-                path = tmp / f"{n}.yaml"
-                path.write_text(yaml.safe_dump(config))
-                pairs = tmp / f"{n}.jsonl"
-                proc, base = await _spawn(
-                    "-m",
-                    "proxy",
-                    "--log-level",
-                    "WARNING",
-                    "serve",
-                    "--config",
-                    str(path),
-                    "--port",
-                    "0",
-                    "--pairs-out",
-                    str(pairs),
-                    root=root,
-                )
-                procs.append(proc)
-                targets[name] = (base, pairs, proc)
+        rows = [
+            (label, root, nice, placement)
+            for label, root in roots.items()
+            for nice in nices
+            for placement in args.placements.split(",")
+        ]
+        for label, root, nice, placement in rows:
+            name = f"{label}, worker_nice {nice}"
+            n = len(targets)
+            config = _proxy_config(
+                champion, candidate, f"sqlite:///{tmp / f'{n}.sqlite'}", process=True
+            )
+            config["shadow"]["worker_nice"] = nice
+            if placement == "pinned":  # the live process on CPU 0, the worker on 1
+                name += ", pinned"
+                config["server"]["cpus"] = [0]
+                config["shadow"]["worker_cpus"] = [1]
+            config["mirror"]["max_in_flight"] = args.max_in_flight
+            path = tmp / f"{n}.yaml"
+            path.write_text(yaml.safe_dump(config))
+            pairs = tmp / f"{n}.jsonl"
+            proc, base = await _spawn(
+                "-m",
+                "proxy",
+                "--log-level",
+                "WARNING",
+                "serve",
+                "--config",
+                str(path),
+                "--port",
+                "0",
+                "--pairs-out",
+                str(pairs),
+                root=root,
+            )
+            procs.append(proc)
+            targets[name] = (base, pairs, proc)
         rng = np.random.default_rng(0)
         bodies = []
         for i in range(args.requests):
@@ -229,6 +241,11 @@ def cli() -> None:
         type=int,
         default=0,
         help="the upstreams' nice value (negative, as root: upstreams ahead of the load)",
+    )
+    parser.add_argument(
+        "--placements",
+        default="default",
+        help="default and/or pinned (server.cpus [0], shadow.worker_cpus [1]), comma-separated",
     )
     parser.add_argument("--root", action="append", default=[], help="LABEL=DIR, repeatable")
     parser.add_argument("--json", action="store_true")

@@ -219,6 +219,11 @@ WORKER_NICE = int(os.environ.get("BENCH_WORKER_NICE", "0"))
 NICED = f"mirrorgate shadow, worker process, worker_nice {WORKER_NICE}"
 if WORKER_NICE:
     MIRRORGATES[NICED] = (True, "auto", "asyncio", 1, None)
+# BENCH_PINNED=1 adds the default shadow row with the live process on CPU 0 and the worker
+# on CPU 1 (server.cpus, shadow.worker_cpus), everything else placed by the scheduler
+PINNED = "mirrorgate shadow, worker process, live on CPU 0, worker on CPU 1"
+if os.environ.get("BENCH_PINNED"):
+    MIRRORGATES[PINNED] = (True, "auto", "asyncio", 1, None)
 SHADOWED = [name for name, (cand, *_) in MIRRORGATES.items() if cand]
 # Rows --no-variants leaves out (shorter runs; the issue's targets are judged without them)
 VARIANTS = (
@@ -303,6 +308,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             )
             if live_path is not None and root == ROOT:  # a baseline tree may predate it
                 config["server"]["live_path"] = live_path
+            if args.isolate and root == ROOT:
+                config["server"]["cpus"] = [0]
+                config["shadow"]["worker_cpus"] = [1]
+            if name == PINNED:
+                config["server"]["cpus"] = [0]
+                config["shadow"]["worker_cpus"] = [1]
             if name == NICED:
                 config["shadow"]["worker_nice"] = WORKER_NICE
             path.write_text(yaml.safe_dump(config))
@@ -336,6 +347,21 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         async with aiohttp.ClientSession(connector=connector) as session:
             for base in targets.values():
                 await _wait_ready(session, base)
+            if args.isolate:
+                # Production's placement on 2 cores: the candidates (their own machines in
+                # production) and every mirror's shadow work on CPU 1; the client, the
+                # champion and every proxy's live process on CPU 0. mirrorgate pins itself
+                # (server.cpus, shadow.worker_cpus); the others are pinned from here.
+                for tid in os.listdir("/proc/self/task"):  # this process (the client) only
+                    os.sched_setaffinity(int(tid), {0})
+                _pin_tree(champ_proc.pid, {0})
+                for proc in (nginx_cand_proc, cand_proc):
+                    _pin_tree(proc.pid, {1})
+                for name, pid in pids.items():
+                    if name.startswith("mirrorgate") or name == "direct":
+                        continue
+                    # live process on 0; a prototype's hand-off child is its shadow work
+                    _pin_tree(pid, {0}, children={0} if name == "nginx mirror" else {1})
             infer = {name: f"{base}/v2/models/model/infer" for name, base in targets.items()}
             plan = ((1, args.requests, args.rounds), (32, args.throughput_requests, args.rounds))
             for concurrency, count, rounds in plan:
@@ -424,6 +450,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "counters": counters,
             "features": args.features,
             "nginx": nginx is not None,
+            "isolate": args.isolate,
         }
     finally:
         for proc in procs:
@@ -431,6 +458,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 proc.terminate()
         for proc in procs:
             await proc.wait()
+
+
+def _pin_tree(pid: int, cpus: set[int], children: set[int] | None = None) -> None:
+    """Every thread of ``pid`` on ``cpus``, its child processes' on ``children``."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
+            _pin_tree(int(child), children if children is not None else cpus)
 
 
 def _tree_cpu(pid: int, children: bool = True) -> float:
@@ -466,7 +502,13 @@ def _markdown(report: dict[str, Any]) -> str:
     lb, la = report["load_before"], report["load_after"]
     out = [
         f"Machine: {report['machine']}; load average (1/5/15 min) before "
-        f"{lb[0]:.1f}/{lb[1]:.1f}/{lb[2]:.1f}, after {la[0]:.1f}/{la[1]:.1f}/{la[2]:.1f}.",
+        f"{lb[0]:.1f}/{lb[1]:.1f}/{lb[2]:.1f}, after {la[0]:.1f}/{la[1]:.1f}/{la[2]:.1f}."
+        + (
+            " Placement (--isolate): CPU 0 client, champion, live processes; CPU 1"
+            " candidates and shadow work."
+            if report.get("isolate")
+            else ""
+        ),
         "",
     ]
     for label, rows in report["results"].items():
@@ -552,6 +594,11 @@ if __name__ == "__main__":
     )
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--json", action="store_true", help="print the raw report as JSON")
+    parser.add_argument(
+        "--isolate",
+        action="store_true",
+        help="CPU 0: client, champion, live processes; CPU 1: candidates, shadow work",
+    )
     parser.add_argument(
         "--no-variants", action="store_true", help="skip the in-process and 2-live-process rows"
     )

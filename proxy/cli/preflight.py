@@ -13,6 +13,7 @@ import importlib.util
 import os
 from urllib.parse import urlsplit
 
+from proxy.core import affinity
 from proxy.core.config import BackendSettings, MirrorgateConfig
 from proxy.core.errors import ConfigError
 
@@ -74,6 +75,9 @@ def problems(config: MirrorgateConfig) -> list[str]:
         if not os.path.isfile(drift.reference_path):
             found.append(f"gates.drift.input.reference_path: no such file: {drift.reference_path}")
     found += _database(config.storage.url)
+    usable = affinity.allowed()
+    found += affinity.problems(config.server.cpus, "server.cpus", usable)
+    found += affinity.problems(config.shadow.worker_cpus, "shadow.worker_cpus", usable)
     return found
 
 

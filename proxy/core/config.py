@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, SecretStr, model_validator
 
 from gates.settings import GatesSettings, RolloutSettings
 from proxy.core.lifecycle_settings import ControlSettings, LifecycleSettings
@@ -126,6 +126,13 @@ class ServerSettings(_Strict):
         ge=1,
         le=64,
         description="live-path processes sharing the port (SO_REUSEPORT); serve only",
+    )
+    cpus: list[NonNegativeInt] | None = Field(
+        None,
+        min_length=1,
+        description="CPUs the live process(es) run on (Linux affinity; null: inherited);"
+        " with shadow.worker_cpus, the shadow worker off the live path's cores"
+        " (docs/shadow-worker.md)",
     )
     live_path: Literal["auto", "aiohttp", "bytes"] = Field(
         "auto",
@@ -265,6 +272,12 @@ class ShadowSettings(_Strict):
             " saturated host raising it can inflate the candidate's tail latency the gates"
             " compare (docs/shadow-worker.md)"
         ),
+    )
+    worker_cpus: list[NonNegativeInt] | None = Field(
+        None,
+        min_length=1,
+        description="CPUs the shadow worker process runs on (Linux affinity; null: the"
+        " set serve started with, whatever server.cpus says)",
     )
 
 

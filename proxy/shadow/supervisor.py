@@ -66,9 +66,17 @@ def split_mode(config: MirrorgateConfig) -> bool:
 class ShadowSupervisor:
     """Starts, watches, restarts and stops the shadow worker and extra live processes."""
 
-    def __init__(self, config: MirrorgateConfig, *, pairs_out: str | None = None) -> None:
+    def __init__(
+        self,
+        config: MirrorgateConfig,
+        *,
+        pairs_out: str | None = None,
+        worker_cpus: list[int] | None = None,
+    ) -> None:
         self.config = config
         self.pairs_out = pairs_out
+        # The worker's CPUs (a restarted worker's too); None: inherited from this process.
+        self.worker_cpus = worker_cpus
         self._dir = tempfile.mkdtemp(prefix="mirrorgate-shadow-")
         os.chmod(self._dir, 0o700)
         self.socket_path = os.path.join(self._dir, "handoff.sock")
@@ -99,6 +107,7 @@ class ShadowSupervisor:
                 self.pairs_out,
                 child,
                 logging.getLogger().getEffectiveLevel(),
+                self.worker_cpus,
             ),
             name="mirrorgate-shadow",
         )

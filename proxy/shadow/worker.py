@@ -33,6 +33,7 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from proxy.backends.http import HttpBackend
+from proxy.core import affinity
 from proxy.core.config import MirrorgateConfig
 from proxy.core.errors import MirrorgateError
 from proxy.core.heap import freeze_heap
@@ -144,8 +145,12 @@ def worker_entry(
     pairs_out: str | None,
     conn: Connection,
     log_level: int,
+    cpus: list[int] | None = None,
 ) -> None:
-    """``multiprocessing`` target (spawn): run the worker until SIGTERM."""
+    """``multiprocessing`` target (spawn): run the worker until SIGTERM.
+
+    ``cpus``: the CPUs to run on (``shadow.worker_cpus``, else the set serve started
+    with: a spawned process inherits the live process's ``server.cpus``)."""
     # As in serve: a blocked stderr (a pipe nobody reads) must not stop this loop in a
     # log write; the worker logs the most (every failed evaluation write, with a database
     # outage). Only the writer thread waits (tests/faults/test_blocked_stderr.py).
@@ -158,6 +163,8 @@ def worker_entry(
         os.nice(config.shadow.worker_nice)
     die_with_parent()
     try:
+        if cpus is not None:
+            affinity.pin(cpus, "shadow.worker_cpus")
         code = run_loop(_worker(config, socket_path, pairs_out, conn), config.server.event_loop)
     except MirrorgateError as exc:
         conn.send(("error", exc.message))

@@ -25,6 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from gates.presets import DESCRIPTIONS as PRESET_TEXT
+from proxy.core import affinity
 from proxy.core.config import MirrorgateConfig, load_config
 from proxy.core.errors import ConfigError, MirrorgateError
 from proxy.core.heap import freeze_heap
@@ -126,8 +127,13 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     supervisor: ShadowSupervisor | None = None
+    # The set serve started with: the shadow worker's, unless shadow.worker_cpus says.
+    started_on = affinity.allowed()
+    if config.server.cpus is not None:
+        affinity.pin(config.server.cpus, "server.cpus")  # before any thread or process starts
     if split_mode(config):
-        supervisor = ShadowSupervisor(config, pairs_out=pairs_out)
+        worker_cpus = config.shadow.worker_cpus or sorted(started_on) or None
+        supervisor = ShadowSupervisor(config, pairs_out=pairs_out, worker_cpus=worker_cpus)
         try:
             await supervisor.start()
             app = supervisor.live_app()
