@@ -24,7 +24,15 @@ sensitive to the neighbours than latency), then the candidate calls made, droppe
 failed by each mirroring target over the whole run.
 
     python benchmarks/proxy_overhead.py [--rounds 3] [--requests 200] [--throughput-requests 400]
-        [--baseline /path/to/other/checkout]
+        [--baseline /path/to/other/checkout] [--isolate]
+
+``--isolate`` places every target as production would on 2 cores: CPU 0 runs the client,
+the champion and each proxy's live process(es), CPU 1 the candidate upstreams and each
+mirror's shadow work (mirrorgate through ``server.cpus`` / ``shadow.worker_cpus``).
+Extra rows by environment: ``BENCH_WORKER_NICE=N`` (the default shadow row at
+``shadow.worker_nice: N``), ``BENCH_PINNED=1`` (live process on CPU 0, worker on CPU 1,
+the rest unplaced), ``BENCH_UNPINNED=1`` with ``--isolate`` (mirrorgate without the
+settings in the placed world), ``BENCH_UVLOOP=1``.
 
 Numbers from one loaded machine are indicative; the output states the load average.
 Nothing here is asserted.
@@ -219,6 +227,11 @@ WORKER_NICE = int(os.environ.get("BENCH_WORKER_NICE", "0"))
 NICED = f"mirrorgate shadow, worker process, worker_nice {WORKER_NICE}"
 if WORKER_NICE:
     MIRRORGATES[NICED] = (True, "auto", "asyncio", 1, None)
+# With --isolate, BENCH_UNPINNED=1 adds the default shadow row without server.cpus and
+# shadow.worker_cpus (the same world, mirrorgate's processes placed by the scheduler)
+UNPINNED = "mirrorgate shadow, worker process, not pinned"
+if os.environ.get("BENCH_UNPINNED"):
+    MIRRORGATES[UNPINNED] = (True, "auto", "asyncio", 1, None)
 # BENCH_PINNED=1 adds the default shadow row with the live process on CPU 0 and the worker
 # on CPU 1 (server.cpus, shadow.worker_cpus), everything else placed by the scheduler
 PINNED = "mirrorgate shadow, worker process, live on CPU 0, worker on CPU 1"
@@ -308,7 +321,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             )
             if live_path is not None and root == ROOT:  # a baseline tree may predate it
                 config["server"]["live_path"] = live_path
-            if args.isolate and root == ROOT:
+            if args.isolate and root == ROOT and name != UNPINNED:
                 config["server"]["cpus"] = [0]
                 config["shadow"]["worker_cpus"] = [1]
             if name == PINNED:
