@@ -3,10 +3,10 @@
 On a host where the shadow worker shares cores with the live path, the worker's bursts
 of work (a pair's decoding, the recorder, the gates) take a core the live process was
 about to be woken on, and a request waits for the scheduler: at concurrency 1 that is
-most of the shadow row's p99 (docs/benchmarks.md, "CPU placement"). Lowering the worker's
-priority does not remove it (the scheduler still lets a running task finish its slice).
-Giving the worker cores of its own does: the same mechanism as nginx's
-``worker_cpu_affinity`` or a Kubernetes static CPU-manager policy, here per process role.
+most of the shadow row's added p99 (docs/benchmarks.md, "Issue 11 targets, session 14").
+A lower priority does not remove it (the scheduler still lets a running task use its
+slice). Cores of its own do, where the cores are the proxy's: the same mechanism as
+nginx's ``worker_cpu_affinity`` or a Kubernetes static CPU-manager policy, per role.
 
 Linux only (``sched_setaffinity``). A process's affinity is per thread: :func:`pin` sets
 it on every thread the process has (the logging thread starts before serve), and threads

@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.faults.helpers import start_serve
+from tests.faults.helpers import spawn_serve, start_serve
 from tests.proxy.cli.test_serve import _body, _ready_status_is, _until
 
 WORKER_PID = re.compile(r"shadow worker pid (\d+)")
@@ -111,22 +110,7 @@ async def test_a_cpu_outside_the_allowed_set_is_refused_before_start(
     champion = await start_upstream(seed=1)
     outside = max(os.sched_getaffinity(0)) + 1
     config = _config(champion.url, champion.url, tmp_path, shadow={"worker_cpus": [outside]})
-    path = tmp_path / "config.yaml"
-    import yaml
-
-    path.write_text(yaml.safe_dump(config))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "serve",
-        "--config",
-        str(path),
-        "--port",
-        "0",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await spawn_serve(config, tmp_path)
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 2, (out + err).decode()
     assert (
