@@ -157,6 +157,19 @@ def _feature_column(values: list[Any]) -> NDArray[Any]:
     return col
 
 
+def request_groups(ids: Sequence[str]) -> IntArray:
+    """One group number per row, shared by the rows ``<request id>#<row>`` of a batched
+    request (a row without that suffix is a request of its own)."""
+    keys = []
+    for rid in ids:
+        head, sep, row = rid.rpartition("#")
+        keys.append(head if sep and row.isdigit() else rid)
+    if not keys:
+        return np.zeros(0, dtype=np.int64)
+    _, groups = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
+    return groups.astype(np.int64)
+
+
 def first_rows(ids: Sequence[str]) -> BoolArray:
     """False on the rows ``1..B-1`` of a batched request (id ``<request id>#<row>``),
     True elsewhere; decided per id, so a request split over two batches counts once."""
@@ -203,6 +216,9 @@ class PairBatch:
     # observation per request, not one per row: the B rows of a batched request share
     # one champion and one candidate call (records.py: ids ``<request id>#<row>``).
     first_row: BoolArray | None = None
+    # The request each row belongs to (rows of one batched request share a number; None
+    # with first_row): call outcomes are judged per request, "failed" if any row failed.
+    request: IntArray | None = None
     _features: dict[str, tuple[FloatArray, NDArray[Any] | None]] = field(default_factory=dict)
     _derived: dict[str, Any] = field(default_factory=dict)
 
@@ -279,6 +295,7 @@ class PairBatch:
             datatype=dtypes.most_common(1)[0][0] if dtypes else None,
             contract_example=example,
             first_row=first_rows([r.id for r in records]),
+            request=request_groups([r.id for r in records]),
         )
 
     @classmethod
@@ -334,6 +351,7 @@ class PairBatch:
             datatype=cols.champion_desc[1],
             contract_example=example,
             first_row=first_rows(cols.ids),
+            request=request_groups(cols.ids),
         )
 
     # ----------------------------------------------------------------- derived columns
@@ -409,6 +427,7 @@ class PairBatch:
             candidate_timeout=self.candidate_timeout[rows],
             observed=self.observed[rows],
             first_row=None if self.first_row is None else self.first_row[rows],
+            request=None if self.request is None else self.request[rows],
             champion_latency=self.champion_latency[rows],
             candidate_latency=self.candidate_latency[rows],
             slices={k: (v, c[rows]) for k, (v, c) in self.slices.items()},

@@ -280,15 +280,28 @@ class ErrorGate(Gate):
         m = batch.observed
         if not m.any():
             return
+        # One observation per request, as for latency: the B rows of a batched request
+        # share its two calls, and a failed call marks every row; counted B times, one
+        # failure looked like B independent ones. A side failed the request if any of
+        # its rows failed (an output fault can be one row's). The request is counted in
+        # the batch holding its first row, so one split over two batches counts once.
+        if batch.request is None or batch.first_row is None:
+            groups, first = np.arange(batch.n), np.ones(batch.n, dtype=bool)
+        else:
+            groups, first = batch.request, batch.first_row
+        k = int(groups.max()) + 1
+        counted = np.bincount(groups, weights=first & m, minlength=k) > 0
+        n = float(counted.sum())
+        if n == 0:
+            return
         for check, (c, a) in {
             "error": (batch.champion_error, batch.candidate_error),
             "timeout": (batch.champion_timeout, batch.candidate_timeout),
         }.items():
-            cf, af = c[m].astype(np.float64), a[m].astype(np.float64)
+            cf = (np.bincount(groups, weights=c & m, minlength=k)[counted] > 0).astype(np.float64)
+            af = (np.bincount(groups, weights=a & m, minlength=k)[counted] > 0).astype(np.float64)
             d = af - cf
-            self.sums[check] += np.array(
-                [float(m.sum()), d.sum(), (d * d).sum(), cf.sum(), af.sum()]
-            )
+            self.sums[check] += np.array([n, d.sum(), (d * d).sum(), cf.sum(), af.sum()])
 
     def _compute(self) -> list[GateResult]:
         cfg = self.settings.errors

@@ -83,6 +83,43 @@ def test_errors_fail_when_the_candidate_fails_more_often():
     assert gate2.results[0].n == 0
 
 
+def test_errors_count_each_request_once_not_each_row():
+    """A failed call marks every row of its batched request: one failure, not B. Two
+    failed 8-row requests were sixteen "independent" failures to the error gate; as many
+    failed single-row requests are sixteen and do fail. A request failed if any of its
+    rows did (an output fault can be one row's), and it counts once even when its rows
+    reach the gate in two batches."""
+    import dataclasses
+
+    def requests(count: int, rows: int, failed_row: int | None = None) -> list:
+        out = []
+        for q in range(count):
+            for row in range(rows):
+                failed = failed_row is None or row == failed_row
+                err = (None, "backend_error: upstream answered 500") if failed else (None, None)
+                r = record(q * rows + row, [0.25, 0.75], [0.25, 0.75], err=err)
+                out.append(dataclasses.replace(r, id=f"q{q}#{row}" if rows > 1 else f"q{q}"))
+        return out
+
+    def error_rate(*batches: list):
+        gate = ErrorGate(only("errors"), alpha=0.05)
+        for batch in batches:
+            gate.update(batch)
+        return next(r for r in gate.results if r.name == "errors.error_rate")
+
+    batched = error_rate(requests(2, 8))
+    assert batched.n == 2 and batched.status is not Status.FAIL
+    assert batched.details["candidate_rate"] == 1.0
+    single = error_rate(requests(16, 1))
+    assert single.n == 16 and single.status is Status.FAIL
+    # one row's fault fails its request, once
+    one_row = error_rate(requests(3, 8, failed_row=5))
+    assert one_row.n == 3 and one_row.details["candidate_rate"] == 1.0
+    # a request split over two gate batches counts once
+    rows = requests(1, 8)
+    assert error_rate(rows[:3], rows[3:]).n == 1
+
+
 def test_pinned_fails_on_a_wrong_pinned_case():
     gate = PinnedGate(only("pinned"), alpha=0.0)
     gate.record("case-1", True, ts=1.0)
