@@ -31,6 +31,9 @@ HARVESTER = "harvester"  # ProxyState.extras key of the proxy.control.harvest.Ha
 STATS = "stats"  # ProxyState.extras key of the in-process proxy.dataplane.stats.ModelStats
 CONTROL_APP = "control_app"  # ProxyState.extras key of the control plane's own app
 HANDOFF = "shadow_handoff"  # ProxyState.extras key of a live process's ShadowChannel
+# The shadow worker's: bytes -> bytes, its /metrics with every live process's pushed
+# metrics merged in (server.workers > 1, proxy/shadow/worker.py)
+LIVE_METRICS = "shadow_live_metrics"
 
 
 @dataclass(slots=True)

@@ -32,7 +32,7 @@ from proxy.core.errors import BadRequest, MirrorgateError, NotFound, NotReady
 from proxy.dataplane import passthrough
 from proxy.dataplane.limits import make_expect_handler, request_body
 from proxy.dataplane.mirror import input_rows
-from proxy.dataplane.state import HANDOFF, STATE, STATS, ProxyState
+from proxy.dataplane.state import HANDOFF, LIVE_METRICS, STATE, STATS, ProxyState
 from proxy.dataplane.stats import ModelStats
 from proxy.protocol.codec import (
     HEADER_LENGTH,
@@ -383,6 +383,9 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
         check_bearer(request, state.config.server.metrics_token)
     body = generate_latest(state.registry)
+    merge_lives = state.extras.get(LIVE_METRICS)
+    if merge_lives is not None:  # the shadow worker: every live process's counters too
+        body = merge_lives(body)  # type: ignore[operator]
     channel = state.extras.get(HANDOFF)
     if channel is not None:  # a live process: the shadow worker's metrics merged in
         body = await channel.metrics_text(  # type: ignore[attr-defined]

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
 
 from proxy.core.config import ShadowSettings
 from proxy.core.errors import NotReady
@@ -49,6 +50,11 @@ log = logging.getLogger(__name__)
 RECONNECT_S = 0.1
 # Jobs buffered before a write is forced within one loop iteration (bounded buffer).
 FLUSH_JOBS = 64
+# With server.workers > 1, how often a live process sends the worker its metrics. A
+# scrape reaches any one live process (SO_REUSEPORT); each answers with the worker's
+# view, where every live process's counters are (at most this old), so counters read the
+# same whichever process answers and never go back.
+METRICS_PUSH_S = 1.0
 # Headers the control-plane forward passes on (both ways): auth and the body's type.
 _FORWARD_REQUEST = ("Authorization", "Content-Type")
 
@@ -80,9 +86,13 @@ class _Protocol(asyncio.Protocol):
 class ShadowChannel:
     """Live process -> shadow worker. One per live process; implements ``Handoff``."""
 
-    def __init__(self, path: str, settings: ShadowSettings) -> None:
+    def __init__(self, path: str, settings: ShadowSettings, *, push_metrics: bool = False) -> None:
         self.path = path
         self.settings = settings
+        # server.workers > 1: this process's metrics reach /metrics through the worker
+        self.push_metrics = push_metrics
+        self._registry: CollectorRegistry | None = None
+        self._pusher: asyncio.Task[None] | None = None
         self.metrics: ProxyMetrics | None = None  # the live app's, bound by install()
         self.control_url: str | None = None
         self.worker_ready = False
@@ -247,6 +257,7 @@ class ShadowChannel:
         from proxy.dataplane.state import STATE
 
         self.metrics = app[STATE].metrics
+        self._registry = app[STATE].registry
         if app[STATE].config.server.control_port is None:
             # Else the control listener's app forwards (proxy/server/app.py _control_app):
             # the data port then serves no /v1, as without a worker.
@@ -256,13 +267,28 @@ class ShadowChannel:
     async def _lifecycle(self, app: web.Application) -> Any:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
         self._task = asyncio.get_running_loop().create_task(self._connect_loop())
+        if self.push_metrics:
+            self._pusher = asyncio.get_running_loop().create_task(self._push_loop())
         yield
+        if self._pusher is not None:
+            self._pusher.cancel()
         # Runs after every live request has been answered (aiohttp awaits handlers
         # first): everything the live path will hand off has been handed off.
         from proxy.dataplane.state import STATE
 
         await self.drain(app[STATE].config.server.shutdown_timeout_s)
         await self._session.close()
+
+    async def _push_loop(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_PUSH_S)
+            self._push_metrics()
+
+    def _push_metrics(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing() or self._registry is None:
+            return
+        transport.write(wire.frame(wire.METRICS, generate_latest(self._registry)))
 
     async def _connect_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -295,6 +321,8 @@ class ShadowChannel:
         if cut:
             self._drop("shutdown", cut)
             log.warning("shutdown cut %d handed-off jobs the worker had not taken in", cut)
+        if self.push_metrics:
+            self._push_metrics()  # the last requests' counts, before the connection goes
         if self._transport is not None:
             self._transport.close()
         if self._task is not None:
@@ -327,6 +355,10 @@ class ShadowChannel:
     async def metrics_text(self, local: bytes, authorization: str | None = None) -> bytes:
         """This process's metrics merged with the worker's (counters summed).
 
+        With ``push_metrics`` (``server.workers > 1``) the worker's answer already holds
+        every live process's pushed metrics, this one's included: it is served as it is,
+        so each live process answers a scrape with the same counters.
+
         ``authorization``: the client's header, passed on (the worker checks
         ``server.metrics_token`` as this process did)."""
         if self.control_url is None or self._session is None:
@@ -346,4 +378,4 @@ class ShadowChannel:
         if status != 200:
             log.warning("the shadow worker's metrics answered %d: serving the live ones", status)
             return local
-        return merge_exposition(local, remote)
+        return remote if self.push_metrics else merge_exposition(local, remote)

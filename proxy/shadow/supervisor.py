@@ -48,6 +48,7 @@ from proxy.shadow.worker import die_with_parent, run_loop, worker_entry
 log = logging.getLogger("mirrorgate.serve")
 
 RESTART_DELAY_S = 0.5
+READY_POLL_S = 0.05  # how often an extra live process checks it is ready to bind
 START_TIMEOUT_S = 120.0
 
 
@@ -242,7 +243,8 @@ class ShadowSupervisor:
 
 
 def live_app(config: MirrorgateConfig, socket_path: str) -> web.Application:
-    return create_app(config, handoff=ShadowChannel(socket_path, config.shadow))
+    channel = ShadowChannel(socket_path, config.shadow, push_metrics=config.server.workers > 1)
+    return create_app(config, handoff=channel)
 
 
 def live_entry(
@@ -283,7 +285,17 @@ async def _live(config: MirrorgateConfig, socket_path: str, host: str, port: int
     front: FrontServer | None = None
     where: DelegateDir | None = None
     freeze_heap("live process started")  # full GC passes skip the start-up heap
+    state = app[STATE]
     try:
+        # Bound only once ready: process 0 already serves the port, and a listener that
+        # answers 503 "models are loading" on the connections the kernel hands it fails
+        # requests a ready process would have served (readiness said 200 meanwhile).
+        # (state.ready is a flag the app's start-up and the worker's state set: polled.)
+        while not (state.ready or state.load_error or stop.is_set()):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), READY_POLL_S)
+        if stop.is_set():
+            return 0
         try:
             if use_bytes:
                 # As in serve: the byte-level front on the shared port, this app behind it.

@@ -40,6 +40,7 @@ JOB = ord("J")
 EXCHANGE = ord("X")
 ACK_KIND = ord("A")
 STATE = ord("S")
+METRICS = ord("M")  # a live process's metric exposition (server.workers > 1)
 
 
 def frame(kind: int, payload: bytes) -> bytes:

@@ -38,9 +38,10 @@ from proxy.core.config import MirrorgateConfig
 from proxy.core.errors import MirrorgateError
 from proxy.core.heap import freeze_heap
 from proxy.core.logqueue import configure_child_logging
-from proxy.dataplane.state import STATE, ProxyState
+from proxy.dataplane.state import LIVE_METRICS, STATE, ProxyState
 from proxy.server.app import create_app
 from proxy.shadow import candidate_client, wire
+from proxy.shadow.metrics_merge import merge_exposition
 from storage.sink import PairSink
 
 log = logging.getLogger("mirrorgate.shadow")
@@ -56,6 +57,8 @@ class _Intake(asyncio.Protocol):
         self.jobs = 0
         self.bytes = 0
         self.transport: asyncio.WriteTransport | None = None
+        # This live process's last metric exposition (server.workers > 1), until it goes.
+        self.metrics: bytes | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio's: duck-typed, as asyncio intends.
@@ -67,6 +70,9 @@ class _Intake(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         taken = 0
         for kind, payload in self.reader.feed(data):
+            if kind == wire.METRICS:
+                self.metrics = payload
+                continue
             if kind != wire.JOB and kind != wire.EXCHANGE:
                 continue
             self.hub.take(kind, payload)
@@ -110,6 +116,15 @@ class WorkerHub:
             "stage": mirror.stage if mirror is not None else "",
             "stopped": mirror.candidate_stopped if mirror is not None else False,
         }
+
+    def merge_live_metrics(self, body: bytes) -> bytes:
+        """The worker's exposition with every connected live process's last pushed one
+        merged in (counters and histograms summed; gauges the worker's where it has one,
+        else one live process's)."""
+        for peer in list(self.peers):
+            if peer.metrics:
+                body = merge_exposition(peer.metrics, body)
+        return body
 
     def broadcast(self) -> None:
         for peer in list(self.peers):
@@ -268,6 +283,7 @@ async def _worker(
         await site.start()
         host, port = runner.addresses[0][:2]
         hub = WorkerHub(state, f"http://{host}:{port}")
+        state.extras[LIVE_METRICS] = hub.merge_live_metrics
         if state.rollout is not None:
             applied = state.rollout.apply
 

@@ -14,12 +14,38 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.faults.helpers import body, ready, until
 from tests.proxy.conftest import LIVE_PATHS
 
 ROOT = Path(__file__).resolve().parents[3]
 N = 40
+
+
+def _listeners(port: int) -> int:
+    """Listening TCP sockets on ``port`` (the kernel's table: /proc/net/tcp)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+            count += 1
+    return count
+
+
+async def _champion_calls(base: str, n: int) -> bool:
+    """Whether one scrape of /metrics counts ``n`` answered champion calls."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/metrics") as resp:
+            text = await resp.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "mirrorgate_proxy_requests_total" and sample.labels == {
+                "role": "champion",
+                "code": "200",
+            }:
+                return sample.value == n
+    return False
 
 
 def _model(name: str, url: str) -> dict[str, Any]:
@@ -71,6 +97,10 @@ async def test_two_live_processes_hand_every_pair_to_the_worker(
             raise AssertionError((await proc.stderr.read()).decode()[-3000:])
         base = line.split()[-1]
         await until(lambda: ready(base), "proxy ready")
+        # The second live process binds the port a little after the first: requests go
+        # to both only once both listen (SO_REUSEPORT: one listening socket each).
+        port = int(base.rsplit(":", 1)[1])
+        await until(lambda: _listeners(port) == 2, "both live processes listening")
         ids = set()
         for i in range(N):  # a connection each: the kernel spreads them over both
             async with aiohttp.ClientSession() as session:
@@ -78,6 +108,11 @@ async def test_two_live_processes_hand_every_pair_to_the_worker(
                     assert resp.status == 200, await resp.text()
                     assert resp.headers["X-Request-Id"] == f"r{i}"
                     ids.add(f"r{i}")
+        # A scrape reaches either live process; both answer with every live process's
+        # counters (pushed to the worker): all N champion calls, whichever answers.
+        await until(lambda: _champion_calls(base, N), f"{N} champion calls in /metrics", tries=1000)
+        for _ in range(8):  # a connection each, as a Prometheus scrape
+            assert await _champion_calls(base, N)
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 120) == 0
     finally:
