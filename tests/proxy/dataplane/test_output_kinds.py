@@ -158,9 +158,12 @@ async def test_candidate_with_one_class_fewer_aborts_on_contract_within_50_pairs
     assert contract.details["champion"] == "probs FP32 [4] per row"
     assert contract.details["candidate"] == "probs FP32 [3] per row"
     assert "class count: candidate [3] vs champion [4]" in contract.reason
-    # ... and counted as candidate errors, never silently skipped
+    # ... and counted as candidate errors, never silently skipped: one per request (its
+    # rows share the call; docs/gates.md), each request seen so far failed
     # (sums: n, sum d, sum d^2, champion failures, candidate failures)
-    assert eng.gates["errors"].sums["error"][4] == k  # type: ignore[attr-defined]
+    requests = len({rec.id.split("#")[0] for rec in records[:k]})
+    assert eng.gates["errors"].sums["error"][0] == requests  # type: ignore[attr-defined]
+    assert eng.gates["errors"].sums["error"][4] == requests  # type: ignore[attr-defined]
     assert eng.gates["errors"].sums["error"][3] == 0  # type: ignore[attr-defined]
 
 
