@@ -49,9 +49,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from proxy_overhead import _drive, _proxy_config, _spawn, _wait_ready  # noqa: E402
+from proxy_overhead import _bodies, _drive, _proxy_config, _spawn, _spawn_serve, _wait_ready  # noqa: E402
 
-from proxy.protocol.codec import HEADER_LENGTH, encode_infer_request  # noqa: E402
+from proxy.protocol.codec import HEADER_LENGTH  # noqa: E402
 
 HOG = "while True: pass"
 
@@ -135,28 +135,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             path = tmp / f"{n}.yaml"
             path.write_text(yaml.safe_dump(config))
             pairs = tmp / f"{n}.jsonl"
-            proc, base = await _spawn(
-                "-m",
-                "proxy",
-                "--log-level",
-                "WARNING",
-                "serve",
-                "--config",
-                str(path),
-                "--port",
-                "0",
-                "--pairs-out",
-                str(pairs),
-                root=root,
-            )
+            proc, base = await _spawn_serve(path, "--pairs-out", str(pairs), root=root)
             procs.append(proc)
             targets[name] = (base, pairs, proc)
-        rng = np.random.default_rng(0)
-        bodies = []
-        for i in range(args.requests):
-            x = rng.normal(size=(1, args.features)).astype(np.float32)
-            body, hl = encode_infer_request({"x": x}, request_id=f"b{i}")
-            bodies.append((body, {HEADER_LENGTH: str(hl)}))
+        bodies = [(b, {HEADER_LENGTH: str(hl)}) for b, hl in _bodies(args.requests, args.features)]
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             for base, _, _ in targets.values():
                 await _wait_ready(session, base)

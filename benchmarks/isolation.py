@@ -28,16 +28,24 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from proxy_overhead import _all, _drive, _pct, _proxy_config, _spawn, _wait_ready  # noqa: E402
+from proxy_overhead import (  # noqa: E402
+    _all,
+    _bodies,
+    _drive,
+    _pct,
+    _proxy_config,
+    _spawn,
+    _spawn_serve,
+    _wait_ready,
+)
 
-from proxy.protocol.codec import HEADER_LENGTH, encode_infer_request  # noqa: E402
+from proxy.protocol.codec import HEADER_LENGTH  # noqa: E402
 
 SLOWDOWN = 10.0
 
@@ -49,12 +57,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         champ_proc, champion = await _spawn(*up, "--seed", "1")
         procs.append(champ_proc)
-        rng = np.random.default_rng(0)
-        bodies = []
-        for i in range(args.requests):
-            x = rng.normal(size=(1, args.features)).astype(np.float32)
-            body, hl = encode_infer_request({"x": x}, request_id=f"b{i}")
-            bodies.append((body, {HEADER_LENGTH: str(hl)}))
+        bodies = [(b, {HEADER_LENGTH: str(hl)}) for b, hl in _bodies(args.requests, args.features)]
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
             await _wait_ready(session, champion)
@@ -71,20 +74,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             targets: dict[str, str] = {}
             for name, candidate in (("healthy candidate", healthy), ("10x slower candidate", slow)):
                 config = _proxy_config(
-                    champion,
-                    candidate,
-                    args.features,
-                    f"sqlite:///{tmp / f'{len(targets)}.sqlite'}",
+                    champion, candidate, f"sqlite:///{tmp / f'{len(targets)}.sqlite'}"
                 )
                 config["mirror"].update(
                     max_in_flight=args.max_in_flight, queue_size=args.queue_size
                 )
                 path = tmp / f"{len(targets)}.yaml"
                 path.write_text(yaml.safe_dump(config))
-                proc, base = await _spawn(
-                    "-m", "proxy", "--log-level", "WARNING", "serve",
-                    "--config", str(path), "--port", "0",
-                )  # fmt: skip
+                proc, base = await _spawn_serve(path)
                 procs.append(proc)
                 targets[name] = base
             for base in targets.values():

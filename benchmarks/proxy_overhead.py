@@ -84,6 +84,37 @@ async def _spawn(*args: str, root: Path = ROOT) -> tuple[asyncio.subprocess.Proc
     return proc, match.group(1)
 
 
+async def _spawn_serve(
+    config: Path, *extra: str, root: Path = ROOT
+) -> tuple[asyncio.subprocess.Process, str]:
+    """``mirrorgate serve`` of checkout ``root`` on ``config``, on a free port."""
+    return await _spawn(
+        "-m",
+        "proxy",
+        "--log-level",
+        "WARNING",
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        "0",
+        *extra,
+        root=root,
+    )
+
+
+def _bodies(n: int, features: int) -> list[tuple[bytes, str | None]]:
+    """``n`` binary-tensor infer bodies of FP32 [1, features] (fixed seed) and their
+    ``Inference-Header-Content-Length``."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        x = rng.normal(size=(1, features)).astype(np.float32)
+        body, hl = encode_infer_request({"x": x}, request_id=f"b{i}")
+        out.append((body, None if hl is None else str(hl)))
+    return out
+
+
 async def _wait_ready(session: aiohttp.ClientSession, base: str) -> None:
     for _ in range(600):
         try:
@@ -321,39 +352,20 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             )
             if live_path is not None and root == ROOT:  # a baseline tree may predate it
                 config["server"]["live_path"] = live_path
-            if args.isolate and root == ROOT and name != UNPINNED:
-                config["server"]["cpus"] = [0]
-                config["shadow"]["worker_cpus"] = [1]
-            if name == PINNED:
+            if name == PINNED or (args.isolate and root == ROOT and name != UNPINNED):
                 config["server"]["cpus"] = [0]
                 config["shadow"]["worker_cpus"] = [1]
             if name == NICED:
                 config["shadow"]["worker_nice"] = WORKER_NICE
             path.write_text(yaml.safe_dump(config))
-            proc, base = await _spawn(
-                "-m",
-                "proxy",
-                "--log-level",
-                "WARNING",
-                "serve",
-                "--config",
-                str(path),
-                "--port",
-                "0",
-                root=root,
-            )
+            proc, base = await _spawn_serve(path, root=root)
             procs.append(proc)
             targets[name if root == ROOT else name + BASELINE] = base
             pids[name if root == ROOT else name + BASELINE] = proc.pid
         # extra live processes (server.workers) bind a few seconds after the first one
         await asyncio.sleep(10 if any("2 live" in name for name in targets) else 0)
-        rng = np.random.default_rng(0)
         n = max(args.requests, args.throughput_requests)
-        bodies = []
-        for i in range(n):
-            x = rng.normal(size=(1, args.features)).astype(np.float32)
-            body, hl = encode_infer_request({"x": x}, request_id=f"b{i}")
-            bodies.append((body, {HEADER_LENGTH: str(hl)}))
+        bodies = [(body, {HEADER_LENGTH: str(hl)}) for body, hl in _bodies(n, args.features)]
         sent = dict.fromkeys(targets, 0)
         connector = aiohttp.TCPConnector(limit=0)
         results: dict[str, Any] = {}

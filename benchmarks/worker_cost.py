@@ -45,16 +45,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from proxy_overhead import _all, _metric, _spawn, _wait_ready  # noqa: E402
+from proxy_overhead import _all, _bodies, _metric, _spawn, _spawn_serve, _wait_ready  # noqa: E402
 
-from proxy.protocol.codec import HEADER_LENGTH, encode_infer_request  # noqa: E402
+from proxy.protocol.codec import HEADER_LENGTH  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -194,27 +193,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             path = tmp / f"{len(targets)}.yaml"
             db = f"sqlite:///{tmp / f'{len(targets)}.sqlite'}"
             path.write_text(yaml.safe_dump(_config(champion, candidate, db, loop)))
-            proc, base = await _spawn(
-                "-m",
-                "proxy",
-                "--log-level",
-                "WARNING",
-                "serve",
-                "--config",
-                str(path),
-                "--port",
-                "0",
-                root=root,
-            )
+            proc, base = await _spawn_serve(path, root=root)
             procs.append(proc)
             targets.append(Target(name, base, proc.pid))
-        rng = np.random.default_rng(0)
         n = max(args.rate_requests, args.saturation_requests, args.serial_requests)
-        bodies = []
-        for i in range(n):
-            x = rng.normal(size=(1, args.features)).astype(np.float32)
-            body, hl = encode_infer_request({"x": x}, request_id=f"b{i}")
-            bodies.append((body, str(hl)))
+        bodies = _bodies(n, args.features)
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
             for t in targets:

@@ -157,28 +157,22 @@ def _feature_column(values: list[Any]) -> NDArray[Any]:
     return col
 
 
-def request_groups(ids: Sequence[str]) -> IntArray:
-    """One group number per row, shared by the rows ``<request id>#<row>`` of a batched
-    request (a row without that suffix is a request of its own)."""
+def request_rows(ids: Sequence[str]) -> tuple[IntArray, BoolArray]:
+    """Per row: its request's number within ``ids`` (the rows ``<request id>#<row>`` of a
+    batched request share one; a row without that suffix is a request of its own), and
+    whether it is the request's first row (False on rows ``1..B-1``; decided per id, so a
+    request split over two batches still has one first row)."""
     keys = []
-    for rid in ids:
-        head, sep, row = rid.rpartition("#")
-        keys.append(head if sep and row.isdigit() else rid)
-    if not keys:
-        return np.zeros(0, dtype=np.int64)
-    _, groups = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
-    return groups.astype(np.int64)
-
-
-def first_rows(ids: Sequence[str]) -> BoolArray:
-    """False on the rows ``1..B-1`` of a batched request (id ``<request id>#<row>``),
-    True elsewhere; decided per id, so a request split over two batches counts once."""
-    out = np.ones(len(ids), dtype=bool)
+    first = np.ones(len(ids), dtype=bool)
     for i, rid in enumerate(ids):
-        _, sep, row = rid.rpartition("#")
-        if sep and row.isdigit() and row != "0":
-            out[i] = False
-    return out
+        head, sep, row = rid.rpartition("#")
+        batched = bool(sep) and row.isdigit()
+        keys.append(head if batched else rid)
+        first[i] = not batched or row == "0"
+    if not keys:
+        return np.zeros(0, dtype=np.int64), first
+    _, groups = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
+    return groups.astype(np.int64), first
 
 
 @dataclass
@@ -272,6 +266,7 @@ class PairBatch:
                 ],
                 dtype=bool,
             )
+        request, first_row = request_rows([r.id for r in records])
         return cls(
             records=records,
             n=n,
@@ -294,8 +289,8 @@ class PairBatch:
             output_name=names.most_common(1)[0][0] if names else None,
             datatype=dtypes.most_common(1)[0][0] if dtypes else None,
             contract_example=example,
-            first_row=first_rows([r.id for r in records]),
-            request=request_groups([r.id for r in records]),
+            first_row=first_row,
+            request=request,
         )
 
     @classmethod
@@ -329,6 +324,7 @@ class PairBatch:
         features: dict[str, NDArray[Any]] = {}
         for name in names:
             features[name] = _feature_column([d.get(name) for d in cols.features])
+        request, first_row = request_rows(cols.ids)
         return cls(
             records=(),
             n=n,
@@ -350,8 +346,8 @@ class PairBatch:
             output_name=cols.champion_desc[0],
             datatype=cols.champion_desc[1],
             contract_example=example,
-            first_row=first_rows(cols.ids),
-            request=request_groups(cols.ids),
+            first_row=first_row,
+            request=request,
         )
 
     # ----------------------------------------------------------------- derived columns

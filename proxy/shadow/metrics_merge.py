@@ -1,10 +1,11 @@
-"""Merge two Prometheus text expositions (a live process's and the shadow worker's).
+"""Merge Prometheus text expositions (live processes' and the shadow worker's).
 
 Both processes register the same families (``ProxyMetrics``): the live one counts the
 champion's calls and the hand-off's drops, the worker the candidate's calls, its own
 drops, the gates and the recorder. Counters and histograms are summed sample by sample
-(each process counts disjoint events); gauges take the worker's value where both have
-one (the worker owns the queue, the stage and the weight; the live copy mirrors them).
+(each process counts disjoint events); gauges take the last text's value that has one:
+the worker's, given last (it owns the queue, the stage and the weight; the live copy
+mirrors them).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from prometheus_client.samples import Sample
 _SUMMED = {"counter", "histogram", "summary"}
 
 
-def merge_exposition(local: bytes, remote: bytes) -> bytes:
+def merge_exposition(*texts: bytes) -> bytes:
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], Sample]] = {}
-    for source, text in (("local", local), ("remote", remote)):
+    for text in texts:
         for family in text_string_to_metric_families(text.decode("utf-8")):
             if family.name not in families:
                 families[family.name] = Metric(family.name, family.documentation, family.type)
@@ -31,7 +32,7 @@ def merge_exposition(local: bytes, remote: bytes) -> bytes:
             for sample in family.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
                 seen = merged.get(key)
-                if seen is None or source == "local":
+                if seen is None:
                     merged[key] = sample
                 elif sample.name.endswith("_created"):
                     merged[key] = seen._replace(value=min(seen.value, sample.value))

@@ -121,10 +121,8 @@ class WorkerHub:
         """The worker's exposition with every connected live process's last pushed one
         merged in (counters and histograms summed; gauges the worker's where it has one,
         else one live process's)."""
-        for peer in list(self.peers):
-            if peer.metrics:
-                body = merge_exposition(peer.metrics, body)
-        return body
+        pushed = [peer.metrics for peer in self.peers if peer.metrics]
+        return merge_exposition(*pushed, body) if pushed else body
 
     def broadcast(self) -> None:
         for peer in list(self.peers):
