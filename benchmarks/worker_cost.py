@@ -203,8 +203,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             for t in targets:
                 await _wait_ready(session, t.base)
                 url = f"{t.base}/v2/models/model/infer"
-                await _saturate(session, url, bodies[:100], 8)  # warm-up: connections
-                t.sent += 100
+                warm = bodies[:100]  # fewer when every phase is shorter than that
+                await _saturate(session, url, warm, 8)  # warm-up: connections
+                t.sent += len(warm)
                 await _accounted(session, t.base, t.sent)
             phases = (
                 ("serial", args.serial_requests, lambda s, u, b: _saturate(s, u, b, 1)),
