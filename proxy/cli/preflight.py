@@ -3,7 +3,8 @@
 ``mirrorgate serve`` calls :func:`check` before it migrates a database or binds a socket,
 and ``mirrorgate config validate`` runs the same checks: model files exist and are files,
 URLs are absolute http(s) URLs, the database URL parses and names a supported driver (and
-a SQLite file's folder exists). Every problem is reported at once, each with its field
+a SQLite file's folder exists), the event loop asked for is installed, and the CPUs asked
+for are ones this process may use. Every problem is reported at once, each with its field
 path (``models.candidate.path: no such file: ...``).
 """
 
@@ -75,6 +76,8 @@ def problems(config: MirrorgateConfig) -> list[str]:
         if not os.path.isfile(drift.reference_path):
             found.append(f"gates.drift.input.reference_path: no such file: {drift.reference_path}")
     found += _database(config.storage.url)
+    if config.server.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        found.append("server.event_loop: uvloop is not installed: pip install 'mirrorgate[uvloop]'")
     usable = affinity.allowed()
     found += affinity.problems(config.server.cpus, "server.cpus", usable)
     found += affinity.problems(config.shadow.worker_cpus, "shadow.worker_cpus", usable)

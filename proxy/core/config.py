@@ -143,8 +143,8 @@ class ServerSettings(_Strict):
     )
     event_loop: Literal["asyncio", "uvloop"] = Field(
         "asyncio",
-        description="serve's event loop; uvloop (if installed) measured slower here: "
-        "docs/benchmarks.md",
+        description="serve's event loop (live processes and shadow worker); uvloop needs "
+        "mirrorgate[uvloop]: better c=1 p50, worse p99 and c=32 here: docs/benchmarks.md",
     )
 
 

@@ -205,14 +205,14 @@ def die_with_parent() -> None:
 
 
 def run_loop(main: Any, event_loop: str = "asyncio") -> int:
-    """``asyncio.run``, on uvloop when asked for and installed (docs/benchmarks.md)."""
+    """``asyncio.run``, or ``uvloop.run`` for ``server.event_loop: uvloop``.
+
+    Never a silent fallback to asyncio: preflight refused a config asking for uvloop
+    where it is not installed, so an ImportError here is a broken install, raised."""
     if event_loop == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            return int(uvloop.run(main))
+        import uvloop
+
+        return int(uvloop.run(main))
     return int(asyncio.run(main))
 
 
