@@ -252,14 +252,16 @@ async def test_champion_failure_is_5xx_with_reason_and_no_pair(
 ) -> None:
     champion = await start_upstream(seed=1)
     candidate = await start_upstream(seed=2)
-    proxy = await start_proxy(make_config(champion.url, candidate.url))
+    # The champion's own deadline is what the live path waits (2 s, not the default
+    # 10 s: the hanging call below waits it out; ample for the 500, answered at once).
+    config = make_config(champion.url, candidate.url, models={"champion": {"timeout_ms": 2000}})
+    proxy = await start_proxy(config)
     champion.upstream.set_fault("error", status=500, message="model exploded")
     resp = await proxy.client.post(INFER, json=_json_request(_x(1)))
     # A remote champion's error passes through as it wrote it (status and body).
     assert resp.status == 500
     assert json.loads(await resp.read()) == {"error": "model exploded"}
     champion.upstream.set_fault("hang")
-    proxy.state.mirror._timeouts["champion"] = 0.05
     resp = await proxy.client.post(INFER, json=_json_request(_x(1)))
     assert resp.status == 504 and "timed out" in (await resp.json())["error"]
     await _drain(proxy)
