@@ -10,12 +10,18 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from proxy.backends.rawhttp import RawPool, header_lines, request_head
+from proxy.backends.rawhttp import (
+    SCM_TIMESTAMPNS,
+    SO_TIMESTAMPNS,
+    RawPool,
+    header_lines,
+    request_head,
+)
 from proxy.core.errors import BackendError, BackendTimeout
 
 Answer = Callable[[int, int], bytes | None]  # (connection no., request no.) -> bytes, None: close
@@ -56,6 +62,41 @@ def _head(pool: RawPool) -> bytes:
 
 
 LINUX = sys.platform == "linux"  # where the kernel stamps received segments
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernel_stamping_on() -> Iterator[None]:
+    """Linux turns receive timestamping on for the whole stack lazily: a deferred work
+    item runs when the first socket asks for it (and it goes off again after the last
+    such socket closes). A segment that arrives before that carries no stamp and the
+    pool falls back to ``perf_counter``, as it should (``RawReply.stamped`` False); on a
+    machine where no other socket stamps, that is a pool's first answers. The tests
+    here that assert a stamp hold one stamping socket open for the module and wait until
+    a loopback segment is stamped, so the stack's state is not what they race."""
+    if not LINUX:
+        yield
+        return
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    try:
+        server.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        for _ in range(1000):
+            client.sendall(b"x")
+            _, ancillary, _, _ = server.recvmsg(64, socket.CMSG_SPACE(16))
+            if any(
+                lvl == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS for lvl, kind, _ in ancillary
+            ):
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the kernel stamped no loopback segment in 10 s")
+        yield
+    finally:
+        client.close()
+        server.close()
+        listener.close()
+
 
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
 
