@@ -138,7 +138,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             proc, base = await _spawn_serve(path, "--pairs-out", str(pairs), root=root)
             procs.append(proc)
             targets[name] = (base, pairs, proc)
-        bodies = [(b, {HEADER_LENGTH: str(hl)}) for b, hl in _bodies(args.requests, args.features)]
+        bodies = [(b, {HEADER_LENGTH: hl}) for b, hl in _bodies(args.requests, args.features)]
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             for base, _, _ in targets.values():
                 await _wait_ready(session, base)

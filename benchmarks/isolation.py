@@ -57,7 +57,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         champ_proc, champion = await _spawn(*up, "--seed", "1")
         procs.append(champ_proc)
-        bodies = [(b, {HEADER_LENGTH: str(hl)}) for b, hl in _bodies(args.requests, args.features)]
+        bodies = [(b, {HEADER_LENGTH: hl}) for b, hl in _bodies(args.requests, args.features)]
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
             await _wait_ready(session, champion)

@@ -103,15 +103,16 @@ async def _spawn_serve(
     )
 
 
-def _bodies(n: int, features: int) -> list[tuple[bytes, str | None]]:
+def _bodies(n: int, features: int) -> list[tuple[bytes, str]]:
     """``n`` binary-tensor infer bodies of FP32 [1, features] (fixed seed) and their
-    ``Inference-Header-Content-Length``."""
+    ``Inference-Header-Content-Length`` (a binary body always has one)."""
     rng = np.random.default_rng(0)
     out = []
     for i in range(n):
         x = rng.normal(size=(1, features)).astype(np.float32)
         body, hl = encode_infer_request({"x": x}, request_id=f"b{i}")
-        out.append((body, None if hl is None else str(hl)))
+        assert hl is not None
+        out.append((body, str(hl)))
     return out
 
 
@@ -365,7 +366,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         # extra live processes (server.workers) bind a few seconds after the first one
         await asyncio.sleep(10 if any("2 live" in name for name in targets) else 0)
         n = max(args.requests, args.throughput_requests)
-        bodies = [(body, {HEADER_LENGTH: str(hl)}) for body, hl in _bodies(n, args.features)]
+        bodies = [(body, {HEADER_LENGTH: hl}) for body, hl in _bodies(n, args.features)]
         sent = dict.fromkeys(targets, 0)
         connector = aiohttp.TCPConnector(limit=0)
         results: dict[str, Any] = {}
